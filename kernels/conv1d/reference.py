@@ -1,0 +1,93 @@
+"""Pure-torch reference for the causal depthwise conv1d of the Mamba-2 mixer.
+
+``out[t, d] = act(bias[d] + Σ_{i<K} w[d, i] · x[t - (K-1) + i, d])`` where inputs before the sequence come
+from ``initial_states`` (zeros if absent) and, with ``seq_idx``, inputs from another document count as 0 —
+the conv window restarts at every packed document's first token.
+
+Layout is channels-last (``x [b, l, d]``), the layout of the mixer's ``in_proj`` output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["causal_conv1d_ref", "causal_conv1d_update_ref"]
+
+_ACTIVATIONS = {None: lambda t: t, "silu": F.silu, "swish": F.silu}
+
+
+def _activation(name):
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown conv1d activation {name!r}; expected one of {list(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def causal_conv1d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    activation: str | None = None,
+    return_final_states: bool = False,
+):
+    """x [b, l, d], weight [d, K], bias [d], seq_idx [b, l], initial_states [b, d, K-1].
+
+    Returns ``out`` [b, l, d] in ``x.dtype`` (computed in ``weight``'s dtype, or fp32 for half inputs), or
+    ``(out, final_states)`` where ``final_states`` [b, d, K-1] are the last K-1 *inputs* — the conv
+    window a decoder continues from.
+    """
+    act = _activation(activation)
+    if x.dim() != 3:
+        raise ValueError(f"x must be [batch, seqlen, channels], got shape {tuple(x.shape)}")
+    b, l, d = x.shape
+    if weight.dim() != 2 or weight.shape[0] != d:
+        raise ValueError(f"weight must be [channels={d}, kernel], got {tuple(weight.shape)}")
+    K = weight.shape[1]
+    if seq_idx is not None and seq_idx.shape != (b, l):
+        raise ValueError(f"seq_idx must be [batch, seqlen] = {(b, l)}, got {tuple(seq_idx.shape)}")
+    compute_dtype = torch.promote_types(weight.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    xt = x.transpose(1, 2).to(compute_dtype)  # [b, d, l]
+    if initial_states is None:
+        prefix = xt.new_zeros(b, d, K - 1)
+    else:
+        if initial_states.shape != (b, d, K - 1):
+            raise ValueError(f"initial_states must be [batch, channels, K-1] = {(b, d, K - 1)}, got {tuple(initial_states.shape)}")
+        prefix = initial_states.to(compute_dtype)
+    xp = torch.cat([prefix, xt], dim=-1)  # [b, d, l + K - 1]
+    w = weight.to(compute_dtype)
+    bias_c = bias.to(compute_dtype) if bias is not None else None
+    if seq_idx is None:
+        out = F.conv1d(xp, w.unsqueeze(1), bias_c, groups=d)
+    else:
+        # Tap i reads x[t - (K-1) + i]; it contributes only if that token is in t's document. The prefix
+        # (initial state) belongs to the document of token 0.
+        seq_p = torch.cat([seq_idx[:, :1].expand(b, K - 1), seq_idx], dim=1)
+        out = xt.new_zeros(b, d, l) if bias_c is None else bias_c[None, :, None].expand(b, d, l).clone()
+        for i in range(K):
+            same = (seq_p[:, i : i + l] == seq_idx).to(compute_dtype)[:, None, :]
+            out = out + w[None, :, i, None] * xp[:, :, i : i + l] * same
+    out = act(out).transpose(1, 2).to(x.dtype)
+    if return_final_states:
+        return out, xp[:, :, xp.shape[-1] - (K - 1) :].to(x.dtype)
+    return out
+
+
+def causal_conv1d_update_ref(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+):
+    """One decoding step. x [b, d] (the new token), conv_state [b, d, K-1] (the previous K-1 inputs).
+
+    Returns ``(out [b, d], new_conv_state [b, d, K-1])``; the state is not modified in place.
+    """
+    act = _activation(activation)
+    window = torch.cat([conv_state.to(weight.dtype), x.to(weight.dtype)[:, :, None]], dim=-1)  # [b, d, K]
+    out = (window * weight[None]).sum(-1)
+    if bias is not None:
+        out = out + bias
+    return act(out).to(x.dtype), window[:, :, 1:].to(conv_state.dtype)

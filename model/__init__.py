@@ -1,0 +1,6 @@
+"""tandem's network: plain ``nn.Module``s on plain tensors (no process groups, no trainer imports)."""
+
+from .config import LAYER_KINDS, PRESETS, HybridConfig
+from .hybrid import HybridBlock, HybridLM, ParameterCount
+
+__all__ = ["HybridConfig", "HybridLM", "HybridBlock", "ParameterCount", "LAYER_KINDS", "PRESETS"]

@@ -1,0 +1,312 @@
+"""Checkpoint interop with the released NemotronH layout (Hugging Face directory, safetensors).
+
+Reading (:func:`load_pretrained`): ``config.json`` plus ``model.safetensors``, or sharded
+``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``. Tensors are read one at a
+time from memory-mapped files straight into a model allocated once (built on ``meta`` then
+materialised), so peak memory is the model plus one tensor. Per-expert keys
+``…mixer.experts.{e}.{up,down}_proj.weight`` fill slice ``e`` of the stacked expert parameters. Also
+accepted: the legacy ``backbone.embedding.`` name, transformers' in-memory ``model.`` prefix, and
+``mtp.*`` (multi-token-prediction) keys, which are skipped. Only safetensors are read — pickled
+checkpoints are refused, never unpickled.
+
+Writing (:func:`save_pretrained`): the same layout, sharded above ``max_shard_size`` with an index,
+and a ``config.json`` that ``transformers.NemotronHForCausalLM.from_pretrained`` loads. The directory is
+assembled beside the target and swapped in at the end, so a crash never leaves a half-written
+checkpoint in place of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import HybridConfig
+
+__all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "load_checkpoint_into", "checkpoint_items"]
+
+CONFIG_NAME = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_EXPERT_KEY = re.compile(r"^(?P<base>backbone\.layers\.\d+\.mixer\.experts)\.(?P<e>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
+_STACKED_EXPERT = re.compile(r"^backbone\.layers\.\d+\.mixer\.experts\.(up_proj|down_proj)$")
+_IGNORED_PREFIXES = ("mtp.",)
+_FP32_KEYS = ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")  # fp32 in the release
+_CHECKPOINT_FILE = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json|model-\d+-of-\d+\.safetensors)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be loaded as asked; the message names file and key."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading
+def _canonical_key(key: str) -> str:
+    if key.startswith("model."):  # transformers' in-memory naming
+        key = "backbone." + key[len("model."):]
+    if key.startswith("backbone.embedding."):  # legacy name
+        key = "backbone.embeddings." + key[len("backbone.embedding."):]
+    return key
+
+
+def _target(key: str) -> tuple[str, int | None]:
+    """Checkpoint key (canonical) → (state-dict name, expert index or None)."""
+    m = _EXPERT_KEY.match(key)
+    if m:
+        return f"{m['base']}.{m['proj']}", int(m["e"])
+    return key, None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in order."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: expected a non-empty 'weight_map' object")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index}: lists shard {f.name!r}, which does not exist in {path}")
+        return files
+    if (path / SINGLE_FILE).exists():
+        return [path / SINGLE_FILE]
+    shards = sorted(path.glob("model-*-of-*.safetensors"))
+    if shards:
+        raise CheckpointError(f"{path}: has sharded safetensors but no {INDEX_FILE}")
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(
+            f"{path}: only pickled weights {pickles} found; tandem never unpickles checkpoints. Convert them to "
+            f"safetensors in a trusted environment (e.g. transformers' save_pretrained(safe_serialization=True))."
+        )
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for bad headers / short files
+        raise CheckpointError(f"{file}: not a readable safetensors file, possibly truncated or corrupt ({e})") from None
+
+
+@torch.no_grad()
+def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool = True) -> dict[str, list[str]]:
+    """Copy every tensor of the checkpoint at ``path`` into ``model``'s parameters and buffers.
+
+    Raises :class:`CheckpointError` on a shape mismatch (key and both shapes), on missing keys (always:
+    a missing tensor would leave uninitialised memory), and on unexpected keys when ``strict``.
+    Returns ``{"unexpected": [...], "ignored": [...]}``.
+    """
+    path = Path(path)
+    state = model.state_dict(keep_vars=True)
+    experts_filled: dict[str, set[int]] = {n: set() for n in state if _STACKED_EXPERT.match(n)}
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    ignored: list[str] = []
+    for file in checkpoint_files(path):
+        with _open(file) as f:
+            for key in f.keys():
+                if key.startswith(_IGNORED_PREFIXES):
+                    ignored.append(key)
+                    continue
+                name, expert = _target(_canonical_key(key))
+                if name not in state:
+                    unexpected.append(key)
+                    continue
+                dest = state[name]
+                if expert is not None:
+                    if expert >= dest.shape[0]:
+                        raise CheckpointError(
+                            f"{file}: key {key!r} is expert {expert}, but the config has {dest.shape[0]} routed experts"
+                        )
+                    dest = dest[expert]
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(dest.shape):
+                    raise CheckpointError(
+                        f"{file}: shape mismatch for {key!r}: checkpoint has {shape}, model expects {tuple(dest.shape)}"
+                    )
+                try:
+                    tensor = f.get_tensor(key)
+                except Exception as e:
+                    raise CheckpointError(f"{file}: cannot read tensor {key!r}, file truncated or corrupt ({e})") from None
+                dest.copy_(tensor)
+                if expert is None:
+                    filled.add(name)
+                else:
+                    experts_filled[name].add(expert)
+    missing = []
+    for name, t in state.items():
+        if name in experts_filled:
+            absent = sorted(set(range(t.shape[0])) - experts_filled[name])
+            if absent:
+                base, proj = name.rsplit(".", 1)
+                missing += [f"{base}.{e}.{proj}.weight" for e in absent]
+        elif name not in filled:
+            missing.append(name)
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} missing key(s): {_preview(missing)}")
+    if unexpected and strict:
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} unexpected key(s) (pass strict=False to skip them): {_preview(unexpected)}"
+        )
+    return {"unexpected": unexpected, "ignored": ignored}
+
+
+def _preview(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", … (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, raw_config: dict) -> torch.dtype:
+    if dtype is None:
+        dtype = raw_config.get("dtype") or raw_config.get("torch_dtype") or "float32"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise CheckpointError(f"unknown floating-point dtype {dtype!r}")
+    return resolved
+
+
+def load_pretrained(
+    cls,
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    config_overrides: dict | None = None,
+    strict: bool = True,
+):
+    """Build ``cls(config)`` from ``path/config.json`` and fill it from the safetensors files.
+
+    ``dtype``: parameter dtype (default: the config's ``dtype``/``torch_dtype``, else float32); the router
+    stays fp32. ``config_overrides``: HybridConfig fields to change (e.g. ``{"time_step_limit": …}``).
+    """
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.exists():
+        raise CheckpointError(f"{path}: no {CONFIG_NAME}")
+    raw = _read_json(config_file)
+    try:
+        config = HybridConfig.from_hf_dict(raw, source=str(config_file))
+        if config_overrides:
+            config = config.replace(**config_overrides)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    dtype = _resolve_dtype(dtype, raw)
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    load_checkpoint_into(model, path, strict=strict)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing
+def checkpoint_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint key, tensor) in the released layout: stacked experts are split per expert."""
+    for name, t in model.state_dict().items():
+        if _STACKED_EXPERT.match(name):
+            base, proj = name.rsplit(".", 1)
+            for e in range(t.shape[0]):
+                yield f"{base}.{e}.{proj}.weight", t[e]
+        else:
+            yield name, t
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size: cannot parse {size!r}; use bytes or e.g. '5GB', '500MiB'")
+    unit = (m[2] or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m[1]) * scale)
+
+
+def _save_dtype(key: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is None or not t.is_floating_point() or key.endswith(_FP32_KEYS):
+        return t.dtype
+    return dtype
+
+
+def save_pretrained(model, path: str | Path, *, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` to ``path`` in the released NemotronH layout. Returns the directory.
+
+    Files other than a checkpoint's own (a tokenizer saved beside it, say) are kept when ``path`` already
+    holds a checkpoint; the previous checkpoint files are replaced only once the new set is complete.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    limit = _parse_size(max_shard_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        # Plan shards from shapes alone, then materialise one shard at a time.
+        plan: list[list[tuple[str, torch.Tensor]]] = [[]]
+        size = total = 0
+        for key, t in checkpoint_items(model):
+            nbytes = t.numel() * _save_dtype(key, t, dtype).itemsize
+            if plan[-1] and size + nbytes > limit:
+                plan.append([])
+                size = 0
+            plan[-1].append((key, t))
+            size += nbytes
+            total += nbytes
+        weight_map = {}
+        for i, shard in enumerate(plan):
+            name = SINGLE_FILE if len(plan) == 1 else f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+            tensors = {k: t.detach().to(device="cpu", dtype=_save_dtype(k, t, dtype)).contiguous() for k, t in shard}
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
+            del tensors
+        if len(plan) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        config = model.config.to_hf_dict()
+        stored = dtype or model.lm_head.weight.dtype
+        config["dtype"] = config["torch_dtype"] = str(stored).replace("torch.", "")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Replace ``path`` by ``tmp``, carrying over files that are not part of a checkpoint."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    for item in path.iterdir():
+        if not _CHECKPOINT_FILE.match(item.name) and not (tmp / item.name).exists():
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

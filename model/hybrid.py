@@ -1,0 +1,195 @@
+"""The hybrid stack: embeddings → blocks ``x + mixer(rmsnorm(x))`` → ``norm_f`` → untied ``lm_head``.
+
+Module names follow the released NemotronH checkpoints (``backbone.embeddings``, ``backbone.layers.{i}
+.norm``/``.mixer``, ``backbone.norm_f``, ``lm_head``), so a state dict maps onto the safetensors layout
+key for key except that routed experts are stored stacked (``experts.up_proj [E, I, H]``) here and per
+expert in files; :mod:`model.checkpoint` does that mapping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .config import HybridConfig
+from .mamba2 import Mamba2Mixer
+from .mlp import MLP
+from .moe import GroupedExperts, MoE, TopKRouter
+from .norms import GatedRMSNorm, RMSNorm
+
+
+def _dense_mlp(config: HybridConfig, layer_idx: int) -> MLP:
+    return MLP(config.hidden_size, config.intermediate_size, config.mlp_bias, config.mlp_hidden_act)
+
+
+MIXERS = {"M": Mamba2Mixer, "*": Attention, "-": _dense_mlp, "E": MoE}
+
+
+class HybridBlock(nn.Module):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.kind = config.hybrid_override_pattern[layer_idx]
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mixer = MIXERS[self.kind](config, layer_idx)
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), seq_idx)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, kind={self.kind!r}"
+
+
+class HybridBackbone(nn.Module):
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, seq_idx)
+        return self.norm_f(h)
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    total: int
+    active: int  # parameters a token touches: everything but the routed experts it is not sent to
+    embedding: int  # input embedding table (counted in total and active)
+
+    @property
+    def active_non_embedding(self) -> int:
+        return self.active - self.embedding
+
+
+class HybridLM(nn.Module):
+    """Hybrid Mamba-2 / attention / MoE causal LM.
+
+    >>> from model import HybridConfig, HybridLM
+    >>> model = HybridLM(HybridConfig.preset("tiny"), init_seed=0)
+    >>> logits = model(torch.randint(0, 512, (2, 24)))          # [2, 24, 512]
+
+    ``seq_idx`` [B, T] (document index per token, non-decreasing) packs several documents in one row:
+    Mamba conv/SSM state resets and attention is masked at document starts.
+    Build on the meta device with ``with torch.device("meta"): HybridLM(cfg)`` (no memory, no init).
+    """
+
+    def __init__(self, config: HybridConfig, *, init_seed: int | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.backbone = HybridBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights(seed=init_seed)
+
+    # ------------------------------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H] (what ``lm_head`` reads; chunked losses start here)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seqlen], got shape {tuple(input_ids.shape)}")
+        if seq_idx is not None and seq_idx.shape != input_ids.shape:
+            raise ValueError(f"seq_idx shape {tuple(seq_idx.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        return self.backbone(input_ids, seq_idx)
+
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids`` [B, T] → logits [B, T, V]."""
+        return self.lm_head(self.hidden_states(input_ids, seq_idx))
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise for pretraining from scratch (a no-op on the meta device).
+
+        Linear/embedding/router/expert weights ~ N(0, initializer_range); biases 0; norms 1; conv1d
+        PyTorch's default. Mamba-2: ``dt_bias`` = softplus⁻¹(dt) with dt log-uniform in
+        [time_step_min, time_step_max] floored at time_step_floor, ``A_log = log(U[1, 16])``, ``D = 1``.
+        With ``rescale_prenorm_residual`` every projection that writes into the residual stream
+        (Mamba ``out_proj``, attention ``o_proj``, MLP/expert ``down_proj``) is divided by √num_layers
+        (GPT-2 / Megatron scaled init). ``seed`` makes it reproducible without touching the global RNG.
+        """
+        if any(p.is_meta for p in self.parameters()):
+            return
+        cfg = self.config
+        g = torch.Generator(device="cpu")
+        g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        std = cfg.initializer_range
+        rescale = 1.0 / math.sqrt(cfg.num_hidden_layers) if cfg.rescale_prenorm_residual else 1.0
+
+        def normal_(t: torch.Tensor, s: float = std) -> None:
+            t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(s).to(t.dtype))
+
+        def uniform_(t: torch.Tensor, lo: float, hi: float) -> None:
+            t.copy_((torch.rand(t.shape, generator=g, dtype=torch.float32) * (hi - lo) + lo).to(t.dtype))
+
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                residual_out = name.endswith(("out_proj", "o_proj", "down_proj"))
+                normal_(module.weight, std * (rescale if residual_out else 1.0))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Conv1d):
+                fan_in = module.weight.shape[1] * module.weight.shape[2]
+                bound = 1.0 / math.sqrt(fan_in)  # = PyTorch's default kaiming_uniform(a=√5) bound
+                uniform_(module.weight, -bound, bound)
+                if module.bias is not None:
+                    uniform_(module.bias, -bound, bound)
+            elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+                module.weight.fill_(1.0)
+            elif isinstance(module, TopKRouter):
+                normal_(module.weight)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, GroupedExperts):
+                normal_(module.up_proj)
+                normal_(module.down_proj, std * rescale)
+            elif isinstance(module, Mamba2Mixer):
+                lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+                dt = torch.exp(torch.rand(module.num_heads, generator=g) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
+                module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+                A = torch.rand(module.num_heads, generator=g) * 15.0 + 1.0
+                module.A_log.copy_(torch.log(A))
+                module.D.fill_(1.0)
+
+    # ------------------------------------------------------------------------------------------------
+    def parameter_count(self) -> ParameterCount:
+        """Total and per-token-active parameters (works on the meta device)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for module in self.modules():
+            if isinstance(module, MoE):
+                e, k = module.num_experts, module.gate.top_k
+                per_expert = (module.experts.up_proj.numel() + module.experts.down_proj.numel()) // e
+                inactive += (e - k) * per_expert
+        return ParameterCount(total=total, active=total - inactive, embedding=self.backbone.embeddings.weight.numel())
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+        config_overrides: dict | None = None,
+        strict: bool = True,
+    ) -> "HybridLM":
+        """Load a NemotronH checkpoint directory (released "backbone" layout, safetensors only).
+
+        See :func:`model.checkpoint.load_pretrained`.
+        """
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, config_overrides=config_overrides, strict=strict)
+
+    def save_pretrained(self, path: str | Path, *, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` + safetensors in the released layout; see :func:`model.checkpoint.save_pretrained`."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
