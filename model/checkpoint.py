@@ -212,9 +212,7 @@ def load_pretrained(
     except (TypeError, ValueError) as e:
         raise CheckpointError(str(e)) from None
     dtype = _resolve_dtype(dtype, raw)
-    with torch.device("meta"):
-        model = cls(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = cls(config, device="meta").to(dtype=dtype).to_empty(device=device)
     load_checkpoint_into(model, path, strict=strict)
     return model.eval()
 
