@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -98,8 +99,12 @@ def run(cfg: DictConfig) -> dict:
         for sink in sinks:
             sink.close()
     if info.is_main:
-        print(f"done: {trainer.state.step} steps; metrics {run_dir / 'metrics.jsonl'}; "
-              f"checkpoint {checkpoints.latest()}", flush=True)
+        first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+        summary = f"loss {first['loss']:.3f} (step {first['step']}) → {record.get('loss', float('nan')):.3f}"
+        if "val_loss" in record:
+            summary += f", val_loss {record['val_loss']:.3f}"
+        print(f"done: {trainer.state.step} steps; {summary}\n  metrics:    {run_dir / 'metrics.jsonl'}\n"
+              f"  checkpoint: {checkpoints.latest()}", flush=True)
     return record
 
 

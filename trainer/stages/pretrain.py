@@ -69,10 +69,13 @@ class PretrainStage(Stage):
 
     def eval_batches(self):
         sources = [name for name, w in self.schedule.phases[self.schedule.phase] if w > 0]
+        # A fixed held-out set of eval_batches × micro_batch windows, the same at every evaluation and for
+        # any number of ranks (rank r takes every world_size-th window).
+        total = self.stage.eval_batches * self.stage.micro_batch
+        mine = list(range(self.rank, total, self.world_size))
         mb = self.stage.micro_batch
-        for b in range(self.stage.eval_batches):
-            # a fixed held-out set: the same windows at every evaluation, split over ranks
-            idx = [b * mb * self.world_size + self.rank * mb + j for j in range(mb)]
+        for start in range(0, len(mine), mb):
+            idx = mine[start: start + mb]
             yield make_batch([self.schedule.sources[sources[i % len(sources)]].sample("valid", i, self.data.seq_len) for i in idx])
 
     def step_info(self, step: int) -> dict:
