@@ -117,7 +117,9 @@ class GroupedExperts(nn.Module):
     """All routed experts of one layer: ``down_e(act(up_e(x)))`` on the rows routed to expert ``e``.
 
     ``forward`` is the reference per-expert loop over contiguous row ranges; a grouped-GEMM backend can
-    replace it without changing parameters or call signature.
+    replace it without changing parameters or call signature. ``matmul(x, weight)`` (default
+    ``F.linear``) is the one place each expert GEMM happens, so a precision backend (FP8/NVFP4 emulation)
+    can wrap it without touching the routing maths.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "relu2"):
@@ -126,13 +128,14 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act_fn = ACTIVATIONS[activation]
+        self.matmul = F.linear
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         counts = tokens_per_expert.tolist()
         outs = []
         for e, rows in enumerate(x_sorted.split(counts)):
             if rows.shape[0]:
-                outs.append(F.linear(self.act_fn(F.linear(rows, self.up_proj[e])), self.down_proj[e]))
+                outs.append(self.matmul(self.act_fn(self.matmul(rows, self.up_proj[e])), self.down_proj[e]))
         if not outs:
             return x_sorted.new_zeros(0, self.down_proj.shape[1])
         return torch.cat(outs)
