@@ -97,6 +97,13 @@ class HybridLM(nn.Module):
             self.to_empty(device=device)
             self.init_weights(seed=init_seed)
 
+    def to_empty(self, *, device, recurse: bool = True):
+        super().to_empty(device=device, recurse=recurse)
+        for m in self.modules():  # runtime counters are not weights: start them at zero
+            if isinstance(m, MoE):
+                m.tokens_per_expert_acc.zero_()
+        return self
+
     # ------------------------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, H] (what ``lm_head`` reads; chunked losses start here)."""
@@ -109,6 +116,12 @@ class HybridLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids`` [B, T] → logits [B, T, V]."""
         return self.lm_head(self.hidden_states(input_ids, seq_idx))
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE layers' auxiliary losses from the last training forward (None if there are none)."""
+        losses = [m.aux_loss() for m in self.modules() if isinstance(m, MoE)]
+        losses = [x for x in losses if x is not None]
+        return torch.stack(losses).sum() if losses else None
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()

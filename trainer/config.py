@@ -98,6 +98,8 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: fraction of the run spent decaying to min_lr
     decay_style: str = "linear"  # wsd decay shape: linear | sqrt (1 - sqrt)
+    # MoE aux-loss-free balancing: bias_e += rate * sign(mean - count_e) after each step (0 = off)
+    expert_bias_update_rate: float = 1e-3
 
 
 @dataclass

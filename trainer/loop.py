@@ -68,6 +68,9 @@ class Trainer:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.state = state or TrainerState()
         self._signal: int | None = None
+        # Called after every step with ``finite``; each returns metrics merged into the step's record
+        # (e.g. trainer.moe.ExpertBalancer: expert-bias update and load metrics).
+        self.step_hooks: list = []
 
     # ------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -143,7 +146,10 @@ class Trainer:
             if self.state.nan_consecutive >= cfg.stage.nan_tolerance:
                 raise TrainingDiverged(self._diagnose(step, loss))
         engine.zero_grad()
-        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "finite": finite, "target_tokens": global_targets}
+        out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "finite": finite, "target_tokens": global_targets}
+        for hook in self.step_hooks:
+            out.update(hook(finite))
+        return out
 
     def _diagnose(self, step: int, loss: float) -> str:
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
@@ -176,6 +182,7 @@ class Trainer:
         }
         if "val_loss" in out:
             record["val_loss"] = out["val_loss"]
+        record.update({k: v for k, v in out.items() if k.startswith("moe/")})
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = tok_s * self.flops_per_token / (self.peak_flops * self.info.world_size)
         return record

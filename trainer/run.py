@@ -17,6 +17,7 @@ from .config import build_hybrid_config
 from .data import DataError
 from .distributed import ConfigError, DataParallelEngine, init_distributed
 from .loop import Trainer, TrainerState
+from .moe import ExpertBalancer
 from .metrics import ConsoleSink, JsonlSink, WandbSink, model_flops_per_token, peak_flops_per_device
 from .optim import build_optimizer
 from .stages import STAGES
@@ -86,6 +87,9 @@ def run(cfg: DictConfig) -> dict:
         elif cfg.logger.kind != "none":
             raise ConfigError(f"logger.kind must be none or wandb, got {cfg.logger.kind!r}")
     trainer.sinks = sinks
+    balancer = ExpertBalancer(model, cfg.optim.expert_bias_update_rate, distributed=info.distributed)
+    if balancer.layers:
+        trainer.step_hooks.append(balancer)
     seq_len = cfg.data.seq_len
     trainer.flops_per_token = model_flops_per_token(model_cfg, seq_len)
     trainer.peak_flops = peak_flops_per_device(cfg.logger.peak_flops)

@@ -25,11 +25,19 @@ class LossOutput:
 
 
 def token_cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-    """Σ next-token cross-entropy over ``loss_mask`` (fp32 logits)."""
+    """Σ next-token cross-entropy over ``loss_mask`` (fp32 logits), plus the MoE auxiliary losses.
+
+    The aux losses are per-micro-batch means; they enter the sum weighted by the micro-batch's target
+    tokens, so after the loop's global normalisation they are a token-weighted mean like the CE.
+    """
     logits = model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
     per_token = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
     mask = batch["loss_mask"].flatten().to(per_token.dtype)
-    return LossOutput(loss_sum=(per_token * mask).sum(), num_tokens=mask.sum())
+    loss_sum, num_tokens = (per_token * mask).sum(), mask.sum()
+    aux = getattr(getattr(model, "module", model), "aux_loss", lambda: None)()
+    if aux is not None:
+        loss_sum = loss_sum + aux * num_tokens
+    return LossOutput(loss_sum=loss_sum, num_tokens=num_tokens)
 
 
 class Stage(abc.ABC):
