@@ -157,7 +157,8 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "relu2",
                  grouped: bool = True, expert_offset: int = 0):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # held here
+        self.total_experts = num_experts  # in the layer (set by expert parallelism when sharding)
         self.expert_offset = expert_offset
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))

@@ -4,7 +4,8 @@ Layout under ``<run dir>/checkpoints/``::
 
     step_00000100/
         model/                 HF/NemotronH layout (config.json + safetensors): loadable on its own
-        optimizer.pt           optimizer state (tensors + plain containers; loaded with weights_only=True)
+        optimizer.pt           optimizer state keyed by parameter name, expert tensors unsharded (loads at any
+                               EP size; tensors + plain containers, read with weights_only=True)
         rng/rank_00000.pt      torch CPU/CUDA and Python RNG states of each rank
         trainer_state.json     step, tokens, stage name and data position, NaN counters, logger ids
     latest                     text file naming the newest complete checkpoint
@@ -27,9 +28,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model.checkpoint import CheckpointError, load_checkpoint_into
+from model.checkpoint import CheckpointError, load_checkpoint_into, save_state_dict
 
-__all__ = ["CheckpointManager", "resolve_checkpoint", "load_weights"]
+from .expert_parallel import gather_full_state_dict, is_expert_param
+
+__all__ = ["CheckpointManager", "resolve_checkpoint", "load_weights", "optimizer_state_by_name", "load_optimizer_state_by_name"]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -67,11 +70,67 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _expert_slices(model) -> dict[str, tuple[int, int]]:
+    """Parameter name → (offset, local count) for expert parameters sharded by expert parallelism."""
+    out = {}
+    for name, m in model.named_modules():
+        if getattr(m, "total_experts", None) not in (None, getattr(m, "num_experts", None)):
+            for proj in ("up_proj", "down_proj"):
+                out[f"{name}.{proj}"] = (m.expert_offset, m.num_experts)
+    return out
+
+
+def optimizer_state_by_name(model, optimizer, ep_group=None) -> dict:
+    """Optimizer state keyed by parameter name with expert tensors gathered (collective under EP)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    sharded = _expert_slices(model)
+    state = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            entry = {}
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.dim() > 0 and name in sharded:
+                    parts = [torch.empty_like(v) for _ in range(dist.get_world_size(ep_group))]
+                    dist.all_gather(parts, v.contiguous(), group=ep_group)
+                    v = torch.cat(parts)
+                entry[k] = v
+            state[name] = entry
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "param_names": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state_by_name(model, optimizer, saved: dict, source: Path) -> None:
+    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    sharded = _expert_slices(model)
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise CheckpointError(f"{source}: optimizer has {len(saved['param_groups'])} parameter groups, expected {len(optimizer.param_groups)}")
+    for group, sg in zip(optimizer.param_groups, saved["param_groups"]):
+        if sorted(sg["param_names"]) != sorted(names[id(p)] for p in group["params"]):
+            raise CheckpointError(f"{source}: optimizer parameter group {sg.get('name')!r} holds other parameters than this model's")
+        group.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
+    optimizer.state.clear()
+    for name, entry in saved["state"].items():
+        p = params[name]
+        restored = {}
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                if v.dim() > 0 and name in sharded:
+                    lo, n = sharded[name]
+                    v = v[lo: lo + n]
+                v = v.clone().to(p.device)
+            restored[k] = v
+        optimizer.state[p] = restored
+
+
 class CheckpointManager:
-    def __init__(self, run_dir: Path, keep_last: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, run_dir: Path, keep_last: int, rank: int = 0, world_size: int = 1, ep_group=None):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank, self.world_size = rank, world_size
+        self.ep_group = ep_group  # set when experts are sharded: saves gather, loads slice
 
     @property
     def latest_file(self) -> Path:
@@ -100,9 +159,11 @@ class CheckpointManager:
         self._barrier()
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
+        full = gather_full_state_dict(model, self.ep_group) if self.ep_group is not None else model.state_dict()
+        opt_state = optimizer_state_by_name(model, optimizer, self.ep_group)
         if self.rank == 0:
-            model.save_pretrained(tmp / "model")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_state_dict(full, model.config, tmp / "model")
+            torch.save(opt_state, tmp / "optimizer.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
         self._barrier()
         if self.rank == 0:
@@ -138,7 +199,7 @@ class CheckpointManager:
         if not state_file.exists():
             raise CheckpointError(f"{path}: not a tandem run checkpoint (no trainer_state.json)")
         load_checkpoint_into(model, path / "model")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        load_optimizer_state_by_name(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True), path)
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=True))

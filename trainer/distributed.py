@@ -30,6 +30,9 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    ep: int = 1
+    ep_group: object = None  # megatron-core expert-model-parallel group (ep > 1)
+    expert_dp_group: object = None  # ranks holding the same experts
 
     @property
     def is_main(self) -> bool:
@@ -41,12 +44,11 @@ class DistInfo:
 
 
 def init_distributed(cfg: ParallelConfig) -> DistInfo:
-    for key in ("tp", "cp", "ep"):
+    for key in ("tp", "cp"):
         if getattr(cfg, key) != 1:
-            raise ConfigError(
-                f"parallel.{key}={getattr(cfg, key)}: tensor/context/expert parallelism is not available yet "
-                f"(it arrives with the MoE/EP issue); use 1"
-            )
+            raise ConfigError(f"parallel.{key}={getattr(cfg, key)}: tensor/context parallelism is not available yet; use 1")
+    if cfg.ep < 1:
+        raise ConfigError(f"parallel.ep must be >= 1, got {cfg.ep}")
     if cfg.zero_stage != 0:
         raise ConfigError(f"parallel.zero_stage={cfg.zero_stage}: DeepSpeed ZeRO is not available yet; use 0")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -62,34 +64,49 @@ def init_distributed(cfg: ParallelConfig) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend not in ("gloo", "nccl"):
         raise ConfigError(f"parallel.backend must be auto, gloo or nccl, got {cfg.backend!r}")
+    if cfg.ep > 1 and world % cfg.ep:
+        raise ConfigError(f"parallel.ep={cfg.ep} must divide the number of processes ({world})")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    if cfg.ep == 1:
+        return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    from .expert_parallel import init_parallel_groups
+
+    ps = init_parallel_groups(cfg.tp, cfg.cp, cfg.ep)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, ep=cfg.ep,
+                    ep_group=ps.get_expert_model_parallel_group(), expert_dp_group=ps.get_expert_data_parallel_group())
 
 
 class DataParallelEngine:
-    """Replicated model, gradients summed over ranks (plain data parallelism, any backend).
+    """Replicated dense parameters (expert parameters sharded when ``ep > 1``), gradients summed over ranks.
 
-    The loop scales each micro-batch loss by ``world_size / global_target_tokens`` so that after the
-    all-reduce *mean* the gradient is exactly Σ(token losses) / global tokens, independent of how the
-    global batch is split over ranks and micro-batches.
+    The loop scales each micro-batch loss by ``world_size / global_target_tokens``; dividing the summed
+    gradients by the world size then gives exactly Σ(token losses) / global tokens, independent of how
+    the global batch is split over ranks and micro-batches. Dense gradients are summed over all ranks;
+    expert gradients over the expert-data-parallel group (each shard already holds its EP group's tokens).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo):
         self.model, self.optimizer, self.info = model, optimizer, info
-        if info.distributed:  # identical start on every rank, whatever each rank's RNG did
-            for t in model.state_dict().values():
-                dist.broadcast(t, src=0)
+        from .expert_parallel import is_expert_param
+
+        self._is_expert = is_expert_param
+        if info.distributed:  # identical dense start on every rank, whatever each rank's RNG did
+            with torch.no_grad():
+                for p in model.parameters():
+                    if not is_expert_param(p):
+                        dist.broadcast(p.data, src=0)
+                for b in model.buffers():
+                    dist.broadcast(b, src=0)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def reduce_gradients(self) -> None:
-        if not self.info.distributed:
+    def _all_reduce_mean(self, grads: list[torch.Tensor], group) -> None:
+        if not grads:
             return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         flat /= self.info.world_size
         offset = 0
         for g in grads:
@@ -97,11 +114,31 @@ class DataParallelEngine:
             g.copy_(flat[offset: offset + n].view_as(g))
             offset += n
 
+    def reduce_gradients(self) -> None:
+        if not self.info.distributed:
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:  # a parameter untouched this step still takes part in the collective
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._all_reduce_mean([p.grad for p in params if not self._is_expert(p)], None)
+        self._all_reduce_mean([p.grad for p in params if self._is_expert(p)], self.info.expert_dp_group)
+
     def grad_norm_and_clip(self, max_norm: float) -> torch.Tensor:
+        """Global gradient norm (expert shards counted once across the EP group), then clip to ``max_norm``."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
+        dense = [p.grad for p in params if not self._is_expert(p)]
+        expert = [p.grad for p in params if self._is_expert(p)]
+        sq = torch.nn.utils.get_total_norm(dense).float() ** 2 if dense else torch.zeros(())
+        if expert:
+            e_sq = torch.nn.utils.get_total_norm(expert).float() ** 2
+            if self.info.ep > 1:
+                dist.all_reduce(e_sq, op=dist.ReduceOp.SUM, group=self.info.ep_group)
+            sq = sq + e_sq
+        norm = sq.sqrt()
+        if max_norm > 0 and torch.isfinite(norm):
+            torch.nn.utils.clip_grads_with_norm_([p for p in params], max_norm, norm)
+        return norm
 
     def step(self) -> None:
         self.optimizer.step()

@@ -16,6 +16,7 @@ from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint
 from .config import build_hybrid_config
 from .data import DataError
 from .distributed import ConfigError, DataParallelEngine, init_distributed
+from .expert_parallel import apply_expert_parallel
 from .loop import Trainer, TrainerState
 from .moe import ExpertBalancer
 from .metrics import ConsoleSink, JsonlSink, WandbSink, model_flops_per_token, peak_flops_per_device
@@ -47,9 +48,16 @@ def run(cfg: DictConfig) -> dict:
 
     torch.manual_seed(cfg.stage.seed + info.rank)
     model = HybridLM(model_cfg, init_seed=cfg.model.init_seed, device=info.device)
+    if info.ep > 1:
+        if "E" not in model_cfg.hybrid_override_pattern:
+            raise ConfigError(f"parallel.ep={info.ep} but the model has no MoE layer")
+        if model_cfg.n_routed_experts % info.ep:
+            raise ConfigError(f"parallel.ep={info.ep} must divide n_routed_experts ({model_cfg.n_routed_experts})")
+        apply_expert_parallel(model, info.ep_group)
     stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size, model_cfg.vocab_size)
     optimizer = build_optimizer(model, cfg.optim)
-    checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size)
+    checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size,
+                                    ep_group=info.ep_group if info.ep > 1 else None)
 
     resume_from = None
     if cfg.run.resume == "auto":
