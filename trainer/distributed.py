@@ -96,8 +96,10 @@ class DataParallelEngine:
                 for p in model.parameters():
                     if not is_expert_param(p):
                         dist.broadcast(p.data, src=0)
-                for b in model.buffers():
-                    dist.broadcast(b, src=0)
+                persistent = set(model.state_dict())
+                for name, b in model.named_buffers():
+                    if name in persistent:  # e.g. the router's correction bias; not runtime counters
+                        dist.broadcast(b, src=0)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
