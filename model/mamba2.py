@@ -17,6 +17,22 @@ from .config import HybridConfig
 from .norms import GatedRMSNorm
 
 
+class CausalConv1d(nn.Conv1d):
+    """Depthwise causal conv1d + SiLU on channels-last input, with packed-document resets.
+
+    An ``nn.Conv1d`` for its parameters (``weight [C, 1, K]``, ``bias [C]``: the checkpoint layout) whose
+    forward calls :func:`kernels.conv1d.causal_conv1d`. Running it as a module (rather than reading
+    ``conv1d.weight`` from the mixer) keeps parameter-sharding wrappers (ZeRO-3, FSDP) correct: they
+    gather a module's parameters around its own forward.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
+        super().__init__(channels, channels, kernel_size=kernel_size, groups=channels, padding=kernel_size - 1, bias=bias)
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        return causal_conv1d(x, self.weight.squeeze(1), self.bias, seq_idx=seq_idx, activation="silu")
+
+
 class Mamba2Mixer(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int | None = None):
         super().__init__()
@@ -33,10 +49,7 @@ class Mamba2Mixer(nn.Module):
         self.ssd_impl = config.ssd_impl
 
         self.in_proj = nn.Linear(self.hidden_size, config.mamba_in_proj_dim, bias=config.use_bias)
-        self.conv1d = nn.Conv1d(
-            self.conv_dim, self.conv_dim, kernel_size=config.conv_kernel, groups=self.conv_dim,
-            padding=config.conv_kernel - 1, bias=config.use_conv_bias,
-        )
+        self.conv1d = CausalConv1d(self.conv_dim, config.conv_kernel, bias=config.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.D = nn.Parameter(torch.ones(self.num_heads))
@@ -48,9 +61,7 @@ class Mamba2Mixer(nn.Module):
         gn = self.n_groups * self.d_state
         zxbcdt = self.in_proj(hidden)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        xBC = causal_conv1d(
-            xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu",
-        )
+        xBC = self.conv1d(xBC, seq_idx)
         x, B, C = xBC.split([self.d_inner, gn, gn], dim=-1)
         y = chunk_scan(
             x.reshape(b, t, self.num_heads, self.head_dim),

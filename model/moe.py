@@ -19,7 +19,7 @@ aux-loss-free bias update the trainer applies after each optimizer step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,9 @@ from .config import HybridConfig
 from .mlp import ACTIVATIONS, MLP
 
 
-@dataclass
-class RouterOutput:
+class RouterOutput(NamedTuple):
+    """A tuple, so module hooks that walk outputs (ZeRO-3's re-gather before backward) see its tensors."""
+
     logits: torch.Tensor  # [N, E] fp32
     scores: torch.Tensor  # [N, E] fp32, sigmoid(logits)
     topk_idx: torch.Tensor  # [N, k] int64

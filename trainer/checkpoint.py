@@ -30,7 +30,6 @@ import torch.distributed as dist
 
 from model.checkpoint import CheckpointError, load_checkpoint_into, save_state_dict
 
-from .expert_parallel import gather_full_state_dict, is_expert_param
 
 __all__ = ["CheckpointManager", "resolve_checkpoint", "load_weights", "optimizer_state_by_name", "load_optimizer_state_by_name"]
 
@@ -126,11 +125,10 @@ def load_optimizer_state_by_name(model, optimizer, saved: dict, source: Path) ->
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, keep_last: int, rank: int = 0, world_size: int = 1, ep_group=None):
+    def __init__(self, run_dir: Path, keep_last: int, rank: int = 0, world_size: int = 1):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank, self.world_size = rank, world_size
-        self.ep_group = ep_group  # set when experts are sharded: saves gather, loads slice
 
     @property
     def latest_file(self) -> Path:
@@ -145,8 +143,9 @@ class CheckpointManager:
             raise CheckpointError(f"{self.latest_file}: names {name!r}, which is not a complete checkpoint")
         return path
 
-    def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
-        """Write checkpoint ``step`` (collective: every rank calls it)."""
+    def save(self, step: int, engine, config, trainer_state: dict) -> Path:
+        """Write checkpoint ``step`` (collective: every rank calls it). ``engine`` provides the gathered
+        model state and by-name optimizer state; rank 0 writes them."""
         name = f"step_{step:08d}"
         final = self.root / name
         tmp_name = [f".{name}.tmp-{uuid.uuid4().hex[:8]}"]
@@ -159,10 +158,10 @@ class CheckpointManager:
         self._barrier()
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
-        full = gather_full_state_dict(model, self.ep_group) if self.ep_group is not None else model.state_dict()
-        opt_state = optimizer_state_by_name(model, optimizer, self.ep_group)
+        full = engine.full_state_dict()
+        opt_state = engine.optimizer_state()
         if self.rank == 0:
-            save_state_dict(full, model.config, tmp / "model")
+            save_state_dict(full, config, tmp / "model")
             torch.save(opt_state, tmp / "optimizer.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
         self._barrier()
@@ -192,18 +191,22 @@ class CheckpointManager:
         if self.world_size > 1:
             dist.barrier()
 
-    def load(self, path: Path, model, optimizer) -> dict:
-        """Restore model, optimizer and this rank's RNG; return the trainer state."""
+    def load(self, path: Path, model) -> tuple[dict, dict]:
+        """Restore the weights (this rank's expert shard) and this rank's RNG.
+
+        Returns ``(trainer_state, optimizer_state)``; the engine loads the by-name optimizer state once it
+        exists (DeepSpeed partitions it at initialisation).
+        """
         path = Path(path)
         state_file = path / "trainer_state.json"
         if not state_file.exists():
             raise CheckpointError(f"{path}: not a tandem run checkpoint (no trainer_state.json)")
         load_checkpoint_into(model, path / "model")
-        load_optimizer_state_by_name(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True), path)
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=True))
-        return json.loads(state_file.read_text())
+        return json.loads(state_file.read_text()), optimizer_state
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

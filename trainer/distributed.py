@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .config import ParallelConfig
 
-__all__ = ["DistInfo", "DataParallelEngine", "init_distributed", "ConfigError"]
+__all__ = ["DistInfo", "DataParallelEngine", "all_reduce_sum", "build_engine", "init_distributed", "ConfigError"]
 
 
 class ConfigError(ValueError):
@@ -49,8 +49,8 @@ def init_distributed(cfg: ParallelConfig) -> DistInfo:
             raise ConfigError(f"parallel.{key}={getattr(cfg, key)}: tensor/context parallelism is not available yet; use 1")
     if cfg.ep < 1:
         raise ConfigError(f"parallel.ep must be >= 1, got {cfg.ep}")
-    if cfg.zero_stage != 0:
-        raise ConfigError(f"parallel.zero_stage={cfg.zero_stage}: DeepSpeed ZeRO is not available yet; use 0")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0 (no ZeRO), 1, 2 or 3, got {cfg.zero_stage}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -101,8 +101,22 @@ class DataParallelEngine:
                     if name in persistent:  # e.g. the router's correction bias; not runtime counters
                         dist.broadcast(b, src=0)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """Accumulate gradients of one micro-batch (``last``: the step's final micro-batch)."""
         loss.backward()
+
+    def finish_step(self, max_norm: float, loss_finite: bool = True) -> tuple[torch.Tensor, bool]:
+        """Reduce gradients, clip, and take the optimizer step unless the loss or norm is non-finite.
+
+        Returns ``(grad_norm, stepped)``; gradients are cleared either way.
+        """
+        self.reduce_gradients()
+        norm = self.grad_norm_and_clip(max_norm)
+        stepped = loss_finite and bool(torch.isfinite(norm))
+        if stepped:
+            self.step()
+        self.zero_grad()
+        return norm, stepped
 
     def _all_reduce_mean(self, grads: list[torch.Tensor], group) -> None:
         if not grads:
@@ -138,7 +152,7 @@ class DataParallelEngine:
                 dist.all_reduce(e_sq, op=dist.ReduceOp.SUM, group=self.info.ep_group)
             sq = sq + e_sq
         norm = sq.sqrt()
-        if max_norm > 0 and torch.isfinite(norm):
+        if max_norm > 0 and torch.isfinite(norm):  # (a non-finite norm skips the step: nothing to clip)
             torch.nn.utils.clip_grads_with_norm_([p for p in params], max_norm, norm)
         return norm
 
@@ -149,8 +163,40 @@ class DataParallelEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
-        """Sum Python scalars over ranks (float64)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.info.device)
-        if self.info.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
+        return all_reduce_sum(values, self.info)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parallelism-independent model state dict (expert shards gathered; collective under EP)."""
+        if self.info.ep > 1:
+            from .expert_parallel import gather_full_state_dict
+
+            return gather_full_state_dict(self.model, self.info.ep_group)
+        return self.model.state_dict()
+
+    def optimizer_state(self) -> dict:
+        from .checkpoint import optimizer_state_by_name
+
+        return optimizer_state_by_name(self.model, self.optimizer, self.info.ep_group if self.info.ep > 1 else None)
+
+    def load_optimizer_state(self, saved: dict, source) -> None:
+        from .checkpoint import load_optimizer_state_by_name
+
+        load_optimizer_state_by_name(self.model, self.optimizer, saved, source)
+
+
+def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Sum Python scalars over all ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def build_engine(model, optimizer, info: DistInfo, parallel: ParallelConfig, optim, stage):
+    """The data-parallel engine for ``parallel``: plain (with EP) or DeepSpeed ZeRO."""
+    if parallel.zero_stage:
+        from .deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, optimizer, info, parallel, optim, stage)
+    return DataParallelEngine(model, optimizer, info)

@@ -125,18 +125,16 @@ class Trainer:
             raise TrainingDiverged(f"step {step}: the batch has no target tokens (every loss_mask is 0)")
         scale = self.info.world_size / global_targets
         loss_sum = 0.0
-        for batch in batches:
+        for i, batch in enumerate(batches):
             with autocast_context(cfg.precision.name, self.info.device):
                 out = self.stage.loss(self.model, batch)
-            engine.backward(out.loss_sum * scale)
+            engine.backward(out.loss_sum * scale, last=i == len(batches) - 1)
             loss_sum += out.loss_sum.detach().double().item()
-        engine.reduce_gradients()
-        grad_norm = engine.grad_norm_and_clip(cfg.optim.clip_grad)
         (global_loss,) = engine.all_reduce_sum([loss_sum])
         loss = global_loss / global_targets
-        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        # reduce gradients, clip, and step only if the loss and the gradient norm are finite
+        grad_norm, finite = engine.finish_step(cfg.optim.clip_grad, loss_finite=math.isfinite(loss))
         if finite:
-            engine.step()
             self.state.nan_consecutive = 0
         else:
             self.state.nan_skipped += 1
@@ -145,7 +143,6 @@ class Trainer:
                         step, loss, grad_norm.item(), self.state.nan_consecutive)
             if self.state.nan_consecutive >= cfg.stage.nan_tolerance:
                 raise TrainingDiverged(self._diagnose(step, loss))
-        engine.zero_grad()
         out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "finite": finite, "target_tokens": global_targets}
         for hook in self.step_hooks:
             out.update(hook(finite))
@@ -196,7 +193,7 @@ class Trainer:
         }
 
     def save(self):
-        return self.checkpoints.save(self.state.step, self.model, self.engine.optimizer, self.trainer_state())
+        return self.checkpoints.save(self.state.step, self.engine, self.model.config, self.trainer_state())
 
     def restore(self, trainer_state: dict) -> None:
         if trainer_state["stage"] != self.stage.name:

@@ -15,7 +15,7 @@ from model.checkpoint import CheckpointError
 from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint
 from .config import build_hybrid_config
 from .data import DataError
-from .distributed import ConfigError, DataParallelEngine, init_distributed
+from .distributed import ConfigError, build_engine, init_distributed
 from .expert_parallel import apply_expert_parallel
 from .loop import Trainer, TrainerState
 from .moe import ExpertBalancer
@@ -56,8 +56,7 @@ def run(cfg: DictConfig) -> dict:
         apply_expert_parallel(model, info.ep_group)
     stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size, model_cfg.vocab_size)
     optimizer = build_optimizer(model, cfg.optim)
-    checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size,
-                                    ep_group=info.ep_group if info.ep > 1 else None)
+    checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size)
 
     resume_from = None
     if cfg.run.resume == "auto":
@@ -69,13 +68,18 @@ def run(cfg: DictConfig) -> dict:
         resume_from = resolve_checkpoint(cfg.run.resume)
 
     trainer = Trainer(cfg, model, stage, None, info, checkpoints)
+    optimizer_state = None
     if resume_from is not None:
-        trainer.restore(checkpoints.load(resume_from, model, optimizer))
+        trainer_state, optimizer_state = checkpoints.load(resume_from, model)
+        trainer.restore(trainer_state)
         log.info("resumed from %s at step %d", resume_from, trainer.state.step)
     elif cfg.model.init_from:
         src = load_weights(model, cfg.model.init_from)
         log.info("initial weights from %s", src)
-    trainer.engine = DataParallelEngine(model, optimizer, info)
+    # The engine is built after the weights are final: DeepSpeed copies them into its partitions.
+    trainer.engine = build_engine(model, optimizer, info, cfg.parallel, cfg.optim, cfg.stage)
+    if optimizer_state is not None:
+        trainer.engine.load_optimizer_state(optimizer_state, resume_from)
     if trainer.state.step >= cfg.stage.steps:
         log.info("run already complete (%d/%d steps)", trainer.state.step, cfg.stage.steps)
         return {}

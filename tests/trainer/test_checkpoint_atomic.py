@@ -24,18 +24,20 @@ SAVER = textwrap.dedent("""
     from trainer.checkpoint import CheckpointManager
     from trainer.config import OptimConfig
     from trainer.optim import build_optimizer
+    from trainer.distributed import DataParallelEngine, DistInfo
     run_dir = sys.argv[1]
     model = HybridLM(HybridConfig.preset("tiny"), init_seed=0)
     opt = build_optimizer(model, OptimConfig())
     model(torch.randint(0, 512, (1, 8))).sum().backward(); opt.step()
     mgr = CheckpointManager(run_dir, keep_last=2)
+    engine = DataParallelEngine(model, opt, DistInfo(0, 1, 0, torch.device("cpu")))
     latest = mgr.latest()
     step = int(latest.name.split("_")[1]) if latest else 0
     while True:
         step += 1
         with torch.no_grad():
             model.lm_head.weight.fill_(float(step))  # the step is readable from the weights
-        mgr.save(step, model, opt, {"step": step})
+        mgr.save(step, engine, model.config, {"step": step})
         print(step, flush=True)
 """)
 
@@ -60,8 +62,9 @@ def test_sigkill_during_save_never_breaks_latest(tmp_path):
         last_good = step
         model = HybridLM(HybridConfig.preset("tiny"), init_seed=1)
         opt = build_optimizer(model, OptimConfig())
-        state = mgr.load(latest, model, opt)  # complete and loadable
+        state, opt_state = mgr.load(latest, model)  # complete and loadable
         assert state["step"] == step and bool((model.lm_head.weight == step).all())
+        DataParallelEngine(model, opt, DistInfo(0, 1, 0, torch.device("cpu"))).load_optimizer_state(opt_state, latest)
         assert len(opt.state_dict()["state"]) > 0
     leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
     assert len(leftovers) <= 1  # at most the one save in progress at the last kill (pruned by the next save)

@@ -70,13 +70,19 @@ class PretrainStage(Stage):
     def eval_batches(self):
         sources = [name for name, w in self.schedule.phases[self.schedule.phase] if w > 0]
         # A fixed held-out set of eval_batches × micro_batch windows, the same at every evaluation and for
-        # any number of ranks (rank r takes every world_size-th window).
+        # any number of ranks (rank r takes every world_size-th window). Every rank yields the same number
+        # of batches — sharded engines (ZeRO-3) need every rank in every forward — so ranks short of
+        # windows pad with a window whose loss_mask is zero.
         total = self.stage.eval_batches * self.stage.micro_batch
         mine = list(range(self.rank, total, self.world_size))
+        per_rank = -(-total // self.world_size)
         mb = self.stage.micro_batch
-        for start in range(0, len(mine), mb):
-            idx = mine[start: start + mb]
-            yield make_batch([self.schedule.sources[sources[i % len(sources)]].sample("valid", i, self.data.seq_len) for i in idx])
+        windows = mine + [None] * (per_rank - len(mine))
+        for start in range(0, per_rank, mb):
+            idx = windows[start: start + mb]
+            batch = make_batch([self.schedule.sources[sources[(i or 0) % len(sources)]].sample("valid", i or 0, self.data.seq_len) for i in idx])
+            batch["loss_mask"][torch.tensor([i is None for i in idx])] = 0.0
+            yield batch
 
     def step_info(self, step: int) -> dict:
         return {"phase": self.phase_for_step(step) + 1}
