@@ -52,7 +52,7 @@ _WORDS = (
 _NAMES = "Ada Boris Chen Dana Emil Farah Goro Hana Ivan Jonas Kira Lena Mateo Nia Omar Priya".split()
 
 
-def _sentence(rng: random.Random) -> str:
+def random_sentence(rng: random.Random) -> str:
     words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
     if rng.random() < 0.3:
         words.insert(rng.randrange(len(words)), rng.choice(_NAMES))
@@ -70,18 +70,18 @@ def _snippet(rng: random.Random) -> str:
     if kind == 0:
         return f"The value of key {key} is {val}."
     if kind == 1:
-        return json.dumps({"id": rng.randint(0, 999), "text": _sentence(rng), "score": round(rng.random(), 3)})
+        return json.dumps({"id": rng.randint(0, 999), "text": random_sentence(rng), "score": round(rng.random(), 3)})
     if kind == 2:
         return f"def f_{key}(x):\n    return x * {val % 97} + {val % 13}\n"
     if kind == 3:
-        return (f"<|im_start|>user\n{_sentence(rng)}<|im_end|>\n<|im_start|>assistant\n<think>\n"
-                f"{_sentence(rng)}\n</think>\n{_sentence(rng)}<|im_end|>\n")
+        return (f"<|im_start|>user\n{random_sentence(rng)}<|im_end|>\n<|im_start|>assistant\n<think>\n"
+                f"{random_sentence(rng)}\n</think>\n{random_sentence(rng)}<|im_end|>\n")
     return f"{rng.choice(_NAMES)} has {val % 50} apples and gives {val % 7} to {rng.choice(_NAMES)}."
 
 
 def training_corpus(seed: int = 0, n_lines: int = 4000) -> list[str]:
     rng = random.Random(seed)
-    return [(" ".join(_sentence(rng) for _ in range(rng.randint(1, 4))) if rng.random() < 0.7 else _snippet(rng))
+    return [(" ".join(random_sentence(rng) for _ in range(rng.randint(1, 4))) if rng.random() < 0.7 else _snippet(rng))
             for _ in range(n_lines)]
 
 
