@@ -60,7 +60,9 @@ class Tokenizer:
         # megatron warns and ignores a pad equal to EOD; report none in that case (-1 is its "no pad").
         self.pad = -1 if pad is None or pad == eos else int(pad)
         digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
-        self.unique_identifiers = {"class": "tandem.Tokenizer", "source": str(source), "vocab_sha256": digest,
+        # No path in it: the same vocabulary loaded from another folder/machine must hit the same
+        # megatron cache and give the same schedule fingerprint on resume.
+        self.unique_identifiers = {"class": "tandem.Tokenizer", "vocab_sha256": digest,
                                    "vocab_size": self.vocab_size, "eod": self.eod}
 
     # --- encoding ----------------------------------------------------------------------------------
