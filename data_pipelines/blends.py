@@ -319,3 +319,66 @@ def _epoch_samples(ds) -> int | None:
         return max((tokens - 1) // ds.config.sequence_length, 1)
     except Exception:  # logging only; GPTDataset internals may move between megatron versions
         return None
+
+
+_CONFIG_KEYS = {"phases", "seq_length", "seed", "split", "cache_dir", "eod_mask_loss"}
+_PHASE_KEYS = {"name", "blend", "fraction"}
+
+
+def config_from_dict(d: Mapping[str, Any]) -> PretrainDataConfig:
+    """A ``PretrainDataConfig`` from plain data (a Hydra/OmegaConf node or a dict), validated.
+
+    ``phases``: a list of ``{name, fraction, blend}``; ``blend`` is either ``{prefix: weight}`` or a list
+    of ``{prefix, weight}`` (the list form keeps paths with dots or slashes out of YAML keys). A single
+    blend without phases may be given as top-level ``blend`` (one phase named ``"main"``).
+    """
+    d = _plain(d)
+    if not isinstance(d, dict):
+        raise ValueError(f"data config must be a mapping, got {type(d).__name__}")
+    extra = set(d) - _CONFIG_KEYS - {"blend"}
+    if extra:
+        raise ValueError(f"unknown data config key(s) {sorted(extra)}; expected {sorted(_CONFIG_KEYS | {'blend'})}")
+    if "blend" in d:
+        if "phases" in d:
+            raise ValueError("give either 'blend' (one phase) or 'phases', not both")
+        d["phases"] = [{"name": "main", "blend": d.pop("blend"), "fraction": 1.0}]
+    if "seq_length" not in d:
+        raise ValueError("data config needs 'seq_length'")
+    phases = []
+    for i, p in enumerate(d.get("phases") or []):
+        if not isinstance(p, dict):
+            raise ValueError(f"phases[{i}] must be a mapping with name/blend/fraction, got {p!r}")
+        extra = set(p) - _PHASE_KEYS
+        if extra or "blend" not in p:
+            raise ValueError(f"phases[{i}]: expected keys {sorted(_PHASE_KEYS)} (blend required), got {sorted(p)}")
+        phases.append(Phase(str(p.get("name", f"phase{i + 1}")), _blend(p["blend"], f"phases[{i}].blend"),
+                            float(p.get("fraction", 1.0))))
+    cfg = PretrainDataConfig(phases=phases, **{k: v for k, v in d.items() if k != "phases"})
+    cfg.validate()
+    return cfg
+
+
+def _blend(b: Any, where: str) -> dict[str, float]:
+    if isinstance(b, dict):
+        return {str(k): float(v) for k, v in b.items()}
+    if isinstance(b, list):
+        out: dict[str, float] = {}
+        for j, item in enumerate(b):
+            if not isinstance(item, dict) or set(item) != {"prefix", "weight"}:
+                raise ValueError(f"{where}[{j}] must be {{prefix: ..., weight: ...}}, got {item!r}")
+            if item["prefix"] in out:
+                raise ValueError(f"{where}: prefix {item['prefix']!r} listed twice")
+            out[str(item["prefix"])] = float(item["weight"])
+        return out
+    raise ValueError(f"{where} must be {{prefix: weight}} or a list of {{prefix, weight}}, got {type(b).__name__}")
+
+
+def _plain(d: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(d, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(d, resolve=True)
+    except ImportError:  # omegaconf is a dependency, but plain dicts need nothing from it
+        pass
+    return json.loads(json.dumps(d, default=str)) if isinstance(d, (dict, list)) else d

@@ -151,3 +151,32 @@ def test_empty_source_is_an_error(tmp_path, tok):
     cfg = PretrainDataConfig([Phase("p", {empty: 1.0})], seq_length=32, cache_dir=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="holds no documents"):
         build_pretrain_datasets(cfg, tok, 10)
+
+
+def test_config_from_hydra_yaml(sources, tok):
+    from omegaconf import OmegaConf
+
+    from data_pipelines.blends import config_from_dict
+
+    yaml = f"""
+    seq_length: 32
+    seed: 7
+    split: "95,5,0"
+    phases:
+      - name: p1
+        fraction: 0.7
+        blend: [{{prefix: {sources['a']}, weight: 0.6}}, {{prefix: {sources['b']}, weight: 0.4}}]
+      - name: p2
+        fraction: 0.3
+        blend: {{{sources['b']}: 0.25, {sources['c']}: 0.75}}
+    """
+    cfg = config_from_dict(OmegaConf.create(yaml))
+    assert [p.name for p in cfg.phases] == ["p1", "p2"] and cfg.phases[0].blend == {sources["a"]: 0.6, sources["b"]: 0.4}
+    single = config_from_dict({"seq_length": 8, "blend": {sources["a"]: 1}})
+    assert single.phases[0].name == "main" and single.phases[0].fraction == 1.0
+    with pytest.raises(ValueError, match=r"unknown data config key\(s\) \['seqlen'\]"):
+        config_from_dict({"seqlen": 8, "blend": {sources["a"]: 1}})
+    with pytest.raises(ValueError, match=r"phases\[0\]\.blend\[0\] must be \{prefix: ..., weight: ...\}"):
+        config_from_dict({"seq_length": 8, "phases": [{"blend": [{"path": "x", "weight": 1}]}]})
+    with pytest.raises(ValueError, match="all blend weights are zero"):
+        config_from_dict({"seq_length": 8, "blend": {sources["a"]: 0}})
