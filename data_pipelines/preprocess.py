@@ -11,7 +11,7 @@ Every document is one megatron document with the tokenizer's EOD token appended 
 
 Parallelism: the main process reads raw rows and writes the output; ``--workers`` processes parse JSON,
 validate and tokenise chunks. Results are consumed in input order, so the output is identical for any
-worker count.
+worker count; at most ``4 x workers`` chunks are in flight, so memory stays bounded.
 
 Crash safety / idempotence: the .bin/.idx are written under temporary names and renamed at the end, then a
 manifest ``<prefix>.json`` (settings, counts, file sizes) is written last. A rerun finds a complete output
@@ -111,6 +111,23 @@ def _jobs(inputs: list[str], text_field: str, split: str | None, chunk_rows: int
             yield src, text_field, chunk
 
 
+def _bounded_imap(pool, jobs: Iterator[tuple], window: int):
+    """Results of ``_process_chunk`` over ``jobs`` in input order, with at most ``window`` chunks in flight.
+
+    ``Pool.imap`` would do the ordering, but its feeder thread drains the whole input iterator as fast as
+    it can read, i.e. a large file would be pulled into memory; this keeps reading in step with writing.
+    """
+    from collections import deque
+
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.apply_async(_process_chunk, (job,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def _paths(prefix: str) -> dict[str, Path]:
     return {"bin": Path(prefix + ".bin"), "idx": Path(prefix + ".idx"), "manifest": Path(prefix + ".json")}
 
@@ -190,8 +207,7 @@ def preprocess(inputs: list[str | Path] | str | Path, output_prefix: str | Path,
             # spawn, not fork: the parent may hold torch/tokenizers thread pools that do not survive fork.
             pool = mp.get_context("spawn").Pool(
                 workers, initializer=_init_worker, initargs=(None if tokenizer is None else str(tokenizer), eod_token))
-            # imap keeps input order (deterministic output) and only a bounded window of chunks in flight.
-            results = pool.imap(_process_chunk, jobs, chunksize=1)
+            results = _bounded_imap(pool, jobs, window=4 * workers)
         bar = _progress(progress, files)
         for flat, lengths, chunk_bad in results:
             if chunk_bad:

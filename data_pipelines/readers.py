@@ -201,11 +201,14 @@ def iter_raw(path: str, *, columns: list[str] | None = None, split: str | None =
             row += batch.num_rows
     elif kind == "hf_disk":
         ds = _load_from_disk(path, split)
-        row = 0
-        for batch in ds.iter(batch_size=batch_size):
-            n = len(next(iter(batch.values()))) if batch else 0
-            yield from _rows_of_batch(batch, n, columns, row)
-            row += n
+        num_rows = ds.num_rows  # before select_columns: a table with no columns reports 0 rows
+        if columns is not None:  # read only what the caller needs (Arrow-backed: skips other columns)
+            ds = ds.select_columns([c for c in columns if c in ds.column_names])
+        # Row counts come from the dataset, not the batch: a batch with none of the wanted columns is
+        # empty, and its rows must still be reported as missing the field rather than vanish.
+        for start in range(0, num_rows, batch_size):
+            n = min(batch_size, num_rows - start)
+            yield from _rows_of_batch(ds[start:start + n] if ds.column_names else {}, n, columns, start)
     elif kind == "hf_load":
         import datasets
 

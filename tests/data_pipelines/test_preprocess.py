@@ -47,6 +47,8 @@ def test_parquet_hf_disk_and_folder_inputs(tmp_path, tok):
     preprocess([tmp_path / "p.parquet", tmp_path / "hf"], tmp_path / "mix", text_field="body",
                progress=False, log=lambda *_: None)
     assert read_docs(tmp_path / "mix")[0] == expected(tok, texts)
+    with pytest.raises(BadRecordError, match=r"hf:row 1: missing field 'text'"):
+        preprocess(tmp_path / "hf", tmp_path / "nofield", progress=False, log=lambda *_: None)
     # a folder of files is read in name order
     folder = tmp_path / "shards"
     folder.mkdir()
@@ -175,3 +177,33 @@ def test_cli_subprocess(tmp_path, tok):
     assert f"wrote 10 documents, {n_tokens} tokens" in proc.stdout
     assert "tokenising" in proc.stderr  # the progress bar
     assert read_docs(tmp_path / "cli")[0] == expected(tok, texts)
+
+
+def test_parallel_reading_is_bounded():
+    """The reader may run at most `window` chunks ahead of the writer (a whole file never sits in memory)."""
+    from data_pipelines.preprocess import _bounded_imap
+
+    state = {"read": 0, "consumed": 0, "max_ahead": 0}
+
+    class Done:
+        def __init__(self, v):
+            self.v = v
+
+        def get(self):
+            return self.v
+
+    class FakePool:
+        def apply_async(self, fn, args):
+            return Done(args[0])
+
+    def jobs():
+        for i in range(100):
+            state["read"] += 1
+            state["max_ahead"] = max(state["max_ahead"], state["read"] - state["consumed"])
+            yield i
+
+    out = []
+    for v in _bounded_imap(FakePool(), jobs(), window=3):
+        state["consumed"] += 1
+        out.append(v)
+    assert out == list(range(100)) and state["max_ahead"] <= 3

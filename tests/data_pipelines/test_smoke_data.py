@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from data_pipelines.blends import Phase, PretrainDataConfig, build_pretrain_datasets
@@ -6,6 +7,7 @@ from data_pipelines.preprocess import preprocess
 from data_pipelines.smoke_data import write_smoke_corpus
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_from_the_preprocessed_smoke_corpus(tmp_path, tok):
     """End to end: corpus → tandem-preprocess → phased blend → DataLoader → HybridLM; the loss falls."""
     from model import HybridConfig, HybridLM
