@@ -189,6 +189,7 @@ def preprocess(inputs: list[str | Path] | str | Path, output_prefix: str | Path,
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(prefix, log)
     dtype = DType.optimal_dtype(tok.vocab_size)
     tmp = {k: Path(f"{prefix}.tmp{os.getpid()}.{k}") for k in ("bin", "idx", "manifest")}
     documents = tokens = 0
@@ -261,6 +262,31 @@ def preprocess(inputs: list[str | Path] | str | Path, output_prefix: str | Path,
         msg += f"; skipped {skipped} bad rows, first: " + "; ".join(f"{w}: {r}" for w, r in bad[:3])
     log(msg)
     return PreprocessResult(prefix, documents, tokens, skipped, bad, seconds=dt)
+
+
+def _remove_stale_temporaries(prefix: str, log) -> None:
+    """Delete ``<prefix>.tmp<pid>.*`` left by a killed run (SIGKILL skips cleanup); a live pid's are kept."""
+    import re
+
+    folder, base = Path(prefix).parent, Path(prefix).name
+    pat = re.compile(re.escape(base) + r"\.tmp(\d+)\.(bin|idx|manifest)$")
+    for f in folder.iterdir():
+        m = pat.match(f.name)
+        if m and not _pid_alive(int(m.group(1))):
+            log(f"removing {f} left by an interrupted run")
+            f.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _progress(enabled: bool, files: list[str]):

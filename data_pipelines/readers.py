@@ -187,6 +187,8 @@ def iter_raw(path: str, *, columns: list[str] | None = None, split: str | None =
         with opener(path, "rb") as f:
             for i, raw in enumerate(f, start=1):
                 raw = raw.rstrip(b"\r\n")
+                if i == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not content
+                    raw = raw[3:]
                 if raw.strip():  # blank lines carry no row; they are not errors in JSON Lines
                     yield i, raw
     elif kind == "parquet":

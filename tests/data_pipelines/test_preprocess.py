@@ -28,6 +28,8 @@ def expected(tok, texts):
 def test_jsonl_round_trip(tmp_path, tok):
     texts = make_texts(60) + [""]  # an empty document is kept: it becomes a lone EOD
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)])
+    data = Path(src).read_bytes()
+    Path(src).write_bytes(b"\xef\xbb\xbf" + data.replace(b"\n", b"\r\n"))  # BOM + CRLF (Windows editors)
     res = preprocess(src, tmp_path / "out" / "a", progress=False, log=lambda *_: None)
     docs, ds = read_docs(tmp_path / "out" / "a")
     assert docs == expected(tok, texts)
@@ -141,9 +143,16 @@ def test_idempotent_and_crash_safe(tmp_path):
         preprocess(src, out, progress=False, log=lambda *_: None)
     rebuilt = preprocess(src, out, overwrite=True, progress=False, log=lambda *_: None)
     assert not rebuilt.reused and read_manifest(str(out))["tokens"] == first.tokens
-    # a crash between the two renames leaves a .bin without .idx: simply rebuilt
+    # a crash between the two renames leaves a .bin without .idx: simply rebuilt; temporaries of a killed
+    # run (dead pid) are removed, those of a live run are not touched
     os.remove(f"{out}.idx")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"o.tmp{int(dead.stdout)}.bin"
+    live = tmp_path / f"o.tmp{os.getppid()}.bin"
+    stale.write_bytes(b"x")
+    live.write_bytes(b"x")
     assert not preprocess(src, out, progress=False, log=lambda *_: None).reused
+    assert not stale.exists() and live.exists()
 
 
 def test_empty_input_is_an_error(tmp_path):
