@@ -109,12 +109,18 @@ def sources_of(cfg: PretrainDataConfig) -> list[str]:
     return list(seen)
 
 
-def phase_boundaries(cfg: PretrainDataConfig, num_samples: int) -> list[int]:
-    """Sample index where each phase starts, plus ``num_samples`` at the end."""
+def phase_boundaries(cfg: PretrainDataConfig, num_samples: int, align: int = 1) -> list[int]:
+    """Sample index where each phase starts, plus ``num_samples`` at the end.
+
+    ``align`` rounds each switch to a multiple of it (pass the global batch size so that no optimizer
+    step mixes two phases).
+    """
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
     bounds, acc = [0], 0.0
     for p in cfg.phases[:-1]:
         acc += p.fraction
-        bounds.append(int(round(acc * num_samples)))
+        bounds.append(min(int(round(acc * num_samples / align)) * align, num_samples))
     bounds.append(num_samples)
     return bounds
 
@@ -194,6 +200,7 @@ class PretrainDatasets:
     config: PretrainDataConfig | None = None
     train_samples: int = 0
     tokenizer_ids: dict | None = None
+    align: int = 1
 
     def fingerprint(self) -> str:
         """Identifies the training schedule; equal fingerprints ⇒ identical sample order."""
@@ -201,7 +208,7 @@ class PretrainDatasets:
         desc = {
             "phases": [(p.name, sorted(p.blend.items()), p.fraction) for p in cfg.phases],
             "seq_length": cfg.seq_length, "seed": cfg.seed, "split": cfg.split, "eod_mask_loss": cfg.eod_mask_loss,
-            "train_samples": self.train_samples, "tokenizer": self.tokenizer_ids,
+            "train_samples": self.train_samples, "tokenizer": self.tokenizer_ids, "align": self.align,
         }
         return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -262,11 +269,12 @@ def _document_count(prefix: str) -> int:
 
 
 def build_pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Any, train_samples: int,
-                            valid_samples: int = 0) -> PretrainDatasets:
+                            valid_samples: int = 0, *, align: int = 1) -> PretrainDatasets:
     """Build the run's training schedule and one validation blend per phase. See the module docstring.
 
     ``tokenizer``: anything with ``vocab_size``, ``eod``, ``unique_identifiers`` (``tokenizer.Tokenizer``).
     ``train_samples``: samples of ``seq_length`` tokens over the whole run (global batch × steps).
+    ``align``: phase switches land on multiples of it (the global batch size: no step mixes phases).
     """
     cfg.validate()
     if train_samples < 1:
@@ -277,7 +285,7 @@ def build_pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Any, train_sampl
     for p in prefixes:
         _check_prefix(p)
     weights = [[float(ph.blend.get(p, 0.0)) for p in prefixes] for ph in cfg.phases]
-    bounds = phase_boundaries(cfg, train_samples)
+    bounds = phase_boundaries(cfg, train_samples, align)
     sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     for ph, n in zip(cfg.phases, sizes):
         if n == 0:
@@ -309,7 +317,7 @@ def build_pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Any, train_sampl
         if epoch and taken[s] > epoch:
             log.warning("source %s: the schedule takes %d samples, %.2f epochs of it (samples repeat)",
                         prefix, taken[s], taken[s] / epoch)
-    return PretrainDatasets(train, valid, cfg, train_samples, dict(tokenizer.unique_identifiers))
+    return PretrainDatasets(train, valid, cfg, train_samples, dict(tokenizer.unique_identifiers), align)
 
 
 def _epoch_samples(ds) -> int | None:

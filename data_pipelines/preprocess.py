@@ -111,6 +111,11 @@ def _jobs(inputs: list[str], text_field: str, split: str | None, chunk_rows: int
             yield src, text_field, chunk
 
 
+def _size(path: str) -> int:
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+
 def _bounded_imap(pool, jobs: Iterator[tuple], window: int):
     """Results of ``_process_chunk`` over ``jobs`` in input order, with at most ``window`` chunks in flight.
 
@@ -165,6 +170,8 @@ def preprocess(inputs: list[str | Path] | str | Path, output_prefix: str | Path,
     tok = load_tokenizer(tokenizer, eod_token=eod_token)
     settings = {
         "inputs": [os.path.abspath(f) if not f.startswith("hf:") else f for f in files],
+        # sizes catch an input rewritten since the output was built (a rerun must not keep stale data)
+        "input_bytes": [None if f.startswith("hf:") else _size(f) for f in files],
         "split": split, "text_field": text_field, "tokenizer": tok.unique_identifiers,
     }
     paths = _paths(prefix)

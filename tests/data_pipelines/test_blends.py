@@ -72,6 +72,9 @@ def test_phase_switch_at_token_fraction(sources, tmp_path, tok):
     assert p2 == pytest.approx({sources["a"]: 0.0, sources["b"]: 0.25, sources["c"]: 0.75}, abs=0.004)
     assert {source_of(tr[i]["tokens"]) for i in range(690, 700)} <= {"a", "b"}
     assert {source_of(tr[i]["tokens"]) for i in range(700, 720)} == {"b", "c"}
+    # aligned to a global batch of 48: the switch moves to 48 * round(700 / 48) = 720
+    aligned = build_pretrain_datasets(two_phase(sources, tmp_path), tok, train_samples=1000, align=48)
+    assert aligned.train.bounds == [0, 720, 1000] and aligned.fingerprint() != data.fingerprint()
 
 
 def test_no_phase1_replay_in_phase2(sources, tmp_path, tok):

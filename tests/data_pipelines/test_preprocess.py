@@ -136,6 +136,12 @@ def test_idempotent_and_crash_safe(tmp_path):
     assert again.reused and again.tokens == first.tokens and os.stat(f"{out}.bin").st_mtime_ns == mtime
     with pytest.raises(FileExistsError, match="different \\['text_field'\\]"):
         preprocess(src, out, text_field="body", progress=False, log=lambda *_: None)
+    with open(src, "a") as f:  # the input grew since: the old output is stale
+        f.write('{"text": "one more"}\n')
+    with pytest.raises(FileExistsError, match="different \\['input_bytes'\\]"):
+        preprocess(src, out, progress=False, log=lambda *_: None)
+    first = preprocess(src, out, overwrite=True, progress=False, log=lambda *_: None)
+    mtime = os.stat(f"{out}.bin").st_mtime_ns
     # a truncated .bin (e.g. a copy cut short) no longer matches the manifest: rebuilt, not trusted
     with open(f"{out}.bin", "r+b") as f:
         f.truncate(10)
