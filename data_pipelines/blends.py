@@ -164,12 +164,12 @@ class PhasedBlendedDataset:
     """
 
     def __init__(self, prefixes: list[str], datasets: list[Any], phase_names: list[str], bounds: list[int],
-                 source_index: np.ndarray, source_sample_index: np.ndarray):
+                 source_index: np.ndarray, source_sample_index: np.ndarray, taken: Sequence[int]):
         self.prefixes, self.datasets, self.phase_names, self.bounds = prefixes, datasets, phase_names, bounds
         self.source_index, self.source_sample_index = source_index, source_sample_index
+        self.taken = [int(t) for t in taken]  # samples the schedule reads from each source
         for s, ds in enumerate(datasets):  # an internal invariant: sizes were requested from the counts
-            need = int(source_sample_index[source_index == s].max(initial=-1)) + 1
-            assert ds is None and need == 0 or len(ds) >= need, (prefixes[s], need, len(ds) if ds else None)
+            assert (ds is None and self.taken[s] == 0) or len(ds) >= self.taken[s], (prefixes[s], self.taken[s])
 
     def __len__(self) -> int:
         return len(self.source_index)
@@ -291,7 +291,7 @@ def build_pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Any, train_sampl
         if n == 0:
             raise ValueError(f"phase {ph.name!r} gets 0 of {train_samples} train samples (fraction "
                              f"{ph.fraction}); raise train_samples or its fraction")
-    src, idx, taken = blend_schedule(weights, sizes)
+    src, idx, taken = _cached_blend_schedule(weights, sizes, cfg.cache_dir)
     # Validation: each phase's mixture over the valid split, each starting at the source's first valid
     # sample (evaluation sets may share samples; training ones may not).
     valid_src, valid_need = {}, np.zeros(len(prefixes), dtype=np.int64)
@@ -309,8 +309,8 @@ def build_pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Any, train_sampl
         train_ds.append(t)
         valid_ds.append(v)
     names = [p.name for p in cfg.phases]
-    train = PhasedBlendedDataset(prefixes, train_ds, names, bounds, src, idx)
-    valid = {name: PhasedBlendedDataset(prefixes, valid_ds, [name], [0, valid_samples], vs, vi)
+    train = PhasedBlendedDataset(prefixes, train_ds, names, bounds, src, idx, taken)
+    valid = {name: PhasedBlendedDataset(prefixes, valid_ds, [name], [0, valid_samples], vs, vi, valid_need)
              for name, (vs, vi) in valid_src.items()}
     for s, prefix in enumerate(prefixes):
         epoch = _epoch_samples(train_ds[s])
@@ -318,6 +318,42 @@ def build_pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Any, train_sampl
             log.warning("source %s: the schedule takes %d samples, %.2f epochs of it (samples repeat)",
                         prefix, taken[s], taken[s] / epoch)
     return PretrainDatasets(train, valid, cfg, train_samples, dict(tokenizer.unique_identifiers), align)
+
+
+def _cached_blend_schedule(weights: list[list[float]], sizes: list[int], cache_dir: str | None):
+    """``blend_schedule`` stored under ``cache_dir`` and memory-mapped, as megatron does for its blends.
+
+    At pretraining scale the two index arrays hold one entry per training sample (25T tokens / 8k =
+    3e9 samples → ~30 GB), so they must not live in every rank's memory: rank 0 computes and saves them
+    (atomically: temp file + rename), the other ranks wait at a barrier and map the same files.
+    Without a ``cache_dir`` they are computed in memory (fine for small runs and tests).
+    """
+    if cache_dir is None:
+        return blend_schedule(weights, sizes)
+    import torch
+
+    key = hashlib.md5(json.dumps({"w": weights, "n": sizes, "v": 1}).encode()).hexdigest()
+    base = os.path.join(cache_dir, f"tandem_blend_{key}")
+    files = {k: f"{base}_{k}.npy" for k in ("source", "sample")}
+    taken_file = f"{base}_taken.json"
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not dist or torch.distributed.get_rank() == 0:
+        if not all(os.path.isfile(f) for f in [*files.values(), taken_file]):
+            src, idx, taken = blend_schedule(weights, sizes)
+            os.makedirs(cache_dir, exist_ok=True)
+            for name, arr in (("source", src), ("sample", idx)):
+                tmp = f"{files[name]}.tmp{os.getpid()}.npy"
+                np.save(tmp, arr)
+                os.replace(tmp, files[name])
+            tmp = f"{taken_file}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump([int(t) for t in taken], f)
+            os.replace(tmp, taken_file)  # written last: its presence marks a complete entry
+    if dist:
+        torch.distributed.barrier()
+    with open(taken_file) as f:
+        taken = np.array(json.load(f), dtype=np.int64)
+    return np.load(files["source"], mmap_mode="r"), np.load(files["sample"], mmap_mode="r"), taken
 
 
 def _epoch_samples(ds) -> int | None:

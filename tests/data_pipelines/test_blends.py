@@ -57,6 +57,14 @@ def test_seed_determinism(sources, tmp_path, tok):
     same = [torch.equal(a.train[i]["tokens"], b.train[i]["tokens"]) for i in range(0, 400, 7)]
     diff = [torch.equal(a.train[i]["tokens"], c.train[i]["tokens"]) for i in range(0, 400, 7)]
     assert all(same) and not any(diff)
+    # the schedule indices are cached and memory-mapped (one entry per sample: ~30 GB at 25T tokens)
+    assert isinstance(a.train.source_index, np.memmap) and isinstance(b.train.source_sample_index, np.memmap)
+    assert len(list((tmp_path / "cache").glob("tandem_blend_*_taken.json"))) == 1
+    from data_pipelines.blends import _cached_blend_schedule
+
+    src, idx, taken = _cached_blend_schedule([[0.6, 0.4, 0], [0, 0.25, 0.75]], [280, 120], None)
+    assert np.array_equal(src, a.train.source_index) and np.array_equal(idx, a.train.source_sample_index)
+    assert list(taken) == a.train.taken
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
