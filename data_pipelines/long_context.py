@@ -357,6 +357,22 @@ def evaluate_retrieval(generate: Callable[[str], str], *, kind: str = "needle",
                            {k: mean(v) for k, v in sorted(cell.items())}, len(exs), failures)
 
 
+def evaluate_needle(generate: Callable[[str], str] | None = None, *, model: torch.nn.Module | None = None,
+                    tokenizer=None, lengths: Sequence[int] = (256, 1024),
+                    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), per_cell: int = 2, seed: int = 1234,
+                    max_new_tokens: int = 12) -> RetrievalReport:
+    """Needle-in-a-haystack accuracy by depth and length, for a ``generate(prompt) -> str`` callable or
+    a ``model`` (+ ``tokenizer``, greedy decoding). What a CPT run calls at eval time."""
+    if (generate is None) == (model is None):
+        raise ValueError("pass exactly one of generate=callable or model=... (with tokenizer=...)")
+    if model is not None:
+        if tokenizer is None:
+            raise ValueError("evaluating a model needs its tokenizer=")
+        generate = greedy_generate_fn(model, tokenizer, max_new_tokens=max_new_tokens)
+    return evaluate_retrieval(generate, kind="needle", lengths=lengths, depths=depths, per_cell=per_cell,
+                              seed=seed, tokenizer=tokenizer)
+
+
 def greedy_generate_fn(model: torch.nn.Module, tokenizer, *, max_new_tokens: int = 12,
                        stop_ids: Sequence[int] | None = None) -> Callable[[str], str]:
     """``prompt -> str`` by greedy decoding with a ``model(input_ids) -> logits`` causal LM.

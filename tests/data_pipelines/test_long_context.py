@@ -84,10 +84,20 @@ def test_evaluate_with_a_model(tok):
     from model import HybridConfig, HybridLM
 
     model = HybridLM(HybridConfig.preset("tiny"), init_seed=0)
-    gen = lc.greedy_generate_fn(model, tok, max_new_tokens=4)
-    rep = lc.evaluate_retrieval(gen, lengths=[64], depths=[0.0, 1.0], per_cell=1, tokenizer=tok)
+    rep = lc.evaluate_needle(model=model, tokenizer=tok, lengths=[64], depths=[0.0, 1.0], per_cell=1,
+                             max_new_tokens=4)
     assert rep.n == 2 and set(rep.by_depth) == {0.0, 1.0}
     assert 0.0 <= rep.accuracy <= 1.0 and model.training  # mode restored
+    # greedy decoding continues the prompt with the argmax token, step by step
+    gen = lc.greedy_generate_fn(model, tok, max_new_tokens=3)
+    ids = tok.encode("The value of key")
+    with torch.no_grad():
+        first = int(model.eval()(torch.tensor([ids]))[0, -1].argmax())
+    model.train()
+    out = gen("The value of key")
+    assert (first == tok.eod and out == "") or out.startswith(tok.decode([first]))
+    with pytest.raises(ValueError, match="exactly one of"):
+        lc.evaluate_needle(lambda p: "1", model=model, tokenizer=tok)
 
 
 def test_write_jsonl_feeds_preprocessing(tmp_path, tok):
