@@ -202,12 +202,13 @@ def preprocess(inputs: list[str | Path] | str | Path, output_prefix: str | Path,
     documents = tokens = 0
     bad: list[tuple[str, str]] = []
     skipped = 0
-    pool = None
+    pool = bar = builder = None
     try:
         builder = IndexedDatasetBuilder(str(tmp["bin"]), dtype=dtype)
         jobs = _jobs(files, text_field, split, chunk_rows)
         if workers == 1:
-            _init_worker(None if tokenizer is None else str(tokenizer), eod_token)
+            global _TOKENIZER
+            _TOKENIZER = tok
             results = map(_process_chunk, jobs)
         else:
             import multiprocessing as mp
@@ -239,8 +240,6 @@ def preprocess(inputs: list[str | Path] | str | Path, output_prefix: str | Path,
             if bar is not None:
                 bar.update(len(lengths) + len(chunk_bad))
                 bar.set_postfix(tokens=tokens, refresh=False)
-        if bar is not None:
-            bar.close()
         if documents == 0:
             raise ValueError(f"no documents in {files}" + (f" ({skipped} bad rows skipped)" if skipped else "")
                              + ": refusing to write an empty dataset")
@@ -258,6 +257,10 @@ def preprocess(inputs: list[str | Path] | str | Path, output_prefix: str | Path,
         tmp["manifest"].write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(tmp["manifest"], paths["manifest"])
     finally:
+        if bar is not None:
+            bar.close()
+        if builder is not None and not builder.data_file.closed:  # failed before finalize()
+            builder.data_file.close()
         if pool is not None:
             pool.terminate()
             pool.join()
