@@ -248,10 +248,17 @@ def build_source_dataset(prefix: str, cfg: PretrainDataConfig, tokenizer: Any, t
         create_attention_mask=False,
         path_to_cache=cfg.cache_dir,
     )
-    # The empty-split check megatron would hit as an assert deep inside; say it in words first.
     n_docs = _document_count(prefix)
     if n_docs == 0:
         raise ValueError(f"blend source {prefix!r} holds no documents")
+    # megatron builds a dataset for every split with a non-zero weight, and one whose document range is
+    # empty never finishes (its epoch loop adds 0 tokens per epoch), so check the ranges first, with the
+    # same rounding megatron uses for them.
+    for name, bounds in zip(("train", "valid", "test"), gcfg.split_matrix):
+        if bounds is not None and int(round(bounds[1] * n_docs)) <= int(round(bounds[0] * n_docs)):
+            raise ValueError(f"blend source {prefix!r}: split {cfg.split!r} gives its {n_docs} documents "
+                             f"none for {name}; add documents or set that split's weight to 0 "
+                             f"(e.g. split '100,0,0')")
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(
             GPTDataset, [train_samples, valid_samples, 0], lambda: True, gcfg).build()

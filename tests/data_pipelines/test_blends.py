@@ -157,11 +157,18 @@ def test_config_errors(sources, tmp_path, tok):
         build([Phase("p", {sources["a"]: 1})], train_samples=0)
 
 
-def test_empty_source_is_an_error(tmp_path, tok):
+def test_empty_source_or_split_is_an_error(tmp_path, tok):
     empty = write_indexed(tmp_path / "empty", 0, 3, 10)
     cfg = PretrainDataConfig([Phase("p", {empty: 1.0})], seq_length=32, cache_dir=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="holds no documents"):
         build_pretrain_datasets(cfg, tok, 10)
+    # megatron would loop forever on a split with no documents (3 docs x 2% = 0 validation documents)
+    few = write_indexed(tmp_path / "few", 3, 3, 500)
+    cfg = PretrainDataConfig([Phase("p", {few: 1.0})], seq_length=8, split="98,2,0", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"split '98,2,0' gives its 3 documents none for valid.*'100,0,0'"):
+        build_pretrain_datasets(cfg, tok, 10)
+    cfg.split = "100,0,0"
+    assert len(build_pretrain_datasets(cfg, tok, 10).train) == 10
 
 
 def test_config_from_hydra_yaml(sources, tok):
