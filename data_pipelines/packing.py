@@ -43,7 +43,7 @@ class Collator:
     Accepts megatron samples (``tokens``/``labels``/``loss_mask``) and packed rows (``input_ids``...).
     Output: ``input_ids`` [B,T] long, ``labels`` [B,T] long, ``loss_mask`` [B,T] float, ``seq_idx`` [B,T]
     long, and when the samples have them ``position_ids``, ``valid`` [B,T] bool (False = padding),
-    ``source``/``phase`` [B] long (blend bookkeeping for per-source loss logging).
+    ``source``/``phase``/``is_long`` [B] long (blend / long-short bookkeeping for per-kind loss logging).
     """
 
     def __init__(self, eod: int):
@@ -70,7 +70,7 @@ class Collator:
         for key, dtype in (("position_ids", torch.long), ("valid", torch.bool)):
             if all(key in s for s in samples):
                 batch[key] = torch.stack([_as_tensor(s[key], dtype) for s in samples])
-        for key in ("source", "phase"):
+        for key in ("source", "phase", "is_long"):
             if all(key in s for s in samples):
                 batch[key] = torch.tensor([int(s[key]) for s in samples], dtype=torch.long)
         return batch

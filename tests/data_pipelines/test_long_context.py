@@ -132,6 +132,7 @@ def test_long_short_mixture(tmp_path, tok):
     assert torch.equal(long_row["seq_idx"], torch.cumsum(is_eod, 0) - is_eod)
     batch = Collator(tok.eod)(rows[:4])
     assert batch["input_ids"].shape == (4, 64) and torch.equal(batch["seq_idx"][0], rows[0]["seq_idx"])
+    assert batch["is_long"].tolist() == [int(r["is_long"]) for r in rows[:4]]
     assert PackingStats().update(batch).fill_rate == 1.0
     with pytest.raises(ValueError, match="multiple of short_length"):
         lc.LongShortMixture(None, None, long_fraction=0.5, long_length=60, short_length=16, num_rows=4, eod=2)
