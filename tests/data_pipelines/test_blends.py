@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_indexed
+from dp_helpers import write_indexed
 from data_pipelines.blends import Phase, PretrainDataConfig, blend_schedule, build_pretrain_datasets
 from data_pipelines.packing import build_dataloader
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import write_indexed
+from dp_helpers import write_indexed
 
 
 def _rank_main(rank, world, init_file, cfg_kw, out_dir, consumed):

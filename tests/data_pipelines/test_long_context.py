@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import write_indexed
+from dp_helpers import write_indexed
 from data_pipelines import long_context as lc
 from data_pipelines.blends import Phase, PretrainDataConfig
 from data_pipelines.packing import Collator, PackingStats

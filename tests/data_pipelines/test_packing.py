@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import write_indexed
+from dp_helpers import write_indexed
 from data_pipelines.blends import Phase, PretrainDataConfig, build_pretrain_datasets
 from data_pipelines.packing import (
     IGNORE_LABEL,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_texts, write_jsonl
+from dp_helpers import make_texts, write_jsonl
 from data_pipelines.preprocess import main, preprocess, read_manifest
 from data_pipelines.readers import BadRecordError
 

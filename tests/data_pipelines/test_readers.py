@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
+from dp_helpers import write_jsonl
 from data_pipelines.readers import BadRecordError, ReadStats, iter_records, require_fields
 
 
