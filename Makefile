@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt
 	$(PY) -m pip install --quiet --no-build-isolation -c requirements/constraints-cpu.txt -e ".[dev]"
 	touch $(STAMP)
 
+# The smoke run lives in runs/smoke/ and is started afresh each time.
 smoke: setup
-	$(PY) -m trainer.demo
+	rm -rf runs/smoke
+	$(VENV)/bin/tandem -cn smoke
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

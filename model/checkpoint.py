@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from .config import HybridConfig
 
-__all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "load_checkpoint_into", "checkpoint_items"]
+__all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "save_state_dict", "load_checkpoint_into", "checkpoint_items"]
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -119,6 +119,9 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool 
     path = Path(path)
     state = model.state_dict(keep_vars=True)
     experts_filled: dict[str, set[int]] = {n: set() for n in state if _STACKED_EXPERT.match(n)}
+    # Under expert parallelism a process holds experts [offset, offset + local count) of each layer.
+    offsets = {f"{name}.{proj}": (m.expert_offset, m.num_experts, m.total_experts)
+               for name, m in model.named_modules() if hasattr(m, "expert_offset") for proj in ("up_proj", "down_proj")}
     filled: set[str] = set()
     unexpected: list[str] = []
     ignored: list[str] = []
@@ -134,10 +137,14 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool 
                     continue
                 dest = state[name]
                 if expert is not None:
-                    if expert >= dest.shape[0]:
+                    offset, local, total = offsets.get(name, (0, dest.shape[0], dest.shape[0]))
+                    if expert >= total:
                         raise CheckpointError(
-                            f"{file}: key {key!r} is expert {expert}, but the config has {dest.shape[0]} routed experts"
+                            f"{file}: key {key!r} is expert {expert}, but the config has {total} routed experts"
                         )
+                    if not offset <= expert < offset + local:
+                        continue  # another expert-parallel rank's expert
+                    expert -= offset
                     dest = dest[expert]
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != tuple(dest.shape):
@@ -159,7 +166,8 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool 
             absent = sorted(set(range(t.shape[0])) - experts_filled[name])
             if absent:
                 base, proj = name.rsplit(".", 1)
-                missing += [f"{base}.{e}.{proj}.weight" for e in absent]
+                offset = offsets.get(name, (0,))[0]
+                missing += [f"{base}.{e + offset}.{proj}.weight" for e in absent]
         elif name not in filled:
             missing.append(name)
     if missing:
@@ -212,18 +220,16 @@ def load_pretrained(
     except (TypeError, ValueError) as e:
         raise CheckpointError(str(e)) from None
     dtype = _resolve_dtype(dtype, raw)
-    with torch.device("meta"):
-        model = cls(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = cls(config, device="meta").to(dtype=dtype).to_empty(device=device)
     load_checkpoint_into(model, path, strict=strict)
     return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------
 # writing
-def checkpoint_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def checkpoint_items(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint key, tensor) in the released layout: stacked experts are split per expert."""
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         if _STACKED_EXPERT.match(name):
             base, proj = name.rsplit(".", 1)
             for e in range(t.shape[0]):
@@ -255,6 +261,12 @@ def save_pretrained(model, path: str | Path, *, max_shard_size: int | str = "5GB
     Files other than a checkpoint's own (a tokenizer saved beside it, say) are kept when ``path`` already
     holds a checkpoint; the previous checkpoint files are replaced only once the new set is complete.
     """
+    return save_state_dict(model.state_dict(), model.config, path, max_shard_size=max_shard_size, dtype=dtype)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], config: HybridConfig, path: str | Path, *,
+                    max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> Path:
+    """:func:`save_pretrained` for a full (unsharded) state dict, e.g. one gathered from expert-parallel ranks."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: exists and is not a directory")
@@ -266,7 +278,7 @@ def save_pretrained(model, path: str | Path, *, max_shard_size: int | str = "5GB
         # Plan shards from shapes alone, then materialise one shard at a time.
         plan: list[list[tuple[str, torch.Tensor]]] = [[]]
         size = total = 0
-        for key, t in checkpoint_items(model):
+        for key, t in checkpoint_items(state):
             nbytes = t.numel() * _save_dtype(key, t, dtype).itemsize
             if plan[-1] and size + nbytes > limit:
                 plan.append([])
@@ -284,10 +296,10 @@ def save_pretrained(model, path: str | Path, *, max_shard_size: int | str = "5GB
         if len(plan) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        config = model.config.to_hf_dict()
-        stored = dtype or model.lm_head.weight.dtype
-        config["dtype"] = config["torch_dtype"] = str(stored).replace("torch.", "")
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        hf_config = config.to_hf_dict()
+        stored = dtype or state["lm_head.weight"].dtype
+        hf_config["dtype"] = hf_config["torch_dtype"] = str(stored).replace("torch.", "")
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -95,13 +95,17 @@ class HybridConfig:
     n_group: int = 1
     topk_group: int = 1
     norm_topk_prob: bool = True
+    # training-time MoE options (tandem only, not in config.json)
+    moe_aux_loss_coeff: float = 0.0  # tandem: sequence-level balance loss coefficient (1e-4 in nano3 recipes)
+    moe_z_loss_coeff: float = 0.0  # tandem: router z-loss coefficient
+    moe_grouped_gemm: bool = True  # tandem: one grouped GEMM for all experts where supported (else a loop)
     # --- initialisation ----------------------------------------------------------------------------
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
     # --- tandem only (not in config.json) -----------------------------------------------------------
     ssd_impl: str = "auto"  # tandem: SSD scan implementation, see kernels.ssd.chunk_scan
 
-    _TANDEM_ONLY = ("ssd_impl",)
+    _TANDEM_ONLY = ("ssd_impl", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_grouped_gemm")
 
     def __post_init__(self):
         self.time_step_limit = _decode_limit(self.time_step_limit, "time_step_limit")
@@ -202,6 +206,8 @@ class HybridConfig:
                 _positive(self, "moe_shared_expert_intermediate_size")
             if self.moe_latent_size is not None:
                 _positive(self, "moe_latent_size")
+            if self.moe_aux_loss_coeff < 0 or self.moe_z_loss_coeff < 0:
+                raise ValueError("moe_aux_loss_coeff and moe_z_loss_coeff must be >= 0")
         if self.ssd_impl not in _SSD_IMPLS:
             raise ValueError(f"ssd_impl must be one of {_SSD_IMPLS}, got {self.ssd_impl!r}")
 

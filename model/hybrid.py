@@ -79,16 +79,30 @@ class HybridLM(nn.Module):
 
     ``seq_idx`` [B, T] (document index per token, non-decreasing) packs several documents in one row:
     Mamba conv/SSM state resets and attention is masked at document starts.
-    Build on the meta device with ``with torch.device("meta"): HybridLM(cfg)`` (no memory, no init).
+    Build on the meta device with ``HybridLM(cfg, device="meta")`` or inside ``with torch.device("meta")``
+    (no memory, no init); ``init_seed`` makes the initialisation reproducible.
     """
 
-    def __init__(self, config: HybridConfig, *, init_seed: int | None = None):
+    def __init__(self, config: HybridConfig, *, init_seed: int | None = None, device: torch.device | str | None = None):
         super().__init__()
         config.validate()
         self.config = config
-        self.backbone = HybridBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.init_weights(seed=init_seed)
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        # Modules are built on meta and materialised once: no memory or time spent on PyTorch's default
+        # init (which init_weights replaces), and the global RNG is left untouched.
+        with torch.device("meta"):
+            self.backbone = HybridBackbone(config)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights(seed=init_seed)
+
+    def to_empty(self, *, device, recurse: bool = True):
+        super().to_empty(device=device, recurse=recurse)
+        for m in self.modules():  # runtime counters are not weights: start them at zero
+            if isinstance(m, MoE):
+                m.tokens_per_expert_acc.zero_()
+        return self
 
     # ------------------------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,6 +116,12 @@ class HybridLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids`` [B, T] → logits [B, T, V]."""
         return self.lm_head(self.hidden_states(input_ids, seq_idx))
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE layers' auxiliary losses from the last training forward (None if there are none)."""
+        losses = [m.aux_loss() for m in self.modules() if isinstance(m, MoE)]
+        losses = [x for x in losses if x is not None]
+        return torch.stack(losses).sum() if losses else None
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -3,11 +3,18 @@
 - :class:`TopKRouter` (checkpoint name ``gate``): fp32 logits → sigmoid scores; experts are *chosen* on
   ``score + e_score_correction_bias`` (the aux-loss-free balancing bias, a buffer never touched by
   gradients) but *weighted* by the unbiased scores, normalised to sum 1, times ``routed_scaling_factor``.
-- :func:`permute_tokens` / :func:`unpermute_tokens`: sort token copies by expert and back (dropless).
-  Expert parallelism swaps these for an all-to-all dispatcher without touching the maths.
+- a *dispatcher* (:class:`LocalDispatcher`: :func:`permute_tokens` / :func:`unpermute_tokens`) sorts
+  token copies by expert and back (dropless). Expert parallelism installs an all-to-all dispatcher (in
+  ``trainer/``) without touching the maths. Permutation is one gather and one scatter-add: memory-bound
+  index ops that torch runs as single kernels, so no custom kernel is needed for them.
 - :class:`GroupedExperts`: all routed experts' weights as 3-D tensors ``up_proj [E, I, H]`` and
   ``down_proj [E, H, I]``; they see ``(tokens sorted by expert, tokens_per_expert)``.
 - a shared expert (a plain :class:`~model.mlp.MLP`), added unscaled.
+
+Training-time extras (only in ``train()`` mode): an optional sequence-level balance loss
+(``moe_aux_loss_coeff``, DeepSeek-V3) and router z-loss (``moe_z_loss_coeff``) collected by
+:meth:`MoE.aux_loss`, and per-expert token counts accumulated in ``tokens_per_expert_acc`` for the
+aux-loss-free bias update the trainer applies after each optimizer step.
 """
 
 from __future__ import annotations
@@ -113,29 +120,104 @@ def unpermute_tokens(y_sorted: torch.Tensor, order: torch.Tensor, topk_weights: 
     return out.index_add_(0, order // k, y_sorted.float() * w[:, None])
 
 
-class GroupedExperts(nn.Module):
-    """All routed experts of one layer: ``down_e(act(up_e(x)))`` on the rows routed to expert ``e``.
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm's backward needs it)."""
 
-    ``forward`` is the reference per-expert loop over contiguous row ranges; a grouped-GEMM backend can
-    replace it without changing parameters or call signature.
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+class GroupedExperts(nn.Module):
+    """The routed experts held by this process: ``down_e(act(up_e(x)))`` on the rows routed to expert ``e``.
+
+    Called with ``(x_sorted, tokens_per_expert)`` — rows sorted by expert. Two paths, same parameters:
+
+    - grouped: one ``torch.nn.functional.grouped_mm`` per projection over all experts (CPU; CUDA bf16 on
+      SM ≥ 9.0), used when ``grouped`` is true and ``matmul`` is the default;
+    - reference: a per-expert loop through ``matmul(x, weight)`` (default ``F.linear``), the one place a
+      precision backend (FP8/NVFP4 emulation) wraps every expert GEMM.
+
+    ``expert_offset`` is the global id of the first expert held here (non-zero under expert parallelism);
+    checkpoint loading uses it to pick this process's experts.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "relu2"):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "relu2",
+                 grouped: bool = True, expert_offset: int = 0):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # held here
+        self.total_experts = num_experts  # in the layer (set by expert parallelism when sharding)
+        self.expert_offset = expert_offset
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act_fn = ACTIVATIONS[activation]
+        self.matmul = F.linear
+        self.grouped = grouped
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        if self.grouped and self.matmul is F.linear and x_sorted.shape[0] and _grouped_mm_supported(x_sorted):
+            return self._forward_grouped(x_sorted, tokens_per_expert)
+        return self.forward_loop(x_sorted, tokens_per_expert)
+
+    def _forward_grouped(self, x_sorted, tokens_per_expert):
+        offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+        h = F.grouped_mm(x_sorted, self.up_proj.transpose(-2, -1), offs=offs)
+        h = self.act_fn(_ContiguousGrad.apply(h))
+        return _ContiguousGrad.apply(F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offs))
+
+    def forward_loop(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         counts = tokens_per_expert.tolist()
         outs = []
         for e, rows in enumerate(x_sorted.split(counts)):
             if rows.shape[0]:
-                outs.append(F.linear(self.act_fn(F.linear(rows, self.up_proj[e])), self.down_proj[e]))
+                outs.append(self.matmul(self.act_fn(self.matmul(rows, self.up_proj[e])), self.down_proj[e]))
         if not outs:
-            return x_sorted.new_zeros(0, self.down_proj.shape[1])
+            # keep the graph connected to the weights so every rank's backward touches them
+            return x_sorted.new_zeros(0, self.down_proj.shape[1]) + 0.0 * (self.up_proj.sum() + self.down_proj.sum())
         return torch.cat(outs)
+
+
+class LocalDispatcher:
+    """All experts on this process: permute by expert, run, unpermute with the routing weights."""
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
+        x_sorted, order, tokens_per_expert = permute_tokens(x, topk_idx, num_experts)
+        return x_sorted, tokens_per_expert, order
+
+    def combine(self, y_sorted: torch.Tensor, ctx, topk_weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        return unpermute_tokens(y_sorted, ctx, topk_weights, num_tokens)
+
+
+def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss (without its coefficient), averaged over sequences.
+
+    Per sequence of T tokens: ``f_i = E / (k·T) · #{t : i ∈ topk_t}``, ``P_i = mean_t s_ti / Σ_j s_tj`` and
+    ``L = Σ_i f_i · P_i`` (1.0 when perfectly balanced). ``scores`` [B·T, E], ``topk_idx`` [B·T, k].
+    """
+    n, e = scores.shape
+    k = topk_idx.shape[1]
+    t = n // batch
+    counts = torch.zeros(n, e, dtype=scores.dtype, device=scores.device).scatter_(1, topk_idx, 1.0)
+    f = counts.view(batch, t, e).sum(1) * (e / (k * t))  # no gradient: selection is discrete
+    p = (scores / scores.sum(-1, keepdim=True)).view(batch, t, e).mean(1)
+    return (f * p).sum(-1).mean()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)²; keeps router logits small."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
 
 
 class MoE(nn.Module):
@@ -143,6 +225,8 @@ class MoE(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_experts = config.n_routed_experts
+        self.aux_loss_coeff = config.moe_aux_loss_coeff
+        self.z_loss_coeff = config.moe_z_loss_coeff
         self.gate = TopKRouter(config)
         expert_dim = config.moe_latent_size or config.hidden_size
         if config.moe_latent_size is not None:
@@ -150,24 +234,51 @@ class MoE(nn.Module):
             self.fc2_latent_proj = nn.Linear(config.moe_latent_size, config.hidden_size, bias=config.mlp_bias)
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
-        self.experts = GroupedExperts(config.n_routed_experts, expert_dim, config.moe_intermediate_size, config.mlp_hidden_act)
+        self.experts = GroupedExperts(
+            config.n_routed_experts, expert_dim, config.moe_intermediate_size, config.mlp_hidden_act,
+            grouped=config.moe_grouped_gemm,
+        )
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_shared_expert_intermediate_size, config.mlp_bias, config.mlp_hidden_act)
             if config.n_shared_experts else None
         )
-        # Routing statistics of the last forward (detached), read by load-balancing/monitoring code.
-        self.last_tokens_per_expert: torch.Tensor | None = None
+        self.dispatcher = LocalDispatcher()
+        # Tokens routed to each (global) expert since the trainer last read them (aux-loss-free balancing
+        # and load metrics); training mode only. Not saved: it is reset after every optimizer step.
+        self.register_buffer("tokens_per_expert_acc", torch.zeros(self.num_experts, dtype=torch.float64), persistent=False)
+        self._aux_loss: torch.Tensor | None = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.tokens_per_expert_acc.dtype != torch.float64:  # counts stay exact under model.to(dtype)
+            self.tokens_per_expert_acc = self.tokens_per_expert_acc.double()
+        return self
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Weighted balance + z losses of the last training forward (None when both are off)."""
+        return self._aux_loss
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         routing = self.gate(x)
+        self._aux_loss = None
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert_acc += torch.bincount(routing.topk_idx.reshape(-1), minlength=self.num_experts).double()
+            if self.aux_loss_coeff > 0 or self.z_loss_coeff > 0:
+                batch = shape[0] if len(shape) == 3 else 1
+                aux = routing.logits.new_zeros(())
+                if self.aux_loss_coeff > 0:
+                    aux = aux + self.aux_loss_coeff * sequence_aux_loss(routing.scores, routing.topk_idx, batch)
+                if self.z_loss_coeff > 0:
+                    aux = aux + self.z_loss_coeff * router_z_loss(routing.logits)
+                self._aux_loss = aux
         if self.fc1_latent_proj is not None:
             x = self.fc1_latent_proj(x)
-        x_sorted, order, tokens_per_expert = permute_tokens(x, routing.topk_idx, self.num_experts)
-        self.last_tokens_per_expert = tokens_per_expert.detach()
+        x_sorted, tokens_per_expert, ctx = self.dispatcher.dispatch(x, routing.topk_idx, self.num_experts)
         y_sorted = self.experts(x_sorted, tokens_per_expert)
-        y = unpermute_tokens(y_sorted, order, routing.topk_weights, x.shape[0]).to(hidden.dtype)
+        y = self.dispatcher.combine(y_sorted, ctx, routing.topk_weights, x.shape[0]).to(hidden.dtype)
         if self.fc2_latent_proj is not None:
             y = self.fc2_latent_proj(y)
         y = y.view(shape)

@@ -1,4 +1,4 @@
-"""tandem's trainer: CLI, the shared training loop, parallel topology, checkpoint/resume and the stages.
-
-Until the trainer lands, :mod:`trainer.demo` (``make smoke``) trains the tiny model for a few steps.
+"""tandem's trainer: the ``tandem`` CLI (Hydra, recipes under ``recipes/``), the one training loop every
+stage runs (:mod:`trainer.loop`), stages (:mod:`trainer.stages`), data-parallel engine, run checkpoints and
+metrics sinks. See docs/RECIPES.md.
 """

@@ -1,0 +1,67 @@
+"""Every recipe composes against the schema and builds its model on the meta device."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from model import HybridLM
+from trainer.cli import RECIPES
+from trainer.config import build_hybrid_config
+
+from .conftest import compose_recipe
+
+RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def test_recipes_exist():
+    assert {"smoke", "nano3_pretrain", "nano3_pretrain_phase1", "nano3_pretrain_phase2"} <= set(RECIPE_NAMES)
+    for group in ("model", "data", "optim", "parallel", "precision", "logger", "stage"):
+        assert list((RECIPES / group).glob("*.yaml")), group
+
+
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_recipe_composes_and_builds_on_meta(name):
+    cfg = compose_recipe(name)
+    OmegaConf.to_yaml(cfg, resolve=True)  # every interpolation resolves
+    model = HybridLM(build_hybrid_config(cfg.model), device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert cfg.stage.global_batch % cfg.stage.micro_batch == 0
+    assert cfg.data.phase1
+
+
+def test_nano3_recipe_is_the_real_shape_and_schedule():
+    cfg = compose_recipe("nano3_pretrain")
+    model = HybridLM(build_hybrid_config(cfg.model), device="meta")
+    count = model.parameter_count()
+    assert 31.4e9 < count.total < 31.8e9
+    assert cfg.data.phase2_start == 0.94 and cfg.optim.schedule == "wsd"
+    tokens = cfg.stage.steps * cfg.stage.global_batch * cfg.data.seq_len
+    assert 24.9e12 < tokens < 25.1e12  # 25T tokens
+    p1, p2 = compose_recipe("nano3_pretrain_phase1"), compose_recipe("nano3_pretrain_phase2")
+    assert p1.stage.steps + p2.stage.steps == cfg.stage.steps
+    assert p2.model.init_from and p2.data.phase2_start == 0.0
+
+
+def test_every_config_group_option_composes():
+    for group_dir in RECIPES.iterdir():
+        if not group_dir.is_dir():
+            continue
+        for option in group_dir.glob("*.yaml"):
+            compose_recipe("smoke", [f"{group_dir.name}={option.stem}"])
+
+
+def test_typo_in_override_names_the_key():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="hiden_size"):
+        compose_recipe("smoke", ["model.hiden_size=3"])
+    with pytest.raises(ConfigCompositionException, match="stage.steps"):
+        compose_recipe("smoke", ["stage.steps=abc"])
+
+
+def test_cfg_job_prints_the_composed_config():
+    from .conftest import run_cli
+
+    res = run_cli("-cn", "nano3_pretrain", "--cfg", "job")
+    assert res.returncode == 0, res.stderr
+    assert "preset: nano3" in res.stdout and "phase2_start: 0.94" in res.stdout

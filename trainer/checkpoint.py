@@ -1,0 +1,228 @@
+"""Run checkpoints: atomic, with a ``latest`` pointer written last, keep-last-N, exact resume.
+
+Layout under ``<run dir>/checkpoints/``::
+
+    step_00000100/
+        model/                 HF/NemotronH layout (config.json + safetensors): loadable on its own
+        optimizer.pt           optimizer state keyed by parameter name, expert tensors unsharded (loads at any
+                               EP size; tensors + plain containers, read with weights_only=True)
+        rng/rank_00000.pt      torch CPU/CUDA and Python RNG states of each rank
+        trainer_state.json     step, tokens, stage name and data position, NaN counters, logger ids
+    latest                     text file naming the newest complete checkpoint
+
+A checkpoint is assembled in a hidden temporary directory and renamed into place only when complete;
+``latest`` is then replaced atomically. A process killed at any moment leaves ``latest`` naming a
+complete checkpoint (tested with SIGKILL at random moments).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from model.checkpoint import CheckpointError, load_checkpoint_into, save_state_dict
+
+from .expert_parallel import gather_full_state_dict, is_expert_param
+
+__all__ = ["CheckpointManager", "resolve_checkpoint", "load_weights", "optimizer_state_by_name", "load_optimizer_state_by_name"]
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+             "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _expert_slices(model) -> dict[str, tuple[int, int]]:
+    """Parameter name → (offset, local count) for expert parameters sharded by expert parallelism."""
+    out = {}
+    for name, m in model.named_modules():
+        if getattr(m, "total_experts", None) not in (None, getattr(m, "num_experts", None)):
+            for proj in ("up_proj", "down_proj"):
+                out[f"{name}.{proj}"] = (m.expert_offset, m.num_experts)
+    return out
+
+
+def optimizer_state_by_name(model, optimizer, ep_group=None) -> dict:
+    """Optimizer state keyed by parameter name with expert tensors gathered (collective under EP)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    sharded = _expert_slices(model)
+    state = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            entry = {}
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.dim() > 0 and name in sharded:
+                    parts = [torch.empty_like(v) for _ in range(dist.get_world_size(ep_group))]
+                    dist.all_gather(parts, v.contiguous(), group=ep_group)
+                    v = torch.cat(parts)
+                entry[k] = v
+            state[name] = entry
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "param_names": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state_by_name(model, optimizer, saved: dict, source: Path) -> None:
+    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    sharded = _expert_slices(model)
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise CheckpointError(f"{source}: optimizer has {len(saved['param_groups'])} parameter groups, expected {len(optimizer.param_groups)}")
+    for group, sg in zip(optimizer.param_groups, saved["param_groups"]):
+        if sorted(sg["param_names"]) != sorted(names[id(p)] for p in group["params"]):
+            raise CheckpointError(f"{source}: optimizer parameter group {sg.get('name')!r} holds other parameters than this model's")
+        group.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
+    optimizer.state.clear()
+    for name, entry in saved["state"].items():
+        p = params[name]
+        restored = {}
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                if v.dim() > 0 and name in sharded:
+                    lo, n = sharded[name]
+                    v = v[lo: lo + n]
+                v = v.clone().to(p.device)
+            restored[k] = v
+        optimizer.state[p] = restored
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, keep_last: int, rank: int = 0, world_size: int = 1, ep_group=None):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank, self.world_size = rank, world_size
+        self.ep_group = ep_group  # set when experts are sharded: saves gather, loads slice
+
+    @property
+    def latest_file(self) -> Path:
+        return self.root / "latest"
+
+    def latest(self) -> Path | None:
+        if not self.latest_file.exists():
+            return None
+        name = self.latest_file.read_text().strip()
+        path = self.root / name
+        if not _STEP_DIR.match(name) or not (path / "trainer_state.json").exists():
+            raise CheckpointError(f"{self.latest_file}: names {name!r}, which is not a complete checkpoint")
+        return path
+
+    def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
+        """Write checkpoint ``step`` (collective: every rank calls it)."""
+        name = f"step_{step:08d}"
+        final = self.root / name
+        tmp_name = [f".{name}.tmp-{uuid.uuid4().hex[:8]}"]
+        if self.world_size > 1:
+            dist.broadcast_object_list(tmp_name, src=0)
+        tmp = self.root / tmp_name[0]
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        self._barrier()
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
+        full = gather_full_state_dict(model, self.ep_group) if self.ep_group is not None else model.state_dict()
+        opt_state = optimizer_state_by_name(model, optimizer, self.ep_group)
+        if self.rank == 0:
+            save_state_dict(full, model.config, tmp / "model")
+            torch.save(opt_state, tmp / "optimizer.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+        self._barrier()
+        if self.rank == 0:
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if final.exists():  # a re-save of the same step (e.g. preempted right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _write_atomic(self.latest_file, name + "\n")
+            self._prune(keep=final)
+        self._barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        steps = sorted(p for p in self.root.iterdir() if _STEP_DIR.match(p.name))
+        for p in steps[: max(0, len(steps) - self.keep_last)]:
+            if p != keep:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(".step_*.tmp-*"):  # leftovers of saves that were killed
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def load(self, path: Path, model, optimizer) -> dict:
+        """Restore model, optimizer and this rank's RNG; return the trainer state."""
+        path = Path(path)
+        state_file = path / "trainer_state.json"
+        if not state_file.exists():
+            raise CheckpointError(f"{path}: not a tandem run checkpoint (no trainer_state.json)")
+        load_checkpoint_into(model, path / "model")
+        load_optimizer_state_by_name(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True), path)
+        rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return json.loads(state_file.read_text())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run dir, its checkpoints/ dir, or a step dir → the step dir (via ``latest``)."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / "trainer_state.json").exists():
+            return candidate
+        if (candidate / "latest").exists():
+            return CheckpointManager(candidate.parent if candidate.name == "checkpoints" else candidate, 1).latest()
+    raise CheckpointError(f"{path}: no tandem checkpoint here (expected trainer_state.json or a 'latest' pointer)")
+
+
+def load_weights(model, source: str | Path) -> Path:
+    """Initial weights for a new stage: a released/HF-layout directory or a tandem run checkpoint."""
+    source = Path(source)
+    if (source / "config.json").exists():
+        load_checkpoint_into(model, source)
+        return source
+    step_dir = resolve_checkpoint(source)
+    load_checkpoint_into(model, step_dir / "model")
+    return step_dir / "model"

@@ -1,0 +1,43 @@
+"""``tandem``: the Hydra app whose config root is ``recipes/``.
+
+    tandem -cn smoke                                   # a complete recipe
+    tandem -cn smoke stage.steps=50 optim.lr=1e-3      # overrides (typos fail, naming the key)
+    tandem -cn nano3_pretrain model=tiny --cfg job     # print the composed config and exit
+    torchrun --nproc_per_node 2 -m trainer.cli -cn smoke parallel=ddp_gloo
+
+Exit status: 0 done, 2 bad input (message names the key/file), 75 preempted after a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from .config import register_configs
+from .run import USER_ERRORS, run
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _app(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except USER_ERRORS as e:
+        logging.getLogger("tandem").error("%s", e)
+        print(f"tandem: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def main() -> None:
+    if not RECIPES.is_dir():
+        sys.exit(f"tandem: recipes folder not found at {RECIPES} (run from a source checkout: pip install -e .)")
+    register_configs()
+    hydra.main(config_path=str(RECIPES), config_name=None, version_base="1.3")(_app)()
+
+
+if __name__ == "__main__":
+    main()

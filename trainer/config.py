@@ -1,0 +1,180 @@
+"""Typed run configuration: the schema Hydra recipes select and override.
+
+Every dataclass here is registered in Hydra's ConfigStore (:func:`register_configs`), so a typo in a key
+(``optim.lrr=1``) or a wrong type (``stage.steps=abc``) fails at composition with Hydra's own error naming
+the key. Runtime objects (process groups, datasets, the model) are never stored in configs.
+
+``ModelConfig`` is generated from :class:`model.HybridConfig`: a ``preset`` plus every HybridConfig field
+as an optional override (``None`` = the preset's value), so ``model.hidden_size=128`` works and
+``model.hiden_size=128`` is rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from model import HybridConfig
+
+__all__ = [
+    "BlendEntry", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "register_configs",
+]
+
+
+def _optional_type(hint: Any) -> Any:
+    """Map a HybridConfig field type to an OmegaConf-friendly Optional type."""
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin is tuple:
+        return Optional[List[float]]
+    if args and origin in (typing.Union, types.UnionType):
+        return Optional[args[0]]
+    return Optional[hint]
+
+
+def _model_config_class():
+    hints = typing.get_type_hints(HybridConfig)
+    spec: list[tuple[str, Any, Any]] = [
+        ("preset", str, "tiny"),
+        ("init_seed", int, 0),
+        # Initial weights: a released/HF-layout checkpoint directory, or a tandem run checkpoint
+        # (its model/ subfolder is used; weights only — a new stage starts fresh optimizer and data).
+        ("init_from", Optional[str], None),
+    ]
+    for f in dataclasses.fields(HybridConfig):
+        spec.append((f.name, _optional_type(hints[f.name]), dataclasses.field(default=None)))
+    return dataclasses.make_dataclass("ModelConfig", spec, namespace={"__doc__": "Model preset + field overrides."})
+
+
+ModelConfig = _model_config_class()
+
+
+def build_hybrid_config(cfg: Any) -> HybridConfig:
+    """``ModelConfig`` (or its DictConfig) → validated :class:`HybridConfig`."""
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+    overrides = {}
+    for f in dataclasses.fields(HybridConfig):
+        v = get(f.name, None)
+        if v is not None:
+            overrides[f.name] = tuple(v) if f.name == "time_step_limit" else v
+    return HybridConfig.preset(get("preset"), **overrides)
+
+
+@dataclass
+class BlendEntry:
+    """One data source and its weight in a blend. ``path``: a source spec (see :mod:`trainer.data`)."""
+
+    path: str = "???"
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # Phase-1 blend (e.g. the diversity mixture) and the phase-2 blend (e.g. the high-quality mixture).
+    phase1: List[BlendEntry] = field(default_factory=list)
+    phase2: List[BlendEntry] = field(default_factory=list)
+    # Token fraction of the run at which phase 2 starts (0.94 in the nano3 recipe); 1.0 = phase 1 only.
+    phase2_start: float = 1.0
+    seq_len: int = 256
+    # Fraction of every source's documents held out for evaluation.
+    valid_fraction: float = 0.02
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    schedule: str = "wsd"  # wsd | cosine | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: fraction of the run spent decaying to min_lr
+    decay_style: str = "linear"  # wsd decay shape: linear | sqrt (1 - sqrt)
+    # MoE aux-loss-free balancing: bias_e += rate * sign(mean - count_e) after each step (0 = off)
+    expert_bias_update_rate: float = 1e-3
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    # The data-parallel size is derived: world_size / (tp * cp * ep-shards). TP/CP/EP and ZeRO arrive with
+    # the MoE/EP issue; the engine seam (trainer.distributed.DataParallelEngine) is where they plug in.
+    tp: int = 1
+    cp: int = 1
+    ep: int = 1
+    zero_stage: int = 0
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "none"  # none | wandb (console progress and metrics.jsonl are always on)
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    log_every: int = 10
+    progress_bar: bool = True
+    # Peak FLOP/s of one device for MFU; null = known GPU table on CUDA, no MFU on CPU.
+    peak_flops: Optional[float] = None
+
+
+@dataclass
+class StageConfig:
+    name: str = "pretrain"
+    steps: int = 100
+    global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch: int = 4  # sequences per forward/backward on one rank
+    eval_every: int = 0  # 0 = never during the run (a final evaluation still runs when eval_batches > 0)
+    eval_batches: int = 4
+    save_every: int = 0  # 0 = only at the end (and on preemption)
+    keep_last: int = 3
+    nan_tolerance: int = 5  # abort after this many consecutive non-finite steps
+    seed: int = 0
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/default"
+    # auto: resume from <dir>/checkpoints/latest if present; never: start fresh (refuses a non-empty run
+    # directory); or an explicit checkpoint path.
+    resume: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    model: Any = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+
+RunConfig.__annotations__["model"] = ModelConfig
+
+
+def register_configs() -> None:
+    """Register the schema so recipes under ``recipes/`` are validated against it."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, node in (
+        ("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig), ("parallel", ParallelConfig),
+        ("precision", PrecisionConfig), ("logger", LoggerConfig), ("stage", StageConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+

@@ -1,0 +1,218 @@
+"""The one training loop every stage runs.
+
+Per optimizer step: the stage's micro-batches for this rank → forward/backward of each loss *sum*
+scaled by ``world_size / global target tokens`` → gradient all-reduce (engine) → clip → NaN/inf guard →
+optimizer step with the scheduled learning rate. Around it: periodic evaluation, logging sinks,
+checkpoints, and preemption (SIGTERM/SIGUSR1 → finish the step, checkpoint, exit with
+:data:`PREEMPTED_EXIT_CODE`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import CheckpointManager
+from .config import RunConfig
+from .distributed import DataParallelEngine, DistInfo
+from .optim import lr_at
+from .stages.base import Stage
+
+log = logging.getLogger(__name__)
+
+#: exit status after a checkpoint-and-exit on SIGTERM/SIGUSR1 (EX_TEMPFAIL); Slurm scripts requeue on it
+PREEMPTED_EXIT_CODE = 75
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class Preempted(SystemExit):
+    def __init__(self, checkpoint):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done (including skipped non-finite ones)
+    tokens: int = 0
+    nan_skipped: int = 0
+    nan_consecutive: int = 0
+    extra: dict = field(default_factory=dict)  # e.g. the wandb run id
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast on CUDA for ``auto``/``bf16``; fp32 on CPU unless bf16 is asked for explicitly."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    if precision in ("auto", "bf16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision.name must be auto, fp32 or bf16, got {precision!r}")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, model, stage: Stage, engine: DataParallelEngine, info: DistInfo,
+                 checkpoints: CheckpointManager, sinks=(), flops_per_token: float | None = None,
+                 peak_flops: float | None = None, state: TrainerState | None = None):
+        self.cfg, self.model, self.stage, self.engine, self.info = cfg, model, stage, engine, info
+        self.checkpoints = checkpoints
+        self.sinks = list(sinks)
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.state = state or TrainerState()
+        self._signal: int | None = None
+        # Called after every step with ``finite``; each returns metrics merged into the step's record
+        # (e.g. trainer.moe.ExpertBalancer: expert-bias update and load metrics).
+        self.step_hooks: list = []
+
+    # ------------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        total = cfg.stage.steps
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        record: dict = {}
+        try:
+            self.model.train()
+            t_last, tokens_last = time.perf_counter(), self.state.tokens
+            while self.state.step < total:
+                step = self.state.step
+                out = self._train_step(step, total)
+                self.state.step += 1
+                self.state.tokens += self.stage.tokens_per_step()
+                is_last = self.state.step == total
+                do_eval = cfg.stage.eval_batches > 0 and (
+                    (cfg.stage.eval_every and self.state.step % cfg.stage.eval_every == 0) or is_last
+                )
+                if do_eval:
+                    out["val_loss"] = self.evaluate()
+                if self.state.step % cfg.logger.log_every == 0 or is_last or do_eval or not out["finite"]:
+                    now = time.perf_counter()
+                    tok_s = (self.state.tokens - tokens_last) / max(now - t_last, 1e-9)
+                    t_last, tokens_last = now, self.state.tokens
+                    record = self._record(step, total, out, tok_s)
+                    for sink in self.sinks:
+                        sink.log(record)
+                if cfg.stage.save_every and self.state.step % cfg.stage.save_every == 0 and not is_last:
+                    self.save()
+                if self._stop_requested():
+                    path = self.save()
+                    log.warning("signal %s: checkpoint written to %s; exiting with %d", self._signal, path, PREEMPTED_EXIT_CODE)
+                    raise Preempted(path)
+            self.save()
+            return record
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    # ------------------------------------------------------------------------------------------------
+    def _train_step(self, step: int, total: int) -> dict:
+        cfg, engine = self.cfg, self.engine
+        lr = lr_at(step, total, cfg.optim)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        batches = self.stage.batches_for_step(step)
+        batches = [{k: v.to(self.info.device) for k, v in b.items()} for b in batches]
+        local_targets = sum(float(self.stage.target_tokens(b)) for b in batches)
+        (global_targets,) = engine.all_reduce_sum([local_targets])
+        if global_targets <= 0:
+            raise TrainingDiverged(f"step {step}: the batch has no target tokens (every loss_mask is 0)")
+        scale = self.info.world_size / global_targets
+        loss_sum = 0.0
+        for batch in batches:
+            with autocast_context(cfg.precision.name, self.info.device):
+                out = self.stage.loss(self.model, batch)
+            engine.backward(out.loss_sum * scale)
+            loss_sum += out.loss_sum.detach().double().item()
+        engine.reduce_gradients()
+        grad_norm = engine.grad_norm_and_clip(cfg.optim.clip_grad)
+        (global_loss,) = engine.all_reduce_sum([loss_sum])
+        loss = global_loss / global_targets
+        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        if finite:
+            engine.step()
+            self.state.nan_consecutive = 0
+        else:
+            self.state.nan_skipped += 1
+            self.state.nan_consecutive += 1
+            log.warning("step %d: non-finite loss %s / grad norm %s: update skipped (%d in a row)",
+                        step, loss, grad_norm.item(), self.state.nan_consecutive)
+            if self.state.nan_consecutive >= cfg.stage.nan_tolerance:
+                raise TrainingDiverged(self._diagnose(step, loss))
+        engine.zero_grad()
+        out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "finite": finite, "target_tokens": global_targets}
+        for hook in self.step_hooks:
+            out.update(hook(finite))
+        return out
+
+    def _diagnose(self, step: int, loss: float) -> str:
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        return (
+            f"training diverged: {self.state.nan_consecutive} consecutive steps with non-finite loss/gradients "
+            f"(last at step {step}, loss {loss}); {self.state.nan_skipped} skipped in total. "
+            + (f"Non-finite parameters: {bad[:5]}. " if bad else "Parameters are still finite. ")
+            + "Lower optim.lr, check the data around this step, or resume from an earlier checkpoint."
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        loss_sum = tokens = 0.0
+        for batch in self.stage.eval_batches():
+            batch = {k: v.to(self.info.device) for k, v in batch.items()}
+            with autocast_context(self.cfg.precision.name, self.info.device):
+                out = self.stage.loss(self.model, batch)
+            loss_sum += out.loss_sum.double().item()
+            tokens += float(out.num_tokens)
+        loss_sum, tokens = self.engine.all_reduce_sum([loss_sum, tokens])
+        self.model.train()
+        return loss_sum / max(tokens, 1.0)
+
+    def _record(self, step: int, total: int, out: dict, tok_s: float) -> dict:
+        record = {
+            "stage": self.stage.name, "step": step + 1, "total_steps": total, "loss": out["loss"], "lr": out["lr"],
+            "grad_norm": out["grad_norm"], "tokens": self.state.tokens, "tokens_per_s": tok_s,
+            "nan_skipped": self.state.nan_skipped, **self.stage.step_info(step),
+        }
+        if "val_loss" in out:
+            record["val_loss"] = out["val_loss"]
+        record.update({k: v for k, v in out.items() if k.startswith("moe/")})
+        if self.flops_per_token and self.peak_flops:
+            record["mfu"] = tok_s * self.flops_per_token / (self.peak_flops * self.info.world_size)
+        return record
+
+    # ------------------------------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.state.step, "tokens": self.state.tokens, "nan_skipped": self.state.nan_skipped,
+            "nan_consecutive": self.state.nan_consecutive, "stage": self.stage.name,
+            "stage_state": self.stage.state_dict(), "extra": self.state.extra,
+        }
+
+    def save(self):
+        return self.checkpoints.save(self.state.step, self.model, self.engine.optimizer, self.trainer_state())
+
+    def restore(self, trainer_state: dict) -> None:
+        if trainer_state["stage"] != self.stage.name:
+            raise ValueError(
+                f"checkpoint is from stage {trainer_state['stage']!r}, this run is {self.stage.name!r}; "
+                f"start the new stage from its weights with model.init_from=<checkpoint> instead"
+            )
+        self.state = TrainerState(
+            step=trainer_state["step"], tokens=trainer_state["tokens"], nan_skipped=trainer_state["nan_skipped"],
+            nan_consecutive=trainer_state["nan_consecutive"], extra=trainer_state.get("extra", {}),
+        )
+        self.stage.load_state_dict(trainer_state["stage_state"])
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum
+
+    def _stop_requested(self) -> bool:
+        (flag,) = self.engine.all_reduce_sum([1.0 if self._signal is not None else 0.0])
+        return flag > 0

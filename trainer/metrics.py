@@ -1,0 +1,136 @@
+"""Metric sinks (console progress, ``metrics.jsonl``, wandb) and the model-FLOPs count behind MFU.
+
+Sinks are callbacks: the loop hands each a dict per logged step; adding a sink never touches the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from model import HybridConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["JsonlSink", "ConsoleSink", "WandbSink", "model_flops_per_token", "peak_flops_per_device"]
+
+
+def model_flops_per_token(cfg: HybridConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward; 2 FLOPs per multiply-add).
+
+    Counts every matmul a token goes through: projections of each layer kind with only the routed
+    experts it is sent to, the lm_head, causal attention scores/values (≈ seq_len/2 keys per query), and
+    the SSD scan's chunk-local and state terms. The embedding lookup is free.
+    """
+    h = cfg.hidden_size
+    fwd = 2 * h * cfg.vocab_size  # lm_head
+    for ch in cfg.hybrid_override_pattern:
+        if ch == "M":
+            d, gn, heads, q = cfg.mamba_d_inner, cfg.n_groups * cfg.ssm_state_size, cfg.mamba_num_heads, cfg.chunk_size
+            fwd += 2 * h * cfg.mamba_in_proj_dim + 2 * d * h  # in_proj, out_proj
+            fwd += 2 * (d + 2 * gn) * cfg.conv_kernel  # depthwise conv
+            n = cfg.ssm_state_size
+            # SSD per token: C·Bᵀ within a chunk (q·n per head), its product with x (q·p), chunk state
+            # (p·n) and the state read-out (p·n); halved for causality inside a chunk.
+            fwd += 2 * heads * (q * n / 2 + q * cfg.mamba_head_dim / 2 + 2 * cfg.mamba_head_dim * n)
+        elif ch == "*":
+            qd, kvd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+            fwd += 2 * h * (2 * qd + 2 * kvd)  # q, o, k, v projections
+            fwd += 2 * 2 * qd * seq_len / 2  # QKᵀ and AV over ~seq_len/2 causal keys
+        elif ch == "-":
+            fwd += 2 * 2 * h * cfg.intermediate_size
+        elif ch == "E":
+            width = cfg.moe_latent_size or h
+            fwd += 2 * h * cfg.n_routed_experts  # router
+            fwd += cfg.num_experts_per_tok * 2 * 2 * width * cfg.moe_intermediate_size
+            if cfg.moe_latent_size:
+                fwd += 2 * 2 * h * cfg.moe_latent_size
+            if cfg.n_shared_experts:
+                fwd += 2 * 2 * h * cfg.moe_shared_expert_intermediate_size
+    return 3.0 * fwd
+
+
+_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12, "L40S": 362e12}
+
+
+def peak_flops_per_device(override: float | None) -> float | None:
+    if override:
+        return float(override)
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, peak in _PEAK_BF16.items():
+            if key in name:
+                return peak
+    return None  # CPU: no meaningful peak, MFU not reported
+
+
+class JsonlSink:
+    """``metrics.jsonl``: one JSON object per logged step, appended across resumes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", buffering=1)
+
+    def log(self, record: dict) -> None:
+        self._f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class ConsoleSink:
+    """A tqdm progress bar (loss, lr, tokens/s; ETA from tqdm) or plain log lines when not a TTY."""
+
+    def __init__(self, total_steps: int, start_step: int, progress_bar: bool):
+        self.bar = None
+        if progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self._last = start_step
+
+    def log(self, record: dict) -> None:
+        text = f"loss {record['loss']:.4f} lr {record['lr']:.2e} tok/s {record['tokens_per_s']:.0f}"
+        if record.get("mfu") is not None:
+            text += f" mfu {100 * record['mfu']:.1f}%"
+        if self.bar is not None:
+            self.bar.update(record["step"] - self._last)
+            self.bar.set_postfix_str(text)
+            self._last = record["step"]
+        else:
+            eval_text = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+            print(f"[{record['stage']}] step {record['step']}/{record['total_steps']} phase {record.get('phase', '-')} "
+                  f"{text}{eval_text}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class WandbSink:
+    """wandb, offline unless the user chose a mode: ``WANDB_MODE=online`` with ``logger.project`` set."""
+
+    def __init__(self, run_dir: Path, project: str | None, entity: str | None, config: dict, run_id: str | None):
+        import wandb
+
+        os.environ.setdefault("WANDB_MODE", "offline")
+        self.run = wandb.init(
+            project=project or "tandem", entity=entity, dir=str(run_dir), config=config, id=run_id,
+            resume="allow", name=Path(run_dir).name,
+        )
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    def log(self, record: dict) -> None:
+        self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()

@@ -1,0 +1,123 @@
+"""Build a run from a composed config and train: the body of the ``tandem`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from model import HybridLM
+from model.checkpoint import CheckpointError
+
+from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint
+from .config import build_hybrid_config
+from .data import DataError
+from .distributed import ConfigError, DataParallelEngine, init_distributed
+from .expert_parallel import apply_expert_parallel
+from .loop import Trainer, TrainerState
+from .moe import ExpertBalancer
+from .metrics import ConsoleSink, JsonlSink, WandbSink, model_flops_per_token, peak_flops_per_device
+from .optim import build_optimizer
+from .stages import STAGES
+
+log = logging.getLogger("tandem")
+
+#: errors that are the user's to fix: printed as one clear line, exit status 2
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate, build (model, stage, optimizer, engine), resume or initialise, then train.
+
+    Everything that can fail on bad input (config, data paths, checkpoint shapes) is checked before the
+    run directory is written to, so a failed start never touches an existing run.
+    """
+    info = init_distributed(cfg.parallel)
+    run_dir = Path(cfg.run.dir)
+    try:
+        model_cfg = build_hybrid_config(cfg.model)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    if cfg.stage.name not in STAGES:
+        raise ConfigError(f"stage.name must be one of {sorted(STAGES)}, got {cfg.stage.name!r}")
+    if model_cfg.vocab_size < 259:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size}: the byte-level data needs at least 259 token ids")
+
+    torch.manual_seed(cfg.stage.seed + info.rank)
+    model = HybridLM(model_cfg, init_seed=cfg.model.init_seed, device=info.device)
+    if info.ep > 1:
+        if "E" not in model_cfg.hybrid_override_pattern:
+            raise ConfigError(f"parallel.ep={info.ep} but the model has no MoE layer")
+        if model_cfg.n_routed_experts % info.ep:
+            raise ConfigError(f"parallel.ep={info.ep} must divide n_routed_experts ({model_cfg.n_routed_experts})")
+        apply_expert_parallel(model, info.ep_group)
+    stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size, model_cfg.vocab_size)
+    optimizer = build_optimizer(model, cfg.optim)
+    checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size,
+                                    ep_group=info.ep_group if info.ep > 1 else None)
+
+    resume_from = None
+    if cfg.run.resume == "auto":
+        resume_from = checkpoints.latest()
+    elif cfg.run.resume == "never":
+        if checkpoints.latest_file.exists():
+            raise ConfigError(f"run.resume=never but {run_dir} already has checkpoints; choose a new run.dir or run.resume=auto")
+    else:
+        resume_from = resolve_checkpoint(cfg.run.resume)
+
+    trainer = Trainer(cfg, model, stage, None, info, checkpoints)
+    if resume_from is not None:
+        trainer.restore(checkpoints.load(resume_from, model, optimizer))
+        log.info("resumed from %s at step %d", resume_from, trainer.state.step)
+    elif cfg.model.init_from:
+        src = load_weights(model, cfg.model.init_from)
+        log.info("initial weights from %s", src)
+    trainer.engine = DataParallelEngine(model, optimizer, info)
+    if trainer.state.step >= cfg.stage.steps:
+        log.info("run already complete (%d/%d steps)", trainer.state.step, cfg.stage.steps)
+        return {}
+
+    # From here on the run directory is written.
+    sinks = []
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+        sinks.append(ConsoleSink(cfg.stage.steps, trainer.state.step, cfg.logger.progress_bar))
+        if cfg.logger.kind == "wandb":
+            wb = WandbSink(run_dir, cfg.logger.project, cfg.logger.entity, OmegaConf.to_container(cfg, resolve=True),
+                           trainer.state.extra.get("wandb_id"))
+            trainer.state.extra["wandb_id"] = wb.run_id
+            sinks.append(wb)
+        elif cfg.logger.kind != "none":
+            raise ConfigError(f"logger.kind must be none or wandb, got {cfg.logger.kind!r}")
+    trainer.sinks = sinks
+    balancer = ExpertBalancer(model, cfg.optim.expert_bias_update_rate, distributed=info.distributed)
+    if balancer.layers:
+        trainer.step_hooks.append(balancer)
+    seq_len = cfg.data.seq_len
+    trainer.flops_per_token = model_flops_per_token(model_cfg, seq_len)
+    trainer.peak_flops = peak_flops_per_device(cfg.logger.peak_flops)
+    count = model.parameter_count()
+    log.info("model %s: %.3gM parameters (%.3gM active); %d ranks on %s; %s precision; run dir %s",
+             model_cfg.hybrid_override_pattern if len(model_cfg.hybrid_override_pattern) < 16 else cfg.model.preset,
+             count.total / 1e6, count.active / 1e6, info.world_size, info.device.type, cfg.precision.name, run_dir)
+    try:
+        record = trainer.fit()
+    finally:
+        for sink in sinks:
+            sink.close()
+    if info.is_main:
+        first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+        summary = f"loss {first['loss']:.3f} (step {first['step']}) → {record.get('loss', float('nan')):.3f}"
+        if "val_loss" in record:
+            summary += f", val_loss {record['val_loss']:.3f}"
+        print(f"done: {trainer.state.step} steps; {summary}\n  metrics:    {run_dir / 'metrics.jsonl'}\n"
+              f"  checkpoint: {checkpoints.latest()}", flush=True)
+    return record
+
+
+__all__ = ["run", "USER_ERRORS", "TrainerState"]

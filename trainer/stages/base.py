@@ -1,0 +1,74 @@
+"""The stage interface of the shared loop.
+
+A stage supplies, for every optimizer step, this rank's micro-batches, and a loss that returns a *sum*
+over target tokens plus the number of target tokens. The loop normalises by the global token count of
+the whole step (all micro-batches, all ranks), so the gradient does not depend on how the global batch
+is split. SFT, GRPO and RLHF are further stages: GRPO's ``batches_for_step`` generates rollouts between
+optimizer steps and its ``loss`` applies the clipped policy objective to per-token advantages.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # scalar, Σ over target tokens (differentiable)
+    num_tokens: torch.Tensor | int  # target tokens in this micro-batch
+    metrics: dict[str, float] = field(default_factory=dict)  # extra sums, reduced like loss_sum
+
+
+def token_cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+    """Σ next-token cross-entropy over ``loss_mask`` (fp32 logits), plus the MoE auxiliary losses.
+
+    The aux losses are per-micro-batch means; they enter the sum weighted by the micro-batch's target
+    tokens, so after the loop's global normalisation they are a token-weighted mean like the CE.
+    """
+    logits = model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    mask = batch["loss_mask"].flatten().to(per_token.dtype)
+    loss_sum, num_tokens = (per_token * mask).sum(), mask.sum()
+    aux = getattr(getattr(model, "module", model), "aux_loss", lambda: None)()
+    if aux is not None:
+        loss_sum = loss_sum + aux * num_tokens
+    return LossOutput(loss_sum=loss_sum, num_tokens=num_tokens)
+
+
+class Stage(abc.ABC):
+    """What a stage provides to :class:`trainer.loop.Trainer`."""
+
+    name: str = "stage"
+
+    @abc.abstractmethod
+    def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches for optimizer step ``step`` (0-based). Called once per step, in order."""
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        return token_cross_entropy(model, batch)
+
+    def target_tokens(self, batch: dict[str, torch.Tensor]) -> float:
+        """Target tokens in ``batch`` — known before the forward, so the loop can normalise globally."""
+        return float(batch["loss_mask"].sum())
+
+    def eval_batches(self) -> Iterable[dict[str, torch.Tensor]]:
+        return ()
+
+    def step_info(self, step: int) -> dict:
+        """Extra fields for this step's metrics record (e.g. the data phase)."""
+        return {}
+
+    def tokens_per_step(self) -> int:
+        """Input tokens per optimizer step over all ranks (throughput and MFU)."""
+        return 0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,91 @@
+"""Pretraining (also long-context CPT): next-token prediction on blended, packed token windows, in two
+phases — phase-1 blend for the first ``data.phase2_start`` fraction of tokens, then the phase-2 blend.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..config import DataConfig, StageConfig
+from ..data import BlendSchedule, DataError, build_source, make_batch
+from .base import Stage
+
+log = logging.getLogger(__name__)
+
+
+class PretrainStage(Stage):
+    name = "pretrain"
+
+    def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
+        if stage.global_batch % (world_size * stage.micro_batch):
+            raise DataError(
+                f"stage.global_batch ({stage.global_batch}) must be a multiple of data-parallel size ({world_size}) "
+                f"× stage.micro_batch ({stage.micro_batch})"
+            )
+        if not data.phase1:
+            raise DataError("data.phase1: the phase-1 blend is empty; give at least one {path, weight}")
+        if not 0.0 <= data.phase2_start <= 1.0:
+            raise DataError(f"data.phase2_start must be a token fraction in [0, 1], got {data.phase2_start}")
+        if data.phase2_start < 1.0 and not data.phase2:
+            raise DataError(f"data.phase2_start={data.phase2_start} but data.phase2 (the phase-2 blend) is empty")
+        self.data, self.stage = data, stage
+        self.rank, self.world_size = rank, world_size
+        phases, sources = [], {}
+        for p, entries in enumerate((data.phase1, data.phase2)):
+            blend = []
+            for i, e in enumerate(entries):
+                key = f"data.phase{p + 1}[{i}]"
+                if e.weight < 0:
+                    raise DataError(f"{key}.weight must be >= 0, got {e.weight}")
+                if e.path not in sources:
+                    sources[e.path] = build_source(e.path, data.seed, data.valid_fraction, f"{key}.path")
+                blend.append((e.path, float(e.weight)))
+            if entries and sum(w for _, w in blend) <= 0:
+                raise DataError(f"data.phase{p + 1}: all blend weights are zero")
+            phases.append(blend)
+        self.schedule = BlendSchedule(phases, sources)
+        # Every step has the same token count, so the token-fraction switch is a step index.
+        self.phase2_step = math.ceil(data.phase2_start * stage.steps) if data.phase2 else stage.steps + 1
+        self.vocab_size = vocab_size
+        log.info("data phase 1 blend: %s", phases[0])
+        if data.phase2:
+            log.info("data phase 2 blend: %s (from step %d = %.1f%% of tokens)", phases[1], self.phase2_step, 100 * data.phase2_start)
+
+    def phase_for_step(self, step: int) -> int:
+        return 1 if step >= self.phase2_step else 0
+
+    def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        if self.schedule.set_phase(self.phase_for_step(step)):
+            log.info("step %d: switching to data phase %d", step, self.schedule.phase + 1)
+        drawn = self.schedule.advance(self.stage.global_batch)  # every rank advances over the whole step
+        per_rank = self.stage.global_batch // self.world_size
+        mine = drawn[self.rank * per_rank: (self.rank + 1) * per_rank]
+        samples = [self.schedule.sources[name].sample("train", idx, self.data.seq_len) for name, idx in mine]
+        mb = self.stage.micro_batch
+        return [make_batch(samples[i: i + mb]) for i in range(0, len(samples), mb)]
+
+    def eval_batches(self):
+        sources = [name for name, w in self.schedule.phases[self.schedule.phase] if w > 0]
+        # A fixed held-out set of eval_batches × micro_batch windows, the same at every evaluation and for
+        # any number of ranks (rank r takes every world_size-th window).
+        total = self.stage.eval_batches * self.stage.micro_batch
+        mine = list(range(self.rank, total, self.world_size))
+        mb = self.stage.micro_batch
+        for start in range(0, len(mine), mb):
+            idx = mine[start: start + mb]
+            yield make_batch([self.schedule.sources[sources[i % len(sources)]].sample("valid", i, self.data.seq_len) for i in idx])
+
+    def step_info(self, step: int) -> dict:
+        return {"phase": self.phase_for_step(step) + 1}
+
+    def tokens_per_step(self) -> int:
+        return self.stage.global_batch * self.data.seq_len
+
+    def state_dict(self) -> dict:
+        return {"blend": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state["blend"])
