@@ -225,9 +225,11 @@ def _check_prefix(prefix: str) -> None:
         raise ValueError(f"blend source {prefix!r} holds no documents ({prefix}.bin is empty)")
 
 
-def build_source_dataset(prefix: str, cfg: PretrainDataConfig, tokenizer: Any, train_samples: int,
-                         valid_samples: int, seq_length: int | None = None):
+def build_source_dataset(prefix: str, cfg: PretrainDataConfig, tokenizer: Any, train_samples: int | None,
+                         valid_samples: int | None, seq_length: int | None = None):
     """One megatron ``GPTDataset`` per split for a single source → ``(train, valid)`` (either may be None).
+
+    A sample count of None builds exactly one epoch of that split.
 
     Goes through ``BlendedMegatronDatasetBuilder`` with a one-prefix, unweighted blend, which hands back
     the ``GPTDataset`` itself (no ``BlendedDataset`` → none of its cache/rank pitfalls).
