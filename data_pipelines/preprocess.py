@@ -66,6 +66,9 @@ _TOKENIZER = None
 
 def _init_worker(tokenizer_path: str | None, eod_token: str | None) -> None:
     global _TOKENIZER
+    # Parallelism comes from the worker processes; the tokenizers library's own thread pool in every
+    # worker would oversubscribe the cores (N workers x all cores threads).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from data_pipelines.tokenizer import load_tokenizer
 
     _TOKENIZER = load_tokenizer(tokenizer_path, eod_token=eod_token)
