@@ -120,7 +120,9 @@ def parse_json_line(raw: bytes, source: str, line: int) -> dict:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadRecordError(_where(source, line), f"malformed JSON ({e.msg} at column {e.colno})") from None
+        hint = ("; the file looks like one JSON array, but one object per line (JSON Lines) is expected"
+                if line == 1 and text.lstrip().startswith("[") else "")
+        raise BadRecordError(_where(source, line), f"malformed JSON ({e.msg} at column {e.colno}){hint}") from None
     if not isinstance(row, dict):
         raise BadRecordError(_where(source, line), f"expected a JSON object, got {type(row).__name__}")
     return row

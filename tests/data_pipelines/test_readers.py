@@ -70,6 +70,12 @@ def test_parquet_and_hf_records(tmp_path):
     assert [r.data["prompt"] for r in recs] == ["p1", "p2"] and recs[0].where.endswith(":row 1")
 
 
+def test_json_array_file_gets_a_hint(tmp_path):
+    (tmp_path / "arr.json").write_text('[\n  {"text": "a"},\n  {"text": "b"}\n]\n')
+    with pytest.raises(BadRecordError, match=r"arr\.json:1: malformed JSON .*one JSON array.*JSON Lines"):
+        list(iter_records(tmp_path / "arr.json"))
+
+
 def test_unknown_format_and_bad_mode(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match=r"x\.csv: unknown input format"):
