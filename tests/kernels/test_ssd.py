@@ -1,0 +1,252 @@
+"""Triton SSD scan (``kernels.ssd``) vs the torch references: every step, the whole scan, every gradient.
+
+On CPU the kernels run under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py``), so shapes are tiny.
+Tolerances (absolute, relative), for outputs and gradients of magnitude ≲ 50:
+- fp32 Triton vs the chunked reference (same algorithm, different summation order): 1e-4, 1e-4;
+- fp32 Triton vs the sequential scan (a different algorithm): 5e-4, 5e-4;
+- fp16 inputs (fp32 accumulation in both), vs the reference on the same fp16 inputs: outputs are rounded to
+  fp16 (≈ 1e-3 relative), so 2e-2, 1e-2.
+bf16 is never tested under the interpreter (its bf16 arithmetic is wrong); the GPU tests cover it.
+"""
+
+import math
+
+import pytest
+import torch
+
+from kernels.ssd import chunk_scan, resolve_impl, ssd_chunk_scan_ref, ssd_chunk_scan_triton, ssd_sequential_ref
+from kernels.ssd.bmm_chunk import bmm_chunk_fwd, bmm_chunk_ref
+from kernels.ssd.chunk_cumsum import chunk_cumsum_fwd, chunk_cumsum_ref
+from kernels.ssd.chunk_scan import chunk_scan_fwd, chunk_scan_ref
+from kernels.ssd.chunk_state import (
+    chunk_state_fwd, chunk_state_ref, off_state_grad, off_state_grad_ref, state_passing_fwd, state_passing_ref,
+)
+
+TOL = {"ref": dict(atol=1e-4, rtol=1e-4), "seq": dict(atol=5e-4, rtol=5e-4), "fp16": dict(atol=2e-2, rtol=1e-2)}
+GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_states")
+
+
+def _inputs(b, l, h, p, g, n, dtype=torch.float32, D_shape="h", device="cpu"):
+    x = torch.randn(b, l, h, p)
+    dt = torch.randn(b, l, h) - 1.0
+    A = -torch.rand(h) * 2 - 0.2
+    B = torch.randn(b, l, g, n)
+    C = torch.randn(b, l, g, n)
+    D = torch.randn(h) if D_shape == "h" else torch.randn(h, p)
+    dt_bias = torch.randn(h) * 0.5
+    init = torch.randn(b, h, p, n)
+    # Activations in the input dtype, parameters (A, D, dt_bias) and the incoming state in fp32, as in the model.
+    cast = lambda t, dt_: t.to(device=device, dtype=dt_)  # noqa: E731
+    return dict(x=cast(x, dtype), dt=cast(dt, dtype), A=cast(A, torch.float32), B=cast(B, dtype), C=cast(C, dtype),
+                D=cast(D, torch.float32), dt_bias=cast(dt_bias, torch.float32), initial_states=cast(init, torch.float32))
+
+
+def _docs(b, l, boundaries):
+    """seq_idx [b, l] with new documents starting at the given positions (one list per row)."""
+    seq = torch.zeros(b, l, dtype=torch.int64)
+    for r, starts in enumerate(boundaries):
+        for s in starts:
+            seq[r, s:] += 1
+    return seq
+
+
+def _run(fn, inp, chunk, use, seq_idx, dt_softplus=True, dt_limit=(0.0, math.inf), chunked=True):
+    """Forward + backward of ``fn`` with fixed output weights; returns (y, final, {name: grad})."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items() if k in use or k in ("x", "dt", "A", "B", "C")}
+    kw = dict(D=leaves.get("D"), dt_bias=leaves.get("dt_bias"), dt_softplus=dt_softplus, dt_limit=dt_limit,
+              seq_idx=seq_idx, initial_states=leaves.get("initial_states"), return_final_states=True)
+    args = (leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"])
+    y, final = fn(*args, chunk, **kw) if chunked else fn(*args, **kw)
+    gen = torch.Generator().manual_seed(1)
+    wy = torch.randn(y.shape, generator=gen).to(y.device)
+    wf = torch.randn(final.shape, generator=gen).to(y.device)
+    ((y.float() * wy).sum() + (final * wf).sum()).backward()
+    return y.detach(), final.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def _compare(got, want, tol, what):
+    y1, f1, g1 = got
+    y2, f2, g2 = want
+    torch.testing.assert_close(y1.float(), y2.float(), **tol, msg=lambda m: f"y vs {what}: {m}")
+    torch.testing.assert_close(f1, f2, **tol, msg=lambda m: f"final states vs {what}: {m}")
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        assert g1[k] is not None, f"no gradient for {k}"
+        torch.testing.assert_close(g1[k].float(), g2[k].float(), **tol, msg=lambda m, k=k: f"d{k} vs {what}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------------- cases
+# (b, l, h, p, g, n, chunk, boundaries, optional inputs, dt_limit)
+CASES = {
+    # several documents per row, one boundary exactly on a chunk boundary (8 and 16), l = 29 not a multiple of
+    # 8, grouped B/C (h = 4, g = 2), an incoming state, D and dt_bias.
+    "packed_init_grouped": (2, 29, 4, 6, 2, 5, 8, [[8, 13, 16], [3, 24]], GRAD_NAMES, (0.0, math.inf)),
+    # nothing optional: no seq_idx, no initial state, no D / dt_bias; h = g; one partial chunk at the end.
+    "plain": (1, 37, 2, 5, 2, 3, 16, None, ("x", "dt", "A", "B", "C"), (0.0, math.inf)),
+    # a single group shared by 3 heads, D per (head, channel), dt clamped from both sides, a document
+    # starting at token 1 and one ending on the last token of a chunk.
+    "clamped_single_group": (1, 19, 3, 4, 1, 6, 8, [[1, 16]], GRAD_NAMES, (0.3, 1.5)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_reference_and_sequential(case):
+    b, l, h, p, g, n, chunk, bounds, use, limit = CASES[case]
+    inp = _inputs(b, l, h, p, g, n, D_shape="hp" if case == "clamped_single_group" else "h")
+    seq = _docs(b, l, bounds) if bounds is not None else None
+    got = _run(ssd_chunk_scan_triton, inp, chunk, use, seq, dt_limit=limit)
+    _compare(got, _run(ssd_chunk_scan_ref, inp, chunk, use, seq, dt_limit=limit), TOL["ref"], "chunked reference")
+    _compare(got, _run(ssd_sequential_ref, inp, chunk, use, seq, dt_limit=limit, chunked=False), TOL["seq"],
+             "sequential scan")
+    if limit[0] > 0:  # the clamp really is active on both sides in this case (else the test proves less)
+        v = torch.nn.functional.softplus(inp["dt"] + inp["dt_bias"])
+        assert (v < limit[0]).any() and (v > limit[1]).any()
+
+
+def test_triton_fp16_inputs():
+    inp = _inputs(1, 21, 4, 6, 2, 5, dtype=torch.float16)
+    seq = _docs(1, 21, [[8]])
+    got = _run(ssd_chunk_scan_triton, inp, 8, GRAD_NAMES, seq)
+    assert got[0].dtype == torch.float16 and got[2]["x"].dtype == torch.float16 and got[2]["B"].dtype == torch.float16
+    _compare(got, _run(ssd_chunk_scan_ref, inp, 8, GRAD_NAMES, seq), TOL["fp16"], "chunked reference (fp16)")
+
+
+def test_state_carry_across_calls_matches_one_call():
+    """Context-parallel use: the final state of one slice, passed as the next slice's initial state."""
+    inp = _inputs(1, 24, 2, 4, 1, 3)
+    x, dt, A, B, C = (inp[k] for k in ("x", "dt", "A", "B", "C"))
+    kw = dict(dt_bias=inp["dt_bias"], dt_softplus=True, return_final_states=True)
+    y, final = ssd_chunk_scan_triton(x, dt, A, B, C, 8, **kw)
+    y1, s1 = ssd_chunk_scan_triton(x[:, :11], dt[:, :11], A, B[:, :11], C[:, :11], 8, **kw)
+    y2, s2 = ssd_chunk_scan_triton(x[:, 11:], dt[:, 11:], A, B[:, 11:], C[:, 11:], 8, initial_states=s1, **kw)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, **TOL["ref"])
+    torch.testing.assert_close(s2, final, **TOL["ref"])
+
+
+# ------------------------------------------------------------------------------------------------ each step
+@pytest.mark.parametrize("use_seq", [False, True])
+def test_each_step_matches_its_reference(use_seq):
+    b, l, h, p, g, n, Q = 2, 21, 4, 3, 2, 5, 8
+    inp = _inputs(b, l, h, p, g, n)
+    seq = _docs(b, l, [[8, 11], [5]]) if use_seq else None
+    x, dt, A, B, C = (inp[k] for k in ("x", "dt", "A", "B", "C"))
+    tol = TOL["ref"]
+    # 1. dt processing and dA_cumsum (clamp on, so both its branches run).
+    dtp, cs = chunk_cumsum_fwd(dt, A, Q, inp["dt_bias"], True, (0.1, 2.0))
+    dtp_r, cs_r = chunk_cumsum_ref(dt, A, Q, inp["dt_bias"], True, (0.1, 2.0))
+    torch.testing.assert_close(dtp, dtp_r, **tol)
+    torch.testing.assert_close(cs, cs_r, **tol)
+    # 2a. C·Bᵀ per chunk and group.
+    CB = bmm_chunk_fwd(C, B, Q)
+    torch.testing.assert_close(CB, bmm_chunk_ref(C, B, Q), **tol)
+    # 3. chunk states, and the same kernel in its backward role.
+    states = chunk_state_fwd(x, B, dtp, cs, Q, seq)
+    torch.testing.assert_close(states, chunk_state_ref(x, B, dtp, cs, Q, seq), **tol)
+    torch.testing.assert_close(off_state_grad(x, C, cs, Q, seq), off_state_grad_ref(x, C, cs, Q, seq), **tol)
+    # 4. state passing with an incoming state.
+    S_in, final = state_passing_fwd(states, cs, Q, l, seq, inp["initial_states"])
+    S_in_r, final_r = state_passing_ref(states, cs, Q, l, seq, inp["initial_states"])
+    torch.testing.assert_close(S_in, S_in_r, **tol)
+    torch.testing.assert_close(final, final_r, **tol)
+    # 5. chunk output.
+    y = chunk_scan_fwd(CB, x, dtp, cs, C, S_in, Q, inp["D"], seq)
+    torch.testing.assert_close(y, chunk_scan_ref(CB, x, dtp, cs, C, S_in, Q, inp["D"], seq), **tol)
+
+
+@pytest.mark.parametrize("use_seq", [False, True])
+def test_step_references_compose_to_the_reference(use_seq):
+    """The per-step torch references (pure torch, fast) chain into exactly ``ssd_chunk_scan_ref``."""
+    b, l, h, p, g, n, Q = 2, 27, 4, 3, 2, 5, 8
+    inp = _inputs(b, l, h, p, g, n)
+    seq = _docs(b, l, [[8, 16], [3, 26]]) if use_seq else None
+    x, dt, A, B, C = (inp[k] for k in ("x", "dt", "A", "B", "C"))
+    dtp, cs = chunk_cumsum_ref(dt, A, Q, inp["dt_bias"], True)
+    states = chunk_state_ref(x, B, dtp, cs, Q, seq)
+    S_in, final = state_passing_ref(states, cs, Q, l, seq, inp["initial_states"])
+    y = chunk_scan_ref(bmm_chunk_ref(C, B, Q), x, dtp, cs, C, S_in, Q, inp["D"], seq)
+    y_r, final_r = ssd_chunk_scan_ref(x, dt, A, B, C, Q, D=inp["D"], dt_bias=inp["dt_bias"], dt_softplus=True,
+                                      seq_idx=seq, initial_states=inp["initial_states"], return_final_states=True)
+    torch.testing.assert_close(y, y_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final, final_r, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ dispatch and errors
+def test_impl_resolution():
+    assert resolve_impl("auto", "cpu") == "torch"
+    assert resolve_impl("auto", "cuda") == "triton"
+    assert resolve_impl("triton", "cpu") == "triton"
+    assert resolve_impl("torch", "cuda") == "torch"
+    with pytest.raises(ValueError, match="unknown SSD implementation"):
+        resolve_impl("cuda", "cpu")
+
+
+def test_public_entry_dispatches_to_triton():
+    inp = _inputs(1, 10, 2, 3, 1, 4)
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
+    y_t = chunk_scan(*args, 8, D=inp["D"], impl="triton")
+    y_r = chunk_scan(*args, 8, D=inp["D"], impl="torch")
+    torch.testing.assert_close(y_t, y_r, **TOL["ref"])
+    # On CPU, "auto" is the torch reference: bit-identical to it.
+    assert torch.equal(chunk_scan(*args, 8, D=inp["D"], impl="auto"), y_r)
+
+
+def test_triton_argument_errors(monkeypatch):
+    inp = _inputs(1, 10, 2, 3, 1, 4)
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
+    with pytest.raises(ValueError, match="D must be"):
+        ssd_chunk_scan_triton(*args, 8, D=torch.ones(3))
+    with pytest.raises(ValueError, match="dt_bias must be"):
+        ssd_chunk_scan_triton(*args, 8, dt_bias=torch.ones(2, 1))
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd_chunk_scan_triton(*args, 0)
+    with pytest.raises(ValueError, match="integer"):
+        ssd_chunk_scan_triton(*args, 8, seq_idx=torch.zeros(1, 10))
+    with pytest.raises(ValueError, match="nheads"):
+        ssd_chunk_scan_triton(inp["x"], inp["dt"][..., :1], *args[2:], 8)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ssd_chunk_scan_triton(*args, 8)
+
+
+# --------------------------------------------------------------------------------------------- whole model
+def test_whole_model_gradients_triton_equal_torch():
+    from model import HybridConfig, HybridLM
+
+    torch.manual_seed(0)
+    ref = HybridLM(HybridConfig.preset("tiny", ssd_impl="torch"))
+    tri = HybridLM(HybridConfig.preset("tiny", ssd_impl="triton"))
+    tri.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, ref.config.vocab_size, (2, 21))
+    seq = _docs(2, 21, [[16], [5, 12]])  # one boundary on the chunk edge (chunk_size 16)
+    losses = []
+    for m in (ref, tri):
+        logits = m(ids, seq_idx=seq)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    n_ssd = 0
+    for (name, p_ref), (_, p_tri) in zip(ref.named_parameters(), tri.named_parameters()):
+        assert p_ref.grad is not None and p_tri.grad is not None, name
+        torch.testing.assert_close(p_tri.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        n_ssd += name.endswith(("A_log", "dt_bias", ".D"))
+    assert n_ssd > 0  # the SSD's own parameters were compared
+
+
+# ---------------------------------------------------------------------------------------------- GPU, compiled
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_compiled_matches_reference(dtype):
+    b, l, h, p, g, n, Q = 2, 300, 8, 64, 2, 64, 64
+    inp = _inputs(b, l, h, p, g, n, dtype=dtype, device="cuda")
+    seq = _docs(b, l, [[64, 100, 200], [17]]).cuda()
+    got = _run(ssd_chunk_scan_triton, inp, Q, GRAD_NAMES, seq)
+    want = _run(ssd_chunk_scan_ref, inp, Q, GRAD_NAMES, seq)
+    # fp32 uses exact fp32 dots; bf16 inputs go through tf32 tensor-core dots and bf16 outputs. Gradients of
+    # dt / A / dt_bias sum many terms, hence relative tolerances against their magnitude.
+    tol = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(got[0].float(), want[0].float(), **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    for k in got[2]:
+        scale = want[2][k].float().abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got[2][k].float() / scale, want[2][k].float() / scale, **tol, msg=lambda m, k=k: f"d{k}: {m}")
