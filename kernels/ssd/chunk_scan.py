@@ -163,6 +163,8 @@ def _chunk_scan_bwd_kernel(
         w_off = tl.where(seq == doc_in, w_off, 0.0)
     w_state = tl.where(mq, w_state, 0.0)
     w_off = tl.where(mq, w_off, 0.0)
+    # Only two [Q, Q] tiles stay live through the main loop (L and dy·xᵀ): the decay is recomputed after it
+    # and CB is not needed again (CB ∘ dCB = L ∘ dy·xᵀ ∘ dt'), which keeps register pressure down at Q = 128.
     decay = tl.where(m_l, tl.exp(tl.where(m_l, cs[:, None] - cs[None, :], 0.0)), 0.0)  # [i, j]
     cb = tl.load(CB_ptr + pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
                  + offs_q[:, None] * stride_cb_i + offs_q[None, :], mask=mq[:, None] & mq[None, :], other=0.0)
@@ -214,8 +216,10 @@ def _chunk_scan_bwd_kernel(
         dcs += w_off * tl.sum(dyb * y_off, axis=1)
         u += dtp * w_state * tl.sum(xb * g_state, axis=1)
 
-    dcb = tl.where(m_l, dyx * decay * dtp[None, :], 0.0)  # d CB for this head, [i, j]
-    t = cb * dcb
+    dyx = dyx * dtp[None, :]
+    t = L * dyx  # = CB ∘ dCB: the decay's share of d cs (its row sums enter at i, its column sums leave at j)
+    decay = tl.where(m_l, tl.exp(tl.where(m_l, cs[:, None] - cs[None, :], 0.0)), 0.0)
+    dcb = dyx * decay  # d CB for this head, [i, j] (zero outside the causal same-document mask)
     dcs += tl.sum(t, axis=1) - tl.sum(t, axis=0) - u
     dcs += tl.where(offs_q == chunk_size - 1, tl.sum(u, axis=0), 0.0)
     mqs = offs_q < chunk_size
