@@ -12,7 +12,7 @@ import triton.language as tl
 
 from kernels._triton_utils import device_guard, pow2_block
 
-from .chunk_state import _chunked, _dot_prec
+from .chunk_state import _chunked, _dot_prec, _warps
 
 __all__ = ["bmm_chunk_fwd", "bmm_chunk_ref"]
 
@@ -66,6 +66,7 @@ def bmm_chunk_fwd(C, B, chunk_size):
             B.stride(0), B.stride(1), B.stride(2), B.stride(3),
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
             DOT_PREC=_dot_prec(C.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            num_warps=_warps(BLOCK_M * BLOCK_N),
         )
     return out
 

@@ -165,6 +165,12 @@ def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _warps(tile_elems: int, per_warp: int = 512) -> int:
+    """Warps for a kernel whose largest fp32 accumulator tile has ``tile_elems`` elements: about ``per_warp``
+    elements (16 registers per thread at 512) per warp, between 4 and 16, so the big tiles do not spill."""
+    return max(4, min(16, tile_elems // per_warp))
+
+
 def _chunk_state(X, Y, dtp, cs, seq_idx, chunk_size, mode):
     b, l, h, p = X.shape
     g, n = Y.shape[2], Y.shape[3]
@@ -183,7 +189,7 @@ def _chunk_state(X, Y, dtp, cs, seq_idx, chunk_size, mode):
             seq.stride(0), seq.stride(1) if seq_idx is not None else 0,
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
             MODE=mode, HAS_SEQ=seq_idx is not None, DOT_PREC=_dot_prec(X.dtype),
-            BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_warps(BLOCK_P * BLOCK_N),
         )
     return out
 

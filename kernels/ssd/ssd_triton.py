@@ -5,7 +5,7 @@ Forward (each step a Triton kernel, numbered as in :mod:`kernels.ssd.reference`)
   2. ``bmm_chunk_fwd``      C·Bᵀ per chunk and group                             (bmm_chunk.py)
   3. ``chunk_state_fwd``    each chunk's own final state                         (chunk_state.py)
   4. ``state_passing_fwd``  states entering each chunk + final state             (chunk_state.py)
-  5. ``chunk_scan_fwd``     y = Y_diag + Y_off + D x                              (chunk_scan.py)
+  5. ``chunk_scan_fwd``     y = Y_diag + Y_off + D x                              (chunk_output.py)
 
 Backward (Triton kernels, with the exceptions listed):
   - ``bmm_chunk_fwd``       C·Bᵀ recomputed (not stored);
@@ -31,7 +31,7 @@ from kernels._triton_utils import check_launchable
 
 from .bmm_chunk import bmm_chunk_fwd
 from .chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
-from .chunk_scan import chunk_scan_bwd, chunk_scan_fwd
+from .chunk_output import chunk_scan_bwd, chunk_scan_fwd
 from .chunk_state import chunk_state_fwd, off_state_grad, state_passing_bwd, state_passing_fwd
 from .reference import _check_inputs
 

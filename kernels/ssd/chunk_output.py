@@ -29,7 +29,7 @@ import triton.language as tl
 
 from kernels._triton_utils import device_guard, pow2_block
 
-from .chunk_state import _chunked, _doc_masks, _dot_prec
+from .chunk_state import _chunked, _doc_masks, _dot_prec, _warps
 
 __all__ = ["chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_ref"]
 
@@ -117,6 +117,16 @@ def _chunk_scan_fwd_kernel(
 
 
 @triton.jit
+def _decay(cs, offs_q, mq, seq, HAS_SEQ: tl.constexpr):
+    """[Q, Q] tile exp(cs_i − cs_j) on the causal same-document mask (j ≤ i, doc_i = doc_j), 0 elsewhere.
+    Recomputed where needed rather than kept live: it is cheap, registers are not."""
+    m = (offs_q[None, :] <= offs_q[:, None]) & mq[:, None] & mq[None, :]
+    if HAS_SEQ:
+        m = m & (seq[:, None] == seq[None, :])
+    return tl.where(m, tl.exp(tl.where(m, cs[:, None] - cs[None, :], 0.0)), 0.0)
+
+
+@triton.jit
 def _chunk_scan_bwd_kernel(
     x_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, CB_ptr, B_ptr, C_ptr, S_in_ptr, dst_ptr, D_ptr,
     dx_ptr, ddtp_ptr, dcs_ptr, dD_ptr, dB_ptr, dC_ptr,
@@ -149,8 +159,8 @@ def _chunk_scan_bwd_kernel(
     dtp = tl.load(dtp_ptr + cs_off + offs_q, mask=mq, other=0.0)
     cs_end = tl.load(cs_ptr + cs_off + chunk_size - 1)
 
-    # Masks and weights shared by every term (see the module docstring).
-    m_l = (offs_q[None, :] <= offs_q[:, None]) & mq[:, None] & mq[None, :]  # [i, j]
+    # Weights shared by every term (see the module docstring).
+    seq = offs_q
     w_state = tl.exp(cs_end - cs)
     w_off = tl.exp(cs)
     if HAS_SEQ:
@@ -158,18 +168,12 @@ def _chunk_scan_bwd_kernel(
         seq = tl.load(seq_base + (chunk_start + offs_q) * stride_seq_l, mask=mq, other=-1)
         seq_end = tl.load(seq_base + (chunk_start + chunk_len - 1) * stride_seq_l)
         doc_in = tl.load(seq_base + tl.maximum(chunk_start - 1, 0) * stride_seq_l)
-        m_l = m_l & (seq[:, None] == seq[None, :])
         w_state = tl.where(seq == seq_end, w_state, 0.0)
         w_off = tl.where(seq == doc_in, w_off, 0.0)
     w_state = tl.where(mq, w_state, 0.0)
     w_off = tl.where(mq, w_off, 0.0)
-    # Only two [Q, Q] tiles stay live through the main loop (L and dy·xᵀ): the decay is recomputed after it
-    # and CB is not needed again (CB ∘ dCB = L ∘ dy·xᵀ ∘ dt'), which keeps register pressure down at Q = 128.
-    decay = tl.where(m_l, tl.exp(tl.where(m_l, cs[:, None] - cs[None, :], 0.0)), 0.0)  # [i, j]
-    cb = tl.load(CB_ptr + pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
-                 + offs_q[:, None] * stride_cb_i + offs_q[None, :], mask=mq[:, None] & mq[None, :], other=0.0)
-    L = cb * decay
-
+    cb_ptrs = (CB_ptr + pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
+               + offs_q[:, None] * stride_cb_i + offs_q[None, :])
     x_base = x_ptr + pid_b * stride_x_b + chunk_start * stride_x_l + pid_h * stride_x_h
     dy_base = dy_ptr + pid_b * stride_dy_b + chunk_start * stride_dy_l + pid_h * stride_dy_h
     dx_base = dx_ptr + pid_b * stride_dx_b + chunk_start * stride_dx_l + pid_h * stride_dx_h
@@ -178,54 +182,24 @@ def _chunk_scan_bwd_kernel(
     s_base = S_in_ptr + pid_b * stride_s_b + pid_c * stride_s_c + pid_h * stride_s_h
     ds_base = dst_ptr + pid_b * stride_s_b + pid_c * stride_s_c + pid_h * stride_s_h
 
+    # Three phases, so that at most one [Q, Q] tile is live through any loop (at Q = 128 two would spill):
+    # A. dy·xᵀ → dCB and the decay's share of d cs;  B. dB, dC from dCB;  C. dx, d dt' and the rest of d cs from L.
+    # x and dy are read once per phase (from L2 after the first).
+
+    # Phase A.
     dyx = tl.zeros((BLOCK_Q, BLOCK_Q), tl.float32)  # dy_i · x_j
-    ddtp = tl.zeros((BLOCK_Q,), tl.float32)
-    dcs = tl.zeros((BLOCK_Q,), tl.float32)
-    u = tl.zeros((BLOCK_Q,), tl.float32)  # gradient of log w_state[j] (a "− at j, + at Q−1" term of d cs)
     for p0 in range(0, headdim, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        mp = offs_p < headdim
-        mqp = mq[:, None] & mp[None, :]
+        mqp = mq[:, None] & (offs_p < headdim)[None, :]
         xb = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :] * stride_x_p, mask=mqp, other=0.0).to(tl.float32)
         dyb = tl.load(dy_base + offs_q[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p, mask=mqp, other=0.0).to(tl.float32)
         dyx += tl.dot(dyb, tl.trans(xb), input_precision=DOT_PREC)
-        g_diag = tl.dot(tl.trans(L), dyb, input_precision=DOT_PREC)  # [j, p]
-        g_state = tl.zeros((BLOCK_Q, BLOCK_P), tl.float32)  # B_j · d states[p, :]
-        y_off = tl.zeros((BLOCK_Q, BLOCK_P), tl.float32)  # C_i · S_in[p, :]
-        for n0 in range(0, dstate, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            mn = offs_n < dstate
-            Bb = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
-                         mask=mq[:, None] & mn[None, :], other=0.0).to(tl.float32)
-            Cb = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
-                         mask=mq[:, None] & mn[None, :], other=0.0).to(tl.float32)
-            sT = tl.load(s_base + offs_p[None, :] * stride_s_p + offs_n[:, None], mask=mp[None, :] & mn[:, None], other=0.0)
-            dsT = tl.load(ds_base + offs_p[None, :] * stride_s_p + offs_n[:, None], mask=mp[None, :] & mn[:, None], other=0.0)
-            g_state += tl.dot(Bb, dsT, input_precision=DOT_PREC)
-            y_off += tl.dot(Cb, sT, input_precision=DOT_PREC)
-        G = g_diag + w_state[:, None] * g_state
-        dx = dtp[:, None] * G
-        if HAS_D:
-            Dv = tl.load(D_ptr + pid_h * stride_D_h + offs_p * stride_D_p, mask=mp, other=0.0).to(tl.float32)
-            dx += Dv[None, :] * dyb
-            # dD partial for this chunk (the caller sums over batch and chunks).
-            tl.store(dD_ptr + (pid_b * nchunks + pid_c) * nheads * headdim + pid_h * headdim + offs_p,
-                     tl.sum(dyb * xb, axis=0), mask=mp)
-        tl.store(dx_base + offs_q[:, None] * stride_dx_l + offs_p[None, :] * stride_dx_p, dx, mask=mqp)
-        ddtp += tl.sum(xb * G, axis=1)
-        dcs += w_off * tl.sum(dyb * y_off, axis=1)
-        u += dtp * w_state * tl.sum(xb * g_state, axis=1)
+    dcb = dyx * _decay(cs, offs_q, mq, seq, HAS_SEQ) * dtp[None, :]  # d CB for this head (zero outside the causal same-document mask)
+    t = tl.load(cb_ptrs, mask=mq[:, None] & mq[None, :], other=0.0) * dcb  # CB ∘ dCB
+    # cs[i] − cs[j] in the exponent: row sums enter d cs at i, column sums leave at j.
+    dcs = tl.sum(t, axis=1) - tl.sum(t, axis=0)
 
-    dyx = dyx * dtp[None, :]
-    t = L * dyx  # = CB ∘ dCB: the decay's share of d cs (its row sums enter at i, its column sums leave at j)
-    decay = tl.where(m_l, tl.exp(tl.where(m_l, cs[:, None] - cs[None, :], 0.0)), 0.0)
-    dcb = dyx * decay  # d CB for this head, [i, j] (zero outside the causal same-document mask)
-    dcs += tl.sum(t, axis=1) - tl.sum(t, axis=0) - u
-    dcs += tl.where(offs_q == chunk_size - 1, tl.sum(u, axis=0), 0.0)
-    mqs = offs_q < chunk_size
-    tl.store(dcs_ptr + cs_off + offs_q, dcs, mask=mqs)
-    tl.store(ddtp_ptr + cs_off + offs_q, ddtp, mask=mqs)
-
+    # Phase B.
     w_db = w_state * dtp
     dB_base = dB_ptr + pid_b * stride_dBC_b + chunk_start * stride_dBC_l + pid_h * stride_dBC_h
     dC_base = dC_ptr + pid_b * stride_dBC_b + chunk_start * stride_dBC_l + pid_h * stride_dBC_h
@@ -253,6 +227,47 @@ def _chunk_scan_bwd_kernel(
         dB += w_db[:, None] * dB_st
         tl.store(dC_base + offs_q[:, None] * stride_dBC_l + offs_n[None, :], dC, mask=mqn)
         tl.store(dB_base + offs_q[:, None] * stride_dBC_l + offs_n[None, :], dB, mask=mqn)
+
+    # Phase C.
+    L = tl.load(cb_ptrs, mask=mq[:, None] & mq[None, :], other=0.0) * _decay(cs, offs_q, mq, seq, HAS_SEQ)
+    ddtp = tl.zeros((BLOCK_Q,), tl.float32)
+    u = tl.zeros((BLOCK_Q,), tl.float32)  # gradient of log w_state[j] (a "− at j, + at Q−1" term of d cs)
+    for p0 in range(0, headdim, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mp = offs_p < headdim
+        mqp = mq[:, None] & mp[None, :]
+        xb = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :] * stride_x_p, mask=mqp, other=0.0).to(tl.float32)
+        dyb = tl.load(dy_base + offs_q[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p, mask=mqp, other=0.0).to(tl.float32)
+        g_diag = tl.dot(tl.trans(L), dyb, input_precision=DOT_PREC)  # [j, p]
+        g_state = tl.zeros((BLOCK_Q, BLOCK_P), tl.float32)  # B_j · d states[p, :]
+        y_off = tl.zeros((BLOCK_Q, BLOCK_P), tl.float32)  # C_i · S_in[p, :]
+        for n0 in range(0, dstate, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mn = offs_n < dstate
+            Bb = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+                         mask=mq[:, None] & mn[None, :], other=0.0).to(tl.float32)
+            Cb = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+                         mask=mq[:, None] & mn[None, :], other=0.0).to(tl.float32)
+            sT = tl.load(s_base + offs_p[None, :] * stride_s_p + offs_n[:, None], mask=mp[None, :] & mn[:, None], other=0.0)
+            dsT = tl.load(ds_base + offs_p[None, :] * stride_s_p + offs_n[:, None], mask=mp[None, :] & mn[:, None], other=0.0)
+            g_state += tl.dot(Bb, dsT, input_precision=DOT_PREC)
+            y_off += tl.dot(Cb, sT, input_precision=DOT_PREC)
+        G = g_diag + w_state[:, None] * g_state
+        dx = dtp[:, None] * G
+        if HAS_D:
+            Dv = tl.load(D_ptr + pid_h * stride_D_h + offs_p * stride_D_p, mask=mp, other=0.0).to(tl.float32)
+            dx += Dv[None, :] * dyb
+            # dD partial for this chunk (the caller sums over batch and chunks).
+            tl.store(dD_ptr + (pid_b * nchunks + pid_c) * nheads * headdim + pid_h * headdim + offs_p,
+                     tl.sum(dyb * xb, axis=0), mask=mp)
+        tl.store(dx_base + offs_q[:, None] * stride_dx_l + offs_p[None, :] * stride_dx_p, dx, mask=mqp)
+        ddtp += tl.sum(xb * G, axis=1)
+        dcs += w_off * tl.sum(dyb * y_off, axis=1)  # Y_off = w_off · C·S_in: d cs_i += dy_i · Y_off_i
+        u += dtp * w_state * tl.sum(xb * g_state, axis=1)
+    dcs += tl.where(offs_q == chunk_size - 1, tl.sum(u, axis=0), 0.0) - u
+    mqs = offs_q < chunk_size
+    tl.store(dcs_ptr + cs_off + offs_q, dcs, mask=mqs)
+    tl.store(ddtp_ptr + cs_off + offs_q, ddtp, mask=mqs)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -286,7 +301,7 @@ def chunk_scan_fwd(CB, x, dtp, cs, C, S_in, chunk_size, D=None, seq_idx=None, ou
             seq.stride(0), seq.stride(1) if seq_idx is not None else 0,
             y.stride(0), y.stride(1), y.stride(2), y.stride(3),
             HAS_D=D is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=_dot_prec(x.dtype),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_S=BLOCK_S,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_S=BLOCK_S, num_warps=_warps(BLOCK_M * BLOCK_N),
         )
     return y
 
@@ -325,7 +340,7 @@ def chunk_scan_bwd(dy, x, dtp, cs, CB, B, C, S_in, dstates, chunk_size, D=None, 
             dB.stride(0), dB.stride(1), dB.stride(2),
             HAS_D=D is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=_dot_prec(x.dtype),
             BLOCK_Q=BLOCK_Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-            num_warps=8 if BLOCK_Q >= 128 else 4,
+            num_warps=_warps(BLOCK_Q * BLOCK_Q, per_warp=1024),
         )
     dD = None
     if D is not None:
