@@ -17,7 +17,7 @@ import torch
 from kernels.ssd import chunk_scan, resolve_impl, ssd_chunk_scan_ref, ssd_chunk_scan_triton, ssd_sequential_ref
 from kernels.ssd.bmm_chunk import bmm_chunk_fwd, bmm_chunk_ref
 from kernels.ssd.chunk_cumsum import chunk_cumsum_fwd, chunk_cumsum_ref
-from kernels.ssd.chunk_scan import chunk_scan_fwd, chunk_scan_ref
+from kernels.ssd.chunk_output import chunk_scan_fwd, chunk_scan_ref
 from kernels.ssd.chunk_state import (
     chunk_state_fwd, chunk_state_ref, off_state_grad, off_state_grad_ref, state_passing_fwd, state_passing_ref,
 )
@@ -256,7 +256,7 @@ def test_gpu_compiled_matches_reference(dtype):
 def test_each_backward_step_matches_autograd_of_its_reference(use_seq):
     """The backward kernels one by one, each against autograd through the matching per-step reference."""
     from kernels.ssd.chunk_cumsum import chunk_cumsum_bwd
-    from kernels.ssd.chunk_scan import chunk_scan_bwd
+    from kernels.ssd.chunk_output import chunk_scan_bwd
     from kernels.ssd.chunk_state import state_passing_bwd
 
     b, l, h, p, g, n, Q = 2, 21, 4, 3, 2, 5, 8
