@@ -169,6 +169,12 @@ def _blocks(l, d):
     return min(32, triton.next_power_of_2(max(l, 1))), min(64, triton.next_power_of_2(d))
 
 
+def _warps(BL, BD):
+    # Every tap's loads (and their 64-bit addresses) are in flight at once: 8 warps on a full 32×64 tile keep
+    # the backward kernel clear of register spills (bench/compile_kernels.py shows REG / STACK per kernel).
+    return 8 if BL * BD >= 2048 else 4
+
+
 def _strides_or_zero(t, n):
     return tuple(t.stride()) if t is not None else (0,) * n
 
@@ -185,7 +191,7 @@ def _conv_fwd(x, weight, bias, seq_idx, init, silu):
             l, d, *x.stride(), *weight.stride(), *_strides_or_zero(init, 3), *_strides_or_zero(seq_idx, 2),
             *out.stride(),
             K=K, HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-            BLOCK_L=BL, BLOCK_D=BD,
+            BLOCK_L=BL, BLOCK_D=BD, num_warps=_warps(BL, BD),
         )
     return out
 
@@ -205,7 +211,7 @@ def _conv_bwd(dout, x, weight, bias, seq_idx, init, silu):
             l, d, nbl, *x.stride(), *weight.stride(), *_strides_or_zero(init, 3), *_strides_or_zero(seq_idx, 2),
             *dout.stride(),
             K=K, HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-            BLOCK_L=BL, BLOCK_D=BD,
+            BLOCK_L=BL, BLOCK_D=BD, num_warps=_warps(BL, BD),
         )
         dx = torch.empty_like(x)
         dinit = torch.empty(b, d, K - 1, device=x.device, dtype=torch.float32) if init is not None else None
@@ -213,6 +219,7 @@ def _conv_bwd(dout, x, weight, bias, seq_idx, init, silu):
             dpre, weight, seq_idx if seq_idx is not None else x, dx, dinit if dinit is not None else dx,
             l, d, *weight.stride(), *_strides_or_zero(seq_idx, 2), *dx.stride(), *_strides_or_zero(dinit, 3),
             K=K, HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, BLOCK_L=BL, BLOCK_D=BD,
+            num_warps=_warps(BL, BD),
         )
     dw = dw_part.sum((0, 1))
     db = db_part.sum((0, 1)) if db_part is not None else None
