@@ -3,6 +3,7 @@ the gradients of x, weight, bias and initial_states, with and without packed-doc
 
 Tolerances: fp32 1e-5 absolute / 1e-5 relative (the same K-term sums in another order); fp16 inputs
 (fp32 accumulation in both, output rounded to fp16) 2e-3 / 2e-3. bf16 runs only on the GPU.
+Where CUDA is present the same tests run the compiled kernels on the GPU (``DEVICE``).
 """
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from kernels.conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_triton
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
@@ -25,6 +27,7 @@ def _run(fn, x, w, bias, seq, init, act):
 
 
 def _check(x, w, bias, seq, init, act):
+    x, w, bias, seq, init = (t.to(DEVICE) if t is not None else None for t in (x, w, bias, seq, init))
     got = _run(causal_conv1d_triton, x, w, bias, seq, init, act)
     want = _run(causal_conv1d_ref, x, w, bias, seq, init, act)
     tol = TOL[x.dtype]
@@ -64,9 +67,15 @@ def test_triton_fp16():
 
 
 def test_public_entry_and_errors():
-    x, w, bias = torch.randn(1, 7, 4), torch.randn(4, 4), torch.randn(4)
-    torch.testing.assert_close(causal_conv1d(x, w, bias, activation="silu", impl="triton"),
-                               causal_conv1d_ref(x, w, bias, activation="silu"), **TOL[torch.float32])
+    x, w, bias = torch.randn(1, 7, 4, device=DEVICE), torch.randn(4, 4, device=DEVICE), torch.randn(4, device=DEVICE)
+    ref = causal_conv1d_ref(x, w, bias, activation="silu")
+    torch.testing.assert_close(causal_conv1d(x, w, bias, activation="silu", impl="triton"), ref, **TOL[torch.float32])
+    # "auto": Triton for CUDA tensors, the reference (bit-identical) otherwise.
+    auto = causal_conv1d(x, w, bias, activation="silu", impl="auto")
+    if DEVICE == "cuda":
+        torch.testing.assert_close(auto, ref, **TOL[torch.float32])
+    else:
+        assert torch.equal(auto, ref)
     with pytest.raises(ValueError, match="unknown conv1d implementation"):
         causal_conv1d(x, w, impl="cuda")
     with pytest.raises(ValueError, match="activation"):

@@ -7,6 +7,7 @@ Tolerances (absolute, relative), for outputs and gradients of magnitude ≲ 50:
 - fp16 inputs (fp32 accumulation in both), vs the reference on the same fp16 inputs: outputs are rounded to
   fp16 (≈ 1e-3 relative), so 2e-2, 1e-2.
 bf16 is never tested under the interpreter (its bf16 arithmetic is wrong); the GPU tests cover it.
+Where CUDA is present the same tests run the compiled kernels on the GPU (``DEVICE``).
 """
 
 import math
@@ -22,11 +23,12 @@ from kernels.ssd.chunk_state import (
     chunk_state_fwd, chunk_state_ref, off_state_grad, off_state_grad_ref, state_passing_fwd, state_passing_ref,
 )
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
 TOL = {"ref": dict(atol=1e-4, rtol=1e-4), "seq": dict(atol=5e-4, rtol=5e-4), "fp16": dict(atol=2e-2, rtol=1e-2)}
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_states")
 
 
-def _inputs(b, l, h, p, g, n, dtype=torch.float32, D_shape="h", device="cpu"):
+def _inputs(b, l, h, p, g, n, dtype=torch.float32, D_shape="h", device=DEVICE):
     x = torch.randn(b, l, h, p)
     dt = torch.randn(b, l, h) - 1.0
     A = -torch.rand(h) * 2 - 0.2
@@ -41,13 +43,13 @@ def _inputs(b, l, h, p, g, n, dtype=torch.float32, D_shape="h", device="cpu"):
                 D=cast(D, torch.float32), dt_bias=cast(dt_bias, torch.float32), initial_states=cast(init, torch.float32))
 
 
-def _docs(b, l, boundaries):
+def _docs(b, l, boundaries, device=DEVICE):
     """seq_idx [b, l] with new documents starting at the given positions (one list per row)."""
     seq = torch.zeros(b, l, dtype=torch.int64)
     for r, starts in enumerate(boundaries):
         for s in starts:
             seq[r, s:] += 1
-    return seq
+    return seq.to(device)
 
 
 def _run(fn, inp, chunk, use, seq_idx, dt_softplus=True, dt_limit=(0.0, math.inf), chunked=True):
@@ -186,12 +188,13 @@ def test_public_entry_dispatches_to_triton():
     y_t = chunk_scan(*args, 8, D=inp["D"], impl="triton")
     y_r = chunk_scan(*args, 8, D=inp["D"], impl="torch")
     torch.testing.assert_close(y_t, y_r, **TOL["ref"])
-    # On CPU, "auto" is the torch reference: bit-identical to it.
-    assert torch.equal(chunk_scan(*args, 8, D=inp["D"], impl="auto"), y_r)
+    # "auto" is the torch reference for CPU tensors (bit-identical) and Triton for CUDA tensors.
+    y_auto = chunk_scan(*args, 8, D=inp["D"], impl="auto")
+    assert torch.equal(y_auto, y_t if DEVICE == "cuda" else y_r)
 
 
 def test_triton_argument_errors(monkeypatch):
-    inp = _inputs(1, 10, 2, 3, 1, 4)
+    inp = _inputs(1, 10, 2, 3, 1, 4, device="cpu")
     args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
     with pytest.raises(ValueError, match="D must be"):
         ssd_chunk_scan_triton(*args, 8, D=torch.ones(3))
@@ -213,10 +216,10 @@ def test_whole_model_gradients_triton_equal_torch():
     from model import HybridConfig, HybridLM
 
     torch.manual_seed(0)
-    ref = HybridLM(HybridConfig.preset("tiny", ssd_impl="torch"))
-    tri = HybridLM(HybridConfig.preset("tiny", ssd_impl="triton"))
+    ref = HybridLM(HybridConfig.preset("tiny", ssd_impl="torch")).to(DEVICE)
+    tri = HybridLM(HybridConfig.preset("tiny", ssd_impl="triton")).to(DEVICE)
     tri.load_state_dict(ref.state_dict())
-    ids = torch.randint(0, ref.config.vocab_size, (2, 21))
+    ids = torch.randint(0, ref.config.vocab_size, (2, 21), device=DEVICE)
     seq = _docs(2, 21, [[16], [5, 12]])  # one boundary on the chunk edge (chunk_size 16)
     losses = []
     for m in (ref, tri):
@@ -239,7 +242,7 @@ def test_whole_model_gradients_triton_equal_torch():
 def test_gpu_compiled_matches_reference(dtype):
     b, l, h, p, g, n, Q = 2, 300, 8, 64, 2, 64, 64
     inp = _inputs(b, l, h, p, g, n, dtype=dtype, device="cuda")
-    seq = _docs(b, l, [[64, 100, 200], [17]]).cuda()
+    seq = _docs(b, l, [[64, 100, 200], [17]])
     got = _run(ssd_chunk_scan_triton, inp, Q, GRAD_NAMES, seq)
     want = _run(ssd_chunk_scan_ref, inp, Q, GRAD_NAMES, seq)
     # fp32 uses exact fp32 dots; bf16 inputs go through tf32 tensor-core dots and bf16 outputs. Gradients of
@@ -278,7 +281,7 @@ def test_each_backward_step_matches_autograd_of_its_reference(use_seq):
     torch.testing.assert_close(dbias, bias.grad, **tol)
 
     # Step 4 backward: reverse state passing.
-    states, cs_l, init = leaf(torch.randn(b, nc, h, p, n)), leaf(cs.detach()), leaf(inp["initial_states"])
+    states, cs_l, init = leaf(torch.randn(b, nc, h, p, n, device=DEVICE)), leaf(cs.detach()), leaf(inp["initial_states"])
     S_in_r, final_r = state_passing_ref(states, cs_l, Q, l, seq, init)
     g_S_in, g_final = torch.randn_like(S_in_r), torch.randn_like(final_r)
     torch.autograd.backward([S_in_r, final_r], [g_S_in, g_final])
