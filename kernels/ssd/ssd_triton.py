@@ -55,6 +55,8 @@ class _SSDChunkScan(torch.autograd.Function):
             x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, seq_idx, initial_states
         )
         ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, seq_idx, dtp, cs, S_in)
+        # An unused final state then arrives as None (not a zero tensor) and its reverse scan input is skipped.
+        ctx.set_materialize_grads(False)
         ctx.cfg = (chunk_size, dt_softplus, dt_limit, initial_states is not None,
                    initial_states.dtype if initial_states is not None else None)
         return y, final

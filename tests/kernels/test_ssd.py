@@ -307,3 +307,19 @@ def test_each_backward_step_matches_autograd_of_its_reference(use_seq):
     torch.testing.assert_close(dD, D.grad, **tol)
     torch.testing.assert_close(dB_h.view(b, l, g, h // g, n).sum(3), B.grad, **tol)
     torch.testing.assert_close(dC_h.view(b, l, g, h // g, n).sum(3), C.grad, **tol)
+
+
+def test_gradient_through_one_output_only():
+    """Backward with only y used, and with only the final state used (the other's gradient is absent)."""
+    inp = _inputs(1, 13, 2, 3, 1, 4)
+    seq = _docs(1, 13, [[8]])
+    for use_y in (True, False):
+        grads = []
+        for fn in (ssd_chunk_scan_triton, ssd_chunk_scan_ref):
+            leaves = {k: inp[k].detach().clone().requires_grad_() for k in ("x", "B", "initial_states")}
+            y, final = fn(leaves["x"], inp["dt"], inp["A"], leaves["B"], inp["C"], 8, seq_idx=seq,
+                          initial_states=leaves["initial_states"], return_final_states=True)
+            (y.sum() if use_y else final.sum()).backward()
+            grads.append([v.grad for v in leaves.values()])
+        for g1, g2 in zip(*grads):
+            torch.testing.assert_close(g1, g2, **TOL["ref"])
