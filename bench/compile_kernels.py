@@ -72,7 +72,7 @@ class _Recorder:
         os.unlink(f.name)
         usage = next((line.strip() for line in res.stdout.splitlines() if "REG" in line), "resource use unavailable")
         usage = " ".join(w for w in usage.split() if w.split(":")[0] in ("REG", "STACK", "SHARED"))
-        blocks = {k: v for k, v in consts.items() if k.startswith("BLOCK") or k in ("MODE", "DOT_PREC")}
+        blocks = {k: v for k, v in consts.items() if k.startswith("BLOCK") or k in ("MODE", "DOT_PREC", "COLUMNS")}
         print(f"{fn.__name__:28s} {usage:32s} warps={opts.get('num_warps', 4):<3d} {blocks}")
 
 

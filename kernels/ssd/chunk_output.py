@@ -8,8 +8,10 @@ Forward (``chunk_scan_fwd``), per chunk ``c``, head ``h`` (group ``g``), positio
 
 with ``cs = dA_cumsum`` (step 1), ``CB`` from step 2a and ``S_in`` from step 4.
 
-Backward (``chunk_scan_bwd``): one program per (batch, chunk, head) holds the chunk's whole ``[Q, Q]``
-decay-weighted ``CB`` tile and, given ``dy`` and ``d states`` (from the reverse state passing), produces
+Backward (``chunk_scan_bwd``): given ``dy`` and ``d states`` (from the reverse state passing), one kernel
+launched twice — over blocks of source positions ``j`` and over blocks of target positions ``i`` of each
+(batch, chunk, head), tiles of at most 32 × 32 of the ``[Q, Q]`` matrices (so nothing spills at Q = 128) —
+produces
 
     G[j]   = Σ_i L[i, j] dy[i] + w_state[j] · d states · B[j]        (L = CB ∘ exp(segsum) ∘ same-doc)
     dx[j]  = dt'[j] · G[j] + D · dy[j]              d dt'[j] = x[j] · G[j]
@@ -117,20 +119,19 @@ def _chunk_scan_fwd_kernel(
 
 
 @triton.jit
-def _decay(cs, offs_q, mq, seq, HAS_SEQ: tl.constexpr):
-    """[Q, Q] tile exp(cs_i − cs_j) on the causal same-document mask (j ≤ i, doc_i = doc_j), 0 elsewhere.
-    Recomputed where needed rather than kept live: it is cheap, registers are not."""
-    m = (offs_q[None, :] <= offs_q[:, None]) & mq[:, None] & mq[None, :]
+def _decay(cs_i, cs_j, offs_i, offs_j, mi, mj, seq_i, seq_j, HAS_SEQ: tl.constexpr):
+    """[BI, BJ] tile exp(cs_i − cs_j) on the causal same-document mask (j ≤ i, doc_i = doc_j), 0 elsewhere."""
+    m = (offs_j[None, :] <= offs_i[:, None]) & mi[:, None] & mj[None, :]
     if HAS_SEQ:
-        m = m & (seq[:, None] == seq[None, :])
-    return tl.where(m, tl.exp(tl.where(m, cs[:, None] - cs[None, :], 0.0)), 0.0)
+        m = m & (seq_i[:, None] == seq_j[None, :])
+    return tl.where(m, tl.exp(tl.where(m, cs_i[:, None] - cs_j[None, :], 0.0)), 0.0)
 
 
 @triton.jit
 def _chunk_scan_bwd_kernel(
     x_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, CB_ptr, B_ptr, C_ptr, S_in_ptr, dst_ptr, D_ptr,
-    dx_ptr, ddtp_ptr, dcs_ptr, dD_ptr, dB_ptr, dC_ptr,
-    seqlen, nheads, ngroups, headdim, dstate, chunk_size, nchunks,
+    dx_ptr, ddtp_ptr, dcs_ptr, u_part_ptr, dD_ptr, dBC_ptr,
+    seqlen, nheads, ngroups, headdim, dstate, chunk_size, nchunks, nblocks,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
     stride_cs_b, stride_cs_h, stride_cs_c,
@@ -142,9 +143,18 @@ def _chunk_scan_bwd_kernel(
     stride_D_h, stride_D_p,
     stride_dx_b, stride_dx_l, stride_dx_h, stride_dx_p,
     stride_dBC_b, stride_dBC_l, stride_dBC_h,
-    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    COLUMNS: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One program per (batch·chunk·head, block of BLOCK positions), whole headdim and dstate per tile.
+
+    COLUMNS: the block is a set of *source* positions j, looping over the blocks i ≥ j:
+        G[j] = Σ_i L[i, j] dy[i] + w_state[j] · B[j]·dstatesᵀ;  dx, d dt', dB (per head), d cs (− column
+        sums, − u), Σ u (enters d cs at Q−1), dD partials.
+    rows (not COLUMNS): the block is a set of *target* positions i, looping over the blocks j ≤ i:
+        dC (per head) and d cs (+ row sums, + dy·Y_off).
+    The two programs recompute dy·xᵀ for their tile instead of sharing it through memory.
+    """
     pid = tl.program_id(0)
     pid_b = pid // (nchunks * nheads)
     pid_c = (pid // nheads) % nchunks
@@ -152,122 +162,117 @@ def _chunk_scan_bwd_kernel(
     pid_g = pid_h // (nheads // ngroups)
     chunk_start = pid_c * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
-    offs_q = tl.arange(0, BLOCK_Q)
-    mq = offs_q < chunk_len
+    offs_k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # this program's positions (j or i)
+    mk = offs_k < chunk_len
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mp = offs_p < headdim
+    mn = offs_n < dstate
     cs_off = pid_b * stride_cs_b + pid_h * stride_cs_h + pid_c * stride_cs_c
-    cs = tl.load(cs_ptr + cs_off + offs_q, mask=mq, other=0.0)
-    dtp = tl.load(dtp_ptr + cs_off + offs_q, mask=mq, other=0.0)
-    cs_end = tl.load(cs_ptr + cs_off + chunk_size - 1)
-
-    # Weights shared by every term (see the module docstring).
-    seq = offs_q
-    w_state = tl.exp(cs_end - cs)
-    w_off = tl.exp(cs)
+    cs_k = tl.load(cs_ptr + cs_off + offs_k, mask=mk, other=0.0)
+    seq_k = offs_k
     if HAS_SEQ:
         seq_base = seq_ptr + pid_b * stride_seq_b
-        seq = tl.load(seq_base + (chunk_start + offs_q) * stride_seq_l, mask=mq, other=-1)
-        seq_end = tl.load(seq_base + (chunk_start + chunk_len - 1) * stride_seq_l)
-        doc_in = tl.load(seq_base + tl.maximum(chunk_start - 1, 0) * stride_seq_l)
-        w_state = tl.where(seq == seq_end, w_state, 0.0)
-        w_off = tl.where(seq == doc_in, w_off, 0.0)
-    w_state = tl.where(mq, w_state, 0.0)
-    w_off = tl.where(mq, w_off, 0.0)
-    cb_ptrs = (CB_ptr + pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
-               + offs_q[:, None] * stride_cb_i + offs_q[None, :])
+        seq_k = tl.load(seq_base + (chunk_start + offs_k) * stride_seq_l, mask=mk, other=-1)
     x_base = x_ptr + pid_b * stride_x_b + chunk_start * stride_x_l + pid_h * stride_x_h
     dy_base = dy_ptr + pid_b * stride_dy_b + chunk_start * stride_dy_l + pid_h * stride_dy_h
-    dx_base = dx_ptr + pid_b * stride_dx_b + chunk_start * stride_dx_l + pid_h * stride_dx_h
     B_base = B_ptr + pid_b * stride_B_b + chunk_start * stride_B_l + pid_g * stride_B_g
     C_base = C_ptr + pid_b * stride_C_b + chunk_start * stride_C_l + pid_g * stride_C_g
-    s_base = S_in_ptr + pid_b * stride_s_b + pid_c * stride_s_c + pid_h * stride_s_h
-    ds_base = dst_ptr + pid_b * stride_s_b + pid_c * stride_s_c + pid_h * stride_s_h
+    cb_base = CB_ptr + pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
+    st_off = pid_b * stride_s_b + pid_c * stride_s_c + pid_h * stride_s_h
+    m_pn = mp[:, None] & mn[None, :]
+    kp = mk[:, None] & mp[None, :]
+    kn = mk[:, None] & mn[None, :]
+    dBC_ptrs = dBC_ptr + pid_b * stride_dBC_b + (chunk_start + offs_k[:, None]) * stride_dBC_l \
+        + pid_h * stride_dBC_h + offs_n[None, :]
 
-    # Three phases, so that at most one [Q, Q] tile is live through any loop (at Q = 128 two would spill):
-    # A. dy·xᵀ → dCB and the decay's share of d cs;  B. dB, dC from dCB;  C. dx, d dt' and the rest of d cs from L.
-    # x and dy are read once per phase (from L2 after the first).
-
-    # Phase A.
-    dyx = tl.zeros((BLOCK_Q, BLOCK_Q), tl.float32)  # dy_i · x_j
-    for p0 in range(0, headdim, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mqp = mq[:, None] & (offs_p < headdim)[None, :]
-        xb = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :] * stride_x_p, mask=mqp, other=0.0).to(tl.float32)
-        dyb = tl.load(dy_base + offs_q[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p, mask=mqp, other=0.0).to(tl.float32)
-        dyx += tl.dot(dyb, tl.trans(xb), input_precision=DOT_PREC)
-    dcb = dyx * _decay(cs, offs_q, mq, seq, HAS_SEQ) * dtp[None, :]  # d CB for this head (zero outside the causal same-document mask)
-    t = tl.load(cb_ptrs, mask=mq[:, None] & mq[None, :], other=0.0) * dcb  # CB ∘ dCB
-    # cs[i] − cs[j] in the exponent: row sums enter d cs at i, column sums leave at j.
-    dcs = tl.sum(t, axis=1) - tl.sum(t, axis=0)
-
-    # Phase B.
-    w_db = w_state * dtp
-    dB_base = dB_ptr + pid_b * stride_dBC_b + chunk_start * stride_dBC_l + pid_h * stride_dBC_h
-    dC_base = dC_ptr + pid_b * stride_dBC_b + chunk_start * stride_dBC_l + pid_h * stride_dBC_h
-    for n0 in range(0, dstate, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mn = offs_n < dstate
-        mqn = mq[:, None] & mn[None, :]
-        Bb = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :] * stride_B_n, mask=mqn, other=0.0).to(tl.float32)
-        Cb = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :] * stride_C_n, mask=mqn, other=0.0).to(tl.float32)
-        dC = tl.dot(dcb, Bb, input_precision=DOT_PREC)
-        dB = tl.dot(tl.trans(dcb), Cb, input_precision=DOT_PREC)
-        dC_off = tl.zeros((BLOCK_Q, BLOCK_N), tl.float32)
-        dB_st = tl.zeros((BLOCK_Q, BLOCK_N), tl.float32)
-        for p0 in range(0, headdim, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            mp = offs_p < headdim
-            mqp = mq[:, None] & mp[None, :]
-            xb = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :] * stride_x_p, mask=mqp, other=0.0).to(tl.float32)
-            dyb = tl.load(dy_base + offs_q[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p, mask=mqp, other=0.0).to(tl.float32)
-            s = tl.load(s_base + offs_p[:, None] * stride_s_p + offs_n[None, :], mask=mp[:, None] & mn[None, :], other=0.0)
-            ds = tl.load(ds_base + offs_p[:, None] * stride_s_p + offs_n[None, :], mask=mp[:, None] & mn[None, :], other=0.0)
-            dC_off += tl.dot(dyb, s, input_precision=DOT_PREC)
-            dB_st += tl.dot(xb, ds, input_precision=DOT_PREC)
-        dC += w_off[:, None] * dC_off
-        dB += w_db[:, None] * dB_st
-        tl.store(dC_base + offs_q[:, None] * stride_dBC_l + offs_n[None, :], dC, mask=mqn)
-        tl.store(dB_base + offs_q[:, None] * stride_dBC_l + offs_n[None, :], dB, mask=mqn)
-
-    # Phase C.
-    L = tl.load(cb_ptrs, mask=mq[:, None] & mq[None, :], other=0.0) * _decay(cs, offs_q, mq, seq, HAS_SEQ)
-    ddtp = tl.zeros((BLOCK_Q,), tl.float32)
-    u = tl.zeros((BLOCK_Q,), tl.float32)  # gradient of log w_state[j] (a "− at j, + at Q−1" term of d cs)
-    for p0 in range(0, headdim, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mp = offs_p < headdim
-        mqp = mq[:, None] & mp[None, :]
-        xb = tl.load(x_base + offs_q[:, None] * stride_x_l + offs_p[None, :] * stride_x_p, mask=mqp, other=0.0).to(tl.float32)
-        dyb = tl.load(dy_base + offs_q[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p, mask=mqp, other=0.0).to(tl.float32)
-        g_diag = tl.dot(tl.trans(L), dyb, input_precision=DOT_PREC)  # [j, p]
-        g_state = tl.zeros((BLOCK_Q, BLOCK_P), tl.float32)  # B_j · d states[p, :]
-        y_off = tl.zeros((BLOCK_Q, BLOCK_P), tl.float32)  # C_i · S_in[p, :]
-        for n0 in range(0, dstate, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            mn = offs_n < dstate
-            Bb = tl.load(B_base + offs_q[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
-                         mask=mq[:, None] & mn[None, :], other=0.0).to(tl.float32)
-            Cb = tl.load(C_base + offs_q[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
-                         mask=mq[:, None] & mn[None, :], other=0.0).to(tl.float32)
-            sT = tl.load(s_base + offs_p[None, :] * stride_s_p + offs_n[:, None], mask=mp[None, :] & mn[:, None], other=0.0)
-            dsT = tl.load(ds_base + offs_p[None, :] * stride_s_p + offs_n[:, None], mask=mp[None, :] & mn[:, None], other=0.0)
-            g_state += tl.dot(Bb, dsT, input_precision=DOT_PREC)
-            y_off += tl.dot(Cb, sT, input_precision=DOT_PREC)
+    if COLUMNS:
+        j = offs_k
+        dtp_j = tl.load(dtp_ptr + cs_off + j, mask=mk, other=0.0)
+        x_j = tl.load(x_base + j[:, None] * stride_x_l + offs_p[None, :] * stride_x_p, mask=kp, other=0.0).to(tl.float32)
+        g_diag = tl.zeros((BLOCK, BLOCK_P), tl.float32)
+        dB = tl.zeros((BLOCK, BLOCK_N), tl.float32)
+        dcs = tl.zeros((BLOCK,), tl.float32)
+        for i0 in range(tl.program_id(1) * BLOCK, chunk_len, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            mi = i < chunk_len
+            cs_i = tl.load(cs_ptr + cs_off + i, mask=mi, other=0.0)
+            seq_i = i
+            if HAS_SEQ:
+                seq_i = tl.load(seq_base + (chunk_start + i) * stride_seq_l, mask=mi, other=-1)
+            dy_i = tl.load(dy_base + i[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p,
+                           mask=mi[:, None] & mp[None, :], other=0.0).to(tl.float32)
+            C_i = tl.load(C_base + i[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+                          mask=mi[:, None] & mn[None, :], other=0.0).to(tl.float32)
+            cb = tl.load(cb_base + i[:, None] * stride_cb_i + j[None, :], mask=mi[:, None] & mk[None, :], other=0.0)
+            decay = _decay(cs_i, cs_k, i, j, mi, mk, seq_i, seq_k, HAS_SEQ)
+            g_diag += tl.dot(tl.trans(cb * decay), dy_i, input_precision=DOT_PREC)
+            dcb = tl.dot(dy_i, tl.trans(x_j), input_precision=DOT_PREC) * decay * dtp_j[None, :]  # d CB[i, j]
+            dB += tl.dot(tl.trans(dcb), C_i, input_precision=DOT_PREC)
+            dcs -= tl.sum(cb * dcb, axis=0)  # exp(cs_i − cs_j): column sums leave d cs at j
+        # The chunk's own final state: states = Σ_j w_state[j] dt'[j] x[j] ⊗ B[j].
+        cs_end = tl.load(cs_ptr + cs_off + chunk_size - 1)
+        w_state = tl.exp(cs_end - cs_k)
+        if HAS_SEQ:
+            seq_end = tl.load(seq_base + (chunk_start + chunk_len - 1) * stride_seq_l)
+            w_state = tl.where(seq_k == seq_end, w_state, 0.0)
+        w_state = tl.where(mk, w_state, 0.0)
+        dst = tl.load(dst_ptr + st_off + offs_p[:, None] * stride_s_p + offs_n[None, :], mask=m_pn, other=0.0)
+        B_j = tl.load(B_base + j[:, None] * stride_B_l + offs_n[None, :] * stride_B_n, mask=kn, other=0.0).to(tl.float32)
+        g_state = tl.dot(B_j, tl.trans(dst), input_precision=DOT_PREC)  # [j, p]
         G = g_diag + w_state[:, None] * g_state
-        dx = dtp[:, None] * G
+        dy_j = tl.load(dy_base + j[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p, mask=kp, other=0.0).to(tl.float32)
+        dx = dtp_j[:, None] * G
         if HAS_D:
             Dv = tl.load(D_ptr + pid_h * stride_D_h + offs_p * stride_D_p, mask=mp, other=0.0).to(tl.float32)
-            dx += Dv[None, :] * dyb
-            # dD partial for this chunk (the caller sums over batch and chunks).
-            tl.store(dD_ptr + (pid_b * nchunks + pid_c) * nheads * headdim + pid_h * headdim + offs_p,
-                     tl.sum(dyb * xb, axis=0), mask=mp)
-        tl.store(dx_base + offs_q[:, None] * stride_dx_l + offs_p[None, :] * stride_dx_p, dx, mask=mqp)
-        ddtp += tl.sum(xb * G, axis=1)
-        dcs += w_off * tl.sum(dyb * y_off, axis=1)  # Y_off = w_off · C·S_in: d cs_i += dy_i · Y_off_i
-        u += dtp * w_state * tl.sum(xb * g_state, axis=1)
-    dcs += tl.where(offs_q == chunk_size - 1, tl.sum(u, axis=0), 0.0) - u
-    mqs = offs_q < chunk_size
-    tl.store(dcs_ptr + cs_off + offs_q, dcs, mask=mqs)
-    tl.store(ddtp_ptr + cs_off + offs_q, ddtp, mask=mqs)
+            dx += Dv[None, :] * dy_j
+            # dD partials [b, c, block, h, p], summed by the caller.
+            tl.store(dD_ptr + (((pid_b * nchunks + pid_c) * nblocks + tl.program_id(1)) * nheads + pid_h) * headdim
+                     + offs_p, tl.sum(dy_j * x_j, axis=0), mask=mp)
+        tl.store(dx_ptr + pid_b * stride_dx_b + (chunk_start + j[:, None]) * stride_dx_l + pid_h * stride_dx_h
+                 + offs_p[None, :] * stride_dx_p, dx, mask=kp)
+        tl.store(ddtp_ptr + cs_off + j, tl.sum(x_j * G, axis=1), mask=offs_k < chunk_size)
+        u = dtp_j * w_state * tl.sum(x_j * g_state, axis=1)  # d log w_state[j]: − at j, + at Q−1 (by the caller)
+        tl.store(dcs_ptr + cs_off + j, dcs - u, mask=offs_k < chunk_size)
+        tl.store(u_part_ptr + ((pid_b * nheads + pid_h) * nchunks + pid_c) * nblocks + tl.program_id(1), tl.sum(u, axis=0))
+        dB += (w_state * dtp_j)[:, None] * tl.dot(x_j, dst, input_precision=DOT_PREC)
+        tl.store(dBC_ptrs, dB, mask=kn)
+    else:
+        i = offs_k
+        dy_i = tl.load(dy_base + i[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p, mask=kp, other=0.0).to(tl.float32)
+        dC = tl.zeros((BLOCK, BLOCK_N), tl.float32)
+        dcs = tl.zeros((BLOCK,), tl.float32)
+        hi = tl.minimum((tl.program_id(1) + 1) * BLOCK, chunk_len)
+        for j0 in range(0, hi, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            mj = j < chunk_len
+            cs_j = tl.load(cs_ptr + cs_off + j, mask=mj, other=0.0)
+            dtp_j = tl.load(dtp_ptr + cs_off + j, mask=mj, other=0.0)
+            seq_j = j
+            if HAS_SEQ:
+                seq_j = tl.load(seq_base + (chunk_start + j) * stride_seq_l, mask=mj, other=-1)
+            x_j = tl.load(x_base + j[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
+                          mask=mj[:, None] & mp[None, :], other=0.0).to(tl.float32)
+            B_j = tl.load(B_base + j[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+                          mask=mj[:, None] & mn[None, :], other=0.0).to(tl.float32)
+            cb = tl.load(cb_base + i[:, None] * stride_cb_i + j[None, :], mask=mk[:, None] & mj[None, :], other=0.0)
+            decay = _decay(cs_k, cs_j, i, j, mk, mj, seq_k, seq_j, HAS_SEQ)
+            dcb = tl.dot(dy_i, tl.trans(x_j), input_precision=DOT_PREC) * decay * dtp_j[None, :]
+            dC += tl.dot(dcb, B_j, input_precision=DOT_PREC)
+            dcs += tl.sum(cb * dcb, axis=1)  # exp(cs_i − cs_j): row sums enter d cs at i
+        # Y_off[i] = w_off[i] · C[i]·S_inᵀ: dC[i] += w_off[i] dy[i]·S_in, d cs[i] += dy[i]·Y_off[i].
+        w_off = tl.exp(cs_k)
+        if HAS_SEQ:
+            doc_in = tl.load(seq_base + tl.maximum(chunk_start - 1, 0) * stride_seq_l)
+            w_off = tl.where(seq_k == doc_in, w_off, 0.0)
+        w_off = tl.where(mk, w_off, 0.0)
+        s_in = tl.load(S_in_ptr + st_off + offs_p[:, None] * stride_s_p + offs_n[None, :], mask=m_pn, other=0.0)
+        C_i = tl.load(C_base + i[:, None] * stride_C_l + offs_n[None, :] * stride_C_n, mask=kn, other=0.0).to(tl.float32)
+        y_off = tl.dot(C_i, tl.trans(s_in), input_precision=DOT_PREC)  # [i, p], without w_off
+        dcs += w_off * tl.sum(dy_i * y_off, axis=1)
+        dC += w_off[:, None] * tl.dot(dy_i, s_in, input_precision=DOT_PREC)
+        tl.store(dcs_ptr + cs_off + i, dcs, mask=offs_k < chunk_size)
+        tl.store(dBC_ptrs, dC, mask=kn)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -277,13 +282,14 @@ def _D_strides(D):
     return (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
 
 
-def chunk_scan_fwd(CB, x, dtp, cs, C, S_in, chunk_size, D=None, seq_idx=None, out_dtype=None):
-    """→ y [b, l, h, p] in ``out_dtype`` (default x.dtype)."""
+def chunk_scan_fwd(CB, x, dtp, cs, C, S_in, chunk_size, D=None, seq_idx=None, out_dtype=None, block_m=None):
+    """→ y [b, l, h, p] in ``out_dtype`` (default x.dtype). ``block_m`` overrides the row block (tests use it to
+    run the multi-block paths at small chunk sizes)."""
     b, l, h, p = x.shape
     g, n = C.shape[2], C.shape[3]
     nchunks = dtp.shape[2]
     y = torch.empty(b, l, h, p, device=x.device, dtype=out_dtype or x.dtype)
-    BLOCK_M, BLOCK_N = pow2_block(chunk_size), pow2_block(p)
+    BLOCK_M, BLOCK_N = block_m or pow2_block(chunk_size), pow2_block(p)
     BLOCK_K, BLOCK_S = pow2_block(chunk_size, hi=32), pow2_block(n)
     grid = (b * nchunks * h, triton.cdiv(chunk_size, BLOCK_M), triton.cdiv(p, BLOCK_N))
     seq = seq_idx if seq_idx is not None else cs
@@ -306,45 +312,57 @@ def chunk_scan_fwd(CB, x, dtp, cs, C, S_in, chunk_size, D=None, seq_idx=None, ou
     return y
 
 
-def chunk_scan_bwd(dy, x, dtp, cs, CB, B, C, S_in, dstates, chunk_size, D=None, seq_idx=None):
+def chunk_scan_bwd(dy, x, dtp, cs, CB, B, C, S_in, dstates, chunk_size, D=None, seq_idx=None, block=None):
     """Returns ``(dx [x.dtype], d dt' [b,h,c,Q], d cs [b,h,c,Q] (without the state-passing term),
-    dD [h] or [h, p] or None, dB_per_head [b,l,h,n], dC_per_head [b,l,h,n])`` — fp32 except dx."""
+    dD [h] or [h, p] or None, dB_per_head [b,l,h,n], dC_per_head [b,l,h,n])`` — fp32 except dx.
+
+    Two launches of one kernel: over blocks of source positions (dx, d dt', dB, column terms of d cs) and
+    over blocks of target positions (dC, row terms of d cs). Whole headdim and dstate are one tile each.
+    ``block`` overrides the position block (tests use it to run the multi-block paths at small chunk sizes).
+    """
     b, l, h, p = x.shape
     g, n = C.shape[2], C.shape[3]
     nchunks = dtp.shape[2]
+    BLOCK = block or pow2_block(chunk_size, hi=32)
+    BLOCK_P, BLOCK_N = pow2_block(p, hi=256), pow2_block(n, hi=256)
+    if BLOCK_P < p or BLOCK_N < n:
+        raise ValueError(f"chunk_scan_bwd supports headdim and dstate up to 256, got {p} and {n}")
+    nblocks = triton.cdiv(chunk_size, BLOCK)
     dx = torch.empty_like(x)
     ddtp = torch.empty_like(dtp)
-    dcs = torch.empty_like(cs)
-    dD_part = torch.empty(b, nchunks, h, p, device=x.device, dtype=torch.float32) if D is not None else None
+    dcs_col, dcs_row = torch.empty_like(cs), torch.empty_like(cs)
+    u_part = torch.empty(b, h, nchunks, nblocks, device=x.device, dtype=torch.float32)
+    dD_part = torch.empty(b, nchunks, nblocks, h, p, device=x.device, dtype=torch.float32) if D is not None else None
     dB = torch.empty(b, l, h, n, device=x.device, dtype=torch.float32)
     dC = torch.empty_like(dB)
-    BLOCK_Q = pow2_block(chunk_size, hi=256)
-    BLOCK_P, BLOCK_N = pow2_block(p, hi=32), pow2_block(n, hi=32)
     seq = seq_idx if seq_idx is not None else cs
     sD = _D_strides(D)
     with device_guard(x):
-        _chunk_scan_bwd_kernel[(b * nchunks * h,)](
-            x, dy, dtp, cs, seq, CB, B, C, S_in, dstates, D if D is not None else cs,
-            dx, ddtp, dcs, dD_part if dD_part is not None else cs, dB, dC,
-            l, h, g, p, n, chunk_size, nchunks,
-            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-            dy.stride(0), dy.stride(1), dy.stride(2), dy.stride(3),
-            cs.stride(0), cs.stride(1), cs.stride(2),
-            seq.stride(0), seq.stride(1) if seq_idx is not None else 0,
-            CB.stride(0), CB.stride(1), CB.stride(2), CB.stride(3),
-            B.stride(0), B.stride(1), B.stride(2), B.stride(3),
-            C.stride(0), C.stride(1), C.stride(2), C.stride(3),
-            S_in.stride(0), S_in.stride(1), S_in.stride(2), S_in.stride(3),
-            sD[0], sD[1],
-            dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3),
-            dB.stride(0), dB.stride(1), dB.stride(2),
-            HAS_D=D is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=_dot_prec(x.dtype),
-            BLOCK_Q=BLOCK_Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-            num_warps=_warps(BLOCK_Q * BLOCK_Q, per_warp=1024),
-        )
+        for columns, dcs, dBC in ((True, dcs_col, dB), (False, dcs_row, dC)):
+            _chunk_scan_bwd_kernel[(b * nchunks * h, nblocks)](
+                x, dy, dtp, cs, seq, CB, B, C, S_in, dstates, D if D is not None else cs,
+                dx, ddtp, dcs, u_part, dD_part if dD_part is not None else cs, dBC,
+                l, h, g, p, n, chunk_size, nchunks, nblocks,
+                x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+                dy.stride(0), dy.stride(1), dy.stride(2), dy.stride(3),
+                cs.stride(0), cs.stride(1), cs.stride(2),
+                seq.stride(0), seq.stride(1) if seq_idx is not None else 0,
+                CB.stride(0), CB.stride(1), CB.stride(2), CB.stride(3),
+                B.stride(0), B.stride(1), B.stride(2), B.stride(3),
+                C.stride(0), C.stride(1), C.stride(2), C.stride(3),
+                S_in.stride(0), S_in.stride(1), S_in.stride(2), S_in.stride(3),
+                sD[0], sD[1],
+                dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3),
+                dBC.stride(0), dBC.stride(1), dBC.stride(2),
+                COLUMNS=columns, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=_dot_prec(x.dtype),
+                BLOCK=BLOCK, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
+                num_warps=_warps(BLOCK * BLOCK_N),
+            )
+    dcs = dcs_row + dcs_col
+    dcs[..., -1] += u_part.sum(-1)  # Σ_j u_j enters at the chunk's last position (cs[Q-1] in w_state)
     dD = None
     if D is not None:
-        dD = dD_part.sum((0, 1))  # [h, p]
+        dD = dD_part.sum((0, 1, 2))  # [h, p]
         if D.dim() == 1:
             dD = dD.sum(-1)
     return dx, ddtp, dcs, dD, dB, dC

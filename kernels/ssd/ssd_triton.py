@@ -11,11 +11,12 @@ Backward (Triton kernels, with the exceptions listed):
   - ``bmm_chunk_fwd``       C·Bᵀ recomputed (not stored);
   - ``off_state_grad``      d S_in from Y_off (the step-3 kernel with another weight);
   - ``state_passing_bwd``   reverse scan → d states, d initial_states, d dA_cumsum at chunk ends;
-  - ``chunk_scan_bwd``      one fused kernel per (batch, chunk, head) → dx, d dt', d dA_cumsum, per-head dB/dC,
-                            per-chunk dD partials;
+  - ``chunk_scan_bwd``      the chunk-local backward, one kernel in two launches (column blocks: dx, d dt', dB,
+                            dD partials, column terms of d dA_cumsum; row blocks: dC, row terms);
   - ``chunk_cumsum_bwd``    reverse cumsum, softplus/clamp backward → d dt, per-chunk dA / d dt_bias partials.
-  In torch (small reductions only): the sum of per-head dB/dC over the heads of each group, and the sums of
-  the per-chunk partials of dA, dD and d dt_bias over batch and chunks; dtype casts of the gradients.
+  In torch (small reductions and adds only): the sum of per-head dB/dC over the heads of each group; the sums
+  of per-block partials of dA, dD, d dt_bias over batch and chunks; adding the row and column parts of
+  d dA_cumsum and the chunk-end terms; dtype casts of the gradients.
 
 Saved for backward: the inputs, dt' and dA_cumsum ([b, h, c, Q] fp32) and the chunk-entry states
 ``S_in`` ([b, c, h, p, n] fp32).

@@ -151,8 +151,11 @@ def test_each_step_matches_its_reference(use_seq):
     torch.testing.assert_close(S_in, S_in_r, **tol)
     torch.testing.assert_close(final, final_r, **tol)
     # 5. chunk output.
-    y = chunk_scan_fwd(CB, x, dtp, cs, C, S_in, Q, inp["D"], seq)
-    torch.testing.assert_close(y, chunk_scan_ref(CB, x, dtp, cs, C, S_in, Q, inp["D"], seq), **tol)
+    y_r = chunk_scan_ref(CB, x, dtp, cs, C, S_in, Q, inp["D"], seq)
+    torch.testing.assert_close(chunk_scan_fwd(CB, x, dtp, cs, C, S_in, Q, inp["D"], seq), y_r, **tol)
+    if use_seq and DEVICE == "cpu":  # rows in blocks of 4 (so the diagonal loop's bound differs per block);
+        # interpreter only: compiled tl.dot needs blocks of at least 16.
+        torch.testing.assert_close(chunk_scan_fwd(CB, x, dtp, cs, C, S_in, Q, inp["D"], seq, block_m=4), y_r, **tol)
 
 
 @pytest.mark.parametrize("use_seq", [False, True])
@@ -255,17 +258,18 @@ def test_gpu_compiled_matches_reference(dtype):
         torch.testing.assert_close(got[2][k].float() / scale, want[2][k].float() / scale, **tol, msg=lambda m, k=k: f"d{k}: {m}")
 
 
-@pytest.mark.parametrize("use_seq", [False, True])
-def test_each_backward_step_matches_autograd_of_its_reference(use_seq):
-    """The backward kernels one by one, each against autograd through the matching per-step reference."""
+@pytest.mark.parametrize("use_seq, Q, l, block", [(False, 8, 21, None), (True, 8, 21, None), (True, 40, 50, 16)])
+def test_each_backward_step_matches_autograd_of_its_reference(use_seq, Q, l, block):
+    """The backward kernels one by one, each against autograd through the matching per-step reference.
+    The last case (chunk 40 in blocks of 16, not a power of two) runs the kernels' multi-block loops."""
     from kernels.ssd.chunk_cumsum import chunk_cumsum_bwd
     from kernels.ssd.chunk_output import chunk_scan_bwd
     from kernels.ssd.chunk_state import state_passing_bwd
 
-    b, l, h, p, g, n, Q = 2, 21, 4, 3, 2, 5, 8
+    b, h, p, g, n = 2, 4, 3, 2, 5
     inp = _inputs(b, l, h, p, g, n)
-    seq = _docs(b, l, [[8, 11], [5]]) if use_seq else None
-    nc = 3
+    seq = _docs(b, l, [[8, 11, 40], [5, 17]]) if use_seq else None
+    nc = -(-l // Q)
     tol = TOL["ref"]
     leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
 
@@ -300,7 +304,7 @@ def test_each_backward_step_matches_autograd_of_its_reference(use_seq):
     torch.autograd.backward([y, st], [dy, dst])
     CB = bmm_chunk_fwd(inp["C"], inp["B"], Q)
     dx, ddtp, dcs, dD, dB_h, dC_h = chunk_scan_bwd(dy, inp["x"], dtp, cs, CB, inp["B"], inp["C"], S_in, dst, Q,
-                                                   inp["D"], seq)
+                                                   inp["D"], seq, block=block)
     torch.testing.assert_close(dx, x.grad, **tol)
     torch.testing.assert_close(ddtp, dtp_l.grad, **tol)
     torch.testing.assert_close(dcs, cs_l.grad, **tol)
