@@ -83,8 +83,9 @@ CASES = {
     # several documents per row, one boundary exactly on a chunk boundary (8 and 16), l = 29 not a multiple of
     # 8, grouped B/C (h = 4, g = 2), an incoming state, D and dt_bias.
     "packed_init_grouped": (2, 29, 4, 6, 2, 5, 8, [[8, 13, 16], [3, 24]], GRAD_NAMES, (0.0, math.inf)),
-    # nothing optional: no seq_idx, no initial state, no D / dt_bias; h = g; one partial chunk at the end.
-    "plain": (1, 37, 2, 5, 2, 3, 16, None, ("x", "dt", "A", "B", "C"), (0.0, math.inf)),
+    # nothing optional: no seq_idx, no initial state, no D / dt_bias; h = g; a chunk size that is not a power
+    # of two (12) and a last chunk of a single token.
+    "plain": (1, 37, 2, 5, 2, 3, 12, None, ("x", "dt", "A", "B", "C"), (0.0, math.inf)),
     # a single group shared by 3 heads, D per (head, channel), dt clamped from both sides, a document
     # starting at token 1 and one ending on the last token of a chunk.
     "clamped_single_group": (1, 19, 3, 4, 1, 6, 8, [[1, 16]], GRAD_NAMES, (0.3, 1.5)),
