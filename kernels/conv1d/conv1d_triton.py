@@ -24,7 +24,7 @@ from kernels._triton_utils import check_launchable, device_guard
 
 from .reference import _ACTIVATIONS
 
-__all__ = ["causal_conv1d_triton"]
+__all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
 
 
 @triton.jit
@@ -164,6 +164,35 @@ def _conv_bwd_dx_kernel(
                  acc, mask=(offs_s < 0)[:, None] & md[None, :])
 
 
+@triton.jit
+def _conv_update_kernel(
+    x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, new_state_ptr,
+    dim,
+    stride_x_b, stride_x_d, stride_s_b, stride_s_d, stride_s_k, stride_w_d, stride_w_k,
+    stride_o_b, stride_o_d, stride_n_b, stride_n_d, stride_n_k,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One decoding step: window = [conv_state (K−1 inputs), x]; out = act(bias + Σ_k w[:, k] window[:, k]);
+    the new state is the window's last K−1 inputs."""
+    pid_b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = offs_d < dim
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    for k in tl.static_range(K):
+        if k < K - 1:
+            v = tl.load(state_ptr + pid_b * stride_s_b + offs_d * stride_s_d + k * stride_s_k, mask=md, other=0.0)
+        else:
+            v = tl.load(x_ptr + pid_b * stride_x_b + offs_d * stride_x_d, mask=md, other=0.0)
+        if k > 0:
+            tl.store(new_state_ptr + pid_b * stride_n_b + offs_d * stride_n_d + (k - 1) * stride_n_k, v, mask=md)
+        acc += tl.load(w_ptr + offs_d * stride_w_d + k * stride_w_k, mask=md, other=0.0).to(tl.float32) * v.to(tl.float32)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + pid_b * stride_o_b + offs_d * stride_o_d, acc, mask=md)
+
+
 # ------------------------------------------------------------------------------------------- launchers
 def _blocks(l, d):
     return min(32, triton.next_power_of_2(max(l, 1))), min(64, triton.next_power_of_2(d))
@@ -273,3 +302,44 @@ def causal_conv1d_triton(
     prefix = initial_states if initial_states is not None else x.new_zeros(b, d, K - 1)
     tail = torch.cat([prefix.to(x.dtype), x[:, max(0, l - (K - 1)):].transpose(1, 2)], dim=-1)
     return out, tail[:, :, tail.shape[-1] - (K - 1):]
+
+
+def causal_conv1d_update_triton(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+):
+    """Same arguments and results as :func:`kernels.conv1d.reference.causal_conv1d_update_ref`: x [b, d],
+    conv_state [b, d, K-1] → ``(out [b, d], new_conv_state [b, d, K-1])``, the state not modified in place.
+
+    A decode-time op: forward only. With autograd recording and an input that requires grad it raises rather
+    than return a result that silently has no gradient (use ``impl="torch"`` for that).
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unknown conv1d activation {activation!r}; expected one of {list(_ACTIVATIONS)}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [batch, channels] (one token), got shape {tuple(x.shape)}")
+    b, d = x.shape
+    if weight.dim() != 2 or weight.shape[0] != d:
+        raise ValueError(f"weight must be [channels={d}, kernel], got {tuple(weight.shape)}")
+    K = weight.shape[1]
+    if conv_state.shape != (b, d, K - 1):
+        raise ValueError(f"conv_state must be [batch, channels, K-1] = {(b, d, K - 1)}, got {tuple(conv_state.shape)}")
+    if bias is not None and bias.shape != (d,):
+        raise ValueError(f"bias must be [channels] = ({d},), got {tuple(bias.shape)}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, conv_state, weight, bias)):
+        raise ValueError("causal_conv1d_update(impl='triton') has no backward; call it under torch.no_grad() "
+                         "or use impl='torch'")
+    check_launchable("causal_conv1d_update(impl='triton')", x, conv_state, weight, bias)
+    out = torch.empty_like(x)
+    new_state = torch.empty_like(conv_state)
+    BD = min(256, triton.next_power_of_2(d))
+    with device_guard(x):
+        _conv_update_kernel[(b, triton.cdiv(d, BD))](
+            x, conv_state, weight, bias if bias is not None else weight, out, new_state, d,
+            *x.stride(), *conv_state.stride(), *weight.stride(), *out.stride(), *new_state.stride(),
+            K=K, HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK_D=BD,
+        )
+    return out, new_state

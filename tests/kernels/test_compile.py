@@ -19,7 +19,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 KERNELS = [
     "_chunk_cumsum_fwd_kernel", "_chunk_cumsum_bwd_kernel", "_bmm_chunk_kernel", "_chunk_state_kernel",
     "_state_passing_fwd_kernel", "_state_passing_bwd_kernel", "_chunk_scan_fwd_kernel", "_chunk_scan_bwd_kernel",
-    "_conv_fwd_kernel", "_conv_bwd_dpre_kernel", "_conv_bwd_dx_kernel",
+    "_conv_fwd_kernel", "_conv_bwd_dpre_kernel", "_conv_bwd_dx_kernel", "_conv_update_kernel",
 ]
 
 

@@ -9,7 +9,10 @@ Where CUDA is present the same tests run the compiled kernels on the GPU (``DEVI
 import pytest
 import torch
 
-from kernels.conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_triton
+from kernels.conv1d import (
+    causal_conv1d, causal_conv1d_ref, causal_conv1d_triton, causal_conv1d_update, causal_conv1d_update_ref,
+    causal_conv1d_update_triton,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
@@ -88,6 +91,42 @@ def test_public_entry_and_errors():
         causal_conv1d_triton(x, w, initial_states=torch.zeros(1, 4, 2))
     with pytest.raises(ValueError, match="seq_idx must be"):
         causal_conv1d_triton(x, w, seq_idx=torch.zeros(1, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_update_matches_reference_and_continues_the_sequence(dtype):
+    b, l, d, K = 2, 9, 11, 4
+    x = torch.randn(b, l, d, device=DEVICE).to(dtype)
+    w, bias = torch.randn(d, K, device=DEVICE), torch.randn(d, device=DEVICE)
+    full = causal_conv1d_ref(x, w, bias, activation="silu")
+    _, state = causal_conv1d_ref(x[:, :5], w, bias, activation="silu", return_final_states=True)
+    state_before = state.clone()
+    for t in range(5, l):
+        y, new_state = causal_conv1d_update_triton(x[:, t], state, w, bias, activation="silu")
+        y_r, new_state_r = causal_conv1d_update_ref(x[:, t], state, w, bias, activation="silu")
+        torch.testing.assert_close(y, y_r, **TOL[dtype])
+        torch.testing.assert_close(new_state, new_state_r, atol=0, rtol=0)  # a copy of inputs: exact
+        torch.testing.assert_close(y, full[:, t], **TOL[dtype])
+        if t == 5:
+            assert torch.equal(state, state_before)  # not modified in place
+        state = new_state
+    y_none, _ = causal_conv1d_update_triton(x[:, 0], state, w, None, activation=None)
+    torch.testing.assert_close(y_none, causal_conv1d_update_ref(x[:, 0], state, w, None, None)[0], **TOL[dtype])
+
+
+def test_decode_update_dispatch_and_errors():
+    x, state, w = torch.randn(1, 4, device=DEVICE), torch.randn(1, 4, 3, device=DEVICE), torch.randn(4, 4, device=DEVICE)
+    y_auto, _ = causal_conv1d_update(x, state, w, impl="auto")
+    y_ref, _ = causal_conv1d_update_ref(x, state, w)
+    if DEVICE == "cpu":
+        assert torch.equal(y_auto, y_ref)  # auto = the reference on CPU
+    torch.testing.assert_close(causal_conv1d_update(x, state, w, impl="triton")[0], y_ref, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="no backward"):
+        causal_conv1d_update_triton(x, state, w.clone().requires_grad_())
+    with pytest.raises(ValueError, match="conv_state must be"):
+        causal_conv1d_update_triton(x, state[..., :2], w)
+    with pytest.raises(ValueError, match="x must be"):
+        causal_conv1d_update_triton(x[None], state, w)
 
 
 @pytest.mark.gpu
