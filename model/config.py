@@ -43,7 +43,7 @@ _LEGACY_FIELD_NAMES = {
     "mamba_chunk_size": "chunk_size",
 }
 _ACTIVATIONS = ("relu2", "silu", "gelu")
-_SSD_IMPLS = ("auto", "torch")  # the Triton kernels add "triton"
+_SSD_IMPLS = ("auto", "torch", "triton")  # kernels.ssd.IMPLS
 
 
 @dataclass

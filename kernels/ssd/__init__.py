@@ -3,29 +3,44 @@
 ``chunk_scan(x, dt, A, B, C, chunk_size, ...)`` dispatches on ``impl``:
 
 - ``"torch"``: :func:`kernels.ssd.reference.ssd_chunk_scan_ref` (autograd through plain torch ops);
-- ``"auto"``: the fastest implementation available for the tensors' device. In this build that is the
-  torch reference everywhere; the Triton kernels (GPU, and CPU under ``TRITON_INTERPRET=1``) register
-  here when they land.
+- ``"triton"``: :func:`kernels.ssd.ssd_triton.ssd_chunk_scan_triton` (Triton kernels forward and backward;
+  CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` for tests);
+- ``"auto"``: Triton for CUDA tensors, torch otherwise.
+
+The concrete implementation chosen for each (request, device type) is logged once at INFO level.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from .reference import process_dt, ssd_chunk_scan_ref, ssd_sequential_ref
+from .ssd_triton import ssd_chunk_scan_triton
 
-__all__ = ["IMPLS", "chunk_scan", "resolve_impl", "process_dt", "ssd_chunk_scan_ref", "ssd_sequential_ref"]
+__all__ = [
+    "IMPLS", "chunk_scan", "resolve_impl", "process_dt", "ssd_chunk_scan_ref", "ssd_chunk_scan_triton",
+    "ssd_sequential_ref",
+]
 
-IMPLS = ("auto", "torch")
+IMPLS = ("auto", "torch", "triton")
+
+logger = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()
 
 
 def resolve_impl(impl: str, device: torch.device | str) -> str:
-    """Map a requested implementation (``auto | torch``) to the concrete one used on ``device``."""
+    """Map a requested implementation (``auto | torch | triton``) to the concrete one used on ``device``."""
     if impl not in IMPLS:
         raise ValueError(f"unknown SSD implementation {impl!r}; expected one of {IMPLS}")
-    return "torch"
+    dev_type = torch.device(device).type
+    concrete = ("triton" if dev_type == "cuda" else "torch") if impl == "auto" else impl
+    if (impl, dev_type) not in _logged:
+        _logged.add((impl, dev_type))
+        logger.info("SSD scan: impl=%r on %s -> %s", impl, dev_type, concrete)
+    return concrete
 
 
 def chunk_scan(
@@ -45,8 +60,8 @@ def chunk_scan(
     impl: str = "auto",
 ):
     """SSD scan; see :mod:`kernels.ssd.reference` for the maths, shapes and ``seq_idx`` semantics."""
-    resolve_impl(impl, x.device)
-    return ssd_chunk_scan_ref(
+    fn = ssd_chunk_scan_triton if resolve_impl(impl, x.device) == "triton" else ssd_chunk_scan_ref
+    return fn(
         x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
         seq_idx=seq_idx, initial_states=initial_states, return_final_states=return_final_states,
     )
