@@ -37,9 +37,8 @@ _tandem_on_signal() {
     fi
     TANDEM_SIGNALLED=$sig
     tandem_log "got SIG$sig: asking the training tasks to checkpoint and exit (USR1)"
-    if [[ -n $TANDEM_SRUN_PID ]]; then
-        scancel --signal=USR1 "$SLURM_JOB_ID.$TANDEM_STEP_ID" 2>/dev/null || kill -USR1 "$TANDEM_SRUN_PID" 2>/dev/null || true
-    fi
+    # srun forwards USR1 to every task of its step, on every node
+    [[ -n $TANDEM_SRUN_PID ]] && kill -USR1 "$TANDEM_SRUN_PID" 2>/dev/null
 }
 
 # tandem_run DEFAULT_RECIPE [-cn RECIPE] [key=value ...]
@@ -103,15 +102,7 @@ tandem_run() {
     # srun in the background: bash runs traps only while it waits, not during a foreground command.
     srun "${srun_args[@]}" "$python" "$TANDEM_HOME/slurm/launch.py" -cn "$recipe" "${overrides[@]}" &
     TANDEM_SRUN_PID=$!
-    # The step id is the number of steps before it; find it to signal exactly this step.
-    TANDEM_STEP_ID=""
-    local i
-    for i in $(seq 1 50); do
-        TANDEM_STEP_ID=$(squeue -h -s -j "$SLURM_JOB_ID" -o "%i" 2>/dev/null | sed -n "s/^$SLURM_JOB_ID\.\([0-9][0-9]*\)$/\1/p" | tail -n 1)
-        [[ -n $TANDEM_STEP_ID ]] && break
-        kill -0 "$TANDEM_SRUN_PID" 2>/dev/null || break
-        sleep 0.2
-    done
+    [[ -n $TANDEM_SIGNALLED ]] && kill -USR1 "$TANDEM_SRUN_PID" 2>/dev/null   # notice came before srun started
     local status s
     while :; do
         wait "$TANDEM_SRUN_PID"

@@ -127,10 +127,9 @@ def scontrol_hostnames(nodelist: str) -> list[str]:
 
 def master_port(job_id: int | str) -> int:
     """A rendezvous port from the job id: the same after a requeue, distinct for neighbouring jobs."""
-    try:
-        jid = int(job_id)
-    except ValueError:
-        raise SlurmEnvError(f"SLURM_JOB_ID={job_id!r} is not an integer") from None
+    if not str(job_id).strip().isdigit():
+        raise SlurmEnvError(f"SLURM_JOB_ID={job_id!r} is not a job number")
+    jid = int(job_id)
     return MASTER_PORT_BASE + jid % MASTER_PORT_SPAN
 
 

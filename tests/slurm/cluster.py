@@ -86,7 +86,9 @@ class LocalSlurm:
     @property
     def env(self) -> dict[str, str]:
         """Environment for client commands (sbatch, scontrol...) and therefore for the jobs."""
-        return {**os.environ, "SLURM_CONF": str(self.conf), "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
+        # SLURM_* from an enclosing allocation (tests run inside a job) would leak into sbatch/srun
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        return {**env, "SLURM_CONF": str(self.conf), "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
 
     def _node_line(self) -> str:
         out = subprocess.run([_sbin("slurmd"), "-C"], capture_output=True, text=True, timeout=60)
