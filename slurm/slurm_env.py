@@ -114,7 +114,7 @@ def expand_hostlist(nodelist: str) -> list[str]:
 def scontrol_hostnames(nodelist: str) -> list[str]:
     """``scontrol show hostnames`` when scontrol is installed, else :func:`expand_hostlist`."""
     if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
         hosts = out.stdout.split()
         if out.returncode == 0 and hosts:
             return hosts

@@ -4,6 +4,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -153,3 +154,31 @@ def test_bad_setup_says_what_to_fix(fake, env, args, message):
     rc, out, calls = run("smoke.sbatch", *args, **env)
     assert rc == 2 and message in out, out
     assert "srun" not in calls
+
+
+@pytest.mark.parametrize("script", ["smoke.sbatch", "pretrain.sbatch"])
+def test_scripts_ask_for_preemption_notice_requeue_and_appended_logs(script):
+    directives = [l.split(None, 1)[1] for l in (REPO / "slurm" / script).read_text().splitlines()
+                  if l.startswith("#SBATCH ")]
+    assert any(d.startswith("--signal=B:USR1@") for d in directives), directives
+    assert "--requeue" in directives and "--open-mode=append" in directives
+
+
+def test_launcher_outside_srun_says_what_to_fix():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    out = subprocess.run([sys.executable, str(REPO / "slurm" / "launch.py"), "-cn", "smoke"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.returncode == 2
+    assert "SLURM_PROCID not set: run the launcher as a task of an srun step" in out.stderr
+
+
+def test_launcher_execs_the_trainer_with_the_mapped_env(tmp_path):
+    """One task's environment → the trainer's Hydra app, which prints the composed config and exits."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS": "1",
+                "SLURM_STEP_NODELIST": "node[3-4]", "SLURM_JOB_ID": "31", "PYTHONPATH": str(REPO), "PATH": str(tmp_path)})  # no scontrol: pure-Python hostlist
+    out = subprocess.run([sys.executable, str(REPO / "slurm" / "launch.py"), "-cn", "smoke", "stage.steps=7", "--cfg", "job"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "[launch] rank 0/1 local 0/1 node 0" in out.stderr and "master node3:20031" in out.stderr
+    assert "steps: 7" in out.stdout
