@@ -143,7 +143,13 @@ class LocalSlurm:
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
             f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
             self._node_line(),
-            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            # preemption from a higher partition: jobs in `debug` get the --signal notice (and TERM) when an
+            # `urgent` job needs their CPUs, GraceTime seconds to checkpoint, then are requeued
+            "PreemptType=preempt/partition_prio",
+            "PreemptMode=REQUEUE",
+            "SlurmctldParameters=preempt_send_user_signal",
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30",
+            "PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
 

@@ -1,10 +1,11 @@
 """Slurm environment → torch.distributed environment (pure Python, no Slurm needed)."""
 
-import shutil
 import subprocess
 
 import pytest
 
+from . import cluster
+from .cluster import SlurmUnavailable, ensure_installed
 from .conftest import slurm_env
 
 expand = slurm_env.expand_hostlist
@@ -31,9 +32,12 @@ def test_expand_hostlist_rejects_malformed(bad):
         expand(bad)
 
 
-@pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol not installed (the real-Slurm tests install it)")
 @pytest.mark.parametrize("nodelist", ["gpu[01-04,07],cpu5", "rack[1-2]-n[098-101]", "a,b[1-3]"])
 def test_expand_hostlist_agrees_with_scontrol(nodelist, tmp_path):
+    try:
+        ensure_installed()  # as root: installs Slurm when missing
+    except SlurmUnavailable as e:
+        pytest.skip(str(e))
     # `scontrol show hostnames` expands locally, without a controller, but wants a readable slurm.conf
     (tmp_path / "slurm.conf").write_text("ClusterName=x\nSlurmctldHost=localhost\n")
     out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30,
@@ -126,3 +130,10 @@ def test_inconsistent_ranks_are_rejected():
         slurm_env.torch_env(_task(8, 8, 1))
     with pytest.raises(slurm_env.SlurmEnvError, match="SLURM_NODEID=4"):
         slurm_env.torch_env(_task(0, 0, 4))
+
+
+def test_harness_skips_with_the_reason_when_not_root_and_slurm_missing(monkeypatch):
+    monkeypatch.setattr(cluster, "missing_binaries", lambda: ["slurmctld", "munged"])
+    monkeypatch.setattr(cluster.os, "geteuid", lambda: 1000)
+    with pytest.raises(SlurmUnavailable, match="not root.*apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"):
+        ensure_installed()
