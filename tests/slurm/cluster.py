@@ -15,6 +15,7 @@ Facts this follows are in ``shared/docs/SLURM-NOTES.md`` (Debian 12, Slurm 22.05
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -69,6 +70,15 @@ def _free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def _term_when_parent_dies() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent exits (prctl PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass  # not Linux: stop() still stops the daemons
 
 
 def _sbin(name: str) -> str:
@@ -156,9 +166,10 @@ class LocalSlurm:
     # ----------------------------------------------------------------------------------------------
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout", "ab")
-        # own session (setsid): the daemons outlive nothing of ours and are stopped by pid
+        # own session (setsid), stopped by pid in stop(); and TERM from the kernel should the test process
+        # die without running stop() (SIGKILL, OOM)
         self._procs[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                             env=self.env, start_new_session=True)
+                                             env=self.env, start_new_session=True, preexec_fn=_term_when_parent_dies)
         log.close()
 
     def start(self, timeout: float = 60) -> "LocalSlurm":
@@ -221,7 +232,7 @@ class LocalSlurm:
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
     def wait_job(self, job_id: int, timeout: float = 180, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                                   "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+                                                                   "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                                                                    "DEADLINE")) -> dict[str, str]:
         end = time.monotonic() + timeout
         info = {}
