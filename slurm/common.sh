@@ -126,6 +126,17 @@ tandem_run() {
                 "(TANDEM_MAX_RESTARTS=$max_restarts). Resubmit with run.dir=$run_dir to resume from its latest checkpoint."
             return "$status"
         fi
+        # A preemption or time-limit notice leaves the job RUNNING; scancel leaves it COMPLETING/CANCELLED,
+        # and a cancelled job must stay cancelled (scontrol requeue would bring it back).
+        local state
+        state=$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null | grep -o 'JobState=[A-Z_]*' | head -n 1)
+        state=${state#JobState=}
+        if [[ -n $state && $state != RUNNING ]]; then
+            tandem_log "the trainer exited with $status but the job is $state, not RUNNING (cancelled, or being ended" \
+                "by Slurm, which requeues it itself under PreemptMode=REQUEUE): not requeued from here." \
+                "Resubmit with run.dir=$run_dir to resume from its latest checkpoint."
+            return "$status"
+        fi
         tandem_log "preempted (exit $status): requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max_restarts); it resumes from $run_dir/checkpoints/latest"
         if ! scontrol requeue "$SLURM_JOB_ID"; then
             tandem_log "scontrol requeue failed (was the job cancelled, or submitted without --requeue?)." \

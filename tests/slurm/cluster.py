@@ -111,7 +111,7 @@ class LocalSlurm:
         avail_mb = int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024
         fields["RealMemory"] = str(max(256, int(avail_mb * 0.8)))
         fields.pop("UpTime", None)
-        return " ".join(f"{k}={v}" for k, v in fields.items()) + " State=UNKNOWN"
+        return " ".join(f"{k}={v}" for k, v in fields.items()) + " NodeAddr=127.0.0.1 State=UNKNOWN"
 
     def write_conf(self) -> None:
         r = self.root
@@ -122,7 +122,7 @@ class LocalSlurm:
         self.sock = r / "munge" / "munge.socket"
         lines = [
             "ClusterName=tandemtest",
-            f"SlurmctldHost={self.host}",
+            f"SlurmctldHost={self.host}(127.0.0.1)",  # no DNS needed for the daemons
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",
             "SlurmUser=root",

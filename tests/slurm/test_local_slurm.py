@@ -136,3 +136,21 @@ def test_failing_job_is_not_requeued(local_slurm, slurm_runs):
     assert info["ExitCode"] == "1:0", (info, log)
     assert "no_such_key" in log
     assert "training failed with exit status 1 (not a preemption): not requeued" in log
+
+
+def test_cancelled_job_checkpoints_and_stays_cancelled(local_slurm, slurm_runs):
+    """scancel sends TERM to the batch shell and the tasks: the trainer still checkpoints (exit 75), but
+    the script must not requeue a job the user cancelled."""
+    job, logs = _submit(local_slurm, slurm_runs, "smoke.sbatch", [], RUN)
+    run_dir = slurm_runs / "smoke" / str(job)
+    _wait_until(local_slurm, job, logs, lambda: _steps(run_dir) >= 1, "the first training step")
+    local_slurm.run("scancel", str(job))
+    end = time.monotonic() + 90
+    while "not requeued from here" not in _log(logs, job):
+        assert time.monotonic() < end, _log(logs, job)
+        time.sleep(0.2)
+    info = local_slurm.wait_job(job, timeout=60)
+    log = _log(logs, job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", (info, log)
+    assert "exiting with 75" in log and "SLURM_RESTART_COUNT=1" not in log
+    assert (run_dir / "checkpoints" / "latest").is_file()

@@ -25,6 +25,10 @@ exit ${FAKE_STATUS:-0}
 """
 FAKE_SCONTROL = r"""#!/bin/bash
 echo "scontrol $*" >> "$FAKE_LOG"
+if [[ $1 == show ]]; then
+    echo "JobId=$SLURM_JOB_ID JobName=t JobState=${FAKE_JOB_STATE:-RUNNING} Restarts=0"
+    exit 0
+fi
 exit ${FAKE_SCONTROL_RC:-0}
 """
 
@@ -97,6 +101,16 @@ def test_failure_is_not_requeued(fake, status):
     assert rc == int(status)
     assert "scontrol" not in calls
     assert f"training failed with exit status {status} (not a preemption): not requeued" in out
+
+
+@pytest.mark.parametrize("state", ["COMPLETING", "CANCELLED"])
+def test_cancelled_job_is_not_requeued(fake, state):
+    """scancel sends TERM too: the trainer checkpoints and exits 75, but a cancelled job stays cancelled."""
+    _, run, _, _ = fake
+    rc, out, calls = run(FAKE_STATUS="75", FAKE_JOB_STATE=state)
+    assert rc == 75
+    assert "scontrol show job 4711" in calls and "requeue" not in calls
+    assert f"the job is {state}, not RUNNING" in out and "not requeued from here" in out
 
 
 def test_failed_requeue_is_reported(fake):
