@@ -1,5 +1,6 @@
-"""The sbatch recipes on a real (private, single-node) Slurm: 2-task gloo DP, preemption → checkpoint →
-requeue → resume with losses equal to an uninterrupted run, and a failing job that is not requeued."""
+"""The sbatch recipes on a real (private, single-node) Slurm: 2-task gloo DP; preemption (time-limit notice,
+then a higher-priority partition) → checkpoint → requeue → resume, with losses equal to an uninterrupted
+run; a failing job and a cancelled job that are not requeued."""
 
 import json
 import re
