@@ -17,7 +17,8 @@ One task per rank, started by ``srun``. The mapping:
 GPU binding: the trainer puts local rank *i* on ``cuda:i``. When Slurm manages GPUs it sets
 ``CUDA_VISIBLE_DEVICES`` to the node's allocated GPUs; :func:`gpu_binding` checks there is one per local
 task and keeps exactly ``LOCAL_WORLD_SIZE`` of them, so task *i* gets the *i*-th allocated GPU and no two
-tasks share one. Without a GPU allocation nothing is set (CPU runs, gloo).
+tasks share one. Without a GPU allocation nothing is set (CPU runs, gloo). The GPU case is unit-tested as a
+mapping only: it has not run on a GPU cluster yet (the test machines have none).
 
 Node lists use Slurm's hostlist syntax: ``gpu[01-04,07],cpu5``, ``rack[1-2]-n[1-3]``. The launcher asks
 ``scontrol show hostnames`` when it exists and falls back to :func:`expand_hostlist`.
