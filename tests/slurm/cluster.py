@@ -153,9 +153,9 @@ class LocalSlurm:
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
             f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
             self._node_line(),
-            # preemption from a higher partition: jobs in `debug` get their --signal notice (USR1 to the batch
-            # shell, preempt_send_user_signal) when an
-            # `urgent` job needs their CPUs, and GraceTime seconds to checkpoint before Slurm requeues them
+            # preemption from a higher partition: when an `urgent` job needs their CPUs, jobs in `debug` get
+            # their --signal notice (USR1 to the batch shell: preempt_send_user_signal) and GraceTime seconds
+            # to checkpoint before Slurm requeues them
             "PreemptType=preempt/partition_prio",
             "PreemptMode=REQUEUE",
             "SlurmctldParameters=preempt_send_user_signal",
