@@ -110,3 +110,19 @@ def test_trainer_config_composes_every_recipe(tmp_path):
     cfg = compose_recipe("smoke", ["precision=nvfp4", "precision.high_precision_first=2", "precision.nvfp4_rht=false"])
     spec = PrecisionSpec.from_config(cfg.precision)
     assert spec.high_precision_first == 2 and spec.high_precision_last == 1 and spec.options.nvfp4_rht is False
+
+
+def test_bad_precision_stops_the_run_before_it_writes(tmp_path):
+    from trainer.distributed import ConfigError
+    from trainer.run import run
+
+    cfg = compose_recipe_for(tmp_path, ["precision=nvfp4", "precision.backend=te"])
+    with pytest.raises(ConfigError, match=r"precision.backend=te for nvfp4: the model is on cpu"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def compose_recipe_for(tmp_path, extra):
+    from tests.trainer.conftest import TINY_RUN, compose_recipe
+
+    return compose_recipe("smoke", [*TINY_RUN, f"run.dir={tmp_path / 'run'}", *extra])
