@@ -30,10 +30,9 @@ from typing import Callable
 
 import torch
 
-from .formats import E4M3, E5M2, FloatFormat
+from .formats import E4M3, E5M2, FloatFormat, e8m0_to_float
 from .scaled import (DelayedScaling, expand_block_scales, hadamard_matrix, quantize_blocks, quantize_current,
                      quantize_mx, quantize_nvfp4, random_hadamard_transform)
-from .formats import e8m0_to_float
 
 __all__ = ["RecipeOptions", "TensorQuantizer", "LinearQuantizers", "RECIPES", "register_recipe", "build_quantizers"]
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .formats import E2M1, E4M3, FloatFormat, e2m1_encode, e8m0_from_exponent, e8m0_to_float, exp2_int, round_to_format
 
 __all__ = [
-    "compute_scale", "quantize_with_scale", "quantize_current", "DelayedScaling", "quantize_blocks",
+    "compute_scale", "quantize_with_scale", "quantize_current", "DelayedScaling", "quantize_blocks", "expand_block_scales",
     "quantize_mx", "NVFP4Quantized", "quantize_nvfp4", "nvfp4_global_encode_scale", "hadamard_matrix",
     "random_hadamard_transform", "TE_RHT_SIGNS", "pad_to",
 ]

@@ -185,3 +185,13 @@ def test_hadamard_orthogonal_and_exactly_inverted():
     torch.testing.assert_close(f(dy).t() @ f(xx), dy.t() @ xx, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="power of two"):
         hadamard_matrix(12)
+
+
+def test_all_zero_tensors_quantize_to_zero():
+    z = torch.zeros(32, 64)
+    assert torch.equal(quantize_nvfp4(z).dequantize(), z)
+    assert torch.equal(quantize_nvfp4(z, (16, 16)).dequantize(), z)
+    values, scale = quantize_mx(z, E4M3)
+    assert torch.equal(values, z) and (scale == 0).all()  # E8M0 2^-127, as torchao
+    values, scale_inv = quantize_blocks(z, E4M3, (1, 128))
+    assert torch.equal(values, z) and (scale_inv == 1).all()
