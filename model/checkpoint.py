@@ -125,11 +125,18 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool 
     filled: set[str] = set()
     unexpected: list[str] = []
     ignored: list[str] = []
-    for file in checkpoint_files(path):
+    files = checkpoint_files(path)
+    from .precision_checkpoint import nvfp4_reader  # NVFP4 release layout: dequantized on the fly
+
+    nvfp4 = nvfp4_reader(files)
+    for file in files:
         with _open(file) as f:
             for key in f.keys():
                 if key.startswith(_IGNORED_PREFIXES):
                     ignored.append(key)
+                    continue
+                packed = nvfp4 is not None and nvfp4.is_packed(key)
+                if nvfp4 is not None and nvfp4.is_aux(key):
                     continue
                 name, expert = _target(_canonical_key(key))
                 if name not in state:
@@ -147,6 +154,8 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool 
                     expert -= offset
                     dest = dest[expert]
                 shape = tuple(f.get_slice(key).get_shape())
+                if packed:
+                    shape = nvfp4.logical_shape(key, shape)
                 if shape != tuple(dest.shape):
                     raise CheckpointError(
                         f"{file}: shape mismatch for {key!r}: checkpoint has {shape}, model expects {tuple(dest.shape)}"
@@ -155,6 +164,8 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool 
                     tensor = f.get_tensor(key)
                 except Exception as e:
                     raise CheckpointError(f"{file}: cannot read tensor {key!r}, file truncated or corrupt ({e})") from None
+                if packed:
+                    tensor = nvfp4.dequantize(key, tensor)
                 dest.copy_(tensor)
                 if expert is None:
                     filled.add(name)

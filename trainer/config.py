@@ -115,7 +115,24 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    name: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    """Numerics of the run; the low-precision recipes are applied by :func:`model.precision.apply_precision`
+    (docs/PRECISION.md). Recipe knobs are read only by the recipes they belong to."""
+
+    # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp8_delayed | fp8_current | fp8_block | mxfp8 | nvfp4
+    name: str = "auto"
+    backend: str = "auto"  # te | emulate | auto (TE when importable and the GPU supports the recipe)
+    high_precision_first: int = 0  # first N blocks keep every linear in high precision
+    high_precision_last: int = 0  # last M blocks likewise
+    fp8_format: str = "hybrid"  # fp8_delayed/fp8_current: hybrid (E4M3 fwd, E5M2 grads) | e4m3
+    block_fp8_format: str = "e4m3"  # fp8_block/mxfp8: e4m3 | hybrid
+    margin: int = 0
+    amax_history_len: int = 1024  # fp8_delayed
+    amax_compute_algo: str = "max"  # fp8_delayed: max | most_recent
+    block_power_2_scales: bool = True  # fp8_block
+    mx_scale_mode: str = "rceil"  # mxfp8: rceil (NVIDIA hardware) | floor (OCP MX v1.0)
+    nvfp4_rht: bool = True  # 16x16 random Hadamard transform on the wgrad GEMM inputs
+    nvfp4_stochastic_rounding: bool = True  # gradients
+    nvfp4_2d_weights: bool = True  # 16x16 weight blocks
 
 
 @dataclass

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from model import HybridLM
 from model.checkpoint import CheckpointError
+from model.precision import PrecisionError, apply_precision
 
 from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint
 from .config import build_hybrid_config
@@ -54,6 +55,10 @@ def run(cfg: DictConfig) -> dict:
         if model_cfg.n_routed_experts % info.ep:
             raise ConfigError(f"parallel.ep={info.ep} must divide n_routed_experts ({model_cfg.n_routed_experts})")
         apply_expert_parallel(model, info.ep_group)
+    try:
+        model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
+    except PrecisionError as e:
+        raise ConfigError(str(e)) from None
     stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size, model_cfg.vocab_size)
     optimizer = build_optimizer(model, cfg.optim)
     checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size)
