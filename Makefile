@@ -28,10 +28,16 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt
 	$(PY) -m pip install --quiet --no-build-isolation -c requirements/constraints-cpu.txt -e ".[dev]"
 	touch $(STAMP)
 
-# The smoke run lives in runs/smoke/ and is started afresh each time.
+# The main job. Everything lives in $(SMOKE_DIR) (runs/smoke/), started afresh each time: a generated
+# corpus → tandem-preprocess → indexed datasets → the tiny model through both pretraining phases.
+SMOKE_DIR ?= runs/smoke
 smoke: setup
-	rm -rf runs/smoke
-	$(VENV)/bin/tandem -cn smoke
+	rm -rf $(SMOKE_DIR)
+	$(PY) -m data_pipelines.smoke_data --out $(SMOKE_DIR)/corpus/phase1.jsonl --docs 3000 --seed 0
+	$(PY) -m data_pipelines.smoke_data --out $(SMOKE_DIR)/corpus/phase2.jsonl --docs 1000 --seed 1
+	$(VENV)/bin/tandem-preprocess -i $(SMOKE_DIR)/corpus/phase1.jsonl -o $(SMOKE_DIR)/data/phase1 --no-progress
+	$(VENV)/bin/tandem-preprocess -i $(SMOKE_DIR)/corpus/phase2.jsonl -o $(SMOKE_DIR)/data/phase2 --no-progress
+	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke data=smoke_indexed run.dir=$(SMOKE_DIR)/pretrain
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

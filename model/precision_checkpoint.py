@@ -163,7 +163,7 @@ def export_nvfp4(model, path: str | Path, calibration_inputs: torch.Tensor, *, d
         else:
             quant_keys[f"{name}.weight"] = name
     tensors: dict[str, torch.Tensor] = {}
-    for key, t in checkpoint_items(model):
+    for key, t in checkpoint_items(model.state_dict()):
         t = t.detach().cpu()
         if key in quant_keys:
             if t.shape[1] % 2:
@@ -179,7 +179,7 @@ def export_nvfp4(model, path: str | Path, calibration_inputs: torch.Tensor, *, d
             tensors[key] = t.to(dtype).contiguous()
         else:
             tensors[key] = t.contiguous()
-    excluded = sorted({k.rsplit(".", 1)[0] for k, t in checkpoint_items(model)
+    excluded = sorted({k.rsplit(".", 1)[0] for k, t in checkpoint_items(model.state_dict())
                        if k.endswith(".weight") and k not in quant_keys and t.dim() == 2})
     config = model.config.to_hf_dict()
     stored = dtype or model.lm_head.weight.dtype

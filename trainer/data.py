@@ -11,8 +11,11 @@ Source specs (``data.phase1[*].path``):
   (``words | words``), ``prose`` (template sentences). Small, learnable, shipped as code: the smoke
   recipe needs no files.
 - ``text:<path>`` — a UTF-8 text file; documents are separated by blank lines.
+- ``indexed:<prefix>`` — a ``tandem-preprocess`` output (megatron ``.bin``/``.idx``, tokenised with the
+  shipped or a given tokenizer), served through megatron's GPTDataset (:mod:`data_pipelines.sources`).
 
-Tokens are bytes + 3 (ids 0/1/2 are pad/bos/eos, EOD = eos = 2), so any model with vocab ≥ 259 fits.
+Synthetic and text sources use bytes + 3 as tokens (ids 0/1/2 are pad/bos/eos, EOD = eos = 2), so any
+model with vocab ≥ 259 fits; indexed sources carry their tokenizer's ids (EOD 2 with the shipped one).
 
 Blends: within a phase, sample ``k`` goes to the source whose count lags its weight most (a deterministic
 error-minimising interleave, as megatron's blended dataset does); each source keeps one running offset
@@ -154,12 +157,19 @@ def build_source(spec: str, seed: int, valid_fraction: float, key: str) -> Token
         if arg not in _GENERATORS:
             raise DataError(f"{key}: unknown synthetic source {arg!r}; expected one of {sorted(_GENERATORS)}")
         return SyntheticSource(arg, seed)
+    if kind == "indexed":  # a tandem-preprocess output (megatron .bin/.idx), see data_pipelines.sources
+        from data_pipelines.sources import IndexedTokenSource
+
+        try:
+            return IndexedTokenSource.from_spec(spec, seed, valid_fraction, key)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(str(e)) from None
     if kind == "text":
         path = Path(arg).expanduser()
         if not path.is_file():
             raise DataError(f"{key}: data file {str(path)!r} does not exist")
         return TextFileSource(path, valid_fraction)
-    raise DataError(f"{key}: unknown source spec {spec!r}; expected 'synthetic:<kind>' or 'text:<path>'")
+    raise DataError(f"{key}: unknown source spec {spec!r}; expected 'indexed:<prefix>', 'synthetic:<kind>' or 'text:<path>'")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from model import HybridConfig, HybridLM
+from model.mamba2 import CausalConv1d
 from model.moe import GroupedExperts, TopKRouter
 from model.precision import (PrecisionError, PrecisionSpec, QuantizedExpertMatmul, QuantLinear, apply_precision)
 from model.precision_te import te_unavailable_reason
@@ -35,7 +36,7 @@ def test_policy_and_state_dict_unchanged():
     assert isinstance(layers[4].mixer.up_proj, QuantLinear)
     # never quantized
     assert type(model.lm_head) is nn.Linear and type(model.backbone.embeddings) is nn.Embedding
-    assert isinstance(layers[1].mixer.gate, TopKRouter) and type(layers[3].mixer.conv1d) is nn.Conv1d
+    assert isinstance(layers[1].mixer.gate, TopKRouter) and type(layers[3].mixer.conv1d) is CausalConv1d
     plan = model.precision_plan
     assert plan.backend == "emulate" and len(plan.quantized) == 11 and len(plan.high_precision) == 5
     assert "emulated because the model is on cpu" in plan.summary()
@@ -48,7 +49,7 @@ def test_forward_backward_and_expert_states():
     model(ids).logsumexp(-1).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     mm = model.backbone.layers[1].mixer.experts.matmul
-    used = model.backbone.layers[1].mixer.last_tokens_per_expert.nonzero().flatten().tolist()
+    used = model.backbone.layers[1].mixer.tokens_per_expert_acc.nonzero().flatten().tolist()
     # one delayed-scaling state per expert and projection that saw tokens
     assert sorted(mm._quantizers) == sorted([("down_proj", e) for e in used] + [("up_proj", e) for e in used])
 

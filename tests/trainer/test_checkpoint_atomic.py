@@ -14,6 +14,7 @@ import torch
 from model import HybridConfig, HybridLM
 from trainer.checkpoint import CheckpointManager
 from trainer.config import OptimConfig
+from trainer.distributed import DataParallelEngine, DistInfo
 from trainer.optim import build_optimizer
 
 from .conftest import REPO
