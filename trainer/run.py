@@ -36,6 +36,7 @@ def run(cfg: DictConfig) -> dict:
     Everything that can fail on bad input (config, data paths, checkpoint shapes) is checked before the
     run directory is written to, so a failed start never touches an existing run.
     """
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builders log every index load
     info = init_distributed(cfg.parallel)
     run_dir = Path(cfg.run.dir)
     try:
