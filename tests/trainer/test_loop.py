@@ -226,3 +226,12 @@ def test_bad_input_exits_nonzero_without_touching_runs(tmp_path):
         assert needle in res.stdout + res.stderr, (args, res.stdout[-500:], res.stderr[-2000:])
         assert "Traceback" not in res.stderr, (args, res.stderr[-2000:])
     assert _snapshot(run_dir) == before
+
+
+def test_wandb_logger_offline(tiny_cfg, tmp_path, monkeypatch):
+    """logger=wandb runs offline by default (no network) and keeps its run id across a resume."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run(tiny_cfg("logger=wandb", "logger.progress_bar=false", "stage.steps=2", run_dir=tmp_path / "w"))
+    assert list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    state = json.loads((tmp_path / "w" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["extra"]["wandb_id"]
