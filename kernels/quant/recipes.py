@@ -25,6 +25,8 @@ block formats quantize rowwise and columnwise separately, as TE does. Square wei
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -62,7 +64,7 @@ class RecipeOptions:
         raise ValueError(f"precision.{hybrid_key} must be 'hybrid' or 'e4m3', got {value!r}")
 
 
-class TensorQuantizer:
+class TensorQuantizer(abc.ABC):
     """Quantize–dequantize of a 2-D tensor with blocks along its last dim; returns fp32 dequantized
     values. ``per_tensor``: one scale for the whole tensor (orientation-free). ``square``: square tiles
     (orientation-free too)."""
@@ -70,8 +72,9 @@ class TensorQuantizer:
     per_tensor = False
     square = False
 
-    def __call__(self, t: torch.Tensor, *, stochastic: bool = False) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, t: torch.Tensor, *, stochastic: bool = False) -> torch.Tensor:
+        """Quantize–dequantize ``t`` with blocks along its last dim (each format's subclass)."""
 
     def columnwise(self, t: torch.Tensor, *, stochastic: bool = False) -> torch.Tensor:
         """Quantize along dim 0 (blocks down the columns)."""
