@@ -13,6 +13,8 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.tandem-installed
 PYTEST_ARGS ?=
+# Exact pins tested on the CPU machines; on a GPU machine whose torch needs another triton, pass CONSTRAINTS=
+CONSTRAINTS ?= requirements/constraints-cpu.txt
 
 .PHONY: setup smoke test clean
 
@@ -25,7 +27,7 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt
 	# --no-build-isolation: deepspeed builds from source and must see the torch installed above,
 	# not pull its own (a multi-GB CUDA build) into an isolated build environment.
 	$(PY) -m pip install --quiet setuptools wheel
-	$(PY) -m pip install --quiet --no-build-isolation -c requirements/constraints-cpu.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --no-build-isolation $(if $(CONSTRAINTS),-c $(CONSTRAINTS),) -e ".[dev]"
 	touch $(STAMP)
 
 # The main job. Everything lives in $(SMOKE_DIR) (runs/smoke/), started afresh each time: a generated
