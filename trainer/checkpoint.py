@@ -186,6 +186,8 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
         for p in self.root.glob(".step_*.tmp-*"):  # leftovers of saves that were killed
             shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(".latest.tmp-*"):  # a pointer update killed before its rename
+            p.unlink(missing_ok=True)
 
     def _barrier(self) -> None:
         if self.world_size > 1:
