@@ -32,7 +32,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["EOD", "PAD", "BlendSchedule", "TokenSource", "build_source", "encode_text", "decode_tokens", "make_batch"]
+__all__ = ["EOD", "PAD", "BlendSchedule", "TokenSource", "build_source", "encode_text", "make_batch"]
 
 PAD, BOS, EOD = 0, 1, 2
 _OFFSET = 3
@@ -40,10 +40,6 @@ _OFFSET = 3
 
 def encode_text(text: str) -> list[int]:
     return [b + _OFFSET for b in text.encode("utf-8")]
-
-
-def decode_tokens(ids) -> str:
-    return bytes(int(i) - _OFFSET for i in ids if int(i) >= _OFFSET).decode("utf-8", errors="replace")
 
 
 class DataError(ValueError):

@@ -18,7 +18,7 @@ from .config import build_hybrid_config
 from .data import DataError
 from .distributed import ConfigError, build_engine, init_distributed
 from .expert_parallel import apply_expert_parallel
-from .loop import Trainer, TrainerState
+from .loop import Trainer
 from .moe import ExpertBalancer
 from .metrics import ConsoleSink, JsonlSink, WandbSink, model_flops_per_token, peak_flops_per_device
 from .optim import build_optimizer
@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> dict:
         model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
     except PrecisionError as e:
         raise ConfigError(str(e)) from None
-    stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size, model_cfg.vocab_size)
+    stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size)
     optimizer = build_optimizer(model, cfg.optim)
     checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size)
 
@@ -130,4 +130,4 @@ def run(cfg: DictConfig) -> dict:
     return record
 
 
-__all__ = ["run", "USER_ERRORS", "TrainerState"]
+__all__ = ["run", "USER_ERRORS"]

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class PretrainStage(Stage):
     name = "pretrain"
 
-    def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
+    def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1):
         if stage.global_batch % (world_size * stage.micro_batch):
             raise DataError(
                 f"stage.global_batch ({stage.global_batch}) must be a multiple of data-parallel size ({world_size}) "
@@ -49,7 +49,6 @@ class PretrainStage(Stage):
         self.schedule = BlendSchedule(phases, sources)
         # Every step has the same token count, so the token-fraction switch is a step index.
         self.phase2_step = math.ceil(data.phase2_start * stage.steps) if data.phase2 else stage.steps + 1
-        self.vocab_size = vocab_size
         log.info("data phase 1 blend: %s", phases[0])
         if data.phase2:
             log.info("data phase 2 blend: %s (from step %d = %.1f%% of tokens)", phases[1], self.phase2_step, 100 * data.phase2_start)
