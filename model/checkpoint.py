@@ -205,6 +205,22 @@ def _resolve_dtype(dtype: torch.dtype | str | None, raw_config: dict) -> torch.d
     return resolved
 
 
+def read_config(path: str | Path) -> HybridConfig:
+    """The :class:`HybridConfig` of a checkpoint directory (its ``config.json``), without loading weights."""
+    return _read_config(Path(path))[0]
+
+
+def _read_config(path: Path) -> tuple[HybridConfig, dict]:
+    config_file = path / CONFIG_NAME
+    if not config_file.exists():
+        raise CheckpointError(f"{path}: no {CONFIG_NAME}")
+    raw = _read_json(config_file)
+    try:
+        return HybridConfig.from_hf_dict(raw, source=str(config_file)), raw
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+
+
 def load_pretrained(
     cls,
     path: str | Path,
@@ -220,12 +236,8 @@ def load_pretrained(
     stays fp32. ``config_overrides``: HybridConfig fields to change (e.g. ``{"time_step_limit": …}``).
     """
     path = Path(path)
-    config_file = path / CONFIG_NAME
-    if not config_file.exists():
-        raise CheckpointError(f"{path}: no {CONFIG_NAME}")
-    raw = _read_json(config_file)
+    config, raw = _read_config(path)
     try:
-        config = HybridConfig.from_hf_dict(raw, source=str(config_file))
         if config_overrides:
             config = config.replace(**config_overrides)
     except (TypeError, ValueError) as e:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from model.checkpoint import CheckpointError, load_checkpoint_into, save_state_dict
 
 
-__all__ = ["CheckpointManager", "resolve_checkpoint", "load_weights", "optimizer_state_by_name", "load_optimizer_state_by_name"]
+__all__ = ["CheckpointManager", "resolve_checkpoint", "load_weights", "weights_dir", "optimizer_state_by_name", "load_optimizer_state_by_name"]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -222,12 +222,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no tandem checkpoint here (expected trainer_state.json or a 'latest' pointer)")
 
 
-def load_weights(model, source: str | Path) -> Path:
-    """Initial weights for a new stage: a released/HF-layout directory or a tandem run checkpoint."""
+def weights_dir(source: str | Path) -> Path:
+    """The HF-layout weights folder of ``source``: a released/HF directory itself, or a tandem run
+    (run dir, checkpoints/ dir or step dir) → its latest step's ``model/``."""
     source = Path(source)
     if (source / "config.json").exists():
-        load_checkpoint_into(model, source)
         return source
-    step_dir = resolve_checkpoint(source)
-    load_checkpoint_into(model, step_dir / "model")
-    return step_dir / "model"
+    if not source.exists():
+        raise CheckpointError(f"{source}: no such checkpoint directory")
+    return resolve_checkpoint(source) / "model"
+
+
+def load_weights(model, source: str | Path) -> Path:
+    """Initial weights for a new stage: a released/HF-layout directory or a tandem run checkpoint."""
+    folder = weights_dir(source)
+    load_checkpoint_into(model, folder)
+    return folder

@@ -20,7 +20,7 @@ from typing import Any, List, Optional
 from model import HybridConfig
 
 __all__ = [
-    "BlendEntry", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "BlendEntry", "ChatDataConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "register_configs",
 ]
 
@@ -53,14 +53,31 @@ def _model_config_class():
 ModelConfig = _model_config_class()
 
 
+#: ``model.preset`` value meaning "the shape of the checkpoint named by ``model.init_from``"
+FROM_CHECKPOINT = "init_from"
+
+
 def build_hybrid_config(cfg: Any) -> HybridConfig:
-    """``ModelConfig`` (or its DictConfig) → validated :class:`HybridConfig`."""
+    """``ModelConfig`` (or its DictConfig) → validated :class:`HybridConfig`.
+
+    ``preset: init_from`` takes the architecture from the ``config.json`` of the checkpoint in
+    ``model.init_from`` (a released/HF directory or a tandem run), so fine-tuning a released model needs
+    no hand-written shape; field overrides still apply on top (e.g. ``ssd_impl``).
+    """
     get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
     overrides = {}
     for f in dataclasses.fields(HybridConfig):
         v = get(f.name, None)
         if v is not None:
             overrides[f.name] = tuple(v) if f.name == "time_step_limit" else v
+    if get("preset") == FROM_CHECKPOINT:
+        from model.checkpoint import read_config
+
+        from .checkpoint import weights_dir
+
+        if not get("init_from"):
+            raise ValueError("model.preset=init_from needs model.init_from=<checkpoint directory>")
+        return read_config(weights_dir(get("init_from"))).replace(**overrides)
     return HybridConfig.preset(get("preset"), **overrides)
 
 
@@ -70,6 +87,20 @@ class BlendEntry:
 
     path: str = "???"
     weight: float = 1.0
+
+
+@dataclass
+class ChatDataConfig:
+    """Conversations for SFT (docs/SFT.md): JSONL / Parquet files or HF dataset folders with ``messages``."""
+
+    train: List[str] = field(default_factory=list)
+    # Held-out conversations; empty = hold out ``data.valid_fraction`` of the training conversations.
+    valid: List[str] = field(default_factory=list)
+    tokenizer: Optional[str] = None  # a local HF tokenizer folder / tokenizer.json; null = the shipped one
+    train_on: str = "all"  # all | final: loss on every assistant turn, or only on the last one
+    truncate_history_thinking: bool = True  # earlier turns keep only <think></think> + content
+    overlong: str = "drop"  # drop | truncate: conversations longer than data.seq_len
+    enable_thinking: bool = True  # default reasoning mode for rows without their own enable_thinking
 
 
 @dataclass
@@ -83,6 +114,8 @@ class DataConfig:
     # Fraction of every source's documents held out for evaluation.
     valid_fraction: float = 0.02
     seed: int = 1234
+    # SFT conversations (stage.name=sft); pretraining reads phase1/phase2.
+    chat: ChatDataConfig = field(default_factory=ChatDataConfig)
 
 
 @dataclass

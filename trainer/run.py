@@ -45,8 +45,8 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"model: {e}") from None
     if cfg.stage.name not in STAGES:
         raise ConfigError(f"stage.name must be one of {sorted(STAGES)}, got {cfg.stage.name!r}")
-    if model_cfg.vocab_size < 259:
-        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size}: the byte-level data needs at least 259 token ids")
+    stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size)
+    stage.check_model(model_cfg)
 
     torch.manual_seed(cfg.stage.seed + info.rank)
     model = HybridLM(model_cfg, init_seed=cfg.model.init_seed, device=info.device)
@@ -60,7 +60,6 @@ def run(cfg: DictConfig) -> dict:
         model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
     except PrecisionError as e:
         raise ConfigError(str(e)) from None
-    stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size)
     optimizer = build_optimizer(model, cfg.optim)
     checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size)
 

@@ -201,6 +201,21 @@ def test_new_stage_from_checkpoint_weights_and_released_layout(tiny_cfg, tmp_pat
     assert torch.equal(a.lm_head.weight, b.lm_head.weight)
 
 
+def test_model_shape_from_the_checkpoint(tiny_cfg, tmp_path):
+    """model.preset=init_from takes the architecture from the checkpoint's config.json."""
+    odd = HybridConfig.preset("tiny", hidden_size=48, num_attention_heads=4, mamba_num_heads=6)
+    HybridLM(odd, init_seed=3).save_pretrained(tmp_path / "release")
+    run(tiny_cfg("stage.steps=1", "model.preset=init_from", f"model.init_from={tmp_path / 'release'}",
+                 run_dir=tmp_path / "ft"))
+    written = HybridLM.from_pretrained(tmp_path / "ft" / "checkpoints" / "step_00000001" / "model")
+    assert written.config.hidden_size == 48 and written.config.mamba_num_heads == 6
+    # from a tandem run directory too (its latest step's model/), with a field override on top
+    run(tiny_cfg("stage.steps=1", "model.preset=init_from", f"model.init_from={tmp_path / 'ft'}",
+                 "model.ssd_impl=torch", run_dir=tmp_path / "ft2"))
+    with pytest.raises(Exception, match="needs model.init_from"):
+        run(tiny_cfg("stage.steps=1", "model.preset=init_from", run_dir=tmp_path / "ft3"))
+
+
 def _snapshot(path):
     return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 

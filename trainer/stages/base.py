@@ -49,6 +49,9 @@ class Stage(abc.ABC):
     def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for optimizer step ``step`` (0-based). Called once per step, in order."""
 
+    def check_model(self, config) -> None:
+        """Refuse (DataError) a model config this stage's data cannot feed, e.g. a too-small vocabulary."""
+
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         return token_cross_entropy(model, batch)
 

@@ -53,6 +53,11 @@ class PretrainStage(Stage):
         if data.phase2:
             log.info("data phase 2 blend: %s (from step %d = %.1f%% of tokens)", phases[1], self.phase2_step, 100 * data.phase2_start)
 
+    def check_model(self, config) -> None:
+        byte_level = any(e.path.startswith(("synthetic:", "text:")) for e in (*self.data.phase1, *self.data.phase2))
+        if byte_level and config.vocab_size < 259:
+            raise DataError(f"model.vocab_size={config.vocab_size}: the byte-level data sources need at least 259 token ids")
+
     def phase_for_step(self, step: int) -> int:
         return 1 if step >= self.phase2_step else 0
 
