@@ -160,7 +160,31 @@ def render_text(messages: Sequence[dict], **kwargs) -> str:
     return "".join(text for text, _ in chat_pieces(messages, **kwargs))
 
 
+def _encoder(tokenizer):
+    """``text -> ids`` without BOS/EOS: a tandem ``Tokenizer`` as is, a transformers tokenizer with
+    ``add_special_tokens=False``, or an ``_Memo`` already."""
+    if isinstance(tokenizer, _Memo):
+        return tokenizer
+    if type(tokenizer).__module__.startswith("transformers"):
+        return lambda text: tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode
+
+
+class _Memo:
+    """Remembers piece encodings within one conversation: its segments re-render the same pieces."""
+
+    def __init__(self, tokenizer):
+        self._encode, self._cache = _encoder(tokenizer), {}
+
+    def __call__(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self._cache[text] = self._encode(text)
+        return ids
+
+
 def _encode_pieces(pieces: list[tuple[str, int | None]], tokenizer, trained: set[int] | None) -> dict:
+    encode = _encoder(tokenizer)
     ids: list[int] = []
     mask: list[int] = []
     prev = ""
@@ -168,7 +192,7 @@ def _encode_pieces(pieces: list[tuple[str, int | None]], tokenizer, trained: set
         # Internal invariant: a boundary touches a special token on one side, so BPE cannot merge across it
         # and piece-wise encoding equals encoding the joined text.
         assert not prev or prev.endswith(_SPECIALS) or text.startswith(_SPECIALS), (prev[-20:], text[:20])
-        piece = tokenizer.encode(text)
+        piece = encode(text)
         ids += piece
         on = int(turn is not None and (trained is None or turn in trained))
         mask += [on] * len(piece)
@@ -197,8 +221,9 @@ def render_chat(messages: Sequence[dict], tokenizer, *, tools: Sequence[dict] | 
 
     Equal to ``tokenizer.encode(<chat template text>)`` with the same options. The loss mask covers the
     assistant turns this rendering trains (see ``_trained_turns``); a generation prompt is never trained.
-    ``tokenizer``: anything whose ``encode(text)`` returns ids without adding BOS/EOS and maps special-token
-    strings to their ids (``data_pipelines.tokenizer.Tokenizer``).
+    ``tokenizer``: a ``data_pipelines.tokenizer.Tokenizer``, a transformers tokenizer (encoded with
+    ``add_special_tokens=False``), or anything whose ``encode(text)`` adds no BOS/EOS and maps
+    special-token strings to their ids.
     """
     _check_options(train_on)
     pieces = chat_pieces(messages, tools=tools, enable_thinking=enable_thinking,
@@ -244,6 +269,7 @@ def render_sft_samples(messages: Sequence[dict], tokenizer, *, tools: Sequence[d
     has an answer).
     """
     _check_options(train_on)
+    tokenizer = _Memo(tokenizer)
     opts = dict(tools=tools, enable_thinking=enable_thinking, truncate_history_thinking=truncate_history_thinking)
     if not truncate_history_thinking:
         samples = [render_chat(messages, tokenizer, train_on=train_on, **opts)]

@@ -30,6 +30,7 @@ def assert_agree(hf, tok, messages, **kw):
     assert ids == tok.encode(text)
     assert ids == hf.apply_chat_template(messages, tokenize=True, return_dict=False, **kw)
     assert ids == tok.apply_chat_template(messages, **kw)
+    assert ids == render_chat(messages, hf, **kw)["input_ids"]  # a transformers tokenizer works as well
     return text
 
 
