@@ -66,7 +66,7 @@ def test_normalisation_of_valid_rows():
     assert conv.messages[2]["content"] == '{"sum": 2}' and conv.tools == CHAT_TOOLS and conv.enable_thinking is False
 
 
-def test_parquet_with_tool_calls_reads_like_jsonl(tmp_path, tok):
+def test_parquet_and_hf_datasets_with_tool_calls_read_like_jsonl(tmp_path, tok):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
@@ -78,6 +78,10 @@ def test_parquet_with_tool_calls_reads_like_jsonl(tmp_path, tok):
     a = SFTPackedDataset(str(tmp_path / "d.parquet"), tok, 512)
     b = SFTPackedDataset(str(tmp_path / "d.jsonl"), tok, 512)
     assert [a.sample(k) for k in range(a.stats.samples)] == [b.sample(k) for k in range(b.stats.samples)]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))  # Arrow: the same None-filling
+    c = SFTPackedDataset(str(tmp_path / "hf"), tok, 512)
+    assert [c.sample(k) for k in range(c.stats.samples)] == [b.sample(k) for k in range(b.stats.samples)]
     bad = [{"messages": [U, {"role": "robot", "content": "x"}]}]
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
     with pytest.raises(BadRecordError, match=r"bad\.parquet:row 1: messages\[1\]: unknown role 'robot'"):
