@@ -72,7 +72,7 @@ def test_parquet_and_hf_datasets_with_tool_calls_read_like_jsonl(tmp_path, tok):
 
     rows = [{"messages": [U, {"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 1}'}}]},
-        TOOL, {"role": "assistant", "content": "2"}], "tools": json.dumps(CHAT_TOOLS)}, GOOD]
+        TOOL, {"role": "assistant", "content": "2"}], "tools": CHAT_TOOLS}, GOOD]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")  # absent struct fields become None
     write_jsonl(tmp_path / "d.jsonl", rows)
     a = SFTPackedDataset(str(tmp_path / "d.parquet"), tok, 512)
