@@ -8,7 +8,9 @@ string (every byte has a token), so the tokenizer is usable on arbitrary text ev
 on a small synthetic corpus; it is meant for tests and the smoke recipe, not for quality.
 
 Ids 0/1/2 are pad/bos/eos, matching the NemotronH config defaults (``pad_token_id=0``,
-``bos_token_id=1``, ``eos_token_id=2``); the chat-template tokens follow (see NEMOTRON3-FACTS §5).
+``bos_token_id=1``, ``eos_token_id=2``); the chat-template tokens follow (see NEMOTRON3-FACTS §5). The
+Jinja chat template (``assets/chat_template.jinja``) is written into ``tokenizer_config.json`` as
+``chat_template``, so ``transformers.AutoTokenizer`` applies it.
 The vocabulary size defaults to 512 = the ``tiny`` model preset's ``vocab_size``.
 """
 
@@ -18,6 +20,8 @@ import argparse
 import json
 import random
 from pathlib import Path
+
+CHAT_TEMPLATE_PATH = Path(__file__).parent / "assets" / "chat_template.jinja"
 
 # Order fixes the ids: pad 0, bos 1, eos 2 (NemotronH defaults), then the chat-template tokens.
 SPECIAL_TOKENS = [
@@ -119,6 +123,9 @@ def build(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -> Path:
         "model_max_length": 1_000_000_000,
         "clean_up_tokenization_spaces": False,
         "add_bos_token": False, "add_eos_token": False,
+        # One source of truth: data_pipelines/assets/chat_template.jinja (data_pipelines/chat.py renders
+        # the same tokens piece by piece; see docs/SFT.md).
+        "chat_template": CHAT_TEMPLATE_PATH.read_text(),
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(

@@ -85,6 +85,17 @@ class Tokenizer:
             return self._backend.get_vocab().get(token)
         return self._backend.token_to_id(token)
 
+    def apply_chat_template(self, messages: Sequence[dict], *, tools: Sequence[dict] | None = None,
+                            add_generation_prompt: bool = False, enable_thinking: bool | None = True,
+                            truncate_history_thinking: bool = True) -> list[int]:
+        """Ids of the tandem chat template's rendering (``data_pipelines.chat.render_chat``; equal to
+        transformers' ``apply_chat_template`` on the shipped folder, but tokenised turn by turn)."""
+        from .chat import render_chat
+
+        return render_chat(messages, self, tools=tools, add_generation_prompt=add_generation_prompt,
+                           enable_thinking=enable_thinking,
+                           truncate_history_thinking=truncate_history_thinking)["input_ids"]
+
     # megatron's tokenizer interface names
     @property
     def eos(self) -> int:

@@ -37,3 +37,55 @@ def write_indexed(prefix, n_docs: int, lo: int, hi: int, seed: int = 0, eod: int
         b.add_document(doc, [len(doc)])
     b.finalize(str(prefix) + ".idx")
     return str(prefix)
+
+
+# --- chat conversations -------------------------------------------------------------------------------
+
+_CHAT_BITS = ["12", " + ", "7", "the", " answer", "\n", "  ", "\t", "é", "日本", "😀", "{", "}", '"', ":", ",",
+              "/think", "/no_think", "<|im_end|>", "<think>", "</think>", "<|im", "<thi", "</", ">", "|", "x",
+              "<tool_call>", " \n ", "...", "Q", "  lead", "trail  "]
+
+CHAT_TOOLS = [
+    {"type": "function", "function": {"name": "add", "description": "add two numbers",
+                                      "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
+                                                                                      "b": {"type": "integer"}}}}},
+    {"name": "lookup", "description": "look a word up", "parameters": {"type": "object"}},
+]
+
+
+def random_text(rng, lo: int = 0, hi: int = 8) -> str:
+    return "".join(rng.choice(_CHAT_BITS) for _ in range(rng.randint(lo, hi)))
+
+
+def random_conversation(rng, *, tools: bool | None = None) -> tuple[list[dict], list[dict] | None]:
+    """A random but well-formed conversation (and its tools): optional system, user turns each answered by
+    one or more assistant turns, some calling tools whose results follow as tool messages."""
+    use_tools = rng.random() < 0.5 if tools is None else tools
+    msgs: list[dict] = []
+    if rng.random() < 0.6:
+        msgs.append({"role": "system", "content": random_text(rng)})
+    for _ in range(rng.randint(1, 4)):
+        msgs.append({"role": "user", "content": random_text(rng, 1) or "q"})
+        for _ in range(rng.randint(1, 3)):
+            m: dict = {"role": "assistant", "content": random_text(rng)}
+            if rng.random() < 0.6:
+                m["reasoning_content"] = random_text(rng)
+            calls = []
+            if use_tools and rng.random() < 0.5:
+                for _ in range(rng.randint(1, 2)):
+                    name = rng.choice(["add", "lookup"])
+                    args = {"a": rng.randint(0, 99), "b": random_text(rng, 0, 3)}
+                    calls.append({"type": "function", "function": {"name": name, "arguments": args}}
+                                 if rng.random() < 0.5 else {"name": name, "arguments": args})
+                m["tool_calls"] = calls
+            if not m["content"].strip() and not calls:
+                m["content"] = "ok"
+            msgs.append(m)
+            if not calls:
+                break
+            for _ in calls:
+                msgs.append({"role": "tool", "content": random_text(rng) or "0"})
+            msgs.append({"role": "assistant", "content": random_text(rng, 1) or "done",
+                         "reasoning_content": random_text(rng)})
+            break
+    return msgs, (CHAT_TOOLS if use_tools else None)

@@ -42,7 +42,8 @@ def test_both_backends_agree_and_identifiers_serialise():
 
 def test_build_is_reproducible(tmp_path):
     out = build_tokenizer.build(tmp_path / "tok", vocab_size=512, seed=0)
-    assert (out / "tokenizer.json").read_bytes() == (SHIPPED_TOKENIZER_DIR / "tokenizer.json").read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the config carries the chat template
+        assert (out / name).read_bytes() == (SHIPPED_TOKENIZER_DIR / name).read_bytes(), name
     bigger = load_tokenizer(build_tokenizer.build(tmp_path / "tok1k", vocab_size=1024))
     assert bigger.vocab_size == 1024 and bigger.eod == 2
 

@@ -1,0 +1,376 @@
+"""SFT data: chat conversations → validated → rendered token by token → packed into fixed-length rows.
+
+    ds = SFTPackedDataset("sft.jsonl", load_tokenizer(), seq_len=1024, train_on="all", overlong="drop", seed=0)
+    row = ds[0]        # input_ids, labels, loss_mask, seq_idx, position_ids, valid, num_docs
+    ds.stats.as_dict() # samples, dropped, truncated, rows, fill rate, target tokens, ...
+    loader = build_dataloader(ds, micro_batch_size=4, eod=tok.eod)   # data_pipelines.packing
+
+Row schema (JSONL line / Parquet row / HF dataset row; docs/SFT.md has the full rules)::
+
+    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str,
+                   "reasoning_content": str,                                     # assistant, optional
+                   "tool_calls": [{"name": str, "arguments": {...} | "<json>"}   # assistant, optional
+                                  | {"type": "function", "function": {"name": ..., "arguments": ...}}]}],
+     "tools": [{"type": "function", "function": {"name": ..., ...}} | {"name": ..., ...}],  # optional
+     "enable_thinking": true | false}                                                     # optional
+
+Every invalid row is a ``BadRecordError`` naming ``file:line`` and the problem (``bad_rows="skip"`` skips
+and counts them instead). Conversations become samples with ``chat.render_sft_samples`` (one per
+user-delimited segment when history reasoning is truncated). A sample longer than ``seq_len`` is dropped
+or cut (``overlong``); samples are packed whole into rows by first-fit-decreasing.
+
+Within a row, a sample of n tokens occupies n positions: ``input_ids`` are its tokens, ``labels[t]`` the
+next token of the *same* sample (the last position of a sample has ``IGNORE_LABEL``, so no label crosses
+into the next sample), ``loss_mask[t] = render_mask[t + 1]`` (1 where the label is an assistant token to
+learn), ``labels`` is ``IGNORE_LABEL`` wherever ``loss_mask`` is 0. ``seq_idx`` numbers the samples of the
+row (padding at the end gets its own index), ``position_ids`` restart at 0 for every sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .chat import ROLES, TRAIN_ON, render_sft_samples
+from .packing import IGNORE_LABEL
+from .readers import BadRecordError, ReadStats, check_text, iter_records
+
+log = logging.getLogger(__name__)
+
+OVERLONG = ("drop", "truncate")
+
+
+# --- validation -----------------------------------------------------------------------------------------
+
+@dataclass
+class Conversation:
+    """A validated row: messages with only the keys the template reads, tool calls normalised to
+    ``{"name", "arguments": dict}``; ``where`` is its ``file:line``."""
+
+    messages: list[dict]
+    tools: list[dict] | None = None
+    enable_thinking: bool | None = None
+    where: str = ""
+
+
+def _type(v: Any) -> str:
+    return type(v).__name__
+
+
+def _strip_none(value: Any) -> Any:
+    """Columnar sources (Parquet, Arrow) fill absent struct fields with None; drop them again."""
+    if isinstance(value, dict):
+        return {k: _strip_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_strip_none(v) for v in value]
+    return value
+
+
+def _tool_name(tool: Any, j: int) -> str:
+    if not isinstance(tool, dict):
+        raise ValueError(f"tools[{j}] must be an object, got {_type(tool)}")
+    fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tools[{j}] has no 'name' (expected {{\"name\": ...}} or "
+                         f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}})")
+    return name
+
+
+def _tool_call(call: Any, where: str) -> dict:
+    if not isinstance(call, dict):
+        raise ValueError(f"{where} must be an object, got {_type(call)}")
+    fn = call.get("function") if call.get("function") is not None else call
+    if not isinstance(fn, dict):
+        raise ValueError(f"{where}.function must be an object, got {_type(fn)}")
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where} has no 'name'")
+    args = fn.get("arguments")
+    if args is None:
+        args = {}
+    elif isinstance(args, str):  # OpenAI style: arguments as a JSON string
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}.arguments is a string but not valid JSON ({e.msg})") from None
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}.arguments must be a JSON object, got {_type(args)}")
+    return {"name": name, "arguments": args}
+
+
+def validate_conversation(row: dict, *, columnar: bool = False) -> Conversation:
+    """Check one row against the SFT schema and normalise it; ``ValueError`` says what is wrong."""
+    if columnar:
+        row = _strip_none(row)
+    msgs = row.get("messages")
+    if msgs is None:
+        raise ValueError(f"missing field 'messages' (row has keys {sorted(row)[:10]})")
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"field 'messages' must be a non-empty list of messages, got "
+                         f"{_type(msgs) if not isinstance(msgs, list) else 'an empty list'}")
+
+    tools = row.get("tools")
+    if isinstance(tools, str):  # tools stored as one JSON string (common in Parquet)
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"field 'tools' is a string but not valid JSON ({e.msg})") from None
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError(f"field 'tools' must be a list of tool definitions, got {_type(tools)}")
+    tool_names = [_tool_name(t, j) for j, t in enumerate(tools or [])]
+
+    enable_thinking = row.get("enable_thinking")
+    if enable_thinking is not None and not isinstance(enable_thinking, bool):
+        raise ValueError(f"field 'enable_thinking' must be true or false, got {_type(enable_thinking)}")
+
+    out: list[dict] = []
+    open_calls = 0  # tool calls of the latest assistant turn not yet answered by a tool message
+    for i, m in enumerate(msgs):
+        at = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ValueError(f"{at} must be an object with 'role' and 'content', got {_type(m)}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ValueError(f"{at}: unknown role {role!r} (expected one of {', '.join(ROLES)})"
+                             if role is not None else f"{at}: missing 'role'")
+        content = m.get("content")
+        if role == "tool" and isinstance(content, (dict, list)):
+            content = json.dumps(content, ensure_ascii=False)
+        content = "" if content is None else check_text(content, f"{at}.content")
+        msg: dict = {"role": role, "content": content}
+        for key in ("reasoning_content", "tool_calls"):
+            if m.get(key) is not None and role != "assistant":
+                raise ValueError(f"{at}: '{key}' is only allowed on assistant messages, not {role}")
+        if role == "system" and i:
+            raise ValueError(f"{at}: a system message is only allowed as the first message")
+        if role == "user" and not content.strip():
+            raise ValueError(f"{at}: user message has empty content")
+        if role == "assistant":
+            if m.get("reasoning_content") is not None:
+                msg["reasoning_content"] = check_text(m["reasoning_content"], f"{at}.reasoning_content")
+            calls = m.get("tool_calls")
+            if calls is not None and not isinstance(calls, list):
+                raise ValueError(f"{at}.tool_calls must be a list, got {_type(calls)}")
+            calls = [_tool_call(c, f"{at}.tool_calls[{k}]") for k, c in enumerate(calls or [])]
+            for c in calls:
+                if c["name"] not in tool_names:
+                    known = f"the row's tools are {tool_names}" if tool_names else "the row defines no tools"
+                    raise ValueError(f"{at}: tool call {c['name']!r} names a tool that is not defined ({known})")
+            if not content.strip() and not calls:
+                raise ValueError(f"{at}: assistant message has neither content nor tool calls")
+            if calls:
+                msg["tool_calls"] = calls
+            open_calls = len(calls)
+        elif role == "tool":
+            if open_calls == 0:
+                raise ValueError(f"{at}: tool message without a preceding assistant tool call to answer")
+            open_calls -= 1
+        else:
+            open_calls = 0
+        out.append(msg)
+    if not any(m["role"] == "assistant" for m in out):
+        raise ValueError("no assistant message to train on")
+    return Conversation(out, tools if tools else None, enable_thinking)
+
+
+def iter_conversations(paths: str | Path | Sequence[str | Path], *, split: str | None = None,
+                       bad_rows: str = "raise", stats: ReadStats | None = None) -> Iterator[Conversation]:
+    """Validated conversations from JSONL / Parquet / HF datasets (``readers.iter_records``); a bad row is
+    a ``BadRecordError`` naming ``file:line`` (``bad_rows="skip"``: skipped, logged and counted in ``stats``)."""
+    stats = stats if stats is not None else ReadStats()
+    paths = list(paths) if isinstance(paths, (list, tuple)) else paths
+    for rec in iter_records(paths, split=split, bad_rows=bad_rows, stats=stats):
+        try:
+            conv = validate_conversation(rec.data, columnar=rec.columnar)
+        except ValueError as e:
+            err = BadRecordError(rec.where, str(e))
+            if bad_rows == "raise":
+                raise err from None
+            stats.record_bad(err)
+            continue
+        conv.where = rec.where
+        yield conv
+
+
+# --- packing ---------------------------------------------------------------------------------------------
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins (lists of item indices) from first-fit-decreasing: items by decreasing length (ties: input
+    order), each into the lowest-numbered bin with room. A max-tree over free space finds that bin in
+    O(log n), so packing is O(n log n)."""
+    n = len(lengths)
+    if any(not 0 < x <= capacity for x in lengths):
+        raise ValueError(f"every length must be in [1, {capacity}]")
+    size = 1
+    while size < max(n, 1):
+        size *= 2
+    free = [capacity] * (2 * size)  # leaf b = free space of bin b (unopened bins are empty); node = max
+    bins: list[list[int]] = []
+    for i in sorted(range(n), key=lambda k: -lengths[k]):
+        need, node = lengths[i], 1
+        while node < size:  # descend to the leftmost leaf with enough room
+            node = 2 * node if free[2 * node] >= need else 2 * node + 1
+        b = node - size
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        free[node] -= need
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return bins
+
+
+@dataclass
+class SFTStats:
+    """What building an ``SFTPackedDataset`` did (``as_dict`` for logs)."""
+
+    conversations: int = 0   # valid rows
+    bad_rows: int = 0        # invalid rows skipped (bad_rows="skip")
+    samples: int = 0         # rendered samples packed (multi-turn conversations may give several)
+    dropped: int = 0         # samples longer than seq_len dropped (overlong="drop", or nothing left to train)
+    truncated: int = 0       # samples cut to seq_len (overlong="truncate")
+    rows: int = 0
+    tokens: int = 0          # sample tokens in rows (non-padding positions)
+    target_tokens: int = 0   # positions with loss_mask 1
+    seq_len: int = 0
+    bad: list = field(default_factory=list)  # (where, reason) of skipped rows
+
+    @property
+    def fill_rate(self) -> float:
+        return self.tokens / max(self.rows * self.seq_len, 1)
+
+    def as_dict(self) -> dict[str, float]:
+        d = {k: v for k, v in asdict(self).items() if k != "bad"}
+        d["fill_rate"] = self.fill_rate
+        return d
+
+
+class SFTPackedDataset:
+    """Map-style dataset of packed SFT rows (see the module docstring for the row layout).
+
+    ``path_or_paths``: JSONL / Parquet files, ``save_to_disk`` folders, ``hf:<name>``, or folders of files.
+    ``tokenizer``: a ``data_pipelines.tokenizer.Tokenizer`` (or a path for ``load_tokenizer``).
+    ``train_on``: ``"all"`` assistant turns or ``"final"`` (those answering the last user message);
+    ``truncate_history_thinking``: see ``chat.render_sft_samples``; ``enable_thinking``: the mode of rows
+    without their own ``enable_thinking`` (``/think`` / ``/no_think`` in the text still override it);
+    ``overlong``: ``"drop"`` or ``"truncate"`` samples longer than ``seq_len``; ``seed`` fixes which samples
+    share a row (ties in FFD) and the row order. Everything is built in ``__init__`` (tokens in memory, as
+    int32), so ``len()`` and ``stats`` are known up front and items are deterministic.
+    """
+
+    def __init__(self, path_or_paths, tokenizer, seq_len: int, *, train_on: str = "all",
+                 truncate_history_thinking: bool = True, overlong: str = "drop", seed: int = 0,
+                 enable_thinking: bool = True, split: str | None = None, bad_rows: str = "raise",
+                 pad_id: int = 0, merge_prefixes: bool = True):
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
+        if overlong not in OVERLONG:
+            raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        if tokenizer is None or isinstance(tokenizer, (str, Path)):
+            from .tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        self.seq_len, self.pad_id = int(seq_len), int(pad_id)
+        self.stats = SFTStats(seq_len=self.seq_len)
+        read = ReadStats()
+
+        # 1. validate and render every conversation into samples (ids + render mask)
+        ids_parts: list[np.ndarray] = []
+        mask_parts: list[np.ndarray] = []
+        for conv in iter_conversations(path_or_paths, split=split, bad_rows=bad_rows, stats=read):
+            self.stats.conversations += 1
+            mode = enable_thinking if conv.enable_thinking is None else conv.enable_thinking
+            for s in render_sft_samples(conv.messages, tokenizer, tools=conv.tools, enable_thinking=mode,
+                                        truncate_history_thinking=truncate_history_thinking,
+                                        train_on=train_on, merge_prefixes=merge_prefixes):
+                ids, mask = s["input_ids"], s["loss_mask"]
+                if len(ids) > self.seq_len:
+                    if overlong == "drop":
+                        self.stats.dropped += 1
+                        continue
+                    ids, mask = ids[:self.seq_len], mask[:self.seq_len]
+                    if not any(mask[1:]):  # the cut removed every target: nothing left to learn
+                        self.stats.dropped += 1
+                        continue
+                    self.stats.truncated += 1
+                ids_parts.append(np.asarray(ids, dtype=np.int32))
+                mask_parts.append(np.asarray(mask, dtype=np.uint8))
+        self.stats.bad_rows, self.stats.bad = read.skipped, list(read.bad)
+        if not ids_parts:
+            raise ValueError(f"{path_or_paths}: no SFT samples left (conversations={self.stats.conversations}, "
+                             f"dropped as longer than seq_len={self.seq_len}: {self.stats.dropped}, "
+                             f"bad rows skipped: {self.stats.bad_rows})")
+        lengths = np.array([len(x) for x in ids_parts], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self._ids = np.concatenate(ids_parts)
+        self._mask = np.concatenate(mask_parts)
+
+        # 2. pack: the seed shuffles the samples (which of equal length share a row), FFD packs them,
+        #    and the rows are shuffled so training does not see the longest samples first
+        rng = random.Random(seed)
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        bins = first_fit_decreasing([int(lengths[k]) for k in order], self.seq_len)
+        self._rows = [[order[k] for k in b] for b in bins]
+        rng.shuffle(self._rows)
+
+        self.stats.samples = len(lengths)
+        self.stats.rows = len(self._rows)
+        self.stats.tokens = int(lengths.sum())
+        starts = np.zeros(len(self._mask), dtype=bool)
+        starts[self._offsets[:-1]] = True
+        self.stats.target_tokens = int(self._mask[~starts].sum())  # a sample's first token is never a label
+        log.info("SFT data %s: %s", path_or_paths, self.stats.as_dict())
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def sample(self, k: int) -> dict[str, list[int]]:
+        """Rendered sample ``k`` (before packing): ``input_ids`` and the render ``loss_mask``."""
+        a, b = self._offsets[k], self._offsets[k + 1]
+        return {"input_ids": self._ids[a:b].tolist(), "loss_mask": self._mask[a:b].tolist()}
+
+    def row_samples(self, i: int) -> list[int]:
+        """Indices (for ``sample``) of the samples packed into row ``i``, in row order."""
+        return list(self._rows[i])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        T = self.seq_len
+        inp = np.full(T, self.pad_id, dtype=np.int64)
+        lab = np.full(T, IGNORE_LABEL, dtype=np.int64)
+        lmask = np.zeros(T, dtype=np.float32)
+        sidx = np.empty(T, dtype=np.int64)
+        pos_ids = np.empty(T, dtype=np.int64)
+        pos = 0
+        for d, k in enumerate(self._rows[i]):
+            a, b = self._offsets[k], self._offsets[k + 1]
+            n = b - a
+            ids, m = self._ids[a:b], self._mask[a:b]
+            inp[pos:pos + n] = ids
+            # the target of position t is token t+1 of the same sample; the last position has none
+            target = m[1:].astype(bool)
+            lab[pos:pos + n - 1] = np.where(target, ids[1:], IGNORE_LABEL)
+            lmask[pos:pos + n - 1] = target
+            sidx[pos:pos + n] = d
+            pos_ids[pos:pos + n] = np.arange(n)
+            pos += n
+        sidx[pos:] = len(self._rows[i])  # padding is its own document: it never shares state with real ones
+        pos_ids[pos:] = np.arange(T - pos)
+        valid = np.zeros(T, dtype=bool)
+        valid[:pos] = True
+        return {"input_ids": torch.from_numpy(inp), "labels": torch.from_numpy(lab),
+                "loss_mask": torch.from_numpy(lmask), "seq_idx": torch.from_numpy(sidx),
+                "position_ids": torch.from_numpy(pos_ids), "valid": torch.from_numpy(valid),
+                "num_docs": len(self._rows[i])}
