@@ -11,16 +11,19 @@ Checkpoints stay in the trainer's parallelism-independent layout: weights gather
 ``safe_get_full_optimizer_state`` and scattered back with ``safe_set_full_optimizer_state`` — so a ZeRO-2
 run resumes without ZeRO, or at another world size, and vice versa.
 
-With expert parallelism (``parallel.ep > 1``, ZeRO-1/2) DeepSpeed is told which parameters are experts
+With expert parallelism (``parallel.ep > 1``) DeepSpeed is told which parameters are experts
 and which groups reduce them, reusing the megatron-core groups built by ``init_distributed``
 (:func:`_register_expert_groups`): the expert-parallel and expert-data-parallel groups go into
 ``deepspeed.utils.groups`` under DeepSpeed's name ``ep_size_<EP>``; expert parameters get
 ``allreduce = False`` and ``group_name``; the optimizer's groups are split into dense and expert (``moe``)
-groups; a parameterless marker subclassing ``deepspeed.moe.layer.MoE`` switches on DeepSpeed's MoE paths.
+groups; a parameterless marker subclassing ``deepspeed.moe.layer.MoE`` switches on DeepSpeed's MoE paths
+(ZeRO-1/2). ZeRO-3 refuses that marker; there each expert parameter carries its partition group and
+DeepSpeed's AutoEP placement family instead (:func:`_place_experts_for_zero3`).
 DeepSpeed then divides every gradient by the data-parallel size and sums dense gradients over the
 data-parallel group, expert gradients over the expert-data-parallel group — the same reduction as
 :class:`~trainer.distributed.DataParallelEngine`, which the loop's ``world / global tokens`` loss scale
-expects — and partitions each expert group's optimizer state over the expert-data-parallel group.
+expects — and partitions each expert group's optimizer state (ZeRO-3: also its weights) over the
+expert-data-parallel group; the global gradient norm counts each expert shard once.
 
 All DeepSpeed glue (its private pieces included) lives in this one module; the DeepSpeed version is pinned
 and the ZeRO-vs-single-process equivalence tests (with and without EP) fail loudly if an upgrade breaks it.
@@ -39,13 +42,6 @@ from .distributed import ConfigError, DistInfo, all_reduce_sum
 
 __all__ = ["DeepSpeedEngine", "deepspeed_config"]
 
-#: why ZeRO-3 is refused together with expert parallelism (see docs/PARALLELISM.md)
-ZERO3_EP_REFUSAL = (
-    "parallel.zero_stage=3 with parallel.ep > 1 is not supported: DeepSpeed 0.19.8 rejects ZeRO-3 for any model "
-    "with a deepspeed.moe MoE layer (the marker that switches on its expert-gradient routing), and without it "
-    "ZeRO-3 has no expert-aware gradient norm; use parallel.zero_stage=1 or 2 with EP (expert weights are "
-    "already sharded EP ways), or ZeRO-3 with ep=1"
-)
 
 
 def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, stage: StageConfig, world_size: int) -> dict:
@@ -151,6 +147,24 @@ def _attach_moe_marker(model: nn.Module, group_name: str, ep: int) -> None:
     model.add_module("deepspeed_moe_marker", ExpertParallelMarker())
 
 
+def _place_experts_for_zero3(model: nn.Module, group_name: str, expert_dp_group) -> None:
+    """ZeRO-3: partition each expert parameter over the expert-data-parallel group, as an expert.
+
+    ZeRO-3 rejects models containing ``deepspeed.moe.layer.MoE`` (so no marker here) but reads per-parameter
+    placement when it converts parameters: ``ds_zero_partition_process_group`` picks the partition group,
+    and the ``autoep_expert`` placement family (what DeepSpeed's AutoEP sets on its experts) makes stage 3
+    divide expert gradients by the data-parallel size (not the partition size) and add the expert-parallel
+    group's norm terms to the global gradient norm.
+    """
+    from .expert_parallel import is_expert_param
+
+    for p in model.parameters():
+        if is_expert_param(p):
+            p.ds_zero_partition_process_group = expert_dp_group
+            p.ds_zero_placement_family = "autoep_expert"
+            p.ds_zero_partition_group_name = group_name
+
+
 def _split_expert_param_groups(optimizer: torch.optim.Optimizer) -> None:
     """Split each optimizer group into its dense part and an expert part (``moe: True``), in place.
 
@@ -172,8 +186,6 @@ def _split_expert_param_groups(optimizer: torch.optim.Optimizer) -> None:
 class DeepSpeedEngine:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo,
                  parallel: ParallelConfig, optim: OptimConfig, stage: StageConfig):
-        if info.ep > 1 and parallel.zero_stage == 3:
-            raise ConfigError(ZERO3_EP_REFUSAL)
         _skip_cpu_shm_op()
         import deepspeed
 
@@ -199,8 +211,11 @@ class DeepSpeedEngine:
 
             group_name = _register_expert_groups(info)
             _mark_expert_params(model, group_name)
-            _attach_moe_marker(model, group_name, info.ep)
-            _split_expert_param_groups(optimizer)
+            if self.zero_stage == 3:
+                _place_experts_for_zero3(model, group_name, info.expert_dp_group)
+            else:
+                _attach_moe_marker(model, group_name, info.ep)
+                _split_expert_param_groups(optimizer)
             self._expert_slices = _expert_slices(model)
         self._group_param_names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         self._group_origins = [g.get("origin", g.get("name", f"group{i}")) for i, g in enumerate(optimizer.param_groups)]
@@ -239,7 +254,10 @@ class DeepSpeedEngine:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-                return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                return {k: v.detach().clone() for k, v in self._state_dict().items()}
+        return self._state_dict()
+
+    def _state_dict(self) -> dict[str, torch.Tensor]:
         if self.info.ep > 1:
             from .expert_parallel import gather_full_state_dict
 
