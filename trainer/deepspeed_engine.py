@@ -11,13 +11,29 @@ Checkpoints stay in the trainer's parallelism-independent layout: weights gather
 ``safe_get_full_optimizer_state`` and scattered back with ``safe_set_full_optimizer_state`` — so a ZeRO-2
 run resumes without ZeRO, or at another world size, and vice versa.
 
+With expert parallelism (``parallel.ep > 1``) DeepSpeed is told which parameters are experts
+and which groups reduce them, reusing the megatron-core groups built by ``init_distributed``
+(:func:`_register_expert_groups`): the expert-parallel and expert-data-parallel groups go into
+``deepspeed.utils.groups`` under DeepSpeed's name ``ep_size_<EP>``; expert parameters get
+``allreduce = False`` and ``group_name``; the optimizer's groups are split into dense and expert (``moe``)
+groups; a parameterless marker subclassing ``deepspeed.moe.layer.MoE`` switches on DeepSpeed's MoE paths
+(ZeRO-1/2). ZeRO-3 refuses that marker; there each expert parameter carries its partition group and
+DeepSpeed's AutoEP placement family instead (:func:`_place_experts_for_zero3`).
+DeepSpeed then divides every gradient by the data-parallel size and sums dense gradients over the
+data-parallel group, expert gradients over the expert-data-parallel group — the same reduction as
+:class:`~trainer.distributed.DataParallelEngine`, which the loop's ``world / global tokens`` loss scale
+expects — and partitions each expert group's optimizer state (ZeRO-3: also its weights) over the
+expert-data-parallel group; the global gradient norm counts each expert shard once.
+
 All DeepSpeed glue (its private pieces included) lives in this one module; the DeepSpeed version is pinned
-and the ZeRO-vs-single-process equivalence test fails loudly if an upgrade breaks it.
+and the ZeRO-vs-single-process equivalence tests (with and without EP) fail loudly if an upgrade breaks it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from model.checkpoint import CheckpointError
 
@@ -25,6 +41,7 @@ from .config import OptimConfig, ParallelConfig, StageConfig
 from .distributed import ConfigError, DistInfo, all_reduce_sum
 
 __all__ = ["DeepSpeedEngine", "deepspeed_config"]
+
 
 
 def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, stage: StageConfig, world_size: int) -> dict:
@@ -66,12 +83,109 @@ def _skip_cpu_shm_op() -> None:
         ds_comm_torch.build_shm_op = lambda: None
 
 
+# -- expert parallelism: DeepSpeed's view of our experts -------------------------------------------------
+def _register_expert_groups(info: DistInfo) -> str:
+    """Register the megatron-core expert-parallel / expert-data-parallel groups with DeepSpeed.
+
+    DeepSpeed looks expert groups up by name (``ep_size_<EP>``) in private dicts of
+    ``deepspeed.utils.groups``; filling them with the groups ``init_distributed`` already built keeps one
+    topology (DeepSpeed would otherwise build its own when a ``MoE`` layer asks). Returns the name.
+    """
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{info.ep}"
+    for table, ranks_table, group in (
+        (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS, info.ep_group),
+        (groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS, info.expert_dp_group),
+    ):
+        ranks = dist.get_process_group_ranks(group)
+        if name in ranks_table and list(ranks_table[name]) != ranks:
+            raise RuntimeError(f"DeepSpeed already has an expert group {name} over ranks {ranks_table[name]}, not {ranks}")
+        table[name], ranks_table[name] = group, ranks
+    return name
+
+
+def _mark_expert_params(model: nn.Module, group_name: str) -> list[str]:
+    """DeepSpeed's expert-parameter marks (``deepspeed.moe.utils.is_moe_param``); returns their names."""
+    from .expert_parallel import is_expert_param
+
+    names = []
+    for n, p in model.named_parameters():
+        if is_expert_param(p):
+            p.allreduce, p.group_name = False, group_name
+            names.append(n)
+    return names
+
+
+def _attach_moe_marker(model: nn.Module, group_name: str, ep: int) -> None:
+    """Add a parameterless ``deepspeed.moe.layer.MoE`` submodule so DeepSpeed turns on its MoE handling.
+
+    ZeRO-1/2 route expert gradients and partitions only when ``engine.has_moe_layers``, which DeepSpeed sets
+    from ``isinstance(module, deepspeed.moe.layer.MoE)``. Our MoE layers stay single-device modules
+    (model/ knows nothing of DeepSpeed); this marker carries what DeepSpeed reads (``num_experts``,
+    ``num_local_experts``, ``expert_group_name``) and nothing else: no parameters or buffers, so the state
+    dict is unchanged, and it is never called.
+    """
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    from model.moe import MoE
+
+    num_experts = max(m.num_experts for m in model.modules() if isinstance(m, MoE))
+
+    class ExpertParallelMarker(DeepSpeedMoE):
+        def __init__(self):
+            nn.Module.__init__(self)  # not DeepSpeedMoE.__init__: no gate/experts of its own
+            self.ep_size, self.num_experts, self.num_local_experts = ep, num_experts, num_experts // ep
+            self.expert_group_name = group_name
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # the groups are megatron-core's, registered by _register_expert_groups
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("the DeepSpeed MoE marker is not a layer")
+
+    model.add_module("deepspeed_moe_marker", ExpertParallelMarker())
+
+
+def _place_experts_for_zero3(model: nn.Module, group_name: str, expert_dp_group) -> None:
+    """ZeRO-3: partition each expert parameter over the expert-data-parallel group, as an expert.
+
+    ZeRO-3 rejects models containing ``deepspeed.moe.layer.MoE`` (so no marker here) but reads per-parameter
+    placement when it converts parameters: ``ds_zero_partition_process_group`` picks the partition group,
+    and the ``autoep_expert`` placement family (what DeepSpeed's AutoEP sets on its experts) makes stage 3
+    divide expert gradients by the data-parallel size (not the partition size) and add the expert-parallel
+    group's norm terms to the global gradient norm.
+    """
+    from .expert_parallel import is_expert_param
+
+    for p in model.parameters():
+        if is_expert_param(p):
+            p.ds_zero_partition_process_group = expert_dp_group
+            p.ds_zero_placement_family = "autoep_expert"
+            p.ds_zero_partition_group_name = group_name
+
+
+def _split_expert_param_groups(optimizer: torch.optim.Optimizer) -> None:
+    """Split each optimizer group into its dense part and an expert part (``moe: True``), in place.
+
+    DeepSpeed's ZeRO-1/2 partition a ``moe`` group over the expert-data-parallel group named by its
+    ``name``. Every split group remembers its original group in ``origin`` so checkpoints can merge them
+    back into the engine-independent layout. Called before any optimizer state exists.
+    """
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    assert not optimizer.state, "split the optimizer's groups before it has state"
+    named = []
+    for i, g in enumerate(optimizer.param_groups):
+        origin = g.get("name", f"group{i}")
+        named.append({**g, "params": list(g["params"]), "name": origin, "origin": origin})
+    split = split_params_into_different_moe_groups_for_optimizer(named)
+    optimizer.param_groups[:] = [g for g in split if g["params"]]
+
+
 class DeepSpeedEngine:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo,
                  parallel: ParallelConfig, optim: OptimConfig, stage: StageConfig):
-        if info.ep > 1:
-            raise ConfigError("parallel.zero_stage > 0 with parallel.ep > 1 is not supported yet; use ZeRO with ep=1 "
-                              "or expert parallelism with zero_stage=0")
         _skip_cpu_shm_op()
         import deepspeed
 
@@ -87,8 +201,24 @@ class DeepSpeedEngine:
                 f"ZeRO-3 loses gradients with this DeepSpeed): set stage.micro_batch="
                 f"{stage.global_batch // info.world_size} (= global_batch / {info.world_size} ranks)"
             )
+        # The engine-independent groups (checkpoints are saved and checked in this layout).
         names = {id(p): n for n, p in model.named_parameters()}
+        self._origin_groups = [(g.get("name", f"group{i}"), [names[id(p)] for p in g["params"]])
+                               for i, g in enumerate(optimizer.param_groups)]
+        self._expert_slices: dict[str, tuple[int, int]] = {}
+        if info.ep > 1:
+            from .checkpoint import _expert_slices
+
+            group_name = _register_expert_groups(info)
+            _mark_expert_params(model, group_name)
+            if self.zero_stage == 3:
+                _place_experts_for_zero3(model, group_name, info.expert_dp_group)
+            else:
+                _attach_moe_marker(model, group_name, info.ep)
+                _split_expert_param_groups(optimizer)
+            self._expert_slices = _expert_slices(model)
         self._group_param_names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+        self._group_origins = [g.get("origin", g.get("name", f"group{i}")) for i, g in enumerate(optimizer.param_groups)]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config, dist_init_required=False,
         )
@@ -119,16 +249,28 @@ class DeepSpeedEngine:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full model state dict on every rank (collective under ZeRO-3)."""
+        """The full model state dict on every rank (collective under ZeRO-3 and under EP)."""
         if self.zero_stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-                return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                return {k: v.detach().clone() for k, v in self._state_dict().items()}
+        return self._state_dict()
+
+    def _state_dict(self) -> dict[str, torch.Tensor]:
+        if self.info.ep > 1:
+            from .expert_parallel import gather_full_state_dict
+
+            return gather_full_state_dict(self.model, self.info.ep_group)
         return self.model.state_dict()
 
     def optimizer_state(self) -> dict:
-        """AdamW state by parameter name, gathered from the ZeRO partitions (collective)."""
+        """AdamW state by parameter name, gathered from the ZeRO partitions (collective).
+
+        Expert tensors are also all-gathered over the expert-parallel group (all experts, global order), and
+        the groups are saved as the model's own (dense and expert parts merged), so the file is the same
+        whatever engine, ZeRO stage or EP size wrote it.
+        """
         from deepspeed.utils import safe_get_full_optimizer_state
 
         self._ensure_optimizer_state()
@@ -138,17 +280,31 @@ class DeepSpeedEngine:
             entry = {}
             for k in ("exp_avg", "exp_avg_sq"):
                 v = safe_get_full_optimizer_state(p, k)
-                if v is not None:
-                    entry[k] = v.detach().clone().cpu()
+                if v is None:
+                    continue
+                v = v.detach().clone()
+                if name in self._expert_slices:
+                    parts = [torch.empty_like(v) for _ in range(self.info.ep)]
+                    dist.all_gather(parts, v.contiguous(), group=self.info.ep_group)
+                    v = torch.cat(parts)
+                entry[k] = v.cpu()
             if entry:
                 entry["step"] = torch.tensor(float(step))
             state[name] = entry
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "param_names": names}
-                  for g, names in zip(self.optimizer.optimizer.param_groups, self._group_param_names)]
+        inner = self.optimizer.optimizer
+        groups = []
+        for origin, names in self._origin_groups:
+            parts = [g for g, o in zip(inner.param_groups, self._group_origins) if o == origin]
+            hyper = {k: v for k, v in parts[0].items() if k not in ("params", "moe", "origin")} if parts else {}
+            groups.append({**hyper, "name": origin, "param_names": names})
         return {"state": state, "param_groups": groups}
 
     def load_optimizer_state(self, saved: dict, source) -> None:
-        """Scatter a by-name optimizer state (from any engine or topology) into the ZeRO partitions."""
+        """Scatter a by-name optimizer state (from any engine or topology) into the ZeRO partitions.
+
+        Saved groups are the model's own groups; this engine's groups may be their dense and expert parts
+        (EP), so parameter names are checked per original group and hyper-parameters copied to every part.
+        """
         from deepspeed.utils import safe_set_full_optimizer_state
 
         self._ensure_optimizer_state()
@@ -157,15 +313,23 @@ class DeepSpeedEngine:
         for name, entry in saved["state"].items():
             for k in ("exp_avg", "exp_avg_sq"):
                 if k in entry:
-                    safe_set_full_optimizer_state(params[name], entry[k].to(params[name].device), k)
+                    v = entry[k]
+                    if name in self._expert_slices:  # this rank's experts of the full tensor
+                        lo, n = self._expert_slices[name]
+                        v = v[lo: lo + n]
+                    safe_set_full_optimizer_state(params[name], v.to(params[name].device), k)
             if "step" in entry:
                 step = entry["step"]
+        saved_groups = [(sg.get("name", f"group{i}"), sg) for i, sg in enumerate(saved["param_groups"])]
+        if len(saved_groups) != len(self._origin_groups):
+            raise CheckpointError(f"{source}: optimizer has {len(saved_groups)} parameter groups, expected {len(self._origin_groups)}")
         inner = self.optimizer.optimizer
-        for names, sg in zip(self._group_param_names, saved["param_groups"]):
+        for (origin, names), (_, sg) in zip(self._origin_groups, saved_groups):
             if sorted(sg.get("param_names", [])) != sorted(names):
                 raise CheckpointError(f"{source}: optimizer parameter group {sg.get('name')!r} holds other parameters than this model's")
-        for g, sg in zip(inner.param_groups, saved["param_groups"]):
-            g.update({k: v for k, v in sg.items() if k in ("lr", "betas", "eps", "weight_decay", "amsgrad")})
+            for g, o in zip(inner.param_groups, self._group_origins):
+                if o == origin:
+                    g.update({k: v for k, v in sg.items() if k in ("lr", "betas", "eps", "weight_decay", "amsgrad")})
         if step is not None:
             for st in inner.state.values():
                 if "step" in st:
