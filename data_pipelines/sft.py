@@ -28,6 +28,8 @@ row (padding at the end gets its own index), ``position_ids`` restart at 0 for e
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import logging
 import random
@@ -255,6 +257,17 @@ class SFTStats:
         return d
 
 
+PARTS = ("all", "train", "valid")
+
+
+def _held_out(seed: int, ordinal: int, fraction: float) -> bool:
+    """Whether conversation ``ordinal`` is in the held-out part (stable: a hash, not an RNG stream)."""
+    if fraction <= 0.0:
+        return False
+    h = hashlib.blake2b(f"{seed}:{ordinal}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
 class SFTPackedDataset:
     """Map-style dataset of packed SFT rows (see the module docstring for the row layout).
 
@@ -264,14 +277,23 @@ class SFTPackedDataset:
     ``truncate_history_thinking``: see ``chat.render_sft_samples``; ``enable_thinking``: the mode of rows
     without their own ``enable_thinking`` (``/think`` / ``/no_think`` in the text still override it);
     ``overlong``: ``"drop"`` or ``"truncate"`` samples longer than ``seq_len``; ``seed`` fixes which samples
-    share a row (ties in FFD) and the row order. Everything is built in ``__init__`` (tokens in memory, as
-    int32), so ``len()`` and ``stats`` are known up front and items are deterministic.
+    share a row (ties in FFD) and the row order. ``valid_fraction`` + ``part``: hold out that fraction of
+    the conversations (chosen by a hash of ``seed`` and the conversation's position, so the choice does
+    not depend on seq_len or packing) — ``part="train"`` keeps the rest, ``"valid"`` the held-out ones,
+    ``"all"`` everything. Everything is built in ``__init__`` (tokens in memory, as int32), so ``len()``,
+    ``stats`` and ``fingerprint`` (a digest of the packed rows: changes when the data or any option that
+    shapes the rows changes) are known up front and items are deterministic.
     """
 
     def __init__(self, path_or_paths, tokenizer, seq_len: int, *, train_on: str = "all",
                  truncate_history_thinking: bool = True, overlong: str = "drop", seed: int = 0,
                  enable_thinking: bool = True, split: str | None = None, bad_rows: str = "raise",
-                 pad_id: int = 0, merge_prefixes: bool = True):
+                 pad_id: int = 0, merge_prefixes: bool = True, valid_fraction: float = 0.0,
+                 part: str = "all"):
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        if not 0.0 <= valid_fraction < 1.0:
+            raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
         if train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
         if overlong not in OVERLONG:
@@ -289,7 +311,9 @@ class SFTPackedDataset:
         # 1. validate and render every conversation into samples (ids + render mask)
         ids_parts: list[np.ndarray] = []
         mask_parts: list[np.ndarray] = []
-        for conv in iter_conversations(path_or_paths, split=split, bad_rows=bad_rows, stats=read):
+        for ordinal, conv in enumerate(iter_conversations(path_or_paths, split=split, bad_rows=bad_rows, stats=read)):
+            if part != "all" and (_held_out(seed, ordinal, valid_fraction) != (part == "valid")):
+                continue
             self.stats.conversations += 1
             mode = enable_thinking if conv.enable_thinking is None else conv.enable_thinking
             for s in render_sft_samples(conv.messages, tokenizer, tools=conv.tools, enable_thinking=mode,
@@ -332,7 +356,14 @@ class SFTPackedDataset:
         starts = np.zeros(len(self._mask), dtype=bool)
         starts[self._offsets[:-1]] = True
         self.stats.target_tokens = int(self._mask[~starts].sum())  # a sample's first token is never a label
-        log.info("SFT data %s: %s", path_or_paths, self.stats.as_dict())
+        digest = hashlib.sha256()
+        for row in self._rows:
+            for k in row:
+                digest.update(self._ids[self._offsets[k]:self._offsets[k + 1]].tobytes())
+                digest.update(self._mask[self._offsets[k]:self._offsets[k + 1]].tobytes())
+            digest.update(b"|")
+        self.fingerprint = digest.hexdigest()[:16]
+        log.info("SFT data %s (%s): %s", path_or_paths, part, self.stats.as_dict())
 
     def __len__(self) -> int:
         return len(self._rows)

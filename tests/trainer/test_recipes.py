@@ -1,5 +1,7 @@
 """Every recipe composes against the schema and builds its model on the meta device."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -14,19 +16,47 @@ RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
 
 
 def test_recipes_exist():
-    assert {"smoke", "nano3_pretrain", "nano3_pretrain_phase1", "nano3_pretrain_phase2"} <= set(RECIPE_NAMES)
+    assert {"smoke", "nano3_pretrain", "nano3_pretrain_phase1", "nano3_pretrain_phase2", "smoke_sft", "sft",
+            "finetune_from_release"} <= set(RECIPE_NAMES)
     for group in ("model", "data", "optim", "parallel", "precision", "logger", "stage"):
         assert list((RECIPES / group).glob("*.yaml")), group
 
 
+@pytest.fixture(scope="module")
+def release_dir(tmp_path_factory):
+    """A tiny HF-layout checkpoint for the recipes that read their architecture from model.init_from."""
+    from model import HybridConfig
+
+    path = tmp_path_factory.mktemp("release") / "tiny"
+    HybridLM(HybridConfig.preset("tiny"), init_seed=0).save_pretrained(path)
+    return path
+
+
 @pytest.mark.parametrize("name", RECIPE_NAMES)
-def test_recipe_composes_and_builds_on_meta(name):
+def test_recipe_composes_and_builds_on_meta(name, release_dir):
     cfg = compose_recipe(name)
+    overrides = []
+    # the user names the checkpoint (smoke_sft's is made by `make smoke`, absent on a fresh clone)
+    if cfg.model.preset == "init_from" and not (cfg.model.init_from and Path(cfg.model.init_from).exists()):
+        overrides.append(f"model.init_from={release_dir}")
+    if cfg.stage.name == "sft" and not cfg.data.chat.train:
+        overrides.append("data.chat.train=[/data/sft.jsonl]")
+    if overrides:
+        cfg = compose_recipe(name, overrides)
     OmegaConf.to_yaml(cfg, resolve=True)  # every interpolation resolves
     model = HybridLM(build_hybrid_config(cfg.model), device="meta")
     assert all(p.is_meta for p in model.parameters())
     assert cfg.stage.global_batch % cfg.stage.micro_batch == 0
-    assert cfg.data.phase1
+    if cfg.stage.name == "pretrain":
+        assert cfg.data.phase1
+    else:
+        assert cfg.stage.name == "sft" and cfg.data.chat.train
+
+
+def test_release_recipes_take_shape_and_tokenizer_from_the_checkpoint(release_dir):
+    cfg = compose_recipe("finetune_from_release", [f"model.init_from={release_dir}", "data.chat.train=[x.jsonl]"])
+    assert build_hybrid_config(cfg.model).hidden_size == HybridLM.from_pretrained(release_dir).config.hidden_size
+    assert cfg.data.chat.tokenizer == str(release_dir)
 
 
 def test_nano3_recipe_is_the_real_shape_and_schedule():

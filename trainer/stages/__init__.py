@@ -2,7 +2,8 @@
 
 from .base import LossOutput, Stage, token_cross_entropy
 from .pretrain import PretrainStage
+from .sft import SFTStage
 
-STAGES = {"pretrain": PretrainStage}
+STAGES = {"pretrain": PretrainStage, "sft": SFTStage}
 
-__all__ = ["STAGES", "LossOutput", "PretrainStage", "Stage", "token_cross_entropy"]
+__all__ = ["STAGES", "LossOutput", "PretrainStage", "SFTStage", "Stage", "token_cross_entropy"]

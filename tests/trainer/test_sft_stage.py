@@ -1,0 +1,113 @@
+"""The SFT stage in the shared loop: packed conversations, assistant-only loss, exact resume, bad data."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from data_pipelines import sft_synthetic
+from data_pipelines.tokenizer import load_tokenizer
+from trainer.run import run
+from trainer.stages import SFTStage
+from trainer.data import DataError
+
+from .conftest import compose_recipe, run_cli
+
+SFT_RUN = [
+    "stage.steps=4", "stage.global_batch=4", "stage.micro_batch=2", "stage.eval_every=0", "stage.eval_batches=1",
+    "data.seq_len=128", "logger.log_every=1", "logger.progress_bar=false", "optim.warmup_steps=1",
+    "model.preset=tiny", "model.init_from=null",
+]
+
+
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory):
+    return sft_synthetic.write(tmp_path_factory.mktemp("sft") / "train.jsonl", 200, seed=0)
+
+
+def _cfg(conversations, run_dir, *extra):
+    return compose_recipe("smoke_sft", [*SFT_RUN, f"data.chat.train=[{conversations}]", f"run.dir={run_dir}", *extra])
+
+
+def _stage(conversations, rank=0, world=1, **kw):
+    cfg = _cfg(conversations, "unused", *[f"{k}={v}" for k, v in kw.items()])
+    return SFTStage(cfg.data, cfg.stage, rank, world)
+
+
+def test_batches_train_only_on_assistant_tokens(conversations):
+    stage = _stage(conversations)
+    tok = load_tokenizer()
+    im_start, im_end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    assistant = tok.encode("assistant")
+    (batch, *_) = stage.batches_for_step(0)
+    ids, labels, mask, seq_idx = batch["input_ids"], batch["labels"], batch["loss_mask"], batch["seq_idx"]
+    assert mask.sum() > 0 and torch.all(labels[mask == 0] == -100) and torch.all(labels[mask > 0] >= 0)
+    for b in range(ids.shape[0]):
+        # walk the row: a target is a token inside an assistant turn (after its header, up to its <|im_end|>)
+        in_assistant, expected = False, torch.zeros(ids.shape[1])
+        row = ids[b].tolist()
+        for t in range(len(row) - 1):
+            nxt = row[t + 1]
+            if row[t] == im_start:
+                in_assistant = row[t + 1: t + 1 + len(assistant)] == assistant
+                start_at = t + len(assistant) + 1  # the "\n" ending the header
+            elif in_assistant and t >= start_at and seq_idx[b, t + 1] == seq_idx[b, t]:
+                expected[t] = 1.0
+                if nxt == im_end:
+                    in_assistant = False
+            if nxt == im_start:
+                in_assistant = False
+        assert torch.equal(mask[b], expected), b
+        # labels are the next token inside the same conversation
+        t_idx = torch.nonzero(mask[b]).flatten()
+        assert torch.equal(labels[b, t_idx], ids[b, t_idx + 1])
+
+
+def test_ranks_split_the_global_batch_and_holdout_is_disjoint(conversations):
+    one = _stage(conversations)
+    r0, r1 = _stage(conversations, 0, 2), _stage(conversations, 1, 2)
+    rows = one.rows_for_step(3)
+    assert len(set(rows)) == len(rows) == 4
+    b0, b1 = r0.batches_for_step(3), r1.batches_for_step(3)
+    assert len(b0) == len(b1) == 1
+    whole = one.batches_for_step(3)
+    assert torch.equal(torch.cat([b0[0]["input_ids"], b1[0]["input_ids"]]), torch.cat([b["input_ids"] for b in whole]))
+    train_ids = {tuple(one.train_set.sample(k)["input_ids"]) for k in range(one.train_set.stats.samples)}
+    valid_ids = {tuple(one.valid_set.sample(k)["input_ids"]) for k in range(one.valid_set.stats.samples)}
+    assert valid_ids and train_ids
+    assert one.train_set.stats.conversations + one.valid_set.stats.conversations == 200
+
+
+def test_sft_run_learns_and_resumes_exactly(conversations, tmp_path):
+    run(_cfg(conversations, tmp_path / "straight", "stage.steps=6"))
+    run(_cfg(conversations, tmp_path / "split", "stage.steps=6", "stage.save_every=3"))
+    ckpts = tmp_path / "split" / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000006")
+    (ckpts / "latest").write_text("step_00000003\n")
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()[:3]
+    (tmp_path / "split" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run(_cfg(conversations, tmp_path / "split", "stage.steps=6", "stage.save_every=3"))
+    losses = [[json.loads(l)["loss"] for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("straight", "split")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    assert losses[0][-1] < losses[0][0]
+    records = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["stage"] == "sft" and "val_loss" in records[-1]
+    # changed data under a resumed run is refused, not silently continued in another order
+    other = sft_synthetic.write(tmp_path / "other.jsonl", 150, seed=1)
+    with pytest.raises(DataError, match="differ from the checkpoint"):
+        run(_cfg(other, tmp_path / "split", "stage.steps=8"))
+
+
+def test_bad_conversation_exits_2_naming_file_and_line(conversations, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = conversations.read_text().splitlines()[:5]
+    lines.insert(3, json.dumps({"messages": [{"role": "narrator", "content": "hi"}]}))
+    bad.write_text("\n".join(lines) + "\n")
+    res = run_cli("-cn", "smoke_sft", *SFT_RUN, f"data.chat.train=[{bad}]", f"run.dir={tmp_path / 'r'}")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"{bad}:4" in res.stderr and "narrator" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "r").exists()
+    res = run_cli("-cn", "smoke_sft", *SFT_RUN, "data.chat.train=[]", f"run.dir={tmp_path / 'r'}")
+    assert res.returncode == 2 and "data.chat.train" in res.stderr

@@ -1,0 +1,143 @@
+"""Supervised fine-tuning on conversations: the chat template's token-level renderer (per-token loss mask
+on assistant tokens), several conversations packed per row with ``seq_idx`` (first-fit-decreasing), and
+the loop's usual normalisation by the global count of target tokens.
+
+The packed rows are a fixed, deterministic list (:class:`data_pipelines.sft.SFTPackedDataset`); the
+order of each epoch is a seeded permutation, and step ``s`` takes rows ``[s·B, (s+1)·B)`` of the
+concatenated epochs (rank ``r`` its slice). The position is a function of the step alone, so resume is
+exact without any data state beyond a fingerprint that detects changed data on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from data_pipelines.packing import Collator
+from data_pipelines.sft import SFTPackedDataset
+from data_pipelines.tokenizer import load_tokenizer
+
+from ..config import DataConfig, StageConfig
+from ..data import DataError
+from .base import Stage
+
+log = logging.getLogger(__name__)
+
+TRAIN_ON = ("all", "final")
+OVERLONG = ("drop", "truncate")
+
+
+class SFTStage(Stage):
+    name = "sft"
+
+    def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1):
+        chat = data.chat
+        if stage.global_batch % (world_size * stage.micro_batch):
+            raise DataError(
+                f"stage.global_batch ({stage.global_batch}) must be a multiple of data-parallel size ({world_size}) "
+                f"× stage.micro_batch ({stage.micro_batch})"
+            )
+        if not chat.train:
+            raise DataError("data.chat.train: no SFT conversation files given (JSONL / Parquet / HF dataset folders)")
+        if chat.train_on not in TRAIN_ON:
+            raise DataError(f"data.chat.train_on must be one of {TRAIN_ON}, got {chat.train_on!r}")
+        if chat.overlong not in OVERLONG:
+            raise DataError(f"data.chat.overlong must be one of {OVERLONG}, got {chat.overlong!r}")
+        self.data, self.stage = data, stage
+        self.rank, self.world_size = rank, world_size
+        try:
+            self.tokenizer = load_tokenizer(chat.tokenizer)
+        except (OSError, ValueError) as e:
+            raise DataError(f"data.chat.tokenizer: {e}") from None
+        common = dict(
+            tokenizer=self.tokenizer, seq_len=data.seq_len, train_on=chat.train_on,
+            truncate_history_thinking=chat.truncate_history_thinking, overlong=chat.overlong,
+            enable_thinking=chat.enable_thinking, seed=data.seed,
+        )
+        holdout = not chat.valid and data.valid_fraction > 0
+        try:  # schema errors name file:line
+            self.train_set = SFTPackedDataset(list(chat.train), part="train" if holdout else "all",
+                                              valid_fraction=data.valid_fraction if holdout else 0.0, **common)
+        except ValueError as e:
+            raise DataError(f"data.chat.train: {e}") from None
+        self.valid_set = None
+        if chat.valid or holdout:
+            try:
+                self.valid_set = (SFTPackedDataset(list(chat.valid), **common) if chat.valid else
+                                  SFTPackedDataset(list(chat.train), part="valid", valid_fraction=data.valid_fraction, **common))
+            except ValueError as e:
+                if chat.valid or "no SFT samples" not in str(e):
+                    raise DataError(f"data.chat.valid: {e}") from None
+                log.warning("data.valid_fraction=%s held out no conversation: no evaluation", data.valid_fraction)
+        self.collate = Collator(self.tokenizer.eod)
+        log.info("SFT data: %d train rows, %d valid rows of %d tokens; train %s", len(self.train_set),
+                 len(self.valid_set or ()), data.seq_len, self.train_set.stats.as_dict())
+
+    # ------------------------------------------------------------------------------------------------
+    def check_model(self, config) -> None:
+        if config.vocab_size < self.tokenizer.vocab_size:
+            raise DataError(f"model.vocab_size={config.vocab_size} is smaller than the tokenizer's "
+                            f"({self.tokenizer.vocab_size}, {self.tokenizer.source})")
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.data.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.train_set), generator=g)
+
+    def rows_for_step(self, step: int) -> list[int]:
+        """Global row indices of step ``step`` (every rank computes the same list)."""
+        n, gb = len(self.train_set), self.stage.global_batch
+        rows, start = [], step * gb
+        orders: dict[int, torch.Tensor] = {}
+        for pos in range(start, start + gb):
+            epoch = pos // n
+            if epoch not in orders:
+                orders[epoch] = self._order(epoch)
+            rows.append(int(orders[epoch][pos % n]))
+        return rows
+
+    def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        rows = self.rows_for_step(step)
+        per_rank = self.stage.global_batch // self.world_size
+        mine = rows[self.rank * per_rank: (self.rank + 1) * per_rank]
+        mb = self.stage.micro_batch
+        return [self._batch(mine[i: i + mb]) for i in range(0, len(mine), mb)]
+
+    def _batch(self, rows: list[int], dataset=None) -> dict[str, torch.Tensor]:
+        dataset = dataset if dataset is not None else self.train_set
+        batch = self.collate([dataset[i] for i in rows])
+        return {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "seq_idx")}
+
+    def eval_batches(self):
+        # The same fixed rows at every evaluation; every rank yields the same number of batches (sharded
+        # engines need every rank in every forward): ranks short of rows repeat row 0 with loss_mask 0.
+        n = min(len(self.valid_set or ()), self.stage.eval_batches * self.stage.micro_batch)
+        if n == 0:
+            return
+        mine = list(range(self.rank, n, self.world_size))
+        per_rank = -(-n // self.world_size)
+        slots = mine + [None] * (per_rank - len(mine))
+        mb = self.stage.micro_batch
+        for start in range(0, per_rank, mb):
+            idx = slots[start: start + mb]
+            batch = self._batch([i or 0 for i in idx], self.valid_set)
+            batch["loss_mask"][torch.tensor([i is None for i in idx])] = 0.0
+            yield batch
+
+    def step_info(self, step: int) -> dict:
+        return {"epoch": (step * self.stage.global_batch) // len(self.train_set)}
+
+    def tokens_per_step(self) -> int:
+        return self.stage.global_batch * self.data.seq_len
+
+    def state_dict(self) -> dict:
+        return {"train_rows": len(self.train_set), "fingerprint": self.train_set.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.train_set.fingerprint:
+            raise DataError(
+                f"the SFT data differ from the checkpoint's (packed rows {state.get('train_rows')} → "
+                f"{len(self.train_set)}, fingerprint {state.get('fingerprint')} → {self.train_set.fingerprint}): "
+                f"resuming would not continue the same data order. Start a new run from its weights with "
+                f"model.init_from=<checkpoint> instead"
+            )
