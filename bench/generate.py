@@ -7,8 +7,9 @@ Both run the same random weights (ours saved with ``save_pretrained``, loaded by
 the same prompts, exactly ``--new`` new tokens (no stop token). Decode tokens/s excludes the prefill:
 ``(new - 1) · batch / (t(new) - t(1))`` where ``t(n)`` is the wall time of a call generating ``n``
 tokens (median over ``--iters``). Prints both rates and the ratio ours / transformers (> 1: ours is
-faster), after checking the greedy tokens agree. Then per-token decode time of ours after a 1k and an
-8k prompt (batch 1): Mamba layers cost the same at any length, attention grows with it.
+faster), after checking the greedy tokens agree. Then per-token decode time after a 1k and an 8k prompt
+(batch 1, both implementations, the model's forward step timed directly: median of 16 steps): Mamba
+layers cost the same at any length, attention grows with it.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def build(args) -> HybridLM:
     return model
 
 
-def timed(fn, iters: int) -> float:
-    fn()  # warm-up
+def timed(fn, iters: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()
     times = []
     for _ in range(iters):
         t = time.perf_counter()
@@ -59,7 +61,7 @@ def main() -> None:
     p.add_argument("--pattern", default="MEM*M-ME")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batch", type=int, nargs="*", default=[1, 8])
     p.add_argument("--prompt", type=int, default=32, help="prompt length for the throughput comparison")
     p.add_argument("--new", type=int, default=48)
     p.add_argument("--iters", type=int, default=3)
@@ -76,6 +78,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         hf = NemotronHForCausalLM.from_pretrained(d).eval()
+    # No stop token on either side: exactly --new tokens each (min_new_tokens would instead forbid eos,
+    # changing transformers' greedy choice wherever eos is the argmax).
+    hf.generation_config.eos_token_id = None
     n_params = sum(x.numel() for x in model.parameters())
     print(f"pattern={args.pattern} hidden={args.hidden} vocab={args.vocab} params={n_params / 1e6:.1f}M "
           f"prompt={args.prompt} new={args.new} threads={torch.get_num_threads()} torch={torch.__version__} "
@@ -92,7 +97,7 @@ def main() -> None:
         def theirs(n):
             with torch.inference_mode():
                 return hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                   max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+                                   max_new_tokens=n, pad_token_id=0)
 
         mine, ref = ours(args.new), theirs(args.new)
         agree = sum(r.tokens == ref[i, args.prompt:].tolist() for i, r in enumerate(mine))
@@ -105,15 +110,29 @@ def main() -> None:
         print(f"{b:>5} {rate['ours']:>11.0f} {rate['hf']:>19.0f} {rate['ours'] / rate['hf']:>17.2f}x")
 
     if args.context:
-        print("\nper-token decode time, ours, batch 1 (16 steps after a prompt of the given length)")
-        print(f"{'context':>8} {'ms/token':>9}")
-        engine = GenerationEngine(model, max_batch=1)
+        print("\nper-token decode time, batch 1: median of 16 single-token forward steps after a prefill of the given length")
+        print(f"{'context':>8} {'ours ms/token':>14} {'transformers ms/token':>22} {'ours/transformers':>18}")
         for ctx in args.context:
-            prompt = [torch.randint(3, args.vocab, (ctx,), generator=g).tolist()]
-            t17 = timed(lambda: engine.generate(prompt, SamplingParams(max_new_tokens=17, greedy=True)), 1)
-            t1 = timed(lambda: engine.generate(prompt, SamplingParams(max_new_tokens=1, greedy=True)), 1)
-            print(f"{ctx:>8} {(t17 - t1) / 16 * 1e3:>9.2f}")
+            prompt = torch.randint(3, args.vocab, (1, ctx), generator=g)
+            nxt = torch.randint(3, args.vocab, (1, 1), generator=g)
+            ms = {}
+            with torch.inference_mode():
+                cache = model.allocate_cache(1, ctx + 32)
+                model(prompt, cache=cache)
+                ms["ours"] = _step_times(lambda: model(nxt, cache=cache))
+                out = hf(prompt, use_cache=True, logits_to_keep=1)
+                past = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+                ms["hf"] = _step_times(lambda: hf(nxt, cache=past, use_cache=True))
+            print(f"{ctx:>8} {ms['ours']:>14.2f} {ms['hf']:>22.2f} {ms['hf'] / ms['ours']:>17.2f}x")
 
+
+def _step_times(step, n: int = 16) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
 
 if __name__ == "__main__":
     main()
