@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
+from .cache import HybridCache
 from .config import HybridConfig
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
@@ -41,6 +42,17 @@ class HybridBlock(nn.Module):
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         return x + self.mixer(self.norm(x), seq_idx)
 
+    def forward_cached(self, x: torch.Tensor, cache: HybridCache, new_lengths: torch.Tensor | None) -> torch.Tensor:
+        """Inference step with a cache; MLP/MoE layers are per token and need none."""
+        h = self.norm(x)
+        if self.kind == "M":
+            if x.shape[1] == 1 and new_lengths is None:
+                return x + self.mixer.decode(h, cache)
+            return x + self.mixer.prefill(h, cache, new_lengths)
+        if self.kind == "*":
+            return x + self.mixer.forward_cached(h, cache)
+        return x + self.mixer(h)
+
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, kind={self.kind!r}"
 
@@ -52,10 +64,16 @@ class HybridBackbone(nn.Module):
         self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                cache: HybridCache | None = None, new_lengths: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embeddings(input_ids)
-        for layer in self.layers:
-            h = layer(h, seq_idx)
+        if cache is None:
+            for layer in self.layers:
+                h = layer(h, seq_idx)
+        else:
+            for layer in self.layers:
+                h = layer.forward_cached(h, cache, new_lengths)
+            cache.advance(new_lengths, input_ids.shape[1])
         return self.norm_f(h)
 
 
@@ -79,6 +97,12 @@ class HybridLM(nn.Module):
 
     ``seq_idx`` [B, T] (document index per token, non-decreasing) packs several documents in one row:
     Mamba conv/SSM state resets and attention is masked at document starts.
+
+    Inference: pass a :class:`~model.cache.HybridCache` (``model.allocate_cache(batch, max_len)``) as
+    ``cache=``; the input continues each row from its cached state and the cache is updated in place.
+    ``lengths`` [B] gives each row's number of real tokens in a right-padded input (prefill of prompts
+    of different lengths); a ``[B, 1]`` input without ``lengths`` takes the single-token decode path
+    (conv update + SSM recurrence). See ``docs/GENERATION.md``.
     Build on the meta device with ``HybridLM(cfg, device="meta")`` or inside ``with torch.device("meta")``
     (no memory, no init); ``init_seed`` makes the initialisation reproducible.
     """
@@ -105,17 +129,38 @@ class HybridLM(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None, *,
+                      cache: HybridCache | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, H] (what ``lm_head`` reads; chunked losses start here)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seqlen], got shape {tuple(input_ids.shape)}")
         if seq_idx is not None and seq_idx.shape != input_ids.shape:
             raise ValueError(f"seq_idx shape {tuple(seq_idx.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
-        return self.backbone(input_ids, seq_idx)
+        if cache is None:
+            if lengths is not None:
+                raise ValueError("lengths is only meaningful with a cache; without one, pack documents with seq_idx")
+            return self.backbone(input_ids, seq_idx)
+        if seq_idx is not None:
+            raise ValueError("seq_idx cannot be combined with a cache: give right-padded rows and their lengths instead")
+        b, t = input_ids.shape
+        if b != cache.batch:
+            raise ValueError(f"input batch {b} does not match the cache's batch {cache.batch}")
+        cache.check_room(t)
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, dtype=torch.long, device=input_ids.device)
+            if lengths.shape != (b,):
+                raise ValueError(f"lengths must be [batch] = ({b},), got {tuple(lengths.shape)}")
+        return self.backbone(input_ids, cache=cache, new_lengths=lengths)
 
-    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``input_ids`` [B, T] → logits [B, T, V]."""
-        return self.lm_head(self.hidden_states(input_ids, seq_idx))
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None, *,
+                cache: HybridCache | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids`` [B, T] → logits [B, T, V] (with ``cache``: continuing from it; see the class doc)."""
+        return self.lm_head(self.hidden_states(input_ids, seq_idx, cache=cache, lengths=lengths))
+
+    def allocate_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> HybridCache:
+        """An empty :class:`HybridCache` for this model (its device; KV in ``dtype``, default the model's)."""
+        p = self.lm_head.weight
+        return HybridCache.allocate(self.config, batch, max_len, device=p.device, dtype=dtype or p.dtype)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE layers' auxiliary losses from the last training forward (None if there are none)."""

@@ -3,6 +3,11 @@
 ``in_proj`` → z | xBC | dt; ``xBC = silu(causal depthwise conv(xBC))`` → x | B | C;
 ``y = SSD(x, dt = softplus(dt + dt_bias) clamped to time_step_limit, A = -exp(A_log), B, C) + D x``;
 ``out_proj(gated_group_rmsnorm(y, z))``. The SSM state is fp32.
+
+Inference (:mod:`model.cache`): :meth:`Mamba2Mixer.prefill` runs the same chunked path from the cached
+conv window / SSM state and writes each row's state at its own length (right-padded rows: ``dt = 0`` at
+pads makes them the identity for the SSM); :meth:`Mamba2Mixer.decode` is one token through
+``causal_conv1d_update`` and the recurrence ``S = exp(dt·A)·S + dt·x⊗B``, ``y = S·C + D·x`` in fp32.
 """
 
 from __future__ import annotations
@@ -10,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.conv1d import causal_conv1d
-from kernels.ssd import chunk_scan
+from kernels.conv1d import causal_conv1d, causal_conv1d_update
+from kernels.ssd import chunk_scan, process_dt
 
 from .config import HybridConfig
 from .norms import GatedRMSNorm
@@ -79,3 +84,59 @@ class Mamba2Mixer(nn.Module):
         )
         y = self.norm(y.reshape(b, t, self.d_inner), z)
         return self.out_proj(y.to(hidden.dtype))
+
+    # ------------------------------------------------------------------------------------------------
+    # inference with a cache (model.cache.HybridCache); the training forward above is untouched
+    def _gated_out(self, y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.out_proj(self.norm(y, z).to(dtype))
+
+    def prefill(self, hidden: torch.Tensor, cache, new_lengths: torch.Tensor | None) -> torch.Tensor:
+        """``hidden`` [B, T, H] continuing each row from its cached state; ``new_lengths`` [B] real tokens
+        per row (right padding after them), None = all T. Updates ``cache.conv/ssm[layer]`` in place."""
+        b, t, _ = hidden.shape
+        gn = self.n_groups * self.d_state
+        conv_state, ssm_state = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
+        z, xBC_in, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        xBC = causal_conv1d(xBC_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, initial_states=conv_state,
+                            activation="silu")
+        # New conv window: the last K-1 inputs before each row's end (its old window if it adds nothing).
+        k1 = conv_state.shape[-1]
+        window = torch.cat([conv_state, xBC_in.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # [B, C, K-1+T]
+        if new_lengths is None:
+            conv_state.copy_(window[:, :, t:])
+        else:
+            idx = new_lengths[:, None] + torch.arange(k1, device=hidden.device)  # [B, K-1]
+            conv_state.copy_(window.gather(2, idx[:, None, :].expand(b, self.conv_dim, k1)))
+        x, B, C = xBC.split([self.d_inner, gn, gn], dim=-1)
+        dt = process_dt(dt, self.dt_bias, True, self.time_step_limit)  # [B, T, h] fp32
+        if new_lengths is not None:  # pads: dt = 0 → no input, no decay: the final state is the row's own
+            dt = dt * (torch.arange(t, device=hidden.device)[None, :] < new_lengths[:, None])[:, :, None]
+        y, final = chunk_scan(
+            x.reshape(b, t, self.num_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
+            B.reshape(b, t, self.n_groups, self.d_state), C.reshape(b, t, self.n_groups, self.d_state),
+            self.chunk_size, D=self.D, initial_states=ssm_state, return_final_states=True, impl=self.ssd_impl,
+        )
+        ssm_state.copy_(final)
+        return self._gated_out(y.reshape(b, t, self.d_inner), z, hidden.dtype)
+
+    def decode(self, hidden: torch.Tensor, cache) -> torch.Tensor:
+        """One token per row: ``hidden`` [B, 1, H] → [B, 1, H]; updates the cached conv window and SSM state."""
+        b = hidden.shape[0]
+        g, hg, p, n = self.n_groups, self.num_heads // self.n_groups, self.head_dim, self.d_state
+        conv_state, S = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
+        z, xBC, dt = self.in_proj(hidden[:, 0]).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        xBC, new_window = causal_conv1d_update(xBC, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        conv_state.copy_(new_window)
+        x, B, C = xBC.float().split([self.d_inner, g * n, g * n], dim=-1)
+        dt = process_dt(dt, self.dt_bias, True, self.time_step_limit)  # [B, h] fp32
+        dA = torch.exp(dt * -torch.exp(self.A_log.float()))  # [B, h]
+        # Heads grouped [B, g, h/g, ...] so B/C broadcast over the heads that share them (no repeat).
+        x = x.view(b, g, hg, p)
+        Sg = S.view(b, g, hg, p, n)
+        # In place, no [B, h, p, N] temporary: the state is the largest tensor a decode step touches
+        # (at batch 8 it outweighs the layer's weights), so each pass over it counts.
+        Sg.mul_(dA.view(b, g, hg, 1, 1)).addcmul_((dt.view(b, g, hg, 1) * x)[..., None], B.view(b, g, 1, 1, n))
+        # read-out as one [h/g·p, N] @ [N, 1] product per group (3× faster on CPU than per-head bmm)
+        y = torch.matmul(S.view(b, g, hg * p, n), C.view(b, g, n, 1)).view(b, g, hg, p)
+        y = y + self.D.float().view(1, g, hg, 1) * x
+        return self._gated_out(y.reshape(b, 1, self.d_inner).to(hidden.dtype), z[:, None], hidden.dtype)

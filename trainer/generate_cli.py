@@ -1,0 +1,148 @@
+"""``tandem generate``: chat with a checkpoint in the terminal (one-shot ``--prompt`` or a REPL on stdin).
+
+    python -m trainer.generate_cli CKPT --prompt "What is 2+3?" --think --thinking-budget 256
+    python -m trainer.generate_cli runs/sft --no-think --temperature 0.7 --top-p 0.9      # REPL
+
+``CKPT`` is a Hugging Face NemotronH directory (``config.json`` + safetensors) or a tandem run
+checkpoint (a run dir, its ``checkpoints/`` dir or a ``step_*`` dir; the ``latest`` one is used).
+In the REPL each line is a user turn; ``/reset`` clears the conversation, ``/quit`` or EOF ends it.
+Earlier assistant turns are kept in the history with their reasoning dropped (``<think></think>`` +
+answer, the template's ``truncate_history_thinking``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from data_pipelines.tokenizer import load_tokenizer
+from model import HybridLM
+from trainer.generation import GenerationEngine, SamplingParams, ThinkTokens
+
+__all__ = ["chat_main", "render_generation_prompt", "load_model"]
+
+
+def render_generation_prompt(tok, messages: list[dict], *, think: bool, system: str = "") -> list[int]:
+    """Prompt ids for the assistant's next turn (NEMOTRON3-FACTS §5 generation prompt).
+
+    ``messages``: ``[{"role": "user"|"assistant", "content": str}, ...]`` ending with a user turn.
+    Each piece is tokenised separately (special tokens and text never merge across a boundary). The one
+    place to swap for ``data_pipelines.chat``'s renderer once it exists.
+    """
+    pieces = ["<|im_start|>", f"system\n{system}", "<|im_end|>", "\n"]
+    for m in messages:
+        if m["role"] == "user":
+            pieces += ["<|im_start|>", f"user\n{m['content']}", "<|im_end|>", "\n"]
+        elif m["role"] == "assistant":  # history: reasoning truncated
+            pieces += ["<|im_start|>", "assistant\n", "<think>", "</think>", m["content"], "<|im_end|>", "\n"]
+        else:
+            raise ValueError(f"unknown message role {m['role']!r}; expected 'user' or 'assistant'")
+    pieces += ["<|im_start|>", "assistant\n", "<think>"] + (["\n"] if think else ["</think>"])
+    ids: list[int] = []
+    for piece in pieces:
+        if piece:
+            ids += tok.encode(piece)
+    return ids
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu") -> HybridLM:
+    """An HF-layout directory, or a tandem run checkpoint (→ its ``model/`` directory)."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        from trainer.checkpoint import resolve_checkpoint
+
+        path = resolve_checkpoint(path) / "model"
+    return HybridLM.from_pretrained(path, dtype=dtype, device=device).eval()
+
+
+def _split_answer(tok, think: ThinkTokens, tokens: list[int], stop: set[int]) -> tuple[str, str]:
+    """(reasoning, answer) texts of generated ``tokens`` (stop token dropped)."""
+    if tokens and tokens[-1] in stop:
+        tokens = tokens[:-1]
+    if think.think_end in tokens:
+        i = tokens.index(think.think_end)
+        return tok.decode(tokens[:i]).strip(), tok.decode(tokens[i + 1 :]).strip()
+    return "", tok.decode(tokens).strip()
+
+
+def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tandem generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="HF NemotronH directory or tandem run checkpoint")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: the shipped one)")
+    p.add_argument("--prompt", default=None, help="one user message; without it, read turns from stdin")
+    p.add_argument("--system", default="", help="system prompt (the system block is always emitted)")
+    p.add_argument("--think", dest="think", action="store_true", default=True, help="reasoning ON (default)")
+    p.add_argument("--no-think", dest="think", action="store_false", help="reasoning OFF (<think></think>)")
+    p.add_argument("--thinking-budget", type=int, default=None)
+    p.add_argument("--thinking-grace", type=int, default=500)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--show-reasoning", action="store_true", help="print the reasoning as well as the answer")
+    args = p.parse_args(argv)
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+
+    tok = load_tokenizer(args.tokenizer)
+    think_ids = ThinkTokens.from_tokenizer(tok)
+    im_end = tok.token_to_id("<|im_end|>")
+    stop = tuple(t for t in {im_end, tok.eod} if t is not None)
+    model = load_model(args.checkpoint, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
+    if model.config.vocab_size < tok.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}; "
+                         f"pass the checkpoint's tokenizer with --tokenizer")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        greedy=args.greedy, seed=args.seed, stop_token_ids=stop, thinking_budget=args.thinking_budget,
+        thinking_grace=args.thinking_grace,
+    )
+    engine = GenerationEngine(model, max_batch=1)
+
+    def reply(messages: list[dict]) -> str:
+        ids = render_generation_prompt(tok, messages, think=args.think, system=args.system)
+        res = engine.generate([ids], params, think_ids=think_ids)[0]
+        reasoning, answer = _split_answer(tok, think_ids, res.tokens, set(stop))
+        if args.show_reasoning and reasoning:
+            print(f"<think>\n{reasoning}\n</think>", file=stdout)
+        print(answer, file=stdout)
+        note = f"[{len(res.tokens)} tokens, {res.finish_reason}"
+        if res.reasoning_tokens:
+            note += f", {res.reasoning_tokens} reasoning"
+        if res.thinking_forced:
+            note += f", thinking closed by the budget ({res.thinking_forced})"
+        print(note + "]", file=sys.stderr)
+        stdout.flush()
+        return answer
+
+    if args.prompt is not None:
+        reply([{"role": "user", "content": args.prompt}])
+        return 0
+    history: list[dict] = []
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() == "/quit":
+            return 0
+        line = line.rstrip("\n")
+        if line.strip() == "/reset":
+            history = []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        history.append({"role": "assistant", "content": reply(history)})
+
+
+if __name__ == "__main__":
+    raise SystemExit(chat_main())

@@ -1,0 +1,264 @@
+"""Batched generation on the hybrid cache: sampling, per-token logprobs, stop tokens, thinking budget.
+
+    >>> engine = GenerationEngine(model, max_batch=8)
+    >>> params = SamplingParams(max_new_tokens=256, temperature=0.8, top_p=0.95, seed=0,
+    ...                         stop_token_ids=(tok.token_to_id("<|im_end|>"),), thinking_budget=128)
+    >>> results = engine.generate(prompt_id_lists, params, think_ids=ThinkTokens.from_tokenizer(tok))
+    >>> results[0].tokens, results[0].logprobs, results[0].finish_reason
+
+How it runs: up to ``max_batch`` prompts are prefilled together (right-padded, each row's state taken at
+its own length, see :mod:`model.cache`), then decoded one token per step together. A row that finishes
+is dropped from the batch (its cache rows are removed), so it costs nothing afterwards.
+
+Semantics (also in ``docs/GENERATION.md``):
+
+- ``logprobs[i]`` is ``log_softmax(logits / temperature)[token]`` over the **whole** vocabulary: the
+  model's distribution at temperature T, *not* renormalised after top-k / top-p. This is what a GRPO
+  trainer recomputes for the same tokens at temperature T. With ``greedy`` the temperature still scales
+  the logprob (default 1.0).
+- Tokens the engine forces (``</think>``, newlines of the thinking budget) are part of ``tokens`` with
+  ``forced[i] = True``; their ``logprobs[i]`` is the model's logprob of that token under the same rule
+  (finite, but not a sample from the policy: mask forced tokens out of a policy loss).
+- A sampled stop token ends the row and is kept as the last entry of ``tokens``
+  (``finish_reason="stop"``, ``stop_token`` = its id); otherwise ``finish_reason="length"`` after
+  ``max_new_tokens`` tokens (forced ones included).
+- Thinking budget (NEMOTRON3-FACTS §5): a row is *in reasoning* while its prompt + generated text has an
+  open ``<think>`` not closed by ``</think>``. ``reasoning_tokens`` counts sampled tokens while in
+  reasoning. Once at least ``thinking_budget`` of them were generated, the first one that contains a
+  newline ends the reasoning: the engine forces ``</think>`` and a newline token, and sampling continues
+  with the answer (``thinking_forced="budget"``). At ``thinking_budget + thinking_grace`` reasoning
+  tokens without such a newline it forces newline, ``</think>``, newline at once
+  (``thinking_forced="hard"``). A model that closes its reasoning itself is not touched.
+- ``seed`` seeds one ``torch.Generator`` for the call: the same prompts, parameters and ``max_batch`` give
+  the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from model.cache import HybridCache
+
+__all__ = ["SamplingParams", "ThinkTokens", "GenerationResult", "GenerationEngine", "sample_next"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    greedy: bool = False
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    thinking_budget: int | None = None  # None = no budget
+    thinking_grace: int = 500
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.thinking_budget is not None and self.thinking_budget < 0:
+            raise ValueError(f"thinking_budget must be >= 0 or None, got {self.thinking_budget}")
+        if self.thinking_grace < 0:
+            raise ValueError(f"thinking_grace must be >= 0, got {self.thinking_grace}")
+
+
+@dataclass(frozen=True)
+class ThinkTokens:
+    """Ids the thinking budget needs: ``<think>``, ``</think>``, every id whose text contains a newline,
+    and the ids of ``"\\n"`` that the engine forces."""
+
+    think_start: int
+    think_end: int
+    newline_ids: frozenset[int]
+    newline: tuple[int, ...]
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "ThinkTokens":
+        start, end = tok.token_to_id("<think>"), tok.token_to_id("</think>")
+        if start is None or end is None:
+            raise ValueError(f"{tok}: the tokenizer has no <think>/</think> tokens; a thinking budget needs them")
+        vocab = getattr(tok, "vocab_size", None) or len(tok)
+        newline_ids = frozenset(i for i in range(vocab) if "\n" in tok.decode([i]))
+        newline = tuple(tok.encode("\n"))
+        if not newline:
+            raise ValueError(f"{tok}: '\\n' encodes to no tokens")
+        return cls(start, end, newline_ids, newline)
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    tokens: list[int] = field(default_factory=list)  # generated ids (forced ones included)
+    logprobs: list[float] = field(default_factory=list)  # per generated token, see the module doc
+    forced: list[bool] = field(default_factory=list)  # True where the engine forced the token
+    finish_reason: str = "length"  # "stop" | "length"
+    stop_token: int | None = None
+    reasoning_tokens: int = 0  # sampled tokens while a <think> was open
+    thinking_forced: str | None = None  # None | "budget" | "hard": how the engine closed the reasoning
+
+
+def _filter_top_k_top_p(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits [B, V] with everything outside the top-k / nucleus set to -inf."""
+    if top_k and top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # keep a token if the mass strictly before it is < top_p (the first token is always kept)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+    return scaled
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
+    """``logits`` [B, V] → ``(tokens [B], logp [B, V])`` where ``logp = log_softmax(logits / T)``."""
+    logp = torch.log_softmax(logits.float() / params.temperature, dim=-1)
+    if params.greedy:
+        return logp.argmax(-1), logp
+    filtered = _filter_top_k_top_p(logp, params.top_k, params.top_p)
+    probs = torch.softmax(filtered, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0], logp
+
+
+class _Row:
+    """Per-sequence bookkeeping while it is in the batch."""
+
+    __slots__ = ("result", "in_reasoning", "pending")
+
+    def __init__(self, prompt: list[int], think: ThinkTokens | None):
+        self.result = GenerationResult(prompt_ids=list(prompt))
+        self.pending: list[int] = []  # tokens to force next, in order
+        self.in_reasoning = False
+        if think is not None:
+            for t in prompt:
+                if t == think.think_start:
+                    self.in_reasoning = True
+                elif t == think.think_end:
+                    self.in_reasoning = False
+
+
+class GenerationEngine:
+    """Generates for lists of prompt ids with a :class:`model.HybridLM` (or anything with its ``config``,
+    ``hidden_states(input_ids, cache=, lengths=)``, ``lm_head`` and ``forward(input_ids, cache=)``).
+
+    ``max_batch`` rows run together (more prompts run in successive waves); ``dtype`` is the KV cache's
+    dtype (default the model's). The model is run in eval mode under ``torch.inference_mode`` and put
+    back in its previous mode afterwards.
+    """
+
+    def __init__(self, model: nn.Module, *, max_batch: int = 8, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model
+        self.max_batch = max_batch
+        p = next(model.parameters())
+        self.device = torch.device(device) if device is not None else p.device
+        self.dtype = dtype or p.dtype
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *,
+                 think_ids: ThinkTokens | None = None) -> list[GenerationResult]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt and every prompt at least one token")
+        if params.thinking_budget is not None and think_ids is None:
+            raise ValueError("thinking_budget needs think_ids=ThinkTokens(...) (e.g. ThinkTokens.from_tokenizer(tok))")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                out: list[GenerationResult] = []
+                for i in range(0, len(prompts), self.max_batch):
+                    out += self._generate_wave(prompts[i : i + self.max_batch], params, think_ids, generator)
+                return out
+        finally:
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------------------------------------
+    def _generate_wave(self, prompts, params, think, generator) -> list[GenerationResult]:
+        rows = [_Row(p, think) for p in prompts]
+        lengths = [len(p) for p in prompts]
+        cache = HybridCache.allocate(self.model.config, len(prompts), max(lengths) + params.max_new_tokens,
+                                     device=self.device, dtype=self.dtype)
+        ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+        ids = ids.to(self.device)
+        ragged = len(set(lengths)) > 1
+        len_t = torch.tensor(lengths, device=self.device)
+        hidden = self.model.hidden_states(ids, cache=cache, lengths=len_t if ragged else None)  # [B, T, H]
+        # lm_head only on each row's last prompt token (a [B, T, V] prefill logit tensor is large)
+        logits = self.model.lm_head(hidden[torch.arange(len(prompts), device=self.device), len_t - 1])
+        active = list(range(len(prompts)))  # row index of each cache row
+        stop = set(params.stop_token_ids)
+        while True:
+            sampled, logp = sample_next(logits, params, generator)
+            sampled = sampled.tolist()
+            next_tokens, chosen, keep = [], [], []
+            for j, r in enumerate(active):
+                row = rows[r]
+                res = row.result
+                forced = bool(row.pending)
+                tok = row.pending.pop(0) if forced else sampled[j]
+                next_tokens.append(tok)
+                chosen.append(tok)
+                res.tokens.append(tok)
+                res.forced.append(forced)
+                if not forced and tok in stop:
+                    res.finish_reason, res.stop_token = "stop", tok
+                elif len(res.tokens) < params.max_new_tokens:
+                    keep.append(j)
+                if think is not None and not forced:
+                    self._thinking(row, tok, params, think)
+            lp = logp.gather(1, torch.tensor(chosen, device=logp.device)[:, None])[:, 0].tolist()
+            for j, r in enumerate(active):
+                rows[r].result.logprobs.append(lp[j])
+            if not keep:
+                break
+            if len(keep) < len(active):
+                cache.select(keep)
+                active = [active[j] for j in keep]
+                next_tokens = [next_tokens[j] for j in keep]
+            step = torch.tensor(next_tokens, dtype=torch.long, device=self.device)[:, None]
+            logits = self.model(step, cache=cache)[:, 0]
+        return [r.result for r in rows]
+
+    @staticmethod
+    def _thinking(row: _Row, tok: int, params: SamplingParams, think: ThinkTokens) -> None:
+        """Budget bookkeeping after a *sampled* token ``tok``; queues forced tokens when it ends reasoning."""
+        res = row.result
+        if tok == think.think_end:
+            row.in_reasoning = False
+            return
+        if tok == think.think_start:
+            row.in_reasoning = True
+            return
+        if not row.in_reasoning:
+            return
+        res.reasoning_tokens += 1
+        budget = params.thinking_budget
+        if budget is None:
+            return
+        if res.reasoning_tokens >= budget and tok in think.newline_ids:
+            row.pending += [think.think_end, *think.newline]
+            res.thinking_forced = "budget"
+            row.in_reasoning = False
+        elif res.reasoning_tokens >= budget + params.thinking_grace:
+            row.pending += [*think.newline, think.think_end, *think.newline]
+            res.thinking_forced = "hard"
+            row.in_reasoning = False
