@@ -31,7 +31,8 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt
 	touch $(STAMP)
 
 # The main job. Everything lives in $(SMOKE_DIR) (runs/smoke/), started afresh each time: a generated
-# corpus → tandem-preprocess → indexed datasets → the tiny model through both pretraining phases.
+# corpus → tandem-preprocess → indexed datasets → the tiny model through both pretraining phases → SFT on
+# generated reasoning conversations (ON and OFF) → a reasoning-mode check and a chat in both modes.
 SMOKE_DIR ?= runs/smoke
 smoke: setup
 	rm -rf $(SMOKE_DIR)
@@ -40,6 +41,11 @@ smoke: setup
 	$(VENV)/bin/tandem-preprocess -i $(SMOKE_DIR)/corpus/phase1.jsonl -o $(SMOKE_DIR)/data/phase1 --no-progress
 	$(VENV)/bin/tandem-preprocess -i $(SMOKE_DIR)/corpus/phase2.jsonl -o $(SMOKE_DIR)/data/phase2 --no-progress
 	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke data=smoke_indexed run.dir=$(SMOKE_DIR)/pretrain
+	$(PY) -m data_pipelines.sft_synthetic --out $(SMOKE_DIR)/sft/train.jsonl --samples 2000 --seed 0
+	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke_sft
+	$(PY) -m trainer.chat_eval $(SMOKE_DIR)/sft --prompts 40 --out $(SMOKE_DIR)/sft/chat_eval.json --min-well-formed 0.9
+	$(VENV)/bin/tandem generate $(SMOKE_DIR)/sft --prompt "What is 12 + 34?" --greedy --show-reasoning
+	$(VENV)/bin/tandem generate $(SMOKE_DIR)/sft --prompt "What is 12 + 34?" --greedy --no-think
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -46,9 +46,16 @@ def problem(rng: random.Random) -> tuple[str, str, str]:
         reasoning = (f"{a} - {b}: take {b // 10 * 10} from {a} to get {a - b // 10 * 10}, "
                      f"then take {b % 10} to get {a - b}.\nSo {a} - {b} = {a - b}.")
         return f"What is {a} - {b}?", reasoning, str(a - b)
+    # Products through a multiple of ten: a fixed number of short steps (a repeated-addition chain would
+    # ask a tiny model to count its own repetitions, and greedy decoding then loops).
     a, b = rng.randint(2, 9), rng.randint(2, 12)
-    parts = " + ".join([str(b)] * a)
-    return f"What is {a} * {b}?", f"{a} * {b} is {a} times {b}: {parts} = {a * b}.\nSo {a} * {b} = {a * b}.", str(a * b)
+    if b == 10:
+        step = f"{a} * 10 = {10 * a}"
+    elif b < 10:
+        step = f"{a} * 10 = {10 * a}, minus {a} * {10 - b} = {a * (10 - b)}, gives {a * b}"
+    else:
+        step = f"{a} * 10 = {10 * a}, plus {a} * {b - 10} = {a * (b - 10)}, gives {a * b}"
+    return f"What is {a} * {b}?", f"{a} * {b}: {step}.\nSo {a} * {b} = {a * b}.", str(a * b)
 
 
 def conversation(rng: random.Random, thinking: bool, turns: int = 1) -> dict:

@@ -1,5 +1,6 @@
 """The main job, `make smoke`, end to end: generated corpus → tandem-preprocess → indexed datasets → the
-tiny model through both pretraining phases; it must learn, not just run."""
+tiny model through both pretraining phases → SFT on generated reasoning conversations → generation in both
+reasoning modes; it must learn, not just run."""
 
 import json
 import os
@@ -28,3 +29,15 @@ def test_make_smoke_learns(tmp_path):
     assert last["val_loss"] < 0.5 * first["loss"]
     assert all(r["tokens_per_s"] > 0 and r["nan_skipped"] == 0 for r in records)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000300"
+
+    # SFT from the pretraining run, then generation from the SFT checkpoint in both modes
+    sft = [json.loads(l) for l in (smoke / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sft[-1]["stage"] == "sft" and sft[-1]["step"] == 300
+    assert sft[-1]["loss"] < 0.5 * sft[0]["loss"] and sft[-1]["val_loss"] < 0.5 * sft[0]["loss"], (sft[0], sft[-1])
+    report = json.loads((smoke / "sft" / "chat_eval.json").read_text())
+    on, off = report["summary"]["on"], report["summary"]["off"]
+    assert on["prompts"] == off["prompts"] == 20
+    # a well-formed <think>…</think> block in ON mode, an empty one (from the prompt) in OFF mode
+    assert on["well_formed"] >= 0.9 and off["well_formed"] >= 0.9, report["summary"]
+    assert all("<think>" not in r["text"] for r in report["replies"])
+    assert "reasoning ON" in res.stdout and "reasoning OFF" in res.stdout

@@ -4,6 +4,7 @@
     tandem -cn smoke stage.steps=50 optim.lr=1e-3      # overrides (typos fail, naming the key)
     tandem -cn nano3_pretrain model=tiny --cfg job     # print the composed config and exit
     torchrun --nproc_per_node 2 -m trainer.cli -cn smoke parallel=ddp_gloo
+    tandem generate runs/smoke/sft --prompt "What is 2 + 3?"   # chat with a checkpoint (docs/GENERATION.md)
 
 Exit status: 0 done, 2 bad input (message names the key/file), 75 preempted after a checkpoint.
 """
@@ -33,6 +34,10 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "generate":
+        from .generate_cli import chat_main
+
+        sys.exit(chat_main(sys.argv[2:]))
     if not RECIPES.is_dir():
         sys.exit(f"tandem: recipes folder not found at {RECIPES} (run from a source checkout: pip install -e .)")
     register_configs()
