@@ -6,7 +6,7 @@
 Both run the same random weights (ours saved with ``save_pretrained``, loaded by transformers), greedy,
 the same prompts, exactly ``--new`` new tokens (no stop token). Decode tokens/s excludes the prefill:
 ``(new - 1) · batch / (t(new) - t(1))`` where ``t(n)`` is the wall time of a call generating ``n``
-tokens (median over ``--iters``). Prints both rates and the ratio ours / transformers (> 1: ours is
+tokens (median over ``--iters``, the four kinds of call interleaved round-robin). Prints both rates and the ratio ours / transformers (> 1: ours is
 faster), after checking the greedy tokens agree. Then per-token decode time after a 1k and an 8k prompt
 (batch 1, both implementations, the model's forward step timed directly: median of 16 steps): Mamba
 layers cost the same at any length, attention grows with it.
@@ -43,17 +43,6 @@ def build(args) -> HybridLM:
             elif name.endswith("dt_bias"):
                 p.uniform_(-2.0, 0.0)
     return model
-
-
-def timed(fn, iters: int, warmup: bool = True) -> float:
-    if warmup:
-        fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -103,10 +92,18 @@ def main() -> None:
         agree = sum(r.tokens == ref[i, args.prompt:].tolist() for i, r in enumerate(mine))
         if agree != b:
             print(f"  warning: greedy tokens agree for {agree}/{b} rows only")
-        rate = {}
-        for name, fn in (("ours", ours), ("hf", theirs)):
-            t_full, t_one = timed(lambda: fn(args.new), args.iters), timed(lambda: fn(1), args.iters)
-            rate[name] = (args.new - 1) * b / (t_full - t_one)
+        # round-robin, so a load spike on a shared machine hits both sides alike
+        calls = {(name, n): fn for name, fn in (("ours", ours), ("hf", theirs)) for n in (args.new, 1)}
+        times = {key: [] for key in calls}
+        for key, fn in calls.items():
+            fn(key[1])  # warm-up
+        for _ in range(args.iters):
+            for key, fn in calls.items():
+                t = time.perf_counter()
+                fn(key[1])
+                times[key].append(time.perf_counter() - t)
+        med = {key: statistics.median(v) for key, v in times.items()}
+        rate = {name: (args.new - 1) * b / (med[(name, args.new)] - med[(name, 1)]) for name in ("ours", "hf")}
         print(f"{b:>5} {rate['ours']:>11.0f} {rate['hf']:>19.0f} {rate['ours'] / rate['hf']:>17.2f}x")
 
     if args.context:
@@ -115,24 +112,21 @@ def main() -> None:
         for ctx in args.context:
             prompt = torch.randint(3, args.vocab, (1, ctx), generator=g)
             nxt = torch.randint(3, args.vocab, (1, 1), generator=g)
-            ms = {}
             with torch.inference_mode():
-                cache = model.allocate_cache(1, ctx + 32)
+                cache = model.allocate_cache(1, ctx + 40)
                 model(prompt, cache=cache)
-                ms["ours"] = _step_times(lambda: model(nxt, cache=cache))
                 out = hf(prompt, use_cache=True, logits_to_keep=1)
                 past = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-                ms["hf"] = _step_times(lambda: hf(nxt, cache=past, use_cache=True))
+                steps = {"ours": lambda: model(nxt, cache=cache), "hf": lambda: hf(nxt, cache=past, use_cache=True)}
+                times = {"ours": [], "hf": []}
+                for _ in range(16):  # alternating steps
+                    for name, step in steps.items():
+                        t = time.perf_counter()
+                        step()
+                        times[name].append(time.perf_counter() - t)
+            ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
             print(f"{ctx:>8} {ms['ours']:>14.2f} {ms['hf']:>22.2f} {ms['hf'] / ms['ours']:>17.2f}x")
 
-
-def _step_times(step, n: int = 16) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 if __name__ == "__main__":
     main()

@@ -129,3 +129,20 @@ def test_cache_errors():
             model(torch.zeros(3, 3, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match="lengths is only meaningful with a cache"):
             model(torch.zeros(2, 3, dtype=torch.long), lengths=[1, 2])
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="runs the Triton SSD kernels on CPU tensors under TRITON_INTERPRET=1")
+def test_ragged_prefill_through_the_triton_scan():
+    """The prefill's chunk_scan(initial_states, return_final_states) with dt = 0 pads, on the Triton path."""
+    ref = _model("M*")
+    tri = HybridLM(HybridConfig.preset("tiny", hybrid_override_pattern="M*", ssd_impl="triton"), init_seed=0).eval()
+    ids = torch.randint(0, 512, (2, 23))
+    with torch.no_grad():
+        cache = tri.allocate_cache(2, 32)
+        pre = tri(ids[:, :19], cache=cache, lengths=[19, 12])
+        step = tri(torch.stack([ids[0, 19], ids[1, 12]])[:, None], cache=cache)
+        for i, n in enumerate((19, 12)):
+            alone = ref(torch.cat([ids[i, :n], ids[i, n : n + 1]])[None])[0]
+            torch.testing.assert_close(pre[i, :n], alone[:n], atol=ATOL, rtol=1e-5)
+            torch.testing.assert_close(step[i, 0], alone[n], atol=ATOL, rtol=1e-5)
