@@ -6,8 +6,8 @@
 ``CKPT`` is a Hugging Face NemotronH directory (``config.json`` + safetensors) or a tandem run
 checkpoint (a run dir, its ``checkpoints/`` dir or a ``step_*`` dir; the ``latest`` one is used).
 In the REPL each line is a user turn; ``/reset`` clears the conversation, ``/quit`` or EOF ends it.
-Earlier assistant turns are kept in the history with their reasoning dropped (``<think></think>`` +
-answer, the template's ``truncate_history_thinking``).
+Earlier assistant turns are kept in the history with their reasoning; the chat template renders them
+as ``<think></think>`` + answer (``truncate_history_thinking``), exactly as SFT trained.
 """
 
 from __future__ import annotations
@@ -19,44 +19,28 @@ from typing import TextIO
 
 import torch
 
+from data_pipelines.chat import render_prompt
 from data_pipelines.tokenizer import load_tokenizer
 from model import HybridLM
+from trainer.checkpoint import weights_dir
 from trainer.generation import GenerationEngine, SamplingParams, ThinkTokens
 
 __all__ = ["chat_main", "render_generation_prompt", "load_model"]
 
 
 def render_generation_prompt(tok, messages: list[dict], *, think: bool, system: str = "") -> list[int]:
-    """Prompt ids for the assistant's next turn (NEMOTRON3-FACTS §5 generation prompt).
-
-    ``messages``: ``[{"role": "user"|"assistant", "content": str}, ...]`` ending with a user turn.
-    Each piece is tokenised separately (special tokens and text never merge across a boundary). The one
-    place to swap for ``data_pipelines.chat``'s renderer once it exists.
+    """Prompt ids for the assistant's next turn: :func:`data_pipelines.chat.render_prompt` (the chat
+    template's token-level renderer, so the prompt is exactly what SFT trained on) with ``system`` as the
+    system message; ``think`` is ``enable_thinking`` (``/think`` / ``/no_think`` in the text still win).
     """
-    pieces = ["<|im_start|>", f"system\n{system}", "<|im_end|>", "\n"]
-    for m in messages:
-        if m["role"] == "user":
-            pieces += ["<|im_start|>", f"user\n{m['content']}", "<|im_end|>", "\n"]
-        elif m["role"] == "assistant":  # history: reasoning truncated
-            pieces += ["<|im_start|>", "assistant\n", "<think>", "</think>", m["content"], "<|im_end|>", "\n"]
-        else:
-            raise ValueError(f"unknown message role {m['role']!r}; expected 'user' or 'assistant'")
-    pieces += ["<|im_start|>", "assistant\n", "<think>"] + (["\n"] if think else ["</think>"])
-    ids: list[int] = []
-    for piece in pieces:
-        if piece:
-            ids += tok.encode(piece)
-    return ids
+    if any(m.get("role") == "system" for m in messages):
+        raise ValueError("pass the system prompt as system=..., not as a message")
+    return render_prompt([{"role": "system", "content": system}, *messages], tok, enable_thinking=think)
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu") -> HybridLM:
     """An HF-layout directory, or a tandem run checkpoint (→ its ``model/`` directory)."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        from trainer.checkpoint import resolve_checkpoint
-
-        path = resolve_checkpoint(path) / "model"
-    return HybridLM.from_pretrained(path, dtype=dtype, device=device).eval()
+    return HybridLM.from_pretrained(weights_dir(path), dtype=dtype, device=device).eval()
 
 
 def _split_answer(tok, think: ThinkTokens, tokens: list[int], stop: set[int]) -> tuple[str, str]:
@@ -107,7 +91,7 @@ def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, std
     )
     engine = GenerationEngine(model, max_batch=1)
 
-    def reply(messages: list[dict]) -> str:
+    def reply(messages: list[dict]) -> dict:
         ids = render_generation_prompt(tok, messages, think=args.think, system=args.system)
         res = engine.generate([ids], params, think_ids=think_ids)[0]
         reasoning, answer = _split_answer(tok, think_ids, res.tokens, set(stop))
@@ -121,7 +105,10 @@ def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, std
             note += f", thinking closed by the budget ({res.thinking_forced})"
         print(note + "]", file=sys.stderr)
         stdout.flush()
-        return answer
+        turn = {"role": "assistant", "content": answer}
+        if reasoning:
+            turn["reasoning_content"] = reasoning
+        return turn
 
     if args.prompt is not None:
         reply([{"role": "user", "content": args.prompt}])
@@ -141,7 +128,7 @@ def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, std
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        history.append({"role": "assistant", "content": reply(history)})
+        history.append(reply(history))
 
 
 if __name__ == "__main__":
