@@ -36,32 +36,37 @@ def _stage(conversations, rank=0, world=1, **kw):
 
 
 def test_batches_train_only_on_assistant_tokens(conversations):
+    """In every packed conversation, the targets are exactly the assistant turns after its last user
+    message (earlier turns are trained in their own sample, with their reasoning): from the token after
+    the ``<|im_start|>assistant\n`` header through ``<|im_end|>``; labels are the next token."""
     stage = _stage(conversations)
     tok = load_tokenizer()
     im_start, im_end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
-    assistant = tok.encode("assistant")
+    assistant, user = tok.encode("assistant\n"), tok.encode("user\n")
     (batch, *_) = stage.batches_for_step(0)
     ids, labels, mask, seq_idx = batch["input_ids"], batch["labels"], batch["loss_mask"], batch["seq_idx"]
     assert mask.sum() > 0 and torch.all(labels[mask == 0] == -100) and torch.all(labels[mask > 0] >= 0)
+    multi_turn_rows = 0
     for b in range(ids.shape[0]):
-        # walk the row: a target is a token inside an assistant turn (after its header, up to its <|im_end|>)
-        in_assistant, expected = False, torch.zeros(ids.shape[1])
-        row = ids[b].tolist()
-        for t in range(len(row) - 1):
-            nxt = row[t + 1]
-            if row[t] == im_start:
-                in_assistant = row[t + 1: t + 1 + len(assistant)] == assistant
-                start_at = t + len(assistant) + 1  # the "\n" ending the header
-            elif in_assistant and t >= start_at and seq_idx[b, t + 1] == seq_idx[b, t]:
-                expected[t] = 1.0
-                if nxt == im_end:
-                    in_assistant = False
-            if nxt == im_start:
-                in_assistant = False
+        row, expected = ids[b].tolist(), torch.zeros(ids.shape[1])
+        for doc in seq_idx[b].unique().tolist():
+            pos = torch.nonzero(seq_idx[b] == doc).flatten().tolist()
+            toks = [row[t] for t in pos]
+            heads = [i for i, x in enumerate(toks) if x == im_start]
+            users = [i for i in heads if toks[i + 1: i + 1 + len(user)] == user]
+            if not users:
+                continue  # padding
+            turns = [i for i in heads if toks[i + 1: i + 1 + len(assistant)] == assistant]
+            multi_turn_rows += len(turns) > 1
+            for h in (i for i in turns if i > users[-1]):
+                body = h + len(assistant)  # position of the header's "\n": its label is the first body token
+                end = toks.index(im_end, body)
+                for i in range(body, end):
+                    expected[pos[i]] = 1.0
         assert torch.equal(mask[b], expected), b
-        # labels are the next token inside the same conversation
         t_idx = torch.nonzero(mask[b]).flatten()
         assert torch.equal(labels[b, t_idx], ids[b, t_idx + 1])
+    assert multi_turn_rows > 0  # the check saw truncated history turns
 
 
 def test_ranks_split_the_global_batch_and_holdout_is_disjoint(conversations):
