@@ -40,3 +40,10 @@ def run_cli(*args, env=None, timeout=300):
         [sys.executable, "-m", "trainer.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
+
+
+def read_records(run_dir) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

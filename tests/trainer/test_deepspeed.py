@@ -1,14 +1,13 @@
 """DeepSpeed ZeRO as the loop's engine (CPU accelerator, gloo): 2 processes match 1 process with the same
 global batch, and checkpoints move between ZeRO and plain runs."""
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import REPO, TINY_RUN, run_cli
+from .conftest import read_records, REPO, TINY_RUN, run_cli
 
 pytest.importorskip("deepspeed")
 
@@ -20,10 +19,6 @@ def _torchrun(*args, timeout=900):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer.cli", *args],
         cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-
-
-def _records(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _assert_same_losses(a, b, what):
@@ -47,9 +42,9 @@ def test_zero_dp2_matches_single_process(stage, single_run, tmp_path):
     extra = ["stage.micro_batch=2"] if stage == 3 else []
     res = _torchrun("-cn", "smoke", f"parallel=zero{stage}", *ARGS, *extra, f"run.dir={tmp_path / 'zero'}")
     assert res.returncode == 0, res.stderr[-3000:]
-    _assert_same_losses(_records(single_run), _records(tmp_path / "zero"), f"zero{stage}")
+    _assert_same_losses(read_records(single_run), read_records(tmp_path / "zero"), f"zero{stage}")
     if not extra:  # (the held-out set is eval_batches × micro_batch windows: comparable at equal micro_batch)
-        val = [_records(d)[-1]["val_loss"] for d in (single_run, tmp_path / "zero")]
+        val = [read_records(d)[-1]["val_loss"] for d in (single_run, tmp_path / "zero")]
         assert abs(val[0] - val[1]) <= 1e-5 * val[0]
 
 
@@ -61,11 +56,11 @@ def test_zero2_checkpoint_resumes_without_zero_and_back(single_run, tmp_path):
     ckpt = tmp_path / "z2" / "checkpoints" / "step_00000004"
     res = run_cli("-cn", "smoke", *ARGS, f"run.dir={tmp_path / 'plain'}", f"run.resume={ckpt}")
     assert res.returncode == 0, res.stderr[-3000:]
-    _assert_same_losses(_records(single_run)[4:], _records(tmp_path / "plain"), "zero2 → plain")
+    _assert_same_losses(read_records(single_run)[4:], read_records(tmp_path / "plain"), "zero2 → plain")
     ckpt = single_run / "checkpoints" / "step_00000004"
     res = _torchrun("-cn", "smoke", "parallel=zero3", *ARGS, "stage.micro_batch=2", f"run.dir={tmp_path / 'z3'}", f"run.resume={ckpt}")
     assert res.returncode == 0, res.stderr[-3000:]
-    _assert_same_losses(_records(single_run)[4:], _records(tmp_path / "z3"), "plain → zero3")
+    _assert_same_losses(read_records(single_run)[4:], read_records(tmp_path / "z3"), "plain → zero3")
 
 
 def test_zero3_refuses_gradient_accumulation(tmp_path):

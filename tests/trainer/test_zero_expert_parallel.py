@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import REPO, TINY_RUN, run_cli
+from .conftest import read_records, REPO, TINY_RUN, run_cli
 
 pytest.importorskip("deepspeed")
 
@@ -37,10 +37,6 @@ def _ep_zero(stage, run_dir, *extra, nproc=2):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(verdict.read_text())
-
-
-def _records(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _assert_same_steps(a, b, what):
@@ -81,9 +77,9 @@ def ep2_zero2_run(tmp_path_factory):
 
 
 def _check_against_single(run_dir, verdict, single_run, what):
-    ref = _records(single_run)
+    ref = read_records(single_run)
     assert len(ref) == 6 and all(r["grad_norm"] > CLIP for r in ref)  # the clipping path is exercised
-    _assert_same_steps(ref, _records(run_dir), what)
+    _assert_same_steps(ref, read_records(run_dir), what)
     _assert_same_checkpoint(run_dir / "checkpoints" / "step_00000006", single_run / "checkpoints" / "step_00000006", what)
     # the expert bias moved, identically on every rank; dense weights identical on every rank
     assert verdict["bias_layers"] == 2 and verdict["bias_range"] > 0, verdict
@@ -109,9 +105,9 @@ def test_ep2_zero2_checkpoint_resumes_at_ep1_and_back(ep2_zero2_run, single_run,
     res = run_cli("-cn", "smoke", *ARGS, f"run.dir={tmp_path / 'plain'}",
                   f"run.resume={ep_dir / 'checkpoints' / 'step_00000003'}")
     assert res.returncode == 0, res.stderr[-3000:]
-    _assert_same_steps(_records(ep_dir)[3:], _records(tmp_path / "plain"), "ep2 zero2 → ep1 plain")
+    _assert_same_steps(read_records(ep_dir)[3:], read_records(tmp_path / "plain"), "ep2 zero2 → ep1 plain")
     _ep_zero(2, tmp_path / "ez2", f"run.resume={single_run / 'checkpoints' / 'step_00000003'}")
-    _assert_same_steps(_records(single_run)[3:], _records(tmp_path / "ez2"), "ep1 plain → ep2 zero2")
+    _assert_same_steps(read_records(single_run)[3:], read_records(tmp_path / "ez2"), "ep1 plain → ep2 zero2")
     _assert_same_checkpoint(tmp_path / "ez2" / "checkpoints" / "step_00000006",
                             single_run / "checkpoints" / "step_00000006", "ep1 plain → ep2 zero2")
 
@@ -123,7 +119,7 @@ def test_ep2_zero_with_expert_data_parallel_resumes_single_checkpoint(stage, sin
     checkpoint and continue exactly as it did: optimizer state scattered into expert partitions, gradients
     reduced and norm counted per expert group, state gathered back into the same checkpoint."""
     verdict = _ep_zero(stage, tmp_path / "run", f"run.resume={single_run / 'checkpoints' / 'step_00000003'}", nproc=4)
-    _assert_same_steps(_records(single_run)[3:], _records(tmp_path / "run"), f"ep2 × edp2 zero{stage}")
+    _assert_same_steps(read_records(single_run)[3:], read_records(tmp_path / "run"), f"ep2 × edp2 zero{stage}")
     _assert_same_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000006",
                             single_run / "checkpoints" / "step_00000006", f"ep2 × edp2 zero{stage}")
     assert verdict["bias_rank_diff"] == 0.0 and verdict["dense_rank_diff"] in (0.0, None), verdict

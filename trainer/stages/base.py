@@ -16,6 +16,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from ..data import DataError
+
 
 @dataclass
 class LossOutput:
@@ -38,6 +40,15 @@ def token_cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     if aux is not None:
         loss_sum = loss_sum + aux * num_tokens
     return LossOutput(loss_sum=loss_sum, num_tokens=num_tokens)
+
+
+def check_batch_split(stage, world_size: int) -> None:
+    """``stage.global_batch`` must split evenly into ranks × micro-batches (raises the trainer's DataError)."""
+    if stage.global_batch % (world_size * stage.micro_batch):
+        raise DataError(
+            f"stage.global_batch ({stage.global_batch}) must be a multiple of data-parallel size ({world_size}) "
+            f"× stage.micro_batch ({stage.micro_batch})"
+        )
 
 
 class Stage(abc.ABC):

@@ -11,7 +11,7 @@ import torch
 
 from ..config import DataConfig, StageConfig
 from ..data import BlendSchedule, DataError, build_source, make_batch
-from .base import Stage
+from .base import Stage, check_batch_split
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +20,7 @@ class PretrainStage(Stage):
     name = "pretrain"
 
     def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1):
-        if stage.global_batch % (world_size * stage.micro_batch):
-            raise DataError(
-                f"stage.global_batch ({stage.global_batch}) must be a multiple of data-parallel size ({world_size}) "
-                f"× stage.micro_batch ({stage.micro_batch})"
-            )
+        check_batch_split(stage, world_size)
         if not data.phase1:
             raise DataError("data.phase1: the phase-1 blend is empty; give at least one {path, weight}")
         if not 0.0 <= data.phase2_start <= 1.0:

@@ -20,7 +20,7 @@ from data_pipelines.tokenizer import load_tokenizer
 
 from ..config import DataConfig, StageConfig
 from ..data import DataError
-from .base import Stage
+from .base import Stage, check_batch_split
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,7 @@ class SFTStage(Stage):
 
     def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1):
         chat = data.chat
-        if stage.global_batch % (world_size * stage.micro_batch):
-            raise DataError(
-                f"stage.global_batch ({stage.global_batch}) must be a multiple of data-parallel size ({world_size}) "
-                f"× stage.micro_batch ({stage.micro_batch})"
-            )
+        check_batch_split(stage, world_size)
         if not chat.train:
             raise DataError("data.chat.train: no SFT conversation files given (JSONL / Parquet / HF dataset folders)")
         if chat.train_on not in TRAIN_ON:
