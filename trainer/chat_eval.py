@@ -28,7 +28,7 @@ from data_pipelines.chat import render_prompt
 from data_pipelines.sft_synthetic import answer_of, eval_prompts
 from data_pipelines.tokenizer import load_tokenizer
 
-from .generate_cli import load_model
+from .generate_cli import chat_stop_tokens, load_model
 from .generation import GenerationEngine, SamplingParams, ThinkTokens
 
 
@@ -57,7 +57,7 @@ def evaluate(checkpoint: str | Path, *, prompts: int = 40, seed: int = 10_000, t
     cases = eval_prompts(prompts, seed=seed)
     ids = [render_prompt(c["messages"], tok, enable_thinking=c["enable_thinking"]) for c in cases]
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=temperature == 0.0, temperature=temperature or 1.0,
-                            seed=seed, stop_token_ids=(im_end, tok.eod))
+                            seed=seed, stop_token_ids=chat_stop_tokens(tok))
     results = GenerationEngine(model, max_batch=max_batch).generate(ids, params, think_ids=think)
     replies, summary = [], {}
     for case, res in zip(cases, results):

@@ -25,7 +25,7 @@ from model import HybridLM
 from trainer.checkpoint import weights_dir
 from trainer.generation import GenerationEngine, SamplingParams, ThinkTokens
 
-__all__ = ["chat_main", "render_generation_prompt", "load_model"]
+__all__ = ["chat_main", "chat_stop_tokens", "render_generation_prompt", "load_model"]
 
 
 def render_generation_prompt(tok, messages: list[dict], *, think: bool, system: str = "") -> list[int]:
@@ -36,6 +36,11 @@ def render_generation_prompt(tok, messages: list[dict], *, think: bool, system: 
     if any(m.get("role") == "system" for m in messages):
         raise ValueError("pass the system prompt as system=..., not as a message")
     return render_prompt([{"role": "system", "content": system}, *messages], tok, enable_thinking=think)
+
+
+def chat_stop_tokens(tok) -> tuple[int, ...]:
+    """Ids that end an assistant turn: ``<|im_end|>`` (when the tokenizer has it) and the eos."""
+    return tuple(sorted(t for t in {tok.token_to_id("<|im_end|>"), tok.eod} if t is not None))
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu") -> HybridLM:
@@ -78,8 +83,7 @@ def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, std
 
     tok = load_tokenizer(args.tokenizer)
     think_ids = ThinkTokens.from_tokenizer(tok)
-    im_end = tok.token_to_id("<|im_end|>")
-    stop = tuple(t for t in {im_end, tok.eod} if t is not None)
+    stop = chat_stop_tokens(tok)
     model = load_model(args.checkpoint, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
     if model.config.vocab_size < tok.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}; "

@@ -209,14 +209,13 @@ class GenerationEngine:
         while True:
             sampled, logp = sample_next(logits, params, generator)
             sampled = sampled.tolist()
-            next_tokens, chosen, keep = [], [], []
+            next_tokens, keep = [], []
             for j, r in enumerate(active):
                 row = rows[r]
                 res = row.result
                 forced = bool(row.pending)
                 tok = row.pending.pop(0) if forced else sampled[j]
                 next_tokens.append(tok)
-                chosen.append(tok)
                 res.tokens.append(tok)
                 res.forced.append(forced)
                 if not forced and tok in stop:
@@ -225,7 +224,7 @@ class GenerationEngine:
                     keep.append(j)
                 if think is not None and not forced:
                     self._thinking(row, tok, params, think)
-            lp = logp.gather(1, torch.tensor(chosen, device=logp.device)[:, None])[:, 0].tolist()
+            lp = logp.gather(1, torch.tensor(next_tokens, device=logp.device)[:, None])[:, 0].tolist()
             for j, r in enumerate(active):
                 rows[r].result.logprobs.append(lp[j])
             if not keep:

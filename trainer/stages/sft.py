@@ -14,8 +14,9 @@ import logging
 
 import torch
 
+from data_pipelines.chat import TRAIN_ON
 from data_pipelines.packing import Collator
-from data_pipelines.sft import SFTPackedDataset
+from data_pipelines.sft import OVERLONG, SFTPackedDataset
 from data_pipelines.tokenizer import load_tokenizer
 
 from ..config import DataConfig, StageConfig
@@ -23,9 +24,6 @@ from ..data import DataError
 from .base import Stage, check_batch_split
 
 log = logging.getLogger(__name__)
-
-TRAIN_ON = ("all", "final")
-OVERLONG = ("drop", "truncate")
 
 
 class SFTStage(Stage):
