@@ -36,14 +36,14 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt
 SMOKE_DIR ?= runs/smoke
 smoke: setup
 	rm -rf $(SMOKE_DIR)
-	$(PY) -m data_pipelines.smoke_data --out $(SMOKE_DIR)/corpus/phase1.jsonl --docs 3000 --seed 0
-	$(PY) -m data_pipelines.smoke_data --out $(SMOKE_DIR)/corpus/phase2.jsonl --docs 1000 --seed 1
+	$(PY) -m tandem.data_pipelines.smoke_data --out $(SMOKE_DIR)/corpus/phase1.jsonl --docs 3000 --seed 0
+	$(PY) -m tandem.data_pipelines.smoke_data --out $(SMOKE_DIR)/corpus/phase2.jsonl --docs 1000 --seed 1
 	$(VENV)/bin/tandem-preprocess -i $(SMOKE_DIR)/corpus/phase1.jsonl -o $(SMOKE_DIR)/data/phase1 --no-progress
 	$(VENV)/bin/tandem-preprocess -i $(SMOKE_DIR)/corpus/phase2.jsonl -o $(SMOKE_DIR)/data/phase2 --no-progress
 	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke data=smoke_indexed run.dir=$(SMOKE_DIR)/pretrain
-	$(PY) -m data_pipelines.sft_synthetic --out $(SMOKE_DIR)/sft/train.jsonl --samples 2000 --seed 0
+	$(PY) -m tandem.data_pipelines.sft_synthetic --out $(SMOKE_DIR)/sft/train.jsonl --samples 2000 --seed 0
 	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke_sft
-	$(PY) -m trainer.chat_eval $(SMOKE_DIR)/sft --prompts 40 --out $(SMOKE_DIR)/sft/chat_eval.json --min-well-formed 0.9
+	$(PY) -m tandem.trainer.inference.chat_eval $(SMOKE_DIR)/sft --prompts 40 --out $(SMOKE_DIR)/sft/chat_eval.json --min-well-formed 0.9
 	$(VENV)/bin/tandem generate $(SMOKE_DIR)/sft --prompt "What is 12 + 34?" --greedy --show-reasoning
 	$(VENV)/bin/tandem generate $(SMOKE_DIR)/sft --prompt "What is 12 + 34?" --greedy --no-think
 
@@ -51,4 +51,4 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -85,11 +85,11 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     target = GPUTarget("cuda", args.sm, 32)
 
-    import kernels.conv1d.conv1d_triton as conv_mod
-    import kernels.ssd.bmm_chunk as bmm_mod
-    import kernels.ssd.chunk_cumsum as cumsum_mod
-    import kernels.ssd.chunk_output as output_mod
-    import kernels.ssd.chunk_state as state_mod
+    import tandem.kernels.conv1d.conv1d_triton as conv_mod
+    import tandem.kernels.ssd.bmm_chunk as bmm_mod
+    import tandem.kernels.ssd.chunk_cumsum as cumsum_mod
+    import tandem.kernels.ssd.chunk_output as output_mod
+    import tandem.kernels.ssd.chunk_state as state_mod
 
     conv_mod.check_launchable = lambda *a, **k: None  # CPU tensors stand in for CUDA ones; nothing is launched
     seen: set = set()
@@ -99,8 +99,8 @@ def main(argv=None):
             if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 setattr(mod, name, _Recorder(obj, target, seen))
 
-    from kernels.conv1d.conv1d_triton import _conv_bwd, _conv_fwd, causal_conv1d_update_triton
-    from kernels.ssd.ssd_triton import _SSDChunkScan, _ssd_fwd
+    from tandem.kernels.conv1d.conv1d_triton import _conv_bwd, _conv_fwd, causal_conv1d_update_triton
+    from tandem.kernels.ssd.ssd_triton import _SSDChunkScan, _ssd_fwd
 
     b, l, h, p, g, n, Q = (int(v) for v in args.shape.split(","))
     print(f"target sm_{args.sm}, {args.dtype}, SSD shape b,l,h,p,g,n,chunk = {(b, l, h, p, g, n, Q)}")

@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from model import HybridConfig, HybridLM
-from trainer.generation import GenerationEngine, SamplingParams
+from tandem.model import HybridConfig, HybridLM
+from tandem.trainer.inference.engine import GenerationEngine, SamplingParams
 
 
 def build(args) -> HybridLM:

@@ -3,7 +3,7 @@
     python bench/moe.py                       # a small CPU shape set
     python bench/moe.py --hidden 2688 --experts 128 --topk 6 --width 1856 --tokens 8192 --device cuda --dtype bfloat16
 
-Both paths run the same ``model.moe.MoE`` (same weights, routing, dispatcher); only
+Both paths run the same ``tandem.model.moe.MoE`` (same weights, routing, dispatcher); only
 ``GroupedExperts.grouped`` differs. Prints tokens/s for each and the ratio grouped / loop (> 1: grouped
 is faster), after checking the two agree.
 """
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from model import HybridConfig
-from model.moe import MoE
+from tandem.model import HybridConfig
+from tandem.model.moe import MoE
 
 
 def bench(moe: MoE, x: torch.Tensor, iters: int) -> float:

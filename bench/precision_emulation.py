@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from model import HybridConfig, HybridLM
-from model.precision import PrecisionSpec, apply_precision
+from tandem.model import HybridConfig, HybridLM
+from tandem.model.precision import PrecisionSpec, apply_precision
 
 RECIPES = ["fp32", "fp8_delayed", "fp8_current", "fp8_block", "mxfp8", "nvfp4"]
 

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.ssd import ssd_chunk_scan_ref  # noqa: E402
+from tandem.kernels.ssd import ssd_chunk_scan_ref  # noqa: E402
 
 # HBM peak (GB/s) by device-name fragment; --peak-gbps overrides.
 PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
@@ -94,7 +94,7 @@ def _ours_torch(chunk):
 
 
 def _ours_triton(chunk):
-    from kernels.ssd import ssd_chunk_scan_triton
+    from tandem.kernels.ssd import ssd_chunk_scan_triton
     return lambda t: ssd_chunk_scan_triton(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, D=t["D"],
                                            dt_bias=t["dt_bias"], dt_softplus=True)
 

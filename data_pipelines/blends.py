@@ -216,7 +216,7 @@ class PretrainDatasets:
         return self.train.phase_names[self.train.phase_of(min(consumed_samples, len(self.train) - 1))]
 
 
-def _check_prefix(prefix: str) -> None:
+def check_prefix(prefix: str) -> None:
     missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
     if missing:
         raise FileNotFoundError(f"blend source {prefix!r}: missing {missing} (build it with tandem-preprocess "
@@ -237,7 +237,7 @@ def build_source_dataset(prefix: str, cfg: PretrainDataConfig, tokenizer: Any, t
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    _check_prefix(prefix)
+    check_prefix(prefix)
     gcfg = GPTDatasetConfig(
         random_seed=cfg.seed,
         sequence_length=seq_length or cfg.seq_length,
@@ -292,7 +292,7 @@ def build_pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Any, train_sampl
         raise ValueError(f"valid_samples must be >= 0, got {valid_samples}")
     prefixes = sources_of(cfg)
     for p in prefixes:
-        _check_prefix(p)
+        check_prefix(p)
     weights = [[float(ph.blend.get(p, 0.0)) for p in prefixes] for ph in cfg.phases]
     bounds = phase_boundaries(cfg, train_samples, align)
     sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]

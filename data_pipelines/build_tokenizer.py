@@ -1,6 +1,6 @@
 """Build the small byte-level BPE tokenizer that tandem ships (``data_pipelines/assets/tokenizer``).
 
-    python -m data_pipelines.build_tokenizer --out data_pipelines/assets/tokenizer --vocab-size 512
+    python -m tandem.data_pipelines.build_tokenizer --out data_pipelines/assets/tokenizer --vocab-size 512
 
 The training text is generated here from a fixed seed (no download), so the build is reproducible: the
 same vocabulary size and seed give a byte-identical ``tokenizer.json``. Byte-level BPE can encode any

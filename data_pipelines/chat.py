@@ -221,7 +221,7 @@ def render_chat(messages: Sequence[dict], tokenizer, *, tools: Sequence[dict] | 
 
     Equal to ``tokenizer.encode(<chat template text>)`` with the same options. The loss mask covers the
     assistant turns this rendering trains (see ``_trained_turns``); a generation prompt is never trained.
-    ``tokenizer``: a ``data_pipelines.tokenizer.Tokenizer``, a transformers tokenizer (encoded with
+    ``tokenizer``: a ``tandem.data_pipelines.tokenizer.Tokenizer``, a transformers tokenizer (encoded with
     ``add_special_tokens=False``), or anything whose ``encode(text)`` adds no BOS/EOS and maps
     special-token strings to their ids.
     """

@@ -29,12 +29,12 @@ import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from data_pipelines.build_tokenizer import random_sentence
+from tandem.data_pipelines.build_tokenizer import random_sentence
 
 # --- the long/short mixture ----------------------------------------------------------------------------
 
@@ -54,7 +54,7 @@ class LongShortMixture:
             raise ValueError(f"long_fraction must be in [0, 1], got {long_fraction}")
         if short_length < 1 or long_length % short_length:
             raise ValueError(f"long_length ({long_length}) must be a positive multiple of short_length ({short_length})")
-        from data_pipelines.blends import blend_schedule
+        from tandem.data_pipelines.blends import blend_schedule
 
         self.long_ds, self.short_ds, self.eod = long_ds, short_ds, int(eod)
         self.long_length, self.short_length = long_length, short_length
@@ -100,7 +100,7 @@ class LongShortMixture:
 def build_long_short_mixture(long_cfg, short_cfg, tokenizer, *, num_rows: int, long_fraction: float):
     """Long/short CPT data from two ``blends.PretrainDataConfig`` (same sources or not; ``seq_length``
     of each sets the long and short lengths). Returns a ``LongShortMixture`` of ``num_rows`` rows."""
-    from data_pipelines.blends import blend_schedule, build_pretrain_datasets
+    from tandem.data_pipelines.blends import blend_schedule, build_pretrain_datasets
 
     if long_cfg.seq_length % short_cfg.seq_length:
         raise ValueError(f"long seq_length {long_cfg.seq_length} must be a multiple of short seq_length "
@@ -165,7 +165,7 @@ def _filler(rng: random.Random, n_tokens: int, count: Callable[[str], int]) -> l
 
 def _token_counter(tokenizer) -> Callable[[str], int]:
     if tokenizer is None:
-        from data_pipelines.tokenizer import load_tokenizer
+        from tandem.data_pipelines.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer()
     return lambda s: len(tokenizer.encode(s))

@@ -2,7 +2,7 @@
 
     tandem-preprocess --input corpus.jsonl more.parquet --output-prefix data/web \\
         [--tokenizer DIR] [--text-field text] [--workers 4] [--skip-bad-rows] [--overwrite]
-    python -m data_pipelines.preprocess ...                        # same thing
+    python -m tandem.data_pipelines.preprocess ...                        # same thing
 
 Inputs: JSON Lines (optionally .gz), Parquet, a ``datasets`` save_to_disk folder, ``hf:<name>`` (via
 ``load_dataset``, streaming), or folders of such files; all inputs go into one output, in the order given.
@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from data_pipelines.readers import (
+from tandem.data_pipelines.readers import (
     MISSING,
     BadRecordError,
     check_text,
@@ -69,7 +69,7 @@ def _init_worker(tokenizer_path: str | None, eod_token: str | None) -> None:
     # Parallelism comes from the worker processes; the tokenizers library's own thread pool in every
     # worker would oversubscribe the cores (N workers x all cores threads).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from data_pipelines.tokenizer import load_tokenizer
+    from tandem.data_pipelines.tokenizer import load_tokenizer
 
     _TOKENIZER = load_tokenizer(tokenizer_path, eod_token=eod_token)
 
@@ -165,7 +165,7 @@ def preprocess(inputs: list[str | Path] | str | Path, output_prefix: str | Path,
     ``tokenizer``: a local tokenizer folder/file (default: the shipped one). Raises ``BadRecordError``
     (with ``file:line``) on the first bad row unless ``skip_bad_rows``; ``ValueError`` on empty input.
     """
-    from data_pipelines.tokenizer import load_tokenizer
+    from tandem.data_pipelines.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
     prefix = str(output_prefix)

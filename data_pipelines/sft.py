@@ -3,7 +3,7 @@
     ds = SFTPackedDataset("sft.jsonl", load_tokenizer(), seq_len=1024, train_on="all", overlong="drop", seed=0)
     row = ds[0]        # input_ids, labels, loss_mask, seq_idx, position_ids, valid, num_docs
     ds.stats.as_dict() # samples, dropped, truncated, rows, fill rate, target tokens, ...
-    loader = build_dataloader(ds, micro_batch_size=4, eod=tok.eod)   # data_pipelines.packing
+    loader = build_dataloader(ds, micro_batch_size=4, eod=tok.eod)   # tandem.data_pipelines.packing
 
 Row schema (JSONL line / Parquet row / HF dataset row; docs/SFT.md has the full rules)::
 
@@ -272,7 +272,7 @@ class SFTPackedDataset:
     """Map-style dataset of packed SFT rows (see the module docstring for the row layout).
 
     ``path_or_paths``: JSONL / Parquet files, ``save_to_disk`` folders, ``hf:<name>``, or folders of files.
-    ``tokenizer``: a ``data_pipelines.tokenizer.Tokenizer`` (or a path for ``load_tokenizer``).
+    ``tokenizer``: a ``tandem.data_pipelines.tokenizer.Tokenizer`` (or a path for ``load_tokenizer``).
     ``train_on``: ``"all"`` assistant turns or ``"final"`` (those answering the last user message);
     ``truncate_history_thinking``: see ``chat.render_sft_samples``; ``enable_thinking``: the mode of rows
     without their own ``enable_thinking`` (``/think`` / ``/no_think`` in the text still override it);

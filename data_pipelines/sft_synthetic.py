@@ -1,6 +1,6 @@
 """Synthetic reasoning SFT data for the smoke recipe: small arithmetic with step-by-step reasoning.
 
-    python -m data_pipelines.sft_synthetic --out /tmp/sft.jsonl --samples 2000 --seed 0
+    python -m tandem.data_pipelines.sft_synthetic --out /tmp/sft.jsonl --samples 2000 --seed 0
 
 Half the conversations have reasoning ON (``enable_thinking: true``, a ``reasoning_content`` that works the
 sum digit by digit), half OFF (``enable_thinking: false``, no reasoning); about a quarter are two-turn. The

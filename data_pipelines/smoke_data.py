@@ -1,8 +1,8 @@
 """A small, learnable text corpus for the smoke recipe, built into an indexed dataset.
 
-    python -m data_pipelines.smoke_data --out runs/smoke/corpus.jsonl          # JSONL only
+    python -m tandem.data_pipelines.smoke_data --out runs/smoke/corpus.jsonl          # JSONL only
     tandem-preprocess -i runs/smoke/corpus.jsonl -o runs/smoke/data/corpus     # → .bin/.idx
-    python -m data_pipelines.smoke_data --out runs/smoke/corpus.jsonl --prefix runs/smoke/data/corpus  # both
+    python -m tandem.data_pipelines.smoke_data --out runs/smoke/corpus.jsonl --prefix runs/smoke/data/corpus  # both
 
 The documents mix plain sentences (the shipped tokenizer's training distribution), strongly patterned
 text (counting, repeated phrases: a tiny model's loss falls fast on them, which is what a smoke test
@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from data_pipelines.build_tokenizer import random_sentence
+from tandem.data_pipelines.build_tokenizer import random_sentence
 
 
 def smoke_documents(n_docs: int = 2000, seed: int = 0) -> list[str]:
@@ -34,7 +34,7 @@ def smoke_documents(n_docs: int = 2000, seed: int = 0) -> list[str]:
         elif r < 0.9:
             docs.append(" ".join(random_sentence(rng) for _ in range(rng.randint(1, 6))))
         else:
-            from data_pipelines.long_context import needle
+            from tandem.data_pipelines.long_context import needle
 
             docs.append(needle(rng, rng.randint(48, 160), rng.random()).text)
     return docs
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     out = write_smoke_corpus(args.out, args.docs, args.seed)
     print(f"wrote {args.docs} documents to {out}")
     if args.prefix:
-        from data_pipelines.preprocess import main as preprocess_main
+        from tandem.data_pipelines.preprocess import main as preprocess_main
 
         return preprocess_main(["-i", str(out), "-o", args.prefix, "--no-progress"])
     return 0

@@ -30,13 +30,13 @@ import torch
 class IndexedTokenSource:
     def __init__(self, prefix: str, *, seed: int = 1234, valid_fraction: float = 0.01, tokenizer: Any = None,
                  cache_dir: str | None = None):
-        from data_pipelines.blends import _check_prefix
+        from tandem.data_pipelines.blends import check_prefix
 
         if not 0 <= valid_fraction < 1:
             raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
-        _check_prefix(prefix)
+        check_prefix(prefix)
         if tokenizer is None:
-            from data_pipelines.tokenizer import load_tokenizer
+            from tandem.data_pipelines.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer()
         self.prefix, self.seed, self.valid_fraction = prefix, seed, valid_fraction
@@ -63,7 +63,7 @@ class IndexedTokenSource:
             raise ValueError(f"{self.name}: split must be 'train' or 'valid', got {split!r}")
         key = (split, seq_len)
         if key not in self._datasets:
-            from data_pipelines.blends import Phase, PretrainDataConfig, build_source_dataset
+            from tandem.data_pipelines.blends import Phase, PretrainDataConfig, build_source_dataset
 
             vf = 100 * self.valid_fraction
             cfg = PretrainDataConfig([Phase("source", {self.prefix: 1.0})], seq_length=seq_len, seed=self.seed,

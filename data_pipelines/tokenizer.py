@@ -88,7 +88,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[dict], *, tools: Sequence[dict] | None = None,
                             add_generation_prompt: bool = False, enable_thinking: bool | None = True,
                             truncate_history_thinking: bool = True) -> list[int]:
-        """Ids of the tandem chat template's rendering (``data_pipelines.chat.render_chat``; equal to
+        """Ids of the tandem chat template's rendering (``tandem.data_pipelines.chat.render_chat``; equal to
         transformers' ``apply_chat_template`` on the shipped folder, but tokenised turn by turn)."""
         from .chat import render_chat
 

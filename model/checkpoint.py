@@ -18,33 +18,24 @@ checkpoint in place of a good one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checkpoint_io import (CONFIG_NAME, INDEX_FILE, SINGLE_FILE, STACKED_EXPERT, CheckpointError, checkpoint_files,
+                            checkpoint_items, open_safetensors, read_json, swap_in)
+from .checkpoint_nvfp4 import nvfp4_reader
 from .config import HybridConfig
 
 __all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "save_state_dict", "load_checkpoint_into", "checkpoint_items"]
 
-CONFIG_NAME = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _EXPERT_KEY = re.compile(r"^(?P<base>backbone\.layers\.\d+\.mixer\.experts)\.(?P<e>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
-_STACKED_EXPERT = re.compile(r"^backbone\.layers\.\d+\.mixer\.experts\.(up_proj|down_proj)$")
 _IGNORED_PREFIXES = ("mtp.",)
 _FP32_KEYS = ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")  # fp32 in the release
-_CHECKPOINT_FILE = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json|model-\d+-of-\d+\.safetensors)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be loaded as asked; the message names file and key."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,49 +56,6 @@ def _target(key: str) -> tuple[str, int | None]:
     return key, None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
-
-
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory, in order."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    index = path / INDEX_FILE
-    if index.exists():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: expected a non-empty 'weight_map' object")
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(f"{index}: lists shard {f.name!r}, which does not exist in {path}")
-        return files
-    if (path / SINGLE_FILE).exists():
-        return [path / SINGLE_FILE]
-    shards = sorted(path.glob("model-*-of-*.safetensors"))
-    if shards:
-        raise CheckpointError(f"{path}: has sharded safetensors but no {INDEX_FILE}")
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    if pickles:
-        raise CheckpointError(
-            f"{path}: only pickled weights {pickles} found; tandem never unpickles checkpoints. Convert them to "
-            f"safetensors in a trusted environment (e.g. transformers' save_pretrained(safe_serialization=True))."
-        )
-    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
-
-
-def _open(file: Path):
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for bad headers / short files
-        raise CheckpointError(f"{file}: not a readable safetensors file, possibly truncated or corrupt ({e})") from None
-
-
 @torch.no_grad()
 def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool = True) -> dict[str, list[str]]:
     """Copy every tensor of the checkpoint at ``path`` into ``model``'s parameters and buffers.
@@ -118,7 +66,7 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool 
     """
     path = Path(path)
     state = model.state_dict(keep_vars=True)
-    experts_filled: dict[str, set[int]] = {n: set() for n in state if _STACKED_EXPERT.match(n)}
+    experts_filled: dict[str, set[int]] = {n: set() for n in state if STACKED_EXPERT.match(n)}
     # Under expert parallelism a process holds experts [offset, offset + local count) of each layer.
     offsets = {f"{name}.{proj}": (m.expert_offset, m.num_experts, m.total_experts)
                for name, m in model.named_modules() if hasattr(m, "expert_offset") for proj in ("up_proj", "down_proj")}
@@ -126,11 +74,9 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool 
     unexpected: list[str] = []
     ignored: list[str] = []
     files = checkpoint_files(path)
-    from .precision_checkpoint import nvfp4_reader  # NVFP4 release layout: dequantized on the fly
-
-    nvfp4 = nvfp4_reader(files)
+    nvfp4 = nvfp4_reader(files)  # the NVFP4 release layout: dequantized on the fly
     for file in files:
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 if key.startswith(_IGNORED_PREFIXES):
                     ignored.append(key)
@@ -214,7 +160,7 @@ def _read_config(path: Path) -> tuple[HybridConfig, dict]:
     config_file = path / CONFIG_NAME
     if not config_file.exists():
         raise CheckpointError(f"{path}: no {CONFIG_NAME}")
-    raw = _read_json(config_file)
+    raw = read_json(config_file)
     try:
         return HybridConfig.from_hf_dict(raw, source=str(config_file)), raw
     except (TypeError, ValueError) as e:
@@ -250,17 +196,6 @@ def load_pretrained(
 
 # ---------------------------------------------------------------------------------------------------
 # writing
-def checkpoint_items(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint key, tensor) in the released layout: stacked experts are split per expert."""
-    for name, t in state.items():
-        if _STACKED_EXPERT.match(name):
-            base, proj = name.rsplit(".", 1)
-            for e in range(t.shape[0]):
-                yield f"{base}.{e}.{proj}.weight", t[e]
-        else:
-            yield name, t
-
-
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
@@ -323,25 +258,8 @@ def save_state_dict(state: dict[str, torch.Tensor], config: HybridConfig, path: 
         stored = dtype or state["lm_head.weight"].dtype
         hf_config["dtype"] = hf_config["torch_dtype"] = str(stored).replace("torch.", "")
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        _swap_in(tmp, path)
+        swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace ``path`` by ``tmp``, carrying over files that are not part of a checkpoint."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    for item in path.iterdir():
-        if not _CHECKPOINT_FILE.match(item.name) and not (tmp / item.name).exists():
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name)
-            else:
-                shutil.copy2(item, tmp / item.name)
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)

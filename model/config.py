@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ _LEGACY_FIELD_NAMES = {
     "mamba_chunk_size": "chunk_size",
 }
 _ACTIVATIONS = ("relu2", "silu", "gelu")
-_SSD_IMPLS = ("auto", "torch", "triton")  # kernels.ssd.IMPLS
+_SSD_IMPLS = ("auto", "torch", "triton")  # tandem.kernels.ssd.IMPLS
 
 
 @dataclass
@@ -103,7 +103,7 @@ class HybridConfig:
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
     # --- tandem only (not in config.json) -----------------------------------------------------------
-    ssd_impl: str = "auto"  # tandem: SSD scan implementation, see kernels.ssd.chunk_scan
+    ssd_impl: str = "auto"  # tandem: SSD scan implementation, see tandem.kernels.ssd.chunk_scan
 
     _TANDEM_ONLY = ("ssd_impl", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_grouped_gemm")
 

@@ -1,10 +1,10 @@
-"""The Mamba-2 mixer of NemotronH (Dao & Gu, 2024), on the SSD scan from :mod:`kernels.ssd`.
+"""The Mamba-2 mixer of NemotronH (Dao & Gu, 2024), on the SSD scan from :mod:`tandem.kernels.ssd`.
 
 ``in_proj`` → z | xBC | dt; ``xBC = silu(causal depthwise conv(xBC))`` → x | B | C;
 ``y = SSD(x, dt = softplus(dt + dt_bias) clamped to time_step_limit, A = -exp(A_log), B, C) + D x``;
 ``out_proj(gated_group_rmsnorm(y, z))``. The SSM state is fp32.
 
-Inference (:mod:`model.cache`): :meth:`Mamba2Mixer.prefill` runs the same chunked path from the cached
+Inference (:mod:`tandem.model.cache`): :meth:`Mamba2Mixer.prefill` runs the same chunked path from the cached
 conv window / SSM state and writes each row's state at its own length (right-padded rows: ``dt = 0`` at
 pads makes them the identity for the SSM); :meth:`Mamba2Mixer.decode` is one token through
 ``causal_conv1d_update`` and the recurrence ``S = exp(dt·A)·S + dt·x⊗B``, ``y = S·C + D·x`` in fp32.
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.conv1d import causal_conv1d, causal_conv1d_update
-from kernels.ssd import chunk_scan, process_dt
+from tandem.kernels.conv1d import causal_conv1d, causal_conv1d_update
+from tandem.kernels.ssd import chunk_scan, process_dt
 
 from .config import HybridConfig
 from .norms import GatedRMSNorm
@@ -26,7 +26,7 @@ class CausalConv1d(nn.Conv1d):
     """Depthwise causal conv1d + SiLU on channels-last input, with packed-document resets.
 
     An ``nn.Conv1d`` for its parameters (``weight [C, 1, K]``, ``bias [C]``: the checkpoint layout) whose
-    forward calls :func:`kernels.conv1d.causal_conv1d`. Running it as a module (rather than reading
+    forward calls :func:`tandem.kernels.conv1d.causal_conv1d`. Running it as a module (rather than reading
     ``conv1d.weight`` from the mixer) keeps parameter-sharding wrappers (ZeRO-3, FSDP) correct: they
     gather a module's parameters around its own forward.
     """
@@ -86,7 +86,7 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(hidden.dtype))
 
     # ------------------------------------------------------------------------------------------------
-    # inference with a cache (model.cache.HybridCache); the training forward above is untouched
+    # inference with a cache (tandem.model.cache.HybridCache); the training forward above is untouched
     def _gated_out(self, y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.out_proj(self.norm(y, z).to(dtype))
 

@@ -9,7 +9,7 @@
   index ops that torch runs as single kernels, so no custom kernel is needed for them.
 - :class:`GroupedExperts`: all routed experts' weights as 3-D tensors ``up_proj [E, I, H]`` and
   ``down_proj [E, H, I]``; they see ``(tokens sorted by expert, tokens_per_expert)``.
-- a shared expert (a plain :class:`~model.mlp.MLP`), added unscaled.
+- a shared expert (a plain :class:`~tandem.model.mlp.MLP`), added unscaled.
 
 Training-time extras (only in ``train()`` mode): an optional sequence-level balance loss
 (``moe_aux_loss_coeff``, DeepSeek-V3) and router z-loss (``moe_z_loss_coeff``) collected by

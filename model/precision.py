@@ -4,7 +4,7 @@ Policy (what is quantized):
 
 - quantized: every ``nn.Linear`` inside a block's mixer (Mamba ``in_proj``/``out_proj``; attention
   ``q/k/v/o_proj``; MLP and shared-expert ``up/down_proj``; MoE latent projections) and the routed
-  experts' GEMMs (through the one hook :attr:`model.moe.GroupedExperts.matmul`);
+  experts' GEMMs (through the one hook :attr:`tandem.model.moe.GroupedExperts.matmul`);
 - never quantized: ``backbone.embeddings``, ``lm_head``, the router ``mixer.gate`` (fp32 by design),
   every norm, attention scores/softmax (SDPA), the SSM scan and the depthwise conv1d;
 - the first ``high_precision_first`` and last ``high_precision_last`` blocks keep all their linears in
@@ -15,9 +15,9 @@ Two backends behind one :class:`PrecisionSpec`:
 
 - ``emulate`` (any device, the reference face): :class:`QuantLinear` (an ``nn.Linear`` subclass holding
   the *same* ``weight``/``bias`` Parameters) and a wrapped expert matmul, both running
-  :func:`kernels.quant.quantized_linear`. State dicts are unchanged, so checkpoints move freely between
+  :func:`tandem.kernels.quant.quantized_linear`. State dicts are unchanged, so checkpoints move freely between
   fp32/bf16/emulated/TE runs.
-- ``te`` (Transformer Engine, GPU): see :mod:`model.precision_te`. ``auto`` picks ``te`` when TE imports
+- ``te`` (Transformer Engine, GPU): see :mod:`tandem.model.precision_te`. ``auto`` picks ``te`` when TE imports
   and the GPU supports the format, else ``emulate`` (and says why in :attr:`PrecisionPlan.notes`).
 """
 
@@ -26,13 +26,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels.quant import RECIPES, LinearQuantizers, RecipeOptions, build_quantizers, quantized_linear
+from tandem.kernels.quant import RECIPES, LinearQuantizers, RecipeOptions, build_quantizers, quantized_linear
 
 from .moe import GroupedExperts
 
@@ -54,7 +53,7 @@ class PrecisionError(ValueError):
 
 @dataclass
 class PrecisionSpec:
-    """What ``precision`` asks for (mirrors ``trainer.config.PrecisionConfig``; model/ never imports trainer)."""
+    """What ``precision`` asks for (mirrors ``tandem.trainer.config.PrecisionConfig``; model/ never imports trainer)."""
 
     name: str = "auto"
     backend: str = "auto"
@@ -65,7 +64,7 @@ class PrecisionSpec:
     @classmethod
     def from_config(cls, cfg: Any) -> "PrecisionSpec":
         """From a dataclass / DictConfig / dict with ``name``, ``backend``, ``high_precision_*`` and any
-        :class:`~kernels.quant.RecipeOptions` field at top level."""
+        :class:`~tandem.kernels.quant.RecipeOptions` field at top level."""
         get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
         opts = {f.name: get(f.name) for f in dataclasses.fields(RecipeOptions) if get(f.name) is not None}
         return cls(

@@ -4,7 +4,7 @@
 
 Sets ``MASTER_ADDR/PORT``, ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` (see ``slurm_env.py``), binds one GPU
 per task when Slurm allocated GPUs, logs one line per rank to stderr, and ``exec``s
-``<this python> -m trainer.cli <args>`` in place, so signals from Slurm (USR1/TERM for preemption) reach
+``<this python> -m tandem.trainer.cli <args>`` in place, so signals from Slurm (USR1/TERM for preemption) reach
 the trainer directly and its exit status (0 done, 2 bad input, 75 preempted after a checkpoint) is the
 task's exit status. Standard library only: no training logic here.
 """
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
         f"node {mapped['NODE_RANK']} on {socket.gethostname()}{gpu}; master {mapped['MASTER_ADDR']}:{mapped['MASTER_PORT']}",
         file=sys.stderr, flush=True,
     )
-    cmd = [sys.executable, "-m", "trainer.cli", *argv]
+    cmd = [sys.executable, "-m", "tandem.trainer.cli", *argv]
     os.execv(sys.executable, cmd)
 
 

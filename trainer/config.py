@@ -4,7 +4,7 @@ Every dataclass here is registered in Hydra's ConfigStore (:func:`register_confi
 (``optim.lrr=1``) or a wrong type (``stage.steps=abc``) fails at composition with Hydra's own error naming
 the key. Runtime objects (process groups, datasets, the model) are never stored in configs.
 
-``ModelConfig`` is generated from :class:`model.HybridConfig`: a ``preset`` plus every HybridConfig field
+``ModelConfig`` is generated from :class:`tandem.model.HybridConfig`: a ``preset`` plus every HybridConfig field
 as an optional override (``None`` = the preset's value), so ``model.hidden_size=128`` works and
 ``model.hiden_size=128`` is rejected.
 """
@@ -17,10 +17,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from model import HybridConfig
+from tandem.model import HybridConfig
 
 __all__ = [
-    "BlendEntry", "ChatDataConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "BlendEntry", "ChatDataConfig", "ConfigError", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "register_configs",
 ]
 
@@ -71,7 +71,7 @@ def build_hybrid_config(cfg: Any) -> HybridConfig:
         if v is not None:
             overrides[f.name] = tuple(v) if f.name == "time_step_limit" else v
     if get("preset") == FROM_CHECKPOINT:
-        from model.checkpoint import read_config
+        from tandem.model.checkpoint import read_config
 
         from .checkpoint import weights_dir
 
@@ -81,9 +81,14 @@ def build_hybrid_config(cfg: Any) -> HybridConfig:
     return HybridConfig.preset(get("preset"), **overrides)
 
 
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names the key (printed as one line, exit status 2)."""
+
+
 @dataclass
 class BlendEntry:
-    """One data source and its weight in a blend. ``path``: a source spec (see :mod:`trainer.data`)."""
+    """One data source and its weight in a blend. ``path``: a source spec (see :mod:`tandem.trainer.data`)."""
 
     path: str = "???"
     weight: float = 1.0
@@ -139,7 +144,7 @@ class OptimConfig:
 class ParallelConfig:
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     # The data-parallel size is derived: world_size / (tp * cp * ep-shards). TP/CP/EP and ZeRO arrive with
-    # the MoE/EP issue; the engine seam (trainer.distributed.DataParallelEngine) is where they plug in.
+    # the MoE/EP issue; the engine registry (tandem.trainer.parallel.engines) is where they plug in.
     tp: int = 1
     cp: int = 1
     ep: int = 1
@@ -148,7 +153,7 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numerics of the run; the low-precision recipes are applied by :func:`model.precision.apply_precision`
+    """Numerics of the run; the low-precision recipes are applied by :func:`tandem.model.precision.apply_precision`
     (docs/PRECISION.md). Recipe knobs are read only by the recipes they belong to."""
 
     # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp8_delayed | fp8_current | fp8_block | mxfp8 | nvfp4

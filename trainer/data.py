@@ -12,7 +12,7 @@ Source specs (``data.phase1[*].path``):
   recipe needs no files.
 - ``text:<path>`` — a UTF-8 text file; documents are separated by blank lines.
 - ``indexed:<prefix>`` — a ``tandem-preprocess`` output (megatron ``.bin``/``.idx``, tokenised with the
-  shipped or a given tokenizer), served through megatron's GPTDataset (:mod:`data_pipelines.sources`).
+  shipped or a given tokenizer), served through megatron's GPTDataset (:mod:`tandem.data_pipelines.sources`).
 
 Synthetic and text sources use bytes + 3 as tokens (ids 0/1/2 are pad/bos/eos, EOD = eos = 2), so any
 model with vocab ≥ 259 fits; indexed sources carry their tokenizer's ids (EOD 2 with the shipped one).
@@ -153,8 +153,8 @@ def build_source(spec: str, seed: int, valid_fraction: float, key: str) -> Token
         if arg not in _GENERATORS:
             raise DataError(f"{key}: unknown synthetic source {arg!r}; expected one of {sorted(_GENERATORS)}")
         return SyntheticSource(arg, seed)
-    if kind == "indexed":  # a tandem-preprocess output (megatron .bin/.idx), see data_pipelines.sources
-        from data_pipelines.sources import IndexedTokenSource
+    if kind == "indexed":  # a tandem-preprocess output (megatron .bin/.idx), see tandem.data_pipelines.sources
+        from tandem.data_pipelines.sources import IndexedTokenSource
 
         try:
             return IndexedTokenSource.from_spec(spec, seed, valid_fraction, key)

@@ -20,8 +20,8 @@ import torch
 
 from .checkpoint import CheckpointManager
 from .config import RunConfig
-from .distributed import DataParallelEngine, DistInfo
 from .optim import lr_at
+from .parallel import DistInfo, Engine
 from .stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def autocast_context(precision: str, device: torch.device):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, model, stage: Stage, engine: DataParallelEngine, info: DistInfo,
+    def __init__(self, cfg: RunConfig, model, stage: Stage, engine: Engine | None, info: DistInfo,
                  checkpoints: CheckpointManager, sinks=(), flops_per_token: float | None = None,
                  peak_flops: float | None = None, state: TrainerState | None = None):
         self.cfg, self.model, self.stage, self.engine, self.info = cfg, model, stage, engine, info
@@ -76,7 +76,7 @@ class Trainer:
         self.state = state or TrainerState()
         self._signal: int | None = None
         # Called after every step with ``finite``; each returns metrics merged into the step's record
-        # (e.g. trainer.moe.ExpertBalancer: expert-bias update and load metrics).
+        # (e.g. tandem.trainer.parallel.expert_balance.ExpertBalancer: expert-bias update and load metrics).
         self.step_hooks: list = []
 
     # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from model import HybridConfig
+from tandem.model import HybridConfig
 
 log = logging.getLogger(__name__)
 

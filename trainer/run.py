@@ -9,18 +9,16 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from model import HybridLM
-from model.checkpoint import CheckpointError
-from model.precision import PrecisionError, apply_precision
+from tandem.model import HybridLM
+from tandem.model.checkpoint_io import CheckpointError
+from tandem.model.precision import PrecisionError, apply_precision
 
 from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint
-from .config import build_hybrid_config
+from .config import ConfigError, build_hybrid_config
 from .data import DataError
-from .distributed import ConfigError, build_engine, init_distributed
-from .expert_parallel import apply_expert_parallel
 from .loop import Trainer
-from .moe import ExpertBalancer
 from .metrics import ConsoleSink, JsonlSink, WandbSink, model_flops_per_token, peak_flops_per_device
+from .parallel import ExpertBalancer, apply_expert_parallel, build_engine, init_distributed
 from .optim import build_optimizer
 from .stages import STAGES
 

@@ -1,7 +1,7 @@
 """Causal depthwise conv1d (+ bias + SiLU) with packed-document resets: the entry the model calls.
 
-``impl``: ``"torch"`` is :func:`kernels.conv1d.reference.causal_conv1d_ref`; ``"triton"`` is
-:func:`kernels.conv1d.conv1d_triton.causal_conv1d_triton` (Triton forward and backward; CUDA tensors, or CPU
+``impl``: ``"torch"`` is :func:`tandem.kernels.conv1d.reference.causal_conv1d_ref`; ``"triton"`` is
+:func:`tandem.kernels.conv1d.conv1d_triton.causal_conv1d_triton` (Triton forward and backward; CUDA tensors, or CPU
 under ``TRITON_INTERPRET=1``); ``"auto"`` is Triton for CUDA tensors and torch otherwise.
 The single-step decode update (:func:`causal_conv1d_update`) takes the same ``impl`` choice; its Triton
 kernel is forward-only (decoding), one launch instead of torch's cat / multiply / sum / SiLU.

@@ -1,5 +1,5 @@
 """Causal depthwise conv1d (+ bias, + SiLU) with packed-document resets, on Triton: kernels, launchers,
-autograd Function and public function. Same maths and arguments as :func:`kernels.conv1d.reference.causal_conv1d_ref`:
+autograd Function and public function. Same maths and arguments as :func:`tandem.kernels.conv1d.reference.causal_conv1d_ref`:
 
     pre[t, d] = bias[d] + Σ_{k<K} w[d, k] · x̃[t − (K−1) + k, d] · [doc(t − (K−1) + k) = doc(t)]
     out[t, d] = act(pre[t, d])
@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import check_launchable, device_guard
+from tandem.kernels.triton_utils import check_launchable, device_guard
 
-from .reference import _ACTIVATIONS
+from .reference import ACTIVATIONS
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
 
@@ -279,9 +279,9 @@ def causal_conv1d_triton(
     activation: str | None = None,
     return_final_states: bool = False,
 ):
-    """Same arguments and results as :func:`kernels.conv1d.reference.causal_conv1d_ref` (x [b, l, d], weight [d, K])."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"unknown conv1d activation {activation!r}; expected one of {list(_ACTIVATIONS)}")
+    """Same arguments and results as :func:`tandem.kernels.conv1d.reference.causal_conv1d_ref` (x [b, l, d], weight [d, K])."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown conv1d activation {activation!r}; expected one of {list(ACTIVATIONS)}")
     if x.dim() != 3:
         raise ValueError(f"x must be [batch, seqlen, channels], got shape {tuple(x.shape)}")
     b, l, d = x.shape
@@ -311,14 +311,14 @@ def causal_conv1d_update_triton(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
 ):
-    """Same arguments and results as :func:`kernels.conv1d.reference.causal_conv1d_update_ref`: x [b, d],
+    """Same arguments and results as :func:`tandem.kernels.conv1d.reference.causal_conv1d_update_ref`: x [b, d],
     conv_state [b, d, K-1] → ``(out [b, d], new_conv_state [b, d, K-1])``, the state not modified in place.
 
     A decode-time op: forward only. With autograd recording and an input that requires grad it raises rather
     than return a result that silently has no gradient (use ``impl="torch"`` for that).
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"unknown conv1d activation {activation!r}; expected one of {list(_ACTIVATIONS)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown conv1d activation {activation!r}; expected one of {list(ACTIVATIONS)}")
     if x.dim() != 2:
         raise ValueError(f"x must be [batch, channels] (one token), got shape {tuple(x.shape)}")
     b, d = x.shape

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 
 __all__ = ["causal_conv1d_ref", "causal_conv1d_update_ref"]
 
-_ACTIVATIONS = {None: lambda t: t, "silu": F.silu, "swish": F.silu}
+ACTIVATIONS = {None: lambda t: t, "silu": F.silu, "swish": F.silu}
 
 
 def _activation(name):
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown conv1d activation {name!r}; expected one of {list(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown conv1d activation {name!r}; expected one of {list(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 def causal_conv1d_ref(

@@ -1,6 +1,6 @@
 """Element formats, defined from their bit layouts: FP8 E4M3 / E5M2, FP4 E2M1, and the E8M0 scale.
 
-Every quantizer in :mod:`kernels.quant` rounds through :func:`round_to_format`, which works on fp32 with
+Every quantizer in :mod:`tandem.kernels.quant` rounds through :func:`round_to_format`, which works on fp32 with
 exact power-of-two arithmetic only, so the result is the format value itself (no double rounding):
 
 1. ``e = max(floor(log2|x|), emin)`` — the binade of ``x`` (subnormals share the smallest one);

@@ -2,8 +2,8 @@
 
 ``chunk_scan(x, dt, A, B, C, chunk_size, ...)`` dispatches on ``impl``:
 
-- ``"torch"``: :func:`kernels.ssd.reference.ssd_chunk_scan_ref` (autograd through plain torch ops);
-- ``"triton"``: :func:`kernels.ssd.ssd_triton.ssd_chunk_scan_triton` (Triton kernels forward and backward;
+- ``"torch"``: :func:`tandem.kernels.ssd.reference.ssd_chunk_scan_ref` (autograd through plain torch ops);
+- ``"triton"``: :func:`tandem.kernels.ssd.ssd_triton.ssd_chunk_scan_triton` (Triton kernels forward and backward;
   CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` for tests);
 - ``"auto"``: Triton for CUDA tensors, torch otherwise.
 
@@ -59,7 +59,7 @@ def chunk_scan(
     return_final_states: bool = False,
     impl: str = "auto",
 ):
-    """SSD scan; see :mod:`kernels.ssd.reference` for the maths, shapes and ``seq_idx`` semantics."""
+    """SSD scan; see :mod:`tandem.kernels.ssd.reference` for the maths, shapes and ``seq_idx`` semantics."""
     fn = ssd_chunk_scan_triton if resolve_impl(impl, x.device) == "triton" else ssd_chunk_scan_ref
     return fn(
         x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,

@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import device_guard, pow2_block
+from tandem.kernels.triton_utils import device_guard, pow2_block
 
-from .chunk_state import _chunked, _dot_prec, _warps
+from .chunk_state import chunked, dot_prec, warps
 
 __all__ = ["bmm_chunk_fwd", "bmm_chunk_ref"]
 
@@ -65,12 +65,12 @@ def bmm_chunk_fwd(C, B, chunk_size):
             C.stride(0), C.stride(1), C.stride(2), C.stride(3),
             B.stride(0), B.stride(1), B.stride(2), B.stride(3),
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            DOT_PREC=_dot_prec(C.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-            num_warps=_warps(BLOCK_M * BLOCK_N),
+            DOT_PREC=dot_prec(C.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            num_warps=warps(BLOCK_M * BLOCK_N),
         )
     return out
 
 
 def bmm_chunk_ref(C, B, chunk_size):
     nchunks = -(-C.shape[1] // chunk_size)
-    return torch.einsum("bcign,bcjgn->bcgij", _chunked(C, chunk_size, nchunks), _chunked(B, chunk_size, nchunks))
+    return torch.einsum("bcign,bcjgn->bcgij", chunked(C, chunk_size, nchunks), chunked(B, chunk_size, nchunks))

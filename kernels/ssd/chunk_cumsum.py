@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import device_guard
+from tandem.kernels.triton_utils import device_guard
 
 from .reference import process_dt
 

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import device_guard, pow2_block
+from tandem.kernels.triton_utils import device_guard, pow2_block
 
-from .chunk_state import _chunked, _doc_masks, _dot_prec, _warps
+from .chunk_state import chunked, doc_masks, dot_prec, warps
 
 __all__ = ["chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_ref"]
 
@@ -306,8 +306,8 @@ def chunk_scan_fwd(CB, x, dtp, cs, C, S_in, chunk_size, D=None, seq_idx=None, ou
             sD[0], sD[1],
             seq.stride(0), seq.stride(1) if seq_idx is not None else 0,
             y.stride(0), y.stride(1), y.stride(2), y.stride(3),
-            HAS_D=D is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=_dot_prec(x.dtype),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_S=BLOCK_S, num_warps=_warps(BLOCK_M * BLOCK_N),
+            HAS_D=D is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=dot_prec(x.dtype),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_S=BLOCK_S, num_warps=warps(BLOCK_M * BLOCK_N),
         )
     return y
 
@@ -354,9 +354,9 @@ def chunk_scan_bwd(dy, x, dtp, cs, CB, B, C, S_in, dstates, chunk_size, D=None, 
                 sD[0], sD[1],
                 dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3),
                 dBC.stride(0), dBC.stride(1), dBC.stride(2),
-                COLUMNS=columns, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=_dot_prec(x.dtype),
+                COLUMNS=columns, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, DOT_PREC=dot_prec(x.dtype),
                 BLOCK=BLOCK, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-                num_warps=_warps(BLOCK * BLOCK_N),
+                num_warps=warps(BLOCK * BLOCK_N),
             )
     dcs = dcs_row + dcs_col
     dcs[..., -1] += u_part.sum(-1)  # Σ_j u_j enters at the chunk's last position (cs[Q-1] in w_state)
@@ -375,13 +375,13 @@ def chunk_scan_ref(CB, x, dtp, cs, C, S_in, chunk_size, D=None, seq_idx=None):
     g = C.shape[2]
     nchunks = dtp.shape[2]
     Q = chunk_size
-    xc = _chunked(x, Q, nchunks)  # [b, c, Q, h, p]
-    Cc = _chunked(C, Q, nchunks).repeat_interleave(h // g, dim=3)
+    xc = chunked(x, Q, nchunks)  # [b, c, Q, h, p]
+    Cc = chunked(C, Q, nchunks).repeat_interleave(h // g, dim=3)
     CBh = CB.repeat_interleave(h // g, dim=2)  # [b, c, h, Q, Q]
     seg = cs[..., :, None] - cs[..., None, :]  # [b, h, c, i, j]
     causal = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=x.device))
     mask = causal.expand(b, nchunks, Q, Q)
-    _, same_in, _ = _doc_masks(seq_idx, b, l, nchunks, Q, x.device)
+    _, same_in, _ = doc_masks(seq_idx, b, l, nchunks, Q, x.device)
     if seq_idx is not None:
         s = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, nchunks * Q - l)], 1).view(b, nchunks, Q)
         mask = mask & (s[..., :, None] == s[..., None, :])

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import device_guard, pow2_block
+from tandem.kernels.triton_utils import device_guard, pow2_block
 
 __all__ = ["chunk_state_fwd", "chunk_state_ref", "state_passing_fwd", "state_passing_bwd", "state_passing_ref",
            "off_state_grad", "off_state_grad_ref"]
@@ -159,13 +159,13 @@ def _state_passing_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------- launchers
-def _dot_prec(dtype):
+def dot_prec(dtype):
     # fp32 inputs: exact fp32 products (tests compare fp32 tightly). Half inputs carry ≤ 10 mantissa bits,
     # so tf32 tensor cores lose nothing that the inputs had.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _warps(tile_elems: int, per_warp: int = 512) -> int:
+def warps(tile_elems: int, per_warp: int = 512) -> int:
     """Warps for a kernel whose largest fp32 accumulator tile has ``tile_elems`` elements: about ``per_warp``
     elements (16 registers per thread at 512) per warp, between 4 and 16, so the big tiles do not spill."""
     return max(4, min(16, tile_elems // per_warp))
@@ -188,8 +188,8 @@ def _chunk_state(X, Y, dtp, cs, seq_idx, chunk_size, mode):
             cs.stride(0), cs.stride(1), cs.stride(2),
             seq.stride(0), seq.stride(1) if seq_idx is not None else 0,
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            MODE=mode, HAS_SEQ=seq_idx is not None, DOT_PREC=_dot_prec(X.dtype),
-            BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_warps(BLOCK_P * BLOCK_N),
+            MODE=mode, HAS_SEQ=seq_idx is not None, DOT_PREC=dot_prec(X.dtype),
+            BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=warps(BLOCK_P * BLOCK_N),
         )
     return out
 
@@ -256,7 +256,7 @@ def state_passing_bwd(dS_off, S_in, cs, chunk_size, seqlen, seq_idx=None, dfinal
 
 
 # ------------------------------------------------------------------------------------------- references
-def _doc_masks(seq_idx, b, l, nchunks, Q, device):
+def doc_masks(seq_idx, b, l, nchunks, Q, device):
     """(doc_j == doc_end(c)) [b, c, Q], (doc_j == doc_in(c)) [b, c, Q], keep-mask [b, c] — all ones without seq_idx."""
     if seq_idx is None:
         ones = torch.ones(b, nchunks, Q, device=device)
@@ -268,7 +268,7 @@ def _doc_masks(seq_idx, b, l, nchunks, Q, device):
     return ((s == doc_end[..., None]).float(), (s == doc_in[..., None]).float(), (doc_end == doc_in).float())
 
 
-def _chunked(t, Q, nchunks):
+def chunked(t, Q, nchunks):
     """[b, l, k, m] → [b, c, Q, k, m] fp32, zero-padded."""
     b, l = t.shape[:2]
     t = torch.nn.functional.pad(t.float(), (0, 0, 0, 0, 0, nchunks * Q - l))
@@ -279,10 +279,10 @@ def chunk_state_ref(x, B, dtp, cs, chunk_size, seq_idx=None):
     b, l, h, p = x.shape
     g = B.shape[2]
     nchunks = dtp.shape[2]
-    same_end, _, _ = _doc_masks(seq_idx, b, l, nchunks, chunk_size, x.device)
+    same_end, _, _ = doc_masks(seq_idx, b, l, nchunks, chunk_size, x.device)
     w = torch.exp(cs[..., -1:] - cs) * dtp * same_end[:, None]  # [b, h, c, Q]
-    xc = _chunked(x, chunk_size, nchunks)
-    Bc = _chunked(B, chunk_size, nchunks).repeat_interleave(h // g, dim=3)
+    xc = chunked(x, chunk_size, nchunks)
+    Bc = chunked(B, chunk_size, nchunks).repeat_interleave(h // g, dim=3)
     return torch.einsum("bhcj,bcjhp,bcjhn->bchpn", w, xc, Bc)
 
 
@@ -290,15 +290,15 @@ def off_state_grad_ref(dy, C, cs, chunk_size, seq_idx=None):
     b, l, h, p = dy.shape
     g = C.shape[2]
     nchunks = cs.shape[2]
-    _, same_in, _ = _doc_masks(seq_idx, b, l, nchunks, chunk_size, dy.device)
+    _, same_in, _ = doc_masks(seq_idx, b, l, nchunks, chunk_size, dy.device)
     w = torch.exp(cs) * same_in[:, None]
-    return torch.einsum("bhci,bcihp,bcihn->bchpn", w, _chunked(dy, chunk_size, nchunks),
-                        _chunked(C, chunk_size, nchunks).repeat_interleave(h // g, dim=3))
+    return torch.einsum("bhci,bcihp,bcihn->bchpn", w, chunked(dy, chunk_size, nchunks),
+                        chunked(C, chunk_size, nchunks).repeat_interleave(h // g, dim=3))
 
 
 def state_passing_ref(states, cs, chunk_size, seqlen, seq_idx=None, initial_states=None):
     b, nchunks, h, p, n = states.shape
-    _, _, keep_mask = _doc_masks(seq_idx, b, seqlen, nchunks, chunk_size, states.device)
+    _, _, keep_mask = doc_masks(seq_idx, b, seqlen, nchunks, chunk_size, states.device)
     keep = torch.exp(cs[..., -1]) * keep_mask[:, None]  # [b, h, c]
     S = initial_states.float() if initial_states is not None else states.new_zeros(b, h, p, n)
     S_in = []

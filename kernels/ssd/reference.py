@@ -57,7 +57,7 @@ def process_dt(
     return dt
 
 
-def _check_inputs(x, dt, A, B, C, seq_idx, initial_states):
+def check_inputs(x, dt, A, B, C, seq_idx, initial_states):
     if x.dim() != 4:
         raise ValueError(f"x must be [batch, seqlen, nheads, headdim], got shape {tuple(x.shape)}")
     b, l, h, p = x.shape
@@ -129,7 +129,7 @@ def ssd_chunk_scan_ref(
     seq_idx [b, l] (int, non-decreasing), initial_states [b, h, p, n].
     Returns ``y`` [b, l, h, p] (dtype of ``x``), or ``(y, final_states)`` with final_states fp32 [b, h, p, n].
     """
-    b, l, h, p, g, n = _check_inputs(x, dt, A, B, C, seq_idx, initial_states)
+    b, l, h, p, g, n = check_inputs(x, dt, A, B, C, seq_idx, initial_states)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     Q = chunk_size
@@ -217,7 +217,7 @@ def ssd_sequential_ref(
     return_final_states: bool = False,
 ):
     """The recurrence one token at a time (tests only). Same arguments and results as the chunked form."""
-    b, l, h, p, g, n = _check_inputs(x, dt, A, B, C, seq_idx, initial_states)
+    b, l, h, p, g, n = check_inputs(x, dt, A, B, C, seq_idx, initial_states)
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
     Bh = B.float().repeat_interleave(h // g, dim=2)
     Ch = C.float().repeat_interleave(h // g, dim=2)

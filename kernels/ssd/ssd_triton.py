@@ -1,6 +1,6 @@
 """The SSD chunked scan on Triton kernels: launch sequence, ``torch.autograd.Function``, public function.
 
-Forward (each step a Triton kernel, numbered as in :mod:`kernels.ssd.reference`):
+Forward (each step a Triton kernel, numbered as in :mod:`tandem.kernels.ssd.reference`):
   1. ``chunk_cumsum_fwd``   dt processing → dt', dA_cumsum                    (chunk_cumsum.py)
   2. ``bmm_chunk_fwd``      C·Bᵀ per chunk and group                             (bmm_chunk.py)
   3. ``chunk_state_fwd``    each chunk's own final state                         (chunk_state.py)
@@ -28,13 +28,13 @@ import math
 
 import torch
 
-from kernels._triton_utils import check_launchable
+from tandem.kernels.triton_utils import check_launchable
 
 from .bmm_chunk import bmm_chunk_fwd
 from .chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
 from .chunk_output import chunk_scan_bwd, chunk_scan_fwd
 from .chunk_state import chunk_state_fwd, off_state_grad, state_passing_bwd, state_passing_fwd
-from .reference import _check_inputs
+from .reference import check_inputs
 
 __all__ = ["ssd_chunk_scan_triton"]
 
@@ -102,8 +102,8 @@ def ssd_chunk_scan_triton(
     initial_states: torch.Tensor | None = None,
     return_final_states: bool = False,
 ):
-    """Same arguments, results and gradients as :func:`kernels.ssd.reference.ssd_chunk_scan_ref`."""
-    b, l, h, p, g, n = _check_inputs(x, dt, A, B, C, seq_idx, initial_states)
+    """Same arguments, results and gradients as :func:`tandem.kernels.ssd.reference.ssd_chunk_scan_ref`."""
+    b, l, h, p, g, n = check_inputs(x, dt, A, B, C, seq_idx, initial_states)
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if D is not None and D.shape not in ((h,), (h, p)):

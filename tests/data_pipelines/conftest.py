@@ -10,6 +10,6 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tok():
-    from data_pipelines.tokenizer import load_tokenizer
+    from tandem.data_pipelines.tokenizer import load_tokenizer
 
     return load_tokenizer()

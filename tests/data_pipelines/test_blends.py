@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from dp_helpers import write_indexed
-from data_pipelines.blends import Phase, PretrainDataConfig, blend_schedule, build_pretrain_datasets
-from data_pipelines.packing import build_dataloader
+from tandem.data_pipelines.blends import Phase, PretrainDataConfig, blend_schedule, build_pretrain_datasets
+from tandem.data_pipelines.packing import build_dataloader
 
 # token-id ranges identify the source of a sample
 RANGES = {"a": (3, 170), "b": (170, 340), "c": (340, 512)}
@@ -60,7 +60,7 @@ def test_seed_determinism(sources, tmp_path, tok):
     # the schedule indices are cached and memory-mapped (one entry per sample: ~30 GB at 25T tokens)
     assert isinstance(a.train.source_index, np.memmap) and isinstance(b.train.source_sample_index, np.memmap)
     assert len(list((tmp_path / "cache").glob("tandem_blend_*_taken.json"))) == 1
-    from data_pipelines.blends import _cached_blend_schedule
+    from tandem.data_pipelines.blends import _cached_blend_schedule
 
     src, idx, taken = _cached_blend_schedule([[0.6, 0.4, 0], [0, 0.25, 0.75]], [280, 120], None)
     assert np.array_equal(src, a.train.source_index) and np.array_equal(idx, a.train.source_sample_index)
@@ -174,7 +174,7 @@ def test_empty_source_or_split_is_an_error(tmp_path, tok):
 def test_config_from_hydra_yaml(sources, tok):
     from omegaconf import OmegaConf
 
-    from data_pipelines.blends import config_from_dict
+    from tandem.data_pipelines.blends import config_from_dict
 
     yaml = f"""
     seq_length: 32

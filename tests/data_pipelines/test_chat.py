@@ -6,9 +6,9 @@ import random
 import pytest
 from dp_helpers import CHAT_TOOLS, random_conversation
 
-from data_pipelines.chat import (chat_pieces, load_chat_template, render_chat, render_prompt, render_sft_samples, render_text,
+from tandem.data_pipelines.chat import (chat_pieces, load_chat_template, render_chat, render_prompt, render_sft_samples, render_text,
                                  segment_ends, thinking_mode)
-from data_pipelines.tokenizer import SHIPPED_TOKENIZER_DIR
+from tandem.data_pipelines.tokenizer import SHIPPED_TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")

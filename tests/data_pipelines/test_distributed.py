@@ -17,9 +17,9 @@ def _rank_main(rank, world, init_file, cfg_kw, out_dir, consumed):
     import torch
     import torch.distributed as dist
 
-    from data_pipelines.blends import Phase, PretrainDataConfig, build_pretrain_datasets
-    from data_pipelines.packing import build_dataloader
-    from data_pipelines.tokenizer import load_tokenizer
+    from tandem.data_pipelines.blends import Phase, PretrainDataConfig, build_pretrain_datasets
+    from tandem.data_pipelines.packing import build_dataloader
+    from tandem.data_pipelines.tokenizer import load_tokenizer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -53,7 +53,7 @@ def test_two_ranks_share_the_schedule(tmp_path, tok):
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert res[0]["fingerprint"] == res[1]["fingerprint"]
 
-    from data_pipelines.blends import Phase, PretrainDataConfig, build_pretrain_datasets
+    from tandem.data_pipelines.blends import Phase, PretrainDataConfig, build_pretrain_datasets
 
     cfg = PretrainDataConfig([Phase(*p) for p in phases], seq_length=24, cache_dir=str(tmp_path / "cache"))
     single = build_pretrain_datasets(cfg, tok, train_samples=200).train

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dp_helpers import write_indexed
-from data_pipelines import long_context as lc
-from data_pipelines.blends import Phase, PretrainDataConfig
-from data_pipelines.packing import Collator, PackingStats
+from tandem.data_pipelines import long_context as lc
+from tandem.data_pipelines.blends import Phase, PretrainDataConfig
+from tandem.data_pipelines.packing import Collator, PackingStats
 
 
 def oracle(ex: lc.SyntheticExample) -> str:
@@ -81,7 +81,7 @@ def test_evaluate_retrieval_reports_by_depth_and_length(tok):
 
 
 def test_evaluate_with_a_model(tok):
-    from model import HybridConfig, HybridLM
+    from tandem.model import HybridConfig, HybridLM
 
     model = HybridLM(HybridConfig.preset("tiny"), init_seed=0)
     rep = lc.evaluate_needle(model=model, tokenizer=tok, lengths=[64], depths=[0.0, 1.0], per_cell=1,
@@ -101,7 +101,7 @@ def test_evaluate_with_a_model(tok):
 
 
 def test_write_jsonl_feeds_preprocessing(tmp_path, tok):
-    from data_pipelines.preprocess import preprocess
+    from tandem.data_pipelines.preprocess import preprocess
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     exs = lc.generate_examples("kv_retrieval", lengths=[120], depths=[0.3, 0.9], seed=5, tokenizer=tok)

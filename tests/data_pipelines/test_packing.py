@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from dp_helpers import write_indexed
-from data_pipelines.blends import Phase, PretrainDataConfig, build_pretrain_datasets
-from data_pipelines.packing import (
+from tandem.data_pipelines.blends import Phase, PretrainDataConfig, build_pretrain_datasets
+from tandem.data_pipelines.packing import (
     IGNORE_LABEL,
     Collator,
     PackingStats,
@@ -86,7 +86,7 @@ def test_sampler_shards_and_resumes():
 
 def test_batches_drive_the_model_with_document_isolation(tmp_path, tok):
     """A real batch feeds HybridLM; changing one document leaves the next one's logits unchanged."""
-    from model import HybridConfig, HybridLM
+    from tandem.model import HybridConfig, HybridLM
 
     src = write_indexed(tmp_path / "s", 100, 3, 512, min_len=5, max_len=20)
     cfg = PretrainDataConfig([Phase("p", {src: 1.0})], seq_length=48, cache_dir=str(tmp_path / "c"))

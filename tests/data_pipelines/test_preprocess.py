@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -8,8 +7,8 @@ import numpy as np
 import pytest
 
 from dp_helpers import make_texts, write_jsonl
-from data_pipelines.preprocess import main, preprocess, read_manifest
-from data_pipelines.readers import BadRecordError
+from tandem.data_pipelines.preprocess import main, preprocess, read_manifest
+from tandem.data_pipelines.readers import BadRecordError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,7 +89,7 @@ def _bad_file(tmp_path):
 
 def test_bad_rows_fail_with_file_and_line(tmp_path):
     src = _bad_file(tmp_path)
-    with pytest.raises(BadRecordError, match=rf"bad\.jsonl:2: malformed JSON"):
+    with pytest.raises(BadRecordError, match=r"bad\.jsonl:2: malformed JSON"):
         preprocess(src, tmp_path / "o", progress=False, log=lambda *_: None)
     # nothing under the final names, no temporaries left behind
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
@@ -184,7 +183,7 @@ def test_cli_subprocess(tmp_path, tok):
     texts = make_texts(10)
     src = write_jsonl(tmp_path / "c.jsonl", [{"content": t} for t in texts])
     proc = subprocess.run(
-        [sys.executable, "-m", "data_pipelines.preprocess", "--input", src, "--output-prefix",
+        [sys.executable, "-m", "tandem.data_pipelines.preprocess", "--input", src, "--output-prefix",
          str(tmp_path / "cli"), "--text-field", "content", "--workers", "2"],
         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -196,7 +195,7 @@ def test_cli_subprocess(tmp_path, tok):
 
 def test_parallel_reading_is_bounded():
     """The reader may run at most `window` chunks ahead of the writer (a whole file never sits in memory)."""
-    from data_pipelines.preprocess import _bounded_imap
+    from tandem.data_pipelines.preprocess import _bounded_imap
 
     state = {"read": 0, "consumed": 0, "max_ahead": 0}
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from dp_helpers import write_jsonl
-from data_pipelines.readers import BadRecordError, ReadStats, iter_records, require_fields
+from tandem.data_pipelines.readers import BadRecordError, ReadStats, iter_records, require_fields
 
 
 def sft_schema(row):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from dp_helpers import CHAT_TOOLS, write_jsonl
 
-from data_pipelines import sft_synthetic
-from data_pipelines.chat import render_prompt, render_sft_samples
-from data_pipelines.packing import IGNORE_LABEL, Collator, build_dataloader
-from data_pipelines.readers import BadRecordError
-from data_pipelines.sft import SFTPackedDataset, first_fit_decreasing, iter_conversations, validate_conversation
+from tandem.data_pipelines import sft_synthetic
+from tandem.data_pipelines.chat import render_prompt, render_sft_samples
+from tandem.data_pipelines.packing import IGNORE_LABEL, Collator, build_dataloader
+from tandem.data_pipelines.readers import BadRecordError
+from tandem.data_pipelines.sft import SFTPackedDataset, first_fit_decreasing, iter_conversations, validate_conversation
 
 U = {"role": "user", "content": "What is 1 + 1?"}
 A = {"role": "assistant", "content": "2", "reasoning_content": "1 + 1 = 2"}
@@ -50,7 +50,7 @@ def test_bad_rows_name_file_line_and_problem(tmp_path, row, problem):
     with pytest.raises(BadRecordError, match=rf"d\.jsonl:2: .*{problem}") as e:
         list(iter_conversations(path))
     assert e.value.where.endswith("d.jsonl:2")
-    from data_pipelines.readers import ReadStats
+    from tandem.data_pipelines.readers import ReadStats
     stats = ReadStats()
     assert len(list(iter_conversations(path, bad_rows="skip", stats=stats))) == 2
     assert stats.skipped == 1 and stats.bad[0][0].endswith("d.jsonl:2")

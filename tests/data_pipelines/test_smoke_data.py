@@ -1,16 +1,16 @@
 import pytest
 import torch
 
-from data_pipelines.blends import Phase, PretrainDataConfig, build_pretrain_datasets
-from data_pipelines.packing import PackingStats, build_dataloader
-from data_pipelines.preprocess import preprocess
-from data_pipelines.smoke_data import write_smoke_corpus
+from tandem.data_pipelines.blends import Phase, PretrainDataConfig, build_pretrain_datasets
+from tandem.data_pipelines.packing import PackingStats, build_dataloader
+from tandem.data_pipelines.preprocess import preprocess
+from tandem.data_pipelines.smoke_data import write_smoke_corpus
 
 
 @pytest.mark.slow
 def test_tiny_model_learns_from_the_preprocessed_smoke_corpus(tmp_path, tok):
     """End to end: corpus → tandem-preprocess → phased blend → DataLoader → HybridLM; the loss falls."""
-    from model import HybridConfig, HybridLM
+    from tandem.model import HybridConfig, HybridLM
 
     corpus = write_smoke_corpus(tmp_path / "corpus.jsonl", n_docs=400)
     res = preprocess(corpus, tmp_path / "data" / "smoke", progress=False, log=lambda *_: None)

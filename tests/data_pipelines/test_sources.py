@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dp_helpers import write_indexed
-from data_pipelines.sources import IndexedTokenSource
+from tandem.data_pipelines.sources import IndexedTokenSource
 
 
 def test_indexed_source_serves_fixed_windows(tmp_path, tok):
@@ -36,7 +36,7 @@ def test_indexed_source_errors(tmp_path, tok):
 
 def test_fits_the_trainer_blend_schedule(tmp_path, tok):
     """Protocol check against the trainer's consumer: its blend schedule and batch maker take the source."""
-    from trainer.data import BlendSchedule, make_batch
+    from tandem.trainer.data import BlendSchedule, make_batch
 
     a = IndexedTokenSource(write_indexed(tmp_path / "a", 200, 3, 200), tokenizer=tok, cache_dir=str(tmp_path / "c"))
     b = IndexedTokenSource(write_indexed(tmp_path / "b", 200, 200, 512, seed=1), tokenizer=tok, cache_dir=str(tmp_path / "c"))

@@ -1,14 +1,13 @@
 import json
-from pathlib import Path
 
 import pytest
 
-from data_pipelines import build_tokenizer
-from data_pipelines.tokenizer import CHAT_SPECIAL_TOKENS, SHIPPED_TOKENIZER_DIR, load_tokenizer
+from tandem.data_pipelines import build_tokenizer
+from tandem.data_pipelines.tokenizer import CHAT_SPECIAL_TOKENS, SHIPPED_TOKENIZER_DIR, load_tokenizer
 
 
 def test_shipped_ids_match_nemotronh_and_tiny_preset(tok):
-    from model import HybridConfig
+    from tandem.model import HybridConfig
 
     cfg = HybridConfig.preset("tiny")
     assert tok.vocab_size == cfg.vocab_size == 512

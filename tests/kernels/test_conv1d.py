@@ -1,4 +1,4 @@
-"""Triton causal depthwise conv1d (``kernels.conv1d``) vs the torch reference: outputs, final conv states and
+"""Triton causal depthwise conv1d (``tandem.kernels.conv1d``) vs the torch reference: outputs, final conv states and
 the gradients of x, weight, bias and initial_states, with and without packed-document resets.
 
 Tolerances: fp32 1e-5 absolute / 1e-5 relative (the same K-term sums in another order); fp16 inputs
@@ -9,7 +9,7 @@ Where CUDA is present the same tests run the compiled kernels on the GPU (``DEVI
 import pytest
 import torch
 
-from kernels.conv1d import (
+from tandem.kernels.conv1d import (
     causal_conv1d, causal_conv1d_ref, causal_conv1d_triton, causal_conv1d_update, causal_conv1d_update_ref,
     causal_conv1d_update_triton,
 )

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
-from kernels.ssd import ssd_chunk_scan_ref, ssd_sequential_ref
+from tandem.kernels.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
+from tandem.kernels.ssd import ssd_chunk_scan_ref, ssd_sequential_ref
 
 
 def _ssd_inputs(b=2, l=37, h=4, p=3, g=2, n=5, dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""Triton SSD scan (``kernels.ssd``) vs the torch references: every step, the whole scan, every gradient.
+"""Triton SSD scan (``tandem.kernels.ssd``) vs the torch references: every step, the whole scan, every gradient.
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py``), so shapes are tiny.
 Tolerances (absolute, relative), for outputs and gradients of magnitude ≲ 50:
@@ -15,11 +15,11 @@ import math
 import pytest
 import torch
 
-from kernels.ssd import chunk_scan, resolve_impl, ssd_chunk_scan_ref, ssd_chunk_scan_triton, ssd_sequential_ref
-from kernels.ssd.bmm_chunk import bmm_chunk_fwd, bmm_chunk_ref
-from kernels.ssd.chunk_cumsum import chunk_cumsum_fwd, chunk_cumsum_ref
-from kernels.ssd.chunk_output import chunk_scan_fwd, chunk_scan_ref
-from kernels.ssd.chunk_state import (
+from tandem.kernels.ssd import chunk_scan, resolve_impl, ssd_chunk_scan_ref, ssd_chunk_scan_triton, ssd_sequential_ref
+from tandem.kernels.ssd.bmm_chunk import bmm_chunk_fwd, bmm_chunk_ref
+from tandem.kernels.ssd.chunk_cumsum import chunk_cumsum_fwd, chunk_cumsum_ref
+from tandem.kernels.ssd.chunk_output import chunk_scan_fwd, chunk_scan_ref
+from tandem.kernels.ssd.chunk_state import (
     chunk_state_fwd, chunk_state_ref, off_state_grad, off_state_grad_ref, state_passing_fwd, state_passing_ref,
 )
 
@@ -217,7 +217,7 @@ def test_triton_argument_errors(monkeypatch):
 
 # --------------------------------------------------------------------------------------------- whole model
 def test_whole_model_gradients_triton_equal_torch():
-    from model import HybridConfig, HybridLM
+    from tandem.model import HybridConfig, HybridLM
 
     torch.manual_seed(0)
     ref = HybridLM(HybridConfig.preset("tiny", ssd_impl="torch")).to(DEVICE)
@@ -263,9 +263,9 @@ def test_gpu_compiled_matches_reference(dtype):
 def test_each_backward_step_matches_autograd_of_its_reference(use_seq, Q, l, block):
     """The backward kernels one by one, each against autograd through the matching per-step reference.
     The last case (chunk 40 in blocks of 16, not a power of two) runs the kernels' multi-block loops."""
-    from kernels.ssd.chunk_cumsum import chunk_cumsum_bwd
-    from kernels.ssd.chunk_output import chunk_scan_bwd
-    from kernels.ssd.chunk_state import state_passing_bwd
+    from tandem.kernels.ssd.chunk_cumsum import chunk_cumsum_bwd
+    from tandem.kernels.ssd.chunk_output import chunk_scan_bwd
+    from tandem.kernels.ssd.chunk_state import state_passing_bwd
 
     b, h, p, g, n = 2, 4, 3, 2, 5
     inp = _inputs(b, l, h, p, g, n)

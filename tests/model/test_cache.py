@@ -4,7 +4,7 @@ Mamba state does not grow with length."""
 import pytest
 import torch
 
-from model import HybridCache, HybridConfig, HybridLM
+from tandem.model import HybridCache, HybridConfig, HybridLM
 
 ATOL = 2e-5
 

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model import HybridConfig, HybridLM
-from model.checkpoint import CheckpointError
+from tandem.model import HybridConfig, HybridLM
+from tandem.model.checkpoint import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 from transformers import NemotronHConfig, NemotronHForCausalLM  # noqa: E402
@@ -250,7 +250,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     a.save_pretrained(tmp_path / "ckpt")
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
 
-    import model.checkpoint as ckpt
+    import tandem.model.checkpoint as ckpt
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import HybridConfig, HybridLM
+from tandem.model import HybridConfig, HybridLM
 
 
 def test_presets_build_and_validate():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import HybridConfig, HybridLM
+from tandem.model import HybridConfig, HybridLM
 
 
 def _tiny(**kw):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from model import HybridConfig
-from model.moe import GroupedExperts, MoE, TopKRouter, permute_tokens, router_z_loss, select_experts, sequence_aux_loss, unpermute_tokens
+from tandem.model import HybridConfig
+from tandem.model.moe import GroupedExperts, MoE, TopKRouter, permute_tokens, router_z_loss, select_experts, sequence_aux_loss, unpermute_tokens
 
 
 def test_router_math_on_hand_made_scores():

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from model import HybridConfig, HybridLM
-from model.mamba2 import CausalConv1d
-from model.moe import GroupedExperts, TopKRouter
-from model.precision import (PrecisionError, PrecisionSpec, QuantizedExpertMatmul, QuantLinear, apply_precision)
-from model.precision_te import te_unavailable_reason
+from tandem.model import HybridConfig, HybridLM
+from tandem.model.mamba2 import CausalConv1d
+from tandem.model.moe import TopKRouter
+from tandem.model.precision import (PrecisionError, PrecisionSpec, QuantizedExpertMatmul, QuantLinear, apply_precision)
+from tandem.model.precision_te import te_unavailable_reason
 
 
 def _model():
@@ -114,8 +114,8 @@ def test_trainer_config_composes_every_recipe(tmp_path):
 
 
 def test_bad_precision_stops_the_run_before_it_writes(tmp_path):
-    from trainer.distributed import ConfigError
-    from trainer.run import run
+    from tandem.trainer.config import ConfigError
+    from tandem.trainer.run import run
 
     cfg = compose_recipe_for(tmp_path, ["precision=nvfp4", "precision.backend=te"])
     with pytest.raises(ConfigError, match=r"precision.backend=te for nvfp4: the model is on cpu"):

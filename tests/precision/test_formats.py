@@ -4,7 +4,7 @@ equal torchao's, stochastic rounding is unbiased."""
 import pytest
 import torch
 
-from kernels.quant.formats import (E2M1, E2M1_VALUES, E4M3, E5M2, e2m1_decode, e2m1_encode, e8m0_from_exponent,
+from tandem.kernels.quant.formats import (E2M1, E2M1_VALUES, E4M3, E5M2, e2m1_decode, e2m1_encode, e8m0_from_exponent,
                                    e8m0_to_float, format_values, pack_e2m1, round_to_format, unpack_e2m1)
 
 FP8 = [E4M3, E5M2]

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.quant import RECIPES, RecipeOptions, build_quantizers, quantized_linear
-from kernels.quant.formats import E4M3, E5M2
-from kernels.quant.scaled import hadamard_matrix, quantize_current, quantize_mx, quantize_nvfp4, random_hadamard_transform
-from kernels.quant.formats import e8m0_to_float
+from tandem.kernels.quant import RECIPES, RecipeOptions, build_quantizers, quantized_linear
+from tandem.kernels.quant.formats import E4M3, E5M2
+from tandem.kernels.quant.scaled import hadamard_matrix, quantize_current, quantize_mx, quantize_nvfp4, random_hadamard_transform
+from tandem.kernels.quant.formats import e8m0_to_float
 
 
 def _data(m=40, k=64, n=48, seed=0):

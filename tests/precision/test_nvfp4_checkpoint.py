@@ -7,12 +7,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kernels.quant import quantize_nvfp4
-from kernels.quant.formats import e2m1_decode, unpack_e2m1
-from model import HybridConfig, HybridLM
-from model.checkpoint import CheckpointError
-from model.precision import PrecisionSpec, apply_precision
-from model.precision_checkpoint import export_nvfp4
+from tandem.kernels.quant import quantize_nvfp4
+from tandem.kernels.quant.formats import e2m1_decode, unpack_e2m1
+from tandem.model import HybridConfig, HybridLM
+from tandem.model.checkpoint import CheckpointError
+from tandem.model.precision import PrecisionSpec, apply_precision
+from tandem.model.checkpoint_nvfp4 import export_nvfp4
 
 
 @pytest.fixture

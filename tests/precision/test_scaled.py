@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels.quant.formats import E2M1, E4M3, E5M2, e8m0_to_float, pack_e2m1, round_to_format
-from kernels.quant.scaled import (DelayedScaling, compute_scale, hadamard_matrix, quantize_blocks, quantize_current,
+from tandem.kernels.quant.formats import E2M1, E4M3, E5M2, e8m0_to_float, pack_e2m1, round_to_format
+from tandem.kernels.quant.scaled import (DelayedScaling, compute_scale, hadamard_matrix, quantize_blocks, quantize_current,
                                   quantize_mx, quantize_nvfp4, random_hadamard_transform)
 
 mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor", reason="torchao is a dev dependency")

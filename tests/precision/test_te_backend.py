@@ -4,9 +4,9 @@ on the CPU machines tandem is developed on it skips with the reason (it has not 
 import pytest
 import torch
 
-from kernels.quant import build_quantizers, quantized_linear
-from model.precision import PrecisionSpec
-from model.precision_te import te_unavailable_reason
+from tandem.kernels.quant import build_quantizers, quantized_linear
+from tandem.model.precision import PrecisionSpec
+from tandem.model.precision_te import te_unavailable_reason
 
 pytestmark = pytest.mark.gpu
 
@@ -21,7 +21,7 @@ def _need(name):
                                       ("mxfp8", 0.02), ("nvfp4", 0.05)])
 def test_te_linear_matches_emulation(name, tol):
     _need(name)
-    from model.precision_te import TELinear, build_te_recipe
+    from tandem.model.precision_te import TELinear, build_te_recipe
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 128, bias=False, device="cuda", dtype=torch.bfloat16)

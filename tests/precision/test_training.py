@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tests.trainer.conftest import TINY_RUN, compose_recipe
-from trainer.run import run
+from tandem.trainer.run import run
 
 STEPS = 10
 #: |loss(recipe) - loss(fp32)| allowed at the last step (train and validation); the fp32 run itself

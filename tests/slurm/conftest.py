@@ -1,7 +1,6 @@
 """Fixtures for the Slurm tests: the launcher's env module, and a private local Slurm for the session."""
 
 import importlib.util
-import os
 import shutil
 import sys
 import tempfile

@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from trainer.cli import RECIPES
-from trainer.config import register_configs
+from tandem.recipes import RECIPES_DIR as RECIPES
+from tandem.trainer.config import register_configs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,9 +35,9 @@ def tiny_cfg(tmp_path):
 
 
 def run_cli(*args, env=None, timeout=300):
-    """``python -m trainer.cli`` in a subprocess; returns CompletedProcess."""
+    """``python -m tandem.trainer.cli`` in a subprocess; returns CompletedProcess."""
     return subprocess.run(
-        [sys.executable, "-m", "trainer.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "tandem.trainer.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
 

@@ -10,12 +10,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-from model import HybridConfig, HybridLM
-from trainer.config import ParallelConfig
-from trainer.distributed import DataParallelEngine, init_distributed
-from trainer.expert_parallel import apply_expert_parallel
-from trainer.optim import build_optimizer
-from trainer.config import OptimConfig
+from tandem.model import HybridConfig, HybridLM
+from tandem.trainer.config import ParallelConfig
+from tandem.trainer.parallel.data_parallel import DataParallelEngine
+from tandem.trainer.parallel.distributed import init_distributed
+from tandem.trainer.parallel.expert import apply_expert_parallel
+from tandem.trainer.optim import build_optimizer
+from tandem.trainer.config import OptimConfig
 
 
 def main(out_path):

@@ -1,11 +1,11 @@
-"""The reasoning-mode check used by `make smoke` (trainer/chat_eval.py)."""
+"""The reasoning-mode check used by `make smoke` (trainer/inference/chat_eval.py)."""
 
 import json
 
-from data_pipelines.tokenizer import load_tokenizer
-from model import HybridConfig, HybridLM
-from trainer import chat_eval
-from trainer.generation import ThinkTokens
+from tandem.data_pipelines.tokenizer import load_tokenizer
+from tandem.model import HybridConfig, HybridLM
+from tandem.trainer.inference import chat_eval
+from tandem.trainer.inference.engine import ThinkTokens
 
 
 def test_classify_reasoning_on_and_off():

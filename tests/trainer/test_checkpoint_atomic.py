@@ -11,21 +11,23 @@ import time
 import pytest
 import torch
 
-from model import HybridConfig, HybridLM
-from trainer.checkpoint import CheckpointManager
-from trainer.config import OptimConfig
-from trainer.distributed import DataParallelEngine, DistInfo
-from trainer.optim import build_optimizer
+from tandem.model import HybridConfig, HybridLM
+from tandem.trainer.checkpoint.manager import CheckpointManager
+from tandem.trainer.config import OptimConfig
+from tandem.trainer.parallel.data_parallel import DataParallelEngine
+from tandem.trainer.parallel.distributed import DistInfo
+from tandem.trainer.optim import build_optimizer
 
 from .conftest import REPO
 
 SAVER = textwrap.dedent("""
     import sys, torch
-    from model import HybridConfig, HybridLM
-    from trainer.checkpoint import CheckpointManager
-    from trainer.config import OptimConfig
-    from trainer.optim import build_optimizer
-    from trainer.distributed import DataParallelEngine, DistInfo
+    from tandem.model import HybridConfig, HybridLM
+    from tandem.trainer.checkpoint.manager import CheckpointManager
+    from tandem.trainer.config import OptimConfig
+    from tandem.trainer.optim import build_optimizer
+    from tandem.trainer.parallel.data_parallel import DataParallelEngine
+    from tandem.trainer.parallel.distributed import DistInfo
     run_dir = sys.argv[1]
     model = HybridLM(HybridConfig.preset("tiny"), init_seed=0)
     opt = build_optimizer(model, OptimConfig())

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from model import HybridLM
+from tandem.model import HybridLM
 
 from .conftest import REPO, TINY_RUN, run_cli
 
@@ -24,7 +24,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "trainer.cli", "-cn", "smoke", "parallel=ddp_gloo", *args, f"run.dir={tmp_path / 'ddp'}"],
+         "-m", "tandem.trainer.cli", "-cn", "smoke", "parallel=ddp_gloo", *args, f"run.dir={tmp_path / 'ddp'}"],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]

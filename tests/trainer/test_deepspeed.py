@@ -16,7 +16,7 @@ ARGS = [*TINY_RUN, "stage.steps=5", "stage.micro_batch=1", "stage.save_every=2"]
 
 def _torchrun(*args, timeout=900):
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer.cli", *args],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tandem.trainer.cli", *args],
         cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
 
@@ -66,9 +66,10 @@ def test_zero2_checkpoint_resumes_without_zero_and_back(single_run, tmp_path):
 def test_zero3_refuses_gradient_accumulation(tmp_path):
     """DeepSpeed 0.19.8's ZeRO-3 drops accumulated micro-batch gradients here; the engine refuses rather
     than train on part of each batch (the message says how to fix the config)."""
-    from trainer.config import OptimConfig, ParallelConfig, StageConfig
-    from trainer.deepspeed_engine import DeepSpeedEngine
-    from trainer.distributed import ConfigError, DistInfo
+    from tandem.trainer.config import OptimConfig, ParallelConfig, StageConfig
+    from tandem.trainer.parallel.zero import DeepSpeedEngine
+    from tandem.trainer.config import ConfigError
+    from tandem.trainer.parallel.distributed import DistInfo
 
     import torch
 

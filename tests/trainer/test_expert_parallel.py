@@ -36,7 +36,7 @@ def _losses(path):
 def test_ep2_training_matches_single_process_and_resumes_at_ep1(tmp_path):
     args = [*TINY_RUN, "stage.steps=4", "stage.save_every=2", "model.hybrid_override_pattern=ME*E",
             "optim.expert_bias_update_rate=0.01"]
-    ep = _torchrun("-m", "trainer.cli", "-cn", "smoke", "parallel=ep2", *args, f"run.dir={tmp_path / 'ep2'}")
+    ep = _torchrun("-m", "tandem.trainer.cli", "-cn", "smoke", "parallel=ep2", *args, f"run.dir={tmp_path / 'ep2'}")
     assert ep.returncode == 0, ep.stderr[-3000:]
     single = run_cli("-cn", "smoke", *args, f"run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]

@@ -2,10 +2,10 @@
 
 import io
 
-from data_pipelines.tokenizer import load_tokenizer
-from model import HybridConfig, HybridLM
-from trainer.generate_cli import chat_main, render_generation_prompt
-from trainer.generation import GenerationEngine, SamplingParams
+from tandem.data_pipelines.tokenizer import load_tokenizer
+from tandem.model import HybridConfig, HybridLM
+from tandem.trainer.inference.cli import chat_main, render_generation_prompt
+from tandem.trainer.inference.engine import GenerationEngine, SamplingParams
 
 
 def test_prompt_follows_the_generation_template():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from data_pipelines.tokenizer import load_tokenizer
-from model import HybridConfig, HybridLM
-from trainer.generation import GenerationEngine, SamplingParams, ThinkTokens, _filter_top_k_top_p
+from tandem.data_pipelines.tokenizer import load_tokenizer
+from tandem.model import HybridConfig, HybridLM
+from tandem.trainer.inference.engine import GenerationEngine, SamplingParams, ThinkTokens, _filter_top_k_top_p
 
 IM_START, IM_END, THINK, END_THINK, NL = 3, 4, 5, 6, 209  # shipped tokenizer ids
 A, B, C = 75, 76, 77  # "a", "b", "c"

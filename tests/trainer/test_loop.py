@@ -6,14 +6,13 @@ import signal
 import pytest
 import torch
 
-from model import HybridConfig, HybridLM
-from trainer.checkpoint import CheckpointManager
-from trainer.config import DataConfig, BlendEntry, StageConfig
-from trainer.data import BlendSchedule, DataError
-from trainer.loop import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
-from trainer.run import run
-from trainer.stages import PretrainStage
-from trainer.stages.base import token_cross_entropy
+from tandem.model import HybridConfig, HybridLM
+from tandem.trainer.config import DataConfig, BlendEntry, StageConfig
+from tandem.trainer.data import BlendSchedule, DataError
+from tandem.trainer.loop import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
+from tandem.trainer.run import run
+from tandem.trainer.stages import PretrainStage
+from tandem.trainer.stages.base import token_cross_entropy
 
 from .conftest import run_cli
 
@@ -91,7 +90,7 @@ class _PoisonedStage(PretrainStage):
 
 
 def test_nan_guard_skips_and_aborts(tiny_cfg, tmp_path, monkeypatch):
-    import trainer.run as run_module
+    import tandem.trainer.run as run_module
 
     monkeypatch.setitem(run_module.STAGES, "pretrain", _PoisonedStage)
     _PoisonedStage.poison = {2, 3}
@@ -170,7 +169,7 @@ def test_text_file_source_and_document_boundaries(tmp_path, tiny_cfg):
 
 
 def test_preemption_checkpoints_and_exits(tiny_cfg, tmp_path, monkeypatch):
-    import trainer.run as run_module
+    import tandem.trainer.run as run_module
 
     class SignalAtStep3(PretrainStage):
         def batches_for_step(self, step):

@@ -1,7 +1,7 @@
 import torch
 
-from model import HybridConfig, HybridLM
-from trainer.moe import ExpertBalancer, moe_layers
+from tandem.model import HybridConfig, HybridLM
+from tandem.trainer.parallel.expert_balance import ExpertBalancer, moe_layers
 
 
 def test_expert_bias_moves_toward_balance_on_skewed_input():

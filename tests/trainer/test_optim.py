@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from model import HybridConfig, HybridLM
-from trainer.config import OptimConfig
-from trainer.optim import build_optimizer, lr_at
+from tandem.model import HybridConfig, HybridLM
+from tandem.trainer.config import OptimConfig
+from tandem.trainer.optim import build_optimizer, lr_at
 
 
 def test_wsd_schedule_values():

@@ -3,12 +3,11 @@
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
-from model import HybridLM
-from trainer.cli import RECIPES
-from trainer.config import build_hybrid_config
+from tandem.model import HybridLM
+from tandem.recipes import RECIPES_DIR as RECIPES
+from tandem.trainer.config import build_hybrid_config
 
 from .conftest import compose_recipe
 
@@ -25,7 +24,7 @@ def test_recipes_exist():
 @pytest.fixture(scope="module")
 def release_dir(tmp_path_factory):
     """A tiny HF-layout checkpoint for the recipes that read their architecture from model.init_from."""
-    from model import HybridConfig
+    from tandem.model import HybridConfig
 
     path = tmp_path_factory.mktemp("release") / "tiny"
     HybridLM(HybridConfig.preset("tiny"), init_seed=0).save_pretrained(path)

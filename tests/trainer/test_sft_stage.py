@@ -6,11 +6,11 @@ import shutil
 import pytest
 import torch
 
-from data_pipelines import sft_synthetic
-from data_pipelines.tokenizer import load_tokenizer
-from trainer.run import run
-from trainer.stages import SFTStage
-from trainer.data import DataError
+from tandem.data_pipelines import sft_synthetic
+from tandem.data_pipelines.tokenizer import load_tokenizer
+from tandem.trainer.run import run
+from tandem.trainer.stages import SFTStage
+from tandem.trainer.data import DataError
 
 from .conftest import compose_recipe, run_cli
 
@@ -133,7 +133,7 @@ def test_two_process_sft_matches_single_process(conversations, tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "trainer.cli", *args, "parallel=ddp_gloo", f"run.dir={tmp_path / 'ddp'}"],
+         "-m", "tandem.trainer.cli", *args, "parallel=ddp_gloo", f"run.dir={tmp_path / 'ddp'}"],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]

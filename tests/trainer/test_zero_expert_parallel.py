@@ -28,7 +28,7 @@ WORKER = str(REPO / "tests" / "trainer" / "zero_ep_worker.py")
 def _ep_zero(stage, run_dir, *extra, nproc=2):
     """tandem at EP=2 with ZeRO-``stage`` on ``nproc`` processes; returns the worker's cross-rank verdict."""
     verdict = run_dir.parent / f"{run_dir.name}.verdict.json"
-    if stage == 3:  # ZeRO-3 needs one micro-batch per rank per step (see trainer.deepspeed_engine)
+    if stage == 3:  # ZeRO-3 needs one micro-batch per rank per step (see tandem.trainer.parallel.zero)
         extra = (f"stage.micro_batch={4 // nproc}", *extra)
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), WORKER, str(verdict),

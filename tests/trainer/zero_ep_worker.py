@@ -12,9 +12,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from trainer import loop
-from trainer.cli import main
-from trainer.expert_parallel import is_expert_param
+from tandem.trainer import loop
+from tandem.trainer.cli import main
+from tandem.trainer.parallel.expert import is_expert_param
 
 
 def _max_rank_diff(tensors: dict[str, torch.Tensor]) -> float:

@@ -1,4 +1,4 @@
-"""Stages plug into the shared loop by providing batches and a loss (see :class:`trainer.stages.base.Stage`)."""
+"""Stages plug into the shared loop by providing batches and a loss (see :class:`tandem.trainer.stages.base.Stage`)."""
 
 from .base import LossOutput, Stage, token_cross_entropy
 from .pretrain import PretrainStage

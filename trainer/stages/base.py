@@ -52,7 +52,7 @@ def check_batch_split(stage, world_size: int) -> None:
 
 
 class Stage(abc.ABC):
-    """What a stage provides to :class:`trainer.loop.Trainer`."""
+    """What a stage provides to :class:`tandem.trainer.loop.Trainer`."""
 
     name: str = "stage"
 

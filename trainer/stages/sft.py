@@ -2,7 +2,7 @@
 on assistant tokens), several conversations packed per row with ``seq_idx`` (first-fit-decreasing), and
 the loop's usual normalisation by the global count of target tokens.
 
-The packed rows are a fixed, deterministic list (:class:`data_pipelines.sft.SFTPackedDataset`); the
+The packed rows are a fixed, deterministic list (:class:`tandem.data_pipelines.sft.SFTPackedDataset`); the
 order of each epoch is a seeded permutation, and step ``s`` takes rows ``[s·B, (s+1)·B)`` of the
 concatenated epochs (rank ``r`` its slice). The position is a function of the step alone, so resume is
 exact without any data state beyond a fingerprint that detects changed data on resume.
@@ -14,10 +14,10 @@ import logging
 
 import torch
 
-from data_pipelines.chat import TRAIN_ON
-from data_pipelines.packing import Collator
-from data_pipelines.sft import OVERLONG, SFTPackedDataset
-from data_pipelines.tokenizer import load_tokenizer
+from tandem.data_pipelines.chat import TRAIN_ON
+from tandem.data_pipelines.packing import Collator
+from tandem.data_pipelines.sft import OVERLONG, SFTPackedDataset
+from tandem.data_pipelines.tokenizer import load_tokenizer
 
 from ..config import DataConfig, StageConfig
 from ..data import DataError

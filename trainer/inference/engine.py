@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from model.cache import HybridCache
+from tandem.model.cache import HybridCache
 
 __all__ = ["SamplingParams", "ThinkTokens", "GenerationResult", "GenerationEngine", "sample_next"]
 

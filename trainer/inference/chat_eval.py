@@ -1,8 +1,8 @@
 """Reasoning-mode check of a chat checkpoint: does it follow the template in both modes?
 
-    python -m trainer.chat_eval runs/smoke/sft --prompts 40 --out runs/smoke/sft/chat_eval.json
+    python -m tandem.trainer.inference.chat_eval runs/smoke/sft --prompts 40 --out runs/smoke/sft/chat_eval.json
 
-For each prompt (the arithmetic problems of :mod:`data_pipelines.sft_synthetic`, half with reasoning ON and
+For each prompt (the arithmetic problems of :mod:`tandem.data_pipelines.sft_synthetic`, half with reasoning ON and
 half OFF) the checkpoint generates a reply from the template's generation prompt, and the reply is
 classified:
 
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from data_pipelines.chat import render_prompt
-from data_pipelines.sft_synthetic import answer_of, eval_prompts
-from data_pipelines.tokenizer import load_tokenizer
+from tandem.data_pipelines.chat import render_prompt
+from tandem.data_pipelines.sft_synthetic import answer_of, eval_prompts
+from tandem.data_pipelines.tokenizer import load_tokenizer
 
-from .generate_cli import chat_stop_tokens, load_model
-from .generation import GenerationEngine, SamplingParams, ThinkTokens
+from .cli import chat_stop_tokens, load_model
+from .engine import GenerationEngine, SamplingParams, ThinkTokens
 
 
 def classify(tokens: list[int], thinking: bool, think: ThinkTokens, im_end: int, decode) -> dict:
@@ -77,7 +77,7 @@ def evaluate(checkpoint: str | Path, *, prompts: int = 40, seed: int = 10_000, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.chat_eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tandem.trainer.inference.chat_eval", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a tandem run (its latest checkpoint) or an HF-layout directory")
     p.add_argument("--prompts", type=int, default=40)
     p.add_argument("--seed", type=int, default=10_000)

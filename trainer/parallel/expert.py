@@ -4,7 +4,7 @@ Applied by the trainer to a built model (model/ stays single-device code): each 
 ``[r·E/ep, (r+1)·E/ep)`` and gets an :class:`AllToAllDispatcher` that sends every token copy to the rank
 holding its expert and back, with uneven splits, over megatron-core's expert-model-parallel group.
 
-Gradient reduction (done by :class:`trainer.distributed.DataParallelEngine`): dense parameters are summed
+Gradient reduction (done by :class:`tandem.trainer.parallel.data_parallel.DataParallelEngine`): dense parameters are summed
 over the data-parallel group, expert parameters over the expert-data-parallel group (the ranks holding the
 same experts); both are divided by the world size, because each rank's loss is already scaled by
 ``world / global tokens`` and an expert shard's gradient already sums the tokens of its whole EP group.
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.moe import MoE, permute_tokens, unpermute_tokens
+from tandem.model.moe import MoE, permute_tokens, unpermute_tokens
 
 __all__ = ["AllToAllDispatcher", "apply_expert_parallel", "is_expert_param", "gather_full_state_dict", "init_parallel_groups"]
 
@@ -52,7 +52,7 @@ class _AllToAll(torch.autograd.Function):
 
 
 class AllToAllDispatcher:
-    """Token dispatch across the expert-parallel group (same interface as ``model.moe.LocalDispatcher``)."""
+    """Token dispatch across the expert-parallel group (same interface as ``tandem.model.moe.LocalDispatcher``)."""
 
     def __init__(self, group, num_experts: int):
         self.group = group

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from model.moe import MoE
+from tandem.model.moe import MoE
 
 __all__ = ["moe_layers", "ExpertBalancer"]
 

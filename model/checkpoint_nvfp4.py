@@ -11,7 +11,7 @@ For every quantized linear ``<m>``:
 (``…experts.{e}.up_proj.weight`` etc.) like the unquantized release; ``config.json`` carries
 ``quantization_config`` (``quant_algo: NVFP4``, ``group_size: 16``, ``exclude_modules``).
 
-:func:`nvfp4_reader` is what :func:`model.checkpoint.load_checkpoint_into` consults to dequantize such a
+:func:`nvfp4_reader` is what :func:`tandem.model.checkpoint.load_checkpoint_into` consults to dequantize such a
 checkpoint into the training dtype (so one can fine-tune from an NVFP4 release); :func:`export_nvfp4`
 writes a model in the layout. Export → load reproduces the dequantized weights exactly.
 """
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from kernels.quant.formats import e2m1_decode, pack_e2m1, unpack_e2m1
-from kernels.quant.scaled import quantize_nvfp4
+from tandem.kernels.quant.formats import e2m1_decode, pack_e2m1, unpack_e2m1
+from tandem.kernels.quant.scaled import quantize_nvfp4
 
-from .checkpoint import CONFIG_NAME, SINGLE_FILE, CheckpointError, _open, _swap_in, checkpoint_items
+from .checkpoint_io import CONFIG_NAME, SINGLE_FILE, CheckpointError, checkpoint_items, open_safetensors, swap_in
 from .moe import GroupedExperts
 
 __all__ = ["nvfp4_reader", "NVFP4Reader", "dequantize_nvfp4_weight", "export_nvfp4", "AUX_SUFFIXES"]
@@ -62,7 +62,7 @@ class NVFP4Reader:
         name = key[: -len(".weight")] + suffix
         if name not in self.key_files:
             raise CheckpointError(f"NVFP4 checkpoint: {key!r} has a weight_scale but no {name!r}")
-        with _open(self.key_files[name]) as f:
+        with open_safetensors(self.key_files[name]) as f:
             return f.get_tensor(name)
 
     def logical_shape(self, key: str, packed_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -89,7 +89,7 @@ def nvfp4_reader(files: list[Path]) -> NVFP4Reader | None:
     """An :class:`NVFP4Reader` when the checkpoint files hold NVFP4 weights, else None (reads headers only)."""
     key_files: dict[str, Path] = {}
     for file in files:
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 key_files[key] = file
     if not any(k.endswith(".weight_scale_2") for k in key_files):
@@ -141,7 +141,7 @@ def export_nvfp4(model, path: str | Path, calibration_inputs: torch.Tensor, *, d
     """Write ``model`` in the NVFP4 release layout (one safetensors file + ``config.json``).
 
     ``sites``: quantized GEMM sites (``nn.Linear`` names / ``…experts``); default the model's
-    ``precision_plan.quantized`` when :func:`~model.precision.apply_precision` ran, else every mixer
+    ``precision_plan.quantized`` when :func:`~tandem.model.precision.apply_precision` ran, else every mixer
     linear and expert (the router, norms, conv1d, embeddings and lm_head are never quantized).
     ``calibration_inputs``: token ids ``[B, T]`` run once to set each ``input_scale``. Unquantized tensors
     are stored in ``dtype`` (the router stays fp32). Weights use 1×16 blocks with round-to-nearest-even.
@@ -192,7 +192,7 @@ def export_nvfp4(model, path: str | Path, calibration_inputs: torch.Tensor, *, d
     try:
         save_file(tensors, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _swap_in(tmp, path)
+        swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

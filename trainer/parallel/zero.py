@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO (stages 1, 2, 3) as the data-parallel engine of the shared loop.
 
-Same interface as :class:`trainer.distributed.DataParallelEngine` (``backward`` per micro-batch,
+Same interface as :class:`~tandem.trainer.parallel.data_parallel.DataParallelEngine` (``backward`` per micro-batch,
 ``finish_step``, ``full_state_dict``, ``optimizer_state`` / ``load_optimizer_state``), so the loop does not
 know which engine runs it. DeepSpeed owns gradient reduction (reduce-scatter into partitions), clipping
 (``gradient_clipping``) and the partitioned optimizer; its JSON config is generated from the Hydra config
@@ -21,7 +21,7 @@ groups; a parameterless marker subclassing ``deepspeed.moe.layer.MoE`` switches 
 DeepSpeed's AutoEP placement family instead (:func:`_place_experts_for_zero3`).
 DeepSpeed then divides every gradient by the data-parallel size and sums dense gradients over the
 data-parallel group, expert gradients over the expert-data-parallel group — the same reduction as
-:class:`~trainer.distributed.DataParallelEngine`, which the loop's ``world / global tokens`` loss scale
+:class:`~tandem.trainer.parallel.data_parallel.DataParallelEngine`, which the loop's ``world / global tokens`` loss scale
 expects — and partitions each expert group's optimizer state (ZeRO-3: also its weights) over the
 expert-data-parallel group; the global gradient norm counts each expert shard once.
 
@@ -35,10 +35,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.checkpoint import CheckpointError
+from tandem.model.checkpoint_io import CheckpointError
+from tandem.model.moe import MoE
 
-from .config import OptimConfig, ParallelConfig, StageConfig
-from .distributed import ConfigError, DistInfo, all_reduce_sum
+from tandem.trainer.checkpoint.optimizer_state import expert_slices
+from tandem.trainer.config import ConfigError, OptimConfig, ParallelConfig, StageConfig
+
+from .distributed import DistInfo, all_reduce_sum
+from .expert import gather_full_state_dict, is_expert_param
 
 __all__ = ["DeepSpeedEngine", "deepspeed_config"]
 
@@ -107,8 +111,6 @@ def _register_expert_groups(info: DistInfo) -> str:
 
 def _mark_expert_params(model: nn.Module, group_name: str) -> list[str]:
     """DeepSpeed's expert-parameter marks (``deepspeed.moe.utils.is_moe_param``); returns their names."""
-    from .expert_parallel import is_expert_param
-
     names = []
     for n, p in model.named_parameters():
         if is_expert_param(p):
@@ -127,8 +129,6 @@ def _attach_moe_marker(model: nn.Module, group_name: str, ep: int) -> None:
     dict is unchanged, and it is never called.
     """
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
-
-    from model.moe import MoE
 
     num_experts = max(m.num_experts for m in model.modules() if isinstance(m, MoE))
 
@@ -156,8 +156,6 @@ def _place_experts_for_zero3(model: nn.Module, group_name: str, expert_dp_group)
     divide expert gradients by the data-parallel size (not the partition size) and add the expert-parallel
     group's norm terms to the global gradient norm.
     """
-    from .expert_parallel import is_expert_param
-
     for p in model.parameters():
         if is_expert_param(p):
             p.ds_zero_partition_process_group = expert_dp_group
@@ -207,8 +205,6 @@ class DeepSpeedEngine:
                                for i, g in enumerate(optimizer.param_groups)]
         self._expert_slices: dict[str, tuple[int, int]] = {}
         if info.ep > 1:
-            from .checkpoint import _expert_slices
-
             group_name = _register_expert_groups(info)
             _mark_expert_params(model, group_name)
             if self.zero_stage == 3:
@@ -216,7 +212,7 @@ class DeepSpeedEngine:
             else:
                 _attach_moe_marker(model, group_name, info.ep)
                 _split_expert_param_groups(optimizer)
-            self._expert_slices = _expert_slices(model)
+            self._expert_slices = expert_slices(model)
         self._group_param_names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         self._group_origins = [g.get("origin", g.get("name", f"group{i}")) for i, g in enumerate(optimizer.param_groups)]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -259,8 +255,6 @@ class DeepSpeedEngine:
 
     def _state_dict(self) -> dict[str, torch.Tensor]:
         if self.info.ep > 1:
-            from .expert_parallel import gather_full_state_dict
-
             return gather_full_state_dict(self.model, self.info.ep_group)
         return self.model.state_dict()
 

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model.checkpoint import CheckpointError, load_checkpoint_into, save_state_dict
+from tandem.model.checkpoint import CheckpointError, load_checkpoint_into, save_state_dict
 
 
-__all__ = ["CheckpointManager", "resolve_checkpoint", "load_weights", "weights_dir", "optimizer_state_by_name", "load_optimizer_state_by_name"]
+__all__ = ["CheckpointManager", "resolve_checkpoint", "load_weights", "weights_dir", "rng_state", "set_rng_state"]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -67,61 +67,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _expert_slices(model) -> dict[str, tuple[int, int]]:
-    """Parameter name → (offset, local count) for expert parameters sharded by expert parallelism."""
-    out = {}
-    for name, m in model.named_modules():
-        if getattr(m, "total_experts", None) not in (None, getattr(m, "num_experts", None)):
-            for proj in ("up_proj", "down_proj"):
-                out[f"{name}.{proj}"] = (m.expert_offset, m.num_experts)
-    return out
-
-
-def optimizer_state_by_name(model, optimizer, ep_group=None) -> dict:
-    """Optimizer state keyed by parameter name with expert tensors gathered (collective under EP)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    sharded = _expert_slices(model)
-    state = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            entry = {}
-            for k, v in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(v) and v.dim() > 0 and name in sharded:
-                    parts = [torch.empty_like(v) for _ in range(dist.get_world_size(ep_group))]
-                    dist.all_gather(parts, v.contiguous(), group=ep_group)
-                    v = torch.cat(parts)
-                entry[k] = v
-            state[name] = entry
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "param_names": [names[id(p)] for p in g["params"]]}
-              for g in optimizer.param_groups]
-    return {"state": state, "param_groups": groups}
-
-
-def load_optimizer_state_by_name(model, optimizer, saved: dict, source: Path) -> None:
-    params = dict(model.named_parameters())
-    names = {id(p): n for n, p in params.items()}
-    sharded = _expert_slices(model)
-    if len(saved["param_groups"]) != len(optimizer.param_groups):
-        raise CheckpointError(f"{source}: optimizer has {len(saved['param_groups'])} parameter groups, expected {len(optimizer.param_groups)}")
-    for group, sg in zip(optimizer.param_groups, saved["param_groups"]):
-        if sorted(sg["param_names"]) != sorted(names[id(p)] for p in group["params"]):
-            raise CheckpointError(f"{source}: optimizer parameter group {sg.get('name')!r} holds other parameters than this model's")
-        group.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
-    optimizer.state.clear()
-    for name, entry in saved["state"].items():
-        p = params[name]
-        restored = {}
-        for k, v in entry.items():
-            if torch.is_tensor(v):
-                if v.dim() > 0 and name in sharded:
-                    lo, n = sharded[name]
-                    v = v[lo: lo + n]
-                v = v.clone().to(p.device)
-            restored[k] = v
-        optimizer.state[p] = restored
 
 
 class CheckpointManager:

@@ -1,7 +1,7 @@
 """``tandem generate``: chat with a checkpoint in the terminal (one-shot ``--prompt`` or a REPL on stdin).
 
-    python -m trainer.generate_cli CKPT --prompt "What is 2+3?" --think --thinking-budget 256
-    python -m trainer.generate_cli runs/sft --no-think --temperature 0.7 --top-p 0.9      # REPL
+    python -m tandem.trainer.inference.cli CKPT --prompt "What is 2+3?" --think --thinking-budget 256
+    python -m tandem.trainer.inference.cli runs/sft --no-think --temperature 0.7 --top-p 0.9      # REPL
 
 ``CKPT`` is a Hugging Face NemotronH directory (``config.json`` + safetensors) or a tandem run
 checkpoint (a run dir, its ``checkpoints/`` dir or a ``step_*`` dir; the ``latest`` one is used).
@@ -19,17 +19,18 @@ from typing import TextIO
 
 import torch
 
-from data_pipelines.chat import render_prompt
-from data_pipelines.tokenizer import load_tokenizer
-from model import HybridLM
-from trainer.checkpoint import weights_dir
-from trainer.generation import GenerationEngine, SamplingParams, ThinkTokens
+from tandem.data_pipelines.chat import render_prompt
+from tandem.data_pipelines.tokenizer import load_tokenizer
+from tandem.model import HybridLM
+from tandem.trainer.checkpoint import weights_dir
+
+from .engine import GenerationEngine, SamplingParams, ThinkTokens
 
 __all__ = ["chat_main", "chat_stop_tokens", "render_generation_prompt", "load_model"]
 
 
 def render_generation_prompt(tok, messages: list[dict], *, think: bool, system: str = "") -> list[int]:
-    """Prompt ids for the assistant's next turn: :func:`data_pipelines.chat.render_prompt` (the chat
+    """Prompt ids for the assistant's next turn: :func:`tandem.data_pipelines.chat.render_prompt` (the chat
     template's token-level renderer, so the prompt is exactly what SFT trained on) with ``system`` as the
     system message; ``think`` is ``enable_thinking`` (``/think`` / ``/no_think`` in the text still win).
     """

@@ -1,80 +1,21 @@
-"""Process topology and the data-parallel engine the shared loop drives.
+"""The default data-parallel engine: replicated dense parameters, gradients summed over ranks.
 
-``init_distributed`` reads torchrun/Slurm-launcher variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR/PORT``) and starts a process group (gloo on CPU, nccl on CUDA). The loop talks to an
-*engine* — ``backward``, ``reduce_gradients``, ``clip_and_step`` — never to the process group; this is the
-seam where DeepSpeed ZeRO and expert parallelism plug in (the MoE/EP issue): they provide another engine
-with the same methods.
+An engine is what the shared loop drives instead of a process group: ``backward`` per micro-batch,
+``finish_step`` (reduce, clip, step), ``full_state_dict`` / ``optimizer_state`` / ``load_optimizer_state``
+for checkpoints, ``all_reduce_sum`` for metrics. :mod:`tandem.trainer.parallel.engines` picks one.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-from .config import ParallelConfig
+from tandem.trainer.checkpoint.optimizer_state import load_optimizer_state_by_name, optimizer_state_by_name
 
-__all__ = ["DistInfo", "DataParallelEngine", "all_reduce_sum", "build_engine", "init_distributed", "ConfigError"]
+from .distributed import DistInfo, all_reduce_sum
+from .expert import gather_full_state_dict, is_expert_param
 
-
-class ConfigError(ValueError):
-    """A run configuration that cannot work; the message names the key."""
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    ep: int = 1
-    ep_group: object = None  # megatron-core expert-model-parallel group (ep > 1)
-    expert_dp_group: object = None  # ranks holding the same experts
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(cfg: ParallelConfig) -> DistInfo:
-    for key in ("tp", "cp"):
-        if getattr(cfg, key) != 1:
-            raise ConfigError(f"parallel.{key}={getattr(cfg, key)}: tensor/context parallelism is not available yet; use 1")
-    if cfg.ep < 1:
-        raise ConfigError(f"parallel.ep must be >= 1, got {cfg.ep}")
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage must be 0 (no ZeRO), 1, 2 or 3, got {cfg.zero_stage}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    backend = cfg.backend
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise ConfigError(f"parallel.backend must be auto, gloo or nccl, got {cfg.backend!r}")
-    if cfg.ep > 1 and world % cfg.ep:
-        raise ConfigError(f"parallel.ep={cfg.ep} must divide the number of processes ({world})")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    if cfg.ep == 1:
-        return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
-    from .expert_parallel import init_parallel_groups
-
-    ps = init_parallel_groups(cfg.tp, cfg.cp, cfg.ep)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, ep=cfg.ep,
-                    ep_group=ps.get_expert_model_parallel_group(), expert_dp_group=ps.get_expert_data_parallel_group())
+__all__ = ["DataParallelEngine"]
 
 
 class DataParallelEngine:
@@ -88,8 +29,6 @@ class DataParallelEngine:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo):
         self.model, self.optimizer, self.info = model, optimizer, info
-        from .expert_parallel import is_expert_param
-
         self._is_expert = is_expert_param
         if info.distributed:  # identical dense start on every rank, whatever each rank's RNG did
             with torch.no_grad():
@@ -169,34 +108,11 @@ class DataParallelEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The parallelism-independent model state dict (expert shards gathered; collective under EP)."""
         if self.info.ep > 1:
-            from .expert_parallel import gather_full_state_dict
-
             return gather_full_state_dict(self.model, self.info.ep_group)
         return self.model.state_dict()
 
     def optimizer_state(self) -> dict:
-        from .checkpoint import optimizer_state_by_name
-
         return optimizer_state_by_name(self.model, self.optimizer, self.info.ep_group if self.info.ep > 1 else None)
 
     def load_optimizer_state(self, saved: dict, source) -> None:
-        from .checkpoint import load_optimizer_state_by_name
-
         load_optimizer_state_by_name(self.model, self.optimizer, saved, source)
-
-
-def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
-    """Sum Python scalars over all ranks (float64)."""
-    t = torch.tensor(values, dtype=torch.float64, device=info.device)
-    if info.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def build_engine(model, optimizer, info: DistInfo, parallel: ParallelConfig, optim, stage):
-    """The data-parallel engine for ``parallel``: plain (with EP) or DeepSpeed ZeRO."""
-    if parallel.zero_stage:
-        from .deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, optimizer, info, parallel, optim, stage)
-    return DataParallelEngine(model, optimizer, info)

@@ -1,0 +1,80 @@
+"""Process topology: who this process is, which groups it belongs to.
+
+``init_distributed`` reads torchrun/Slurm-launcher variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR/PORT``), starts a process group (gloo on CPU, nccl on CUDA) and, under expert parallelism,
+megatron-core's expert groups. The loop never talks to a process group: it drives an *engine*
+(:mod:`tandem.trainer.parallel.engines`) and reads this :class:`DistInfo`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tandem.trainer.config import ConfigError, ParallelConfig
+
+from .expert import init_parallel_groups
+
+__all__ = ["DistInfo", "all_reduce_sum", "init_distributed"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    ep: int = 1
+    ep_group: object = None  # megatron-core expert-model-parallel group (ep > 1)
+    expert_dp_group: object = None  # ranks holding the same experts
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(cfg: ParallelConfig) -> DistInfo:
+    for key in ("tp", "cp"):
+        if getattr(cfg, key) != 1:
+            raise ConfigError(f"parallel.{key}={getattr(cfg, key)}: tensor/context parallelism is not available yet; use 1")
+    if cfg.ep < 1:
+        raise ConfigError(f"parallel.ep must be >= 1, got {cfg.ep}")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0 (no ZeRO), 1, 2 or 3, got {cfg.zero_stage}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ConfigError(f"parallel.backend must be auto, gloo or nccl, got {cfg.backend!r}")
+    if cfg.ep > 1 and world % cfg.ep:
+        raise ConfigError(f"parallel.ep={cfg.ep} must divide the number of processes ({world})")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    if cfg.ep == 1:
+        return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    ps = init_parallel_groups(cfg.tp, cfg.cp, cfg.ep)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, ep=cfg.ep,
+                    ep_group=ps.get_expert_model_parallel_group(), expert_dp_group=ps.get_expert_data_parallel_group())
+
+
+def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Sum Python scalars over all ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
