@@ -99,7 +99,7 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool 
                         continue  # another expert-parallel rank's expert
                     expert -= offset
                     dest = dest[expert]
-                shape = tuple(f.get_slice(key).get_shape())
+                shape = f.shape(key)
                 if packed:
                     shape = nvfp4.logical_shape(key, shape)
                 if shape != tuple(dest.shape):
@@ -108,6 +108,8 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool 
                     )
                 try:
                     tensor = f.get_tensor(key)
+                except CheckpointError:
+                    raise
                 except Exception as e:
                     raise CheckpointError(f"{file}: cannot read tensor {key!r}, file truncated or corrupt ({e})") from None
                 if packed:

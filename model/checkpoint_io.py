@@ -20,11 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 __all__ = [
-    "CONFIG_NAME", "SINGLE_FILE", "INDEX_FILE", "STACKED_EXPERT", "CheckpointError", "checkpoint_files",
-    "checkpoint_items", "open_safetensors", "read_json", "swap_in",
+    "CONFIG_NAME", "SINGLE_FILE", "INDEX_FILE", "SAFETENSORS_DTYPES", "STACKED_EXPERT", "CheckpointError",
+    "SafetensorsFile", "checkpoint_files", "checkpoint_items", "open_safetensors", "read_json", "swap_in",
 ]
 
 CONFIG_NAME = "config.json"
@@ -76,12 +75,99 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def open_safetensors(file: Path):
-    """``safe_open`` on CPU; a bad header or a short file is a :class:`CheckpointError` naming the file."""
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for bad headers / short files
-        raise CheckpointError(f"{file}: not a readable safetensors file, possibly truncated or corrupt ({e})") from None
+#: safetensors dtype names (format spec) → torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100 * 2**20  # the format's own bound on the JSON header
+
+
+class SafetensorsFile:
+    """One safetensors file read with positioned reads, one tensor at a time (a context manager).
+
+    Why not ``safetensors.safe_open``: it memory-maps the file, and every page a read touches stays mapped
+    and resident — counted in the process's RSS — until the file is closed, so reading a rank's share of
+    a checkpoint file in one pass grows the RSS by that share *on top of* the copies in the model (~2× the
+    weights at peak; measured in tests/trainer/test_build_memory.py). Here each tensor is read with
+    ``os.preadv`` straight into a fresh buffer and nothing stays mapped: the peak is the model plus one
+    tensor. The layout is the safetensors spec: an 8-byte little-endian header length, a JSON header
+    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the data;
+    ``tests/model/test_checkpoint.py`` checks every read against the safetensors library.
+    """
+
+    def __init__(self, file: Path):
+        self.path = Path(file)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot open ({e.strerror})") from None
+        try:
+            size = os.fstat(self._fd).st_size
+            raw = os.pread(self._fd, 8, 0)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if not 0 < n <= min(_MAX_HEADER, size - 8):
+                raise ValueError("bad header length")
+            header = json.loads(os.pread(self._fd, n, 8))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            header.pop("__metadata__", None)
+            data_start, data_size = 8 + n, size - 8 - n
+            self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+            for key, entry in header.items():
+                dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+                shape = tuple(int(s) for s in entry["shape"])
+                begin, end = (int(o) for o in entry["data_offsets"])
+                if dtype is None:
+                    raise ValueError(f"tensor {key!r} has unsupported dtype {entry.get('dtype')!r}")
+                numel = 1
+                for s in shape:
+                    numel *= s
+                if not 0 <= begin <= end <= data_size or end - begin != numel * dtype.itemsize:
+                    raise ValueError(f"tensor {key!r} lies outside the file or has the wrong byte size")
+                self._entries[key] = (dtype, shape, data_start + begin, end - begin)
+        except (ValueError, KeyError, TypeError) as e:
+            os.close(self._fd)
+            raise CheckpointError(f"{file}: not a readable safetensors file, possibly truncated or corrupt ({e})") from None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][0]
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` as a new CPU tensor (its own memory; nothing of the file stays mapped)."""
+        dtype, shape, offset, nbytes = self._entries[key]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < nbytes:  # preadv may return less than asked (e.g. above 2 GiB per call)
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}: cannot read tensor {key!r}, file truncated or corrupt")
+            done += got
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_safetensors(file: Path) -> SafetensorsFile:
+    """Open one safetensors file for reading (see :class:`SafetensorsFile`); a bad header or a short file is
+    a :class:`CheckpointError` naming the file."""
+    return SafetensorsFile(file)
 
 
 def checkpoint_items(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:

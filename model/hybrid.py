@@ -8,6 +8,7 @@ expert in files; :mod:`model.checkpoint` does that mapping.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,15 @@ def _dense_mlp(config: HybridConfig, layer_idx: int) -> MLP:
 
 
 MIXERS = {"M": Mamba2Mixer, "*": Attention, "-": _dense_mlp, "E": MoE}
+
+
+def _generator(seed: int, key: str) -> torch.Generator:
+    """A CPU generator for one tensor: seeded by (``seed``, ``key``) through a stable hash, not Python's
+    salted ``hash``, so every process and every run draws the same stream for the same name."""
+    digest = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest()
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return g
 
 
 class HybridBlock(nn.Module):
@@ -179,59 +189,78 @@ class HybridLM(nn.Module):
         With ``rescale_prenorm_residual`` every projection that writes into the residual stream
         (Mamba ``out_proj``, attention ``o_proj``, MLP/expert ``down_proj``) is divided by √num_layers
         (GPT-2 / Megatron scaled init). ``seed`` makes it reproducible without touching the global RNG.
+
+        Every tensor — every routed expert separately — draws from its own stream, seeded by ``seed`` and
+        its name (the expert's *global* id), so the values do not depend on what else this process holds:
+        a model whose experts were cut to a slice (:meth:`GroupedExperts.keep_experts`, expert
+        parallelism) gets the same values as the unsharded model, whatever the layout.
         """
         if any(p.is_meta for p in self.parameters()):
             return
         cfg = self.config
-        g = torch.Generator(device="cpu")
-        g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
         std = cfg.initializer_range
         rescale = 1.0 / math.sqrt(cfg.num_hidden_layers) if cfg.rescale_prenorm_residual else 1.0
 
-        def normal_(t: torch.Tensor, s: float = std) -> None:
-            t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(s).to(t.dtype))
+        def normal_(t: torch.Tensor, key: str, s: float = std) -> None:
+            t.copy_(torch.randn(t.shape, generator=_generator(seed, key), dtype=torch.float32).mul_(s).to(t.dtype))
 
-        def uniform_(t: torch.Tensor, lo: float, hi: float) -> None:
-            t.copy_((torch.rand(t.shape, generator=g, dtype=torch.float32) * (hi - lo) + lo).to(t.dtype))
+        def uniform_(t: torch.Tensor, key: str, lo: float, hi: float) -> None:
+            u = torch.rand(t.shape, generator=_generator(seed, key), dtype=torch.float32)
+            t.copy_((u * (hi - lo) + lo).to(t.dtype))
 
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 residual_out = name.endswith(("out_proj", "o_proj", "down_proj"))
-                normal_(module.weight, std * (rescale if residual_out else 1.0))
+                normal_(module.weight, f"{name}.weight", std * (rescale if residual_out else 1.0))
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.Conv1d):
                 fan_in = module.weight.shape[1] * module.weight.shape[2]
                 bound = 1.0 / math.sqrt(fan_in)  # = PyTorch's default kaiming_uniform(a=√5) bound
-                uniform_(module.weight, -bound, bound)
+                uniform_(module.weight, f"{name}.weight", -bound, bound)
                 if module.bias is not None:
-                    uniform_(module.bias, -bound, bound)
+                    uniform_(module.bias, f"{name}.bias", -bound, bound)
             elif isinstance(module, (RMSNorm, GatedRMSNorm)):
                 module.weight.fill_(1.0)
             elif isinstance(module, TopKRouter):
-                normal_(module.weight)
+                normal_(module.weight, f"{name}.weight")
                 module.e_score_correction_bias.zero_()
             elif isinstance(module, GroupedExperts):
-                normal_(module.up_proj)
-                normal_(module.down_proj, std * rescale)
+                # one stream per *global* expert: a shard holding experts [offset, offset + n) gets exactly
+                # the slices an unsharded model would
+                for i in range(module.num_experts):
+                    e = module.expert_offset + i
+                    normal_(module.up_proj[i], f"{name}.up_proj.{e}")
+                    normal_(module.down_proj[i], f"{name}.down_proj.{e}", std * rescale)
             elif isinstance(module, Mamba2Mixer):
                 lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
-                dt = torch.exp(torch.rand(module.num_heads, generator=g) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
+                u = torch.rand(module.num_heads, generator=_generator(seed, f"{name}.dt_bias"))
+                dt = torch.exp(u * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
                 module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
-                A = torch.rand(module.num_heads, generator=g) * 15.0 + 1.0
+                A = torch.rand(module.num_heads, generator=_generator(seed, f"{name}.A_log")) * 15.0 + 1.0
                 module.A_log.copy_(torch.log(A))
                 module.D.fill_(1.0)
 
     # ------------------------------------------------------------------------------------------------
     def parameter_count(self) -> ParameterCount:
-        """Total and per-token-active parameters (works on the meta device)."""
-        total = sum(p.numel() for p in self.parameters())
+        """Total and per-token-active parameters of the whole model (works on the meta device).
+
+        Counts every routed expert of every layer even when this process holds only a slice of them
+        (expert parallelism): the figure is the model's, not one rank's share.
+        """
+        total = 0
         inactive = 0
         for module in self.modules():
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+            if isinstance(module, GroupedExperts):
+                per_expert = (module.up_proj.numel() + module.down_proj.numel()) // max(module.num_experts, 1)
+                total += (module.total_experts - module.num_experts) * per_expert
             if isinstance(module, MoE):
-                e, k = module.num_experts, module.gate.top_k
-                per_expert = (module.experts.up_proj.numel() + module.experts.down_proj.numel()) // e
-                inactive += (e - k) * per_expert
+                experts = module.experts
+                per_expert = (experts.up_proj.numel() + experts.down_proj.numel()) // max(experts.num_experts, 1)
+                inactive += (experts.total_experts - module.gate.top_k) * per_expert
         return ParameterCount(total=total, active=total - inactive, embedding=self.backbone.embeddings.weight.numel())
 
     # ------------------------------------------------------------------------------------------------

@@ -167,6 +167,20 @@ class GroupedExperts(nn.Module):
         self.matmul = F.linear
         self.grouped = grouped
 
+    def keep_experts(self, offset: int, count: int) -> None:
+        """Hold only experts ``[offset, offset + count)`` of the layer (expert parallelism's slice).
+
+        Works on the meta device, so a sharded model is built without ever allocating the other
+        experts; :meth:`HybridLM.init_weights <tandem.model.hybrid.HybridLM.init_weights>` then initialises
+        each held expert from its global id, as an unsharded model would.
+        """
+        if not 0 <= offset < offset + count <= self.total_experts or self.num_experts != self.total_experts:
+            raise ValueError(f"cannot keep experts [{offset}, {offset + count}) of a layer holding "
+                             f"[{self.expert_offset}, {self.expert_offset + self.num_experts}) of {self.total_experts}")
+        self.up_proj = nn.Parameter(self.up_proj[offset: offset + count].clone())
+        self.down_proj = nn.Parameter(self.down_proj[offset: offset + count].clone())
+        self.num_experts, self.expert_offset = count, offset
+
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         if self.grouped and self.matmul is F.linear and x_sorted.shape[0] and _grouped_mm_supported(x_sorted):
             return self._forward_grouped(x_sorted, tokens_per_expert)

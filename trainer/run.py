@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tandem.model import HybridLM
 from tandem.model.checkpoint_io import CheckpointError
 from tandem.model.precision import PrecisionError, apply_precision
 
@@ -18,7 +17,7 @@ from .config import ConfigError, build_hybrid_config
 from .data import DataError
 from .loop import Trainer
 from .metrics import ConsoleSink, JsonlSink, WandbSink, model_flops_per_token, peak_flops_per_device
-from .parallel import ExpertBalancer, apply_expert_parallel, build_engine, init_distributed
+from .parallel import ExpertBalancer, build_engine, build_model, init_distributed
 from .optim import build_optimizer
 from .stages import STAGES
 
@@ -47,13 +46,7 @@ def run(cfg: DictConfig) -> dict:
     stage.check_model(model_cfg)
 
     torch.manual_seed(cfg.stage.seed + info.rank)
-    model = HybridLM(model_cfg, init_seed=cfg.model.init_seed, device=info.device)
-    if info.ep > 1:
-        if "E" not in model_cfg.hybrid_override_pattern:
-            raise ConfigError(f"parallel.ep={info.ep} but the model has no MoE layer")
-        if model_cfg.n_routed_experts % info.ep:
-            raise ConfigError(f"parallel.ep={info.ep} must divide n_routed_experts ({model_cfg.n_routed_experts})")
-        apply_expert_parallel(model, info.ep_group)
+    model = build_model(model_cfg, info, init_seed=cfg.model.init_seed)  # only this rank's experts are allocated
     try:
         model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
     except PrecisionError as e:

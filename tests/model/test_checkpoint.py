@@ -260,3 +260,50 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         HybridLM(HybridConfig.preset("tiny"), init_seed=1).save_pretrained(tmp_path / "ckpt")
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_safetensors_reader_equals_the_library_for_every_dtype(tmp_path):
+    """model.checkpoint_io reads with pread (nothing stays mapped); it must agree with safetensors itself."""
+    from safetensors.torch import load_file, save_file
+
+    from tandem.model.checkpoint_io import SAFETENSORS_DTYPES, SafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, dtype in SAFETENSORS_DTYPES.items():
+        base = torch.randn(3, 5, 7, generator=g) * 4
+        if dtype == torch.bool:
+            tensors[name] = base > 0
+        elif dtype.is_floating_point:
+            tensors[name] = base.to(dtype)
+        else:
+            tensors[name] = base.to(torch.int64).clamp(0 if dtype == torch.uint8 else -100, 100).to(dtype)
+    tensors["scalar"] = torch.tensor(2.5)
+    tensors["empty"] = torch.zeros(0, 4)
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"format": "pt"})
+    ref = load_file(str(tmp_path / "x.safetensors"))
+    with SafetensorsFile(tmp_path / "x.safetensors") as f:
+        assert sorted(f.keys()) == sorted(ref)
+        for key, t in ref.items():
+            got = f.get_tensor(key)
+            assert got.dtype == t.dtype and f.shape(key) == tuple(t.shape) and f.dtype(key) == t.dtype
+            assert torch.equal(got.view(torch.uint8) if t.dtype.itemsize == 1 and t.dtype != torch.bool else got,
+                               t.view(torch.uint8) if t.dtype.itemsize == 1 and t.dtype != torch.bool else t), key
+
+
+@pytest.mark.parametrize("damage", ["short_header", "bad_json", "cut_data"])
+def test_safetensors_reader_names_a_damaged_file(tmp_path, damage):
+    from tandem.model.checkpoint_io import SafetensorsFile
+
+    HybridLM(HybridConfig.preset("tiny"), init_seed=0).save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    if damage == "short_header":
+        f.write_bytes(data[:4])
+    elif damage == "bad_json":
+        f.write_bytes(data[:8] + b"{" * n + data[8 + n:])
+    else:
+        f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        SafetensorsFile(f)

@@ -1,8 +1,9 @@
 """How a built model is spread over processes: topology, data-parallel engines, expert parallelism.
 
 Everything here is applied to a finished single-device model from outside (the model never sees a process
-group): :func:`init_distributed` (process group, megatron-core expert groups), :func:`apply_expert_parallel`
-(keep this rank's experts, swap in the all-to-all dispatcher), :func:`build_engine` (the plain data-parallel
+group): :func:`init_distributed` (process group, megatron-core expert groups), :func:`build_model` (build
+on meta, keep this rank's experts, materialise and initialise only those), :func:`apply_expert_parallel`
+(mark expert parameters, swap in the all-to-all dispatcher), :func:`build_engine` (the plain data-parallel
 engine or DeepSpeed ZeRO, from the registry in :mod:`~tandem.trainer.parallel.engines`) and the MoE
 :class:`ExpertBalancer`. Context parallelism goes here next.
 """
@@ -11,8 +12,9 @@ from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .engines import Engine, build_engine, register_engine
 from .expert import apply_expert_parallel, gather_full_state_dict, is_expert_param
 from .expert_balance import ExpertBalancer
+from .materialize import build_model
 
 __all__ = [
-    "DistInfo", "Engine", "ExpertBalancer", "all_reduce_sum", "apply_expert_parallel", "build_engine",
+    "DistInfo", "Engine", "ExpertBalancer", "all_reduce_sum", "apply_expert_parallel", "build_engine", "build_model",
     "gather_full_state_dict", "init_distributed", "is_expert_param", "register_engine",
 ]

@@ -18,7 +18,8 @@ from torch import nn
 
 from tandem.model.moe import MoE, permute_tokens, unpermute_tokens
 
-__all__ = ["AllToAllDispatcher", "apply_expert_parallel", "is_expert_param", "gather_full_state_dict", "init_parallel_groups"]
+__all__ = ["AllToAllDispatcher", "apply_expert_parallel", "expert_slice", "gather_full_state_dict", "init_parallel_groups",
+           "is_expert_param", "shard_experts"]
 
 
 def init_parallel_groups(tp: int, cp: int, ep: int):
@@ -51,6 +52,22 @@ class _AllToAll(torch.autograd.Function):
         return grad_in, None, None, None
 
 
+def source_to_expert_major(recv: torch.Tensor, total: int) -> torch.Tensor:
+    """Row order that turns received token copies from source-major into expert-major order.
+
+    ``recv`` [ep, local experts]: ``recv[s, e]`` copies came from rank ``s`` for local expert ``e``, laid out
+    source-major (all of rank 0's, expert by expert, then rank 1's, ...). The experts want every copy of
+    expert 0 (from all sources, in source order), then expert 1, ... Each row gets its segment id
+    ``s·L + e``; a stable sort on the key ``e·ep + s`` is the permutation. All on the device: the only host
+    values are the split sizes the all-to-all needs anyway (``total`` = their sum).
+    """
+    ep, local = recv.shape
+    segments = torch.arange(ep * local, device=recv.device)
+    seg_of_row = torch.repeat_interleave(segments, recv.reshape(-1), output_size=total)
+    key = (seg_of_row % local) * ep + seg_of_row // local
+    return torch.argsort(key, stable=True)
+
+
 class AllToAllDispatcher:
     """Token dispatch across the expert-parallel group (same interface as ``tandem.model.moe.LocalDispatcher``)."""
 
@@ -64,15 +81,9 @@ class AllToAllDispatcher:
         send = counts.view(self.ep, self.num_local)  # row d: my token copies for rank d's experts
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send.contiguous(), group=self.group)  # row s: from rank s for my experts
-        in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+        in_splits, out_splits = torch.stack([send.sum(1), recv.sum(1)]).tolist()  # one host sync for both
         x_recv = _AllToAll.apply(x_sorted, out_splits, in_splits, self.group)
-        # x_recv is source-major (s, e); the experts want expert-major (e, s) rows.
-        flat = recv.reshape(-1)
-        starts = torch.cumsum(flat, 0) - flat
-        perm = torch.cat([
-            torch.arange(int(starts[s * self.num_local + e]), int(starts[s * self.num_local + e] + flat[s * self.num_local + e]))
-            for e in range(self.num_local) for s in range(self.ep)
-        ] or [torch.zeros(0, dtype=torch.long)]).to(x.device)
+        perm = source_to_expert_major(recv, sum(out_splits))
         return x_recv[perm], recv.sum(0), (order, perm, in_splits, out_splits)
 
     def combine(self, y_local: torch.Tensor, ctx, topk_weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -86,25 +97,47 @@ def is_expert_param(p: torch.Tensor) -> bool:
     return getattr(p, "expert_parallel", False)
 
 
+def expert_slice(total: int, ep: int, rank: int) -> tuple[int, int]:
+    """(offset, count) of the experts rank ``rank`` of an ``ep``-way expert-parallel group holds."""
+    if total % ep:
+        raise ValueError(f"n_routed_experts ({total}) must be divisible by parallel.ep ({ep})")
+    local = total // ep
+    return rank * local, local
+
+
+def shard_experts(model: nn.Module, ep: int, rank: int) -> None:
+    """Cut every MoE layer down to the experts of EP rank ``rank`` (no collective; works on meta).
+
+    Run on a model built on the meta device, before it is materialised, so the other ranks' experts are
+    never allocated; :func:`apply_expert_parallel` then finishes the job on the materialised model.
+    """
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.experts.keep_experts(*expert_slice(m.experts.total_experts, ep, rank))
+
+
 @torch.no_grad()
 def apply_expert_parallel(model: nn.Module, group) -> None:
-    """Keep this rank's slice of every MoE layer's experts and install the all-to-all dispatcher."""
+    """Hold this rank's slice of every MoE layer's experts and install the all-to-all dispatcher.
+
+    A layer still holding all its experts is cut here (a copy: the full tensors were already allocated);
+    one cut on meta by :func:`shard_experts` is only checked. Expert parameters are marked for the engines
+    (``expert_parallel``: reduced over the expert-data-parallel group, not all ranks).
+    """
     ep, rank = dist.get_world_size(group), dist.get_rank(group)
     for m in model.modules():
         if not isinstance(m, MoE):
             continue
         experts = m.experts
-        total = experts.num_experts
-        if total % ep:
-            raise ValueError(f"n_routed_experts ({total}) must be divisible by parallel.ep ({ep})")
-        local = total // ep
-        lo = rank * local
-        experts.up_proj = nn.Parameter(experts.up_proj[lo: lo + local].clone())
-        experts.down_proj = nn.Parameter(experts.down_proj[lo: lo + local].clone())
-        experts.num_experts, experts.total_experts, experts.expert_offset = local, total, lo
+        lo, local = expert_slice(experts.total_experts, ep, rank)
+        if experts.num_experts == experts.total_experts:
+            experts.keep_experts(lo, local)
+        elif (experts.expert_offset, experts.num_experts) != (lo, local):
+            raise ValueError(f"layer {m.layer_idx} holds experts [{experts.expert_offset}, "
+                             f"{experts.expert_offset + experts.num_experts}), EP rank {rank} of {ep} owns [{lo}, {lo + local})")
         for p in (experts.up_proj, experts.down_proj):
             p.expert_parallel = True
-        m.dispatcher = AllToAllDispatcher(group, total)
+        m.dispatcher = AllToAllDispatcher(group, experts.total_experts)
 
 
 @torch.no_grad()

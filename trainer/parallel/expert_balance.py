@@ -36,21 +36,25 @@ class ExpertBalancer:
         if self.distributed:
             counts = counts.clone()
             dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
-        metrics = {}
         mean = counts.mean(-1, keepdim=True).clamp(min=1e-9)
         rel = counts / mean
-        for m, r in zip(self.layers, rel):
-            metrics[f"moe/layer{m.layer_idx}/max_load"] = float(r.max())
-            metrics[f"moe/layer{m.layer_idx}/min_load"] = float(r.min())
-            b = m.gate.e_score_correction_bias
-            metrics[f"moe/layer{m.layer_idx}/bias_range"] = float(b.max() - b.min())
-        metrics["moe/max_load"] = float(rel.max())
-        metrics["moe/min_load"] = float(rel.min())
+        biases = torch.stack([m.gate.e_score_correction_bias.to(counts.device, torch.float64) for m in self.layers])
+        # every figure of the step in one tensor: one host sync, not three per layer
+        per_layer = torch.stack([rel.amax(-1), rel.amin(-1), biases.amax(-1) - biases.amin(-1)], dim=1)  # [L, 3]
+        values = per_layer.tolist()
+        metrics = {}
+        for m, (hi, lo, spread) in zip(self.layers, values):
+            metrics[f"moe/layer{m.layer_idx}/max_load"] = hi
+            metrics[f"moe/layer{m.layer_idx}/min_load"] = lo
+            metrics[f"moe/layer{m.layer_idx}/bias_range"] = spread
+        metrics["moe/max_load"] = max(v[0] for v in values)
+        metrics["moe/min_load"] = min(v[1] for v in values)
         with torch.no_grad():
             if finite and self.rate > 0:
-                for m, c in zip(self.layers, counts):
-                    delta = torch.sign(c.mean() - c).to(m.gate.e_score_correction_bias.dtype)
-                    m.gate.e_score_correction_bias.add_(self.rate * delta.to(m.gate.e_score_correction_bias.device))
+                deltas = torch.sign(counts.mean(-1, keepdim=True) - counts)  # [L, E]
+                for m, delta in zip(self.layers, deltas):
+                    bias = m.gate.e_score_correction_bias
+                    bias.add_(self.rate * delta.to(device=bias.device, dtype=bias.dtype))
             for m in self.layers:
                 m.tokens_per_expert_acc.zero_()
         return metrics

@@ -1,0 +1,41 @@
+"""Build the model a rank trains: on the meta device first, then only what this rank holds is allocated.
+
+``HybridLM(config)`` on a real device would allocate every parameter of the model on every rank (~126 GB
+of fp32 for nano3) before expert parallelism throws most experts away. Instead the model is built on
+``meta`` (no memory), cut to this rank's experts there (:func:`~.expert.shard_experts`), materialised on the
+rank's device, and initialised tensor by tensor from seeded per-name streams
+(:meth:`~tandem.model.hybrid.HybridLM.init_weights`): the same seed gives the same full state dict for
+any world size and expert-parallel size. Peak memory while building is what the rank keeps.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from tandem.model import HybridConfig, HybridLM
+from tandem.trainer.config import ConfigError
+
+from .distributed import DistInfo
+from .expert import apply_expert_parallel, shard_experts
+
+__all__ = ["build_model"]
+
+
+def build_model(config: HybridConfig, info: DistInfo, *, init_seed: int | None) -> HybridLM:
+    """The model this rank trains: its experts only under expert parallelism, initialised from ``init_seed``.
+
+    ``init_seed=None`` draws a seed from the global RNG (then identical on every rank only if the global
+    RNG is); the recipes always give one.
+    """
+    model = HybridLM(config, device="meta")
+    if info.ep > 1:
+        if "E" not in config.hybrid_override_pattern:
+            raise ConfigError(f"parallel.ep={info.ep} but the model has no MoE layer")
+        if config.n_routed_experts % info.ep:
+            raise ConfigError(f"parallel.ep={info.ep} must divide n_routed_experts ({config.n_routed_experts})")
+        shard_experts(model, info.ep, dist.get_rank(info.ep_group))
+    model.to_empty(device=info.device)
+    model.init_weights(seed=init_seed)
+    if info.ep > 1:
+        apply_expert_parallel(model, info.ep_group)  # marks expert parameters, installs the all-to-all
+    return model
