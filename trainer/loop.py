@@ -43,7 +43,8 @@ class Preempted(SystemExit):
 @dataclass
 class TrainerState:
     step: int = 0  # optimizer steps done (including skipped non-finite ones)
-    tokens: int = 0
+    tokens: int = 0  # real (non-padding) input tokens trained on, summed over all ranks
+    target_tokens: int = 0  # tokens that carried loss, summed over all ranks
     nan_skipped: int = 0
     nan_consecutive: int = 0
     extra: dict = field(default_factory=dict)  # e.g. the wandb run id
@@ -92,7 +93,8 @@ class Trainer:
                 step = self.state.step
                 out = self._train_step(step, total)
                 self.state.step += 1
-                self.state.tokens += self.stage.tokens_per_step()
+                self.state.tokens += int(out["input_tokens"])
+                self.state.target_tokens += int(out["target_tokens"])
                 is_last = self.state.step == total
                 do_eval = cfg.stage.eval_batches > 0 and (
                     (cfg.stage.eval_every and self.state.step % cfg.stage.eval_every == 0) or is_last
@@ -127,7 +129,8 @@ class Trainer:
         batches = self.stage.batches_for_step(step)
         batches = [{k: v.to(self.info.device) for k, v in b.items()} for b in batches]
         local_targets = sum(float(self.stage.target_tokens(b)) for b in batches)
-        (global_targets,) = engine.all_reduce_sum([local_targets])
+        local_inputs = sum(float(self.stage.input_tokens(b)) for b in batches)
+        global_targets, global_inputs = engine.all_reduce_sum([local_targets, local_inputs])
         if global_targets <= 0:
             raise TrainingDiverged(f"step {step}: the batch has no target tokens (every loss_mask is 0)")
         scale = self.info.world_size / global_targets
@@ -150,7 +153,8 @@ class Trainer:
                         step, loss, grad_norm.item(), self.state.nan_consecutive)
             if self.state.nan_consecutive >= cfg.stage.nan_tolerance:
                 raise TrainingDiverged(self._diagnose(step, loss))
-        out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "finite": finite, "target_tokens": global_targets}
+        out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "finite": finite, "target_tokens": global_targets,
+               "input_tokens": global_inputs}
         for hook in self.step_hooks:
             out.update(hook(finite))
         return out
@@ -181,7 +185,8 @@ class Trainer:
     def _record(self, step: int, total: int, out: dict, tok_s: float) -> dict:
         record = {
             "stage": self.stage.name, "step": step + 1, "total_steps": total, "loss": out["loss"], "lr": out["lr"],
-            "grad_norm": out["grad_norm"], "tokens": self.state.tokens, "tokens_per_s": tok_s,
+            "grad_norm": out["grad_norm"], "tokens": self.state.tokens, "target_tokens": self.state.target_tokens,
+            "tokens_per_s": tok_s,
             "nan_skipped": self.state.nan_skipped, **self.stage.step_info(step),
         }
         if "val_loss" in out:
@@ -194,7 +199,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {
-            "step": self.state.step, "tokens": self.state.tokens, "nan_skipped": self.state.nan_skipped,
+            "step": self.state.step, "tokens": self.state.tokens, "target_tokens": self.state.target_tokens,
+            "nan_skipped": self.state.nan_skipped,
             "nan_consecutive": self.state.nan_consecutive, "stage": self.stage.name,
             "stage_state": self.stage.state_dict(), "extra": self.state.extra,
         }
@@ -209,7 +215,8 @@ class Trainer:
                 f"start the new stage from its weights with model.init_from=<checkpoint> instead"
             )
         self.state = TrainerState(
-            step=trainer_state["step"], tokens=trainer_state["tokens"], nan_skipped=trainer_state["nan_skipped"],
+            step=trainer_state["step"], tokens=trainer_state["tokens"], target_tokens=trainer_state.get("target_tokens", 0),
+            nan_skipped=trainer_state["nan_skipped"],
             nan_consecutive=trainer_state["nan_consecutive"], extra=trainer_state.get("extra", {}),
         )
         self.stage.load_state_dict(trainer_state["stage_state"])

@@ -52,3 +52,18 @@ def test_ep2_training_matches_single_process_and_resumes_at_ep1(tmp_path):
     assert [r["step"] for r in c] == [3, 4]
     for x, y in zip(a[2:], c):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"], (a, c)
+
+
+def test_source_to_expert_major_regroups_by_hand():
+    """recv[s, e] rows from rank s for local expert e, laid out source-major → expert-major order."""
+    import torch
+
+    from tandem.trainer.parallel.expert import source_to_expert_major
+
+    recv = torch.tensor([[1, 2], [3, 0]])  # rows: s0e0 [0] | s0e1 [1, 2] | s1e0 [3, 4, 5] | s1e1 []
+    assert source_to_expert_major(recv, 6).tolist() == [0, 3, 4, 5, 1, 2]
+    recv = torch.tensor([[0, 2, 1], [1, 0, 2], [2, 1, 0]])  # ep 3, 3 local experts
+    rows = [(s, e) for s in range(3) for e in range(3) for _ in range(int(recv[s, e]))]
+    perm = source_to_expert_major(recv, len(rows)).tolist()
+    assert [rows[i] for i in perm] == sorted(rows, key=lambda se: (se[1], se[0]))
+    assert source_to_expert_major(torch.zeros(2, 2, dtype=torch.long), 0).tolist() == []

@@ -99,6 +99,15 @@ def test_sft_run_learns_and_resumes_exactly(conversations, tmp_path):
     assert losses[0][-1] < losses[0][0]
     records = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["stage"] == "sft" and "val_loss" in records[-1]
+    # tokens are the real (non-padding) input tokens of the rows trained on, target tokens those with loss
+    stage = _stage(conversations)
+    rows = [r for s in range(6) for r in stage.rows_for_step(s)]
+    real = sum(int(stage.train_set[r]["valid"].sum()) for r in rows)
+    targets = sum(float(stage.train_set[r]["loss_mask"].sum()) for r in rows)
+    assert records[-1]["tokens"] == real < 6 * stage.stage.global_batch * stage.data.seq_len
+    assert records[-1]["target_tokens"] == targets < real
+    assert [json.loads(l)["tokens"] for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()] == \
+        [r["tokens"] for r in records]  # carried across the resume
     # changed data under a resumed run is refused, not silently continued in another order
     other = sft_synthetic.write(tmp_path / "other.jsonl", 150, seed=1)
     with pytest.raises(DataError, match="differ from the checkpoint"):

@@ -77,9 +77,11 @@ class Stage(abc.ABC):
         """Extra fields for this step's metrics record (e.g. the data phase)."""
         return {}
 
-    def tokens_per_step(self) -> int:
-        """Input tokens per optimizer step over all ranks (throughput and MFU)."""
-        return 0
+    def input_tokens(self, batch: dict[str, torch.Tensor]) -> float:
+        """Real input tokens in ``batch``: padding (``valid`` false) is not counted (throughput, MFU)."""
+        if "valid" in batch:
+            return float(batch["valid"].sum())
+        return float(batch["input_ids"].numel())
 
     def state_dict(self) -> dict:
         return {}

@@ -87,9 +87,6 @@ class PretrainStage(Stage):
     def step_info(self, step: int) -> dict:
         return {"phase": self.phase_for_step(step) + 1}
 
-    def tokens_per_step(self) -> int:
-        return self.stage.global_batch * self.data.seq_len
-
     def state_dict(self) -> dict:
         return {"blend": self.schedule.state_dict()}
 

@@ -100,7 +100,7 @@ class SFTStage(Stage):
     def _batch(self, rows: list[int], dataset=None) -> dict[str, torch.Tensor]:
         dataset = dataset if dataset is not None else self.train_set
         batch = self.collate([dataset[i] for i in rows])
-        return {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "seq_idx")}
+        return {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "seq_idx", "valid")}
 
     def eval_batches(self):
         # The same fixed rows at every evaluation; every rank yields the same number of batches (sharded
@@ -120,9 +120,6 @@ class SFTStage(Stage):
 
     def step_info(self, step: int) -> dict:
         return {"epoch": (step * self.stage.global_batch) // len(self.train_set)}
-
-    def tokens_per_step(self) -> int:
-        return self.stage.global_batch * self.data.seq_len
 
     def state_dict(self) -> dict:
         return {"train_rows": len(self.train_set), "fingerprint": self.train_set.fingerprint}
