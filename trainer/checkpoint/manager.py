@@ -17,6 +17,7 @@ complete checkpoint (tested with SIGKILL at random moments).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import random
@@ -31,7 +32,8 @@ import torch.distributed as dist
 from tandem.model.checkpoint import CheckpointError, load_checkpoint_into, save_state_dict
 
 
-__all__ = ["CheckpointManager", "resolve_checkpoint", "load_weights", "weights_dir", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointManager", "exchange_paths", "load_weights", "replace_dir", "resolve_checkpoint", "rng_state",
+           "set_rng_state", "weights_dir"]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -69,11 +71,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported.
+
+    Python's ``os`` module has no binding for it; libc's is called through ctypes. File systems without
+    the flag (and non-Linux systems) answer False and the caller falls back to two renames.
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put directory ``new`` at ``final``, replacing what is there, never leaving ``final`` absent where the
+    file system can swap atomically; elsewhere the old copy waits as ``.<name>.old-*`` until the new one is
+    in place, and :meth:`CheckpointManager.latest` moves it back if a kill fell between the two renames."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    if exchange_paths(new, final):  # final is now the new checkpoint, ``new`` holds the old one
+        shutil.rmtree(new)
+        return
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old)
+
+
 class CheckpointManager:
     def __init__(self, run_dir: Path, keep_last: int, rank: int = 0, world_size: int = 1):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank, self.world_size = rank, world_size
+        self._written: dict[str, str] = {}  # step dir → trainer_state JSON, for steps saved by this process
 
     @property
     def latest_file(self) -> Path:
@@ -84,6 +117,12 @@ class CheckpointManager:
             return None
         name = self.latest_file.read_text().strip()
         path = self.root / name
+        if _STEP_DIR.match(name) and not path.exists():
+            # killed between the two renames of a replacement on a file system without atomic exchange
+            for old in sorted(self.root.glob(f".{name}.old-*")):
+                if (old / "trainer_state.json").exists():
+                    os.replace(old, path)
+                    break
         if not _STEP_DIR.match(name) or not (path / "trainer_state.json").exists():
             raise CheckpointError(f"{self.latest_file}: names {name!r}, which is not a complete checkpoint")
         return path
@@ -93,6 +132,18 @@ class CheckpointManager:
         model state and by-name optimizer state; rank 0 writes them."""
         name = f"step_{step:08d}"
         final = self.root / name
+        state_json = json.dumps(trainer_state, indent=2, sort_keys=True) + "\n"
+        if name in self._written:
+            # The same step again in this process (preempted right after a periodic save): nothing trained
+            # since, so the weights, optimizer and RNG files on disk are this state. Deleting and rewriting
+            # them would open a window in which ``latest`` names a half-deleted checkpoint.
+            if self.rank == 0:
+                if self._written[name] != state_json:
+                    _write_atomic(final / "trainer_state.json", state_json)
+                _write_atomic(self.latest_file, name + "\n")
+            self._written[name] = state_json
+            self._barrier()
+            return final
         tmp_name = [f".{name}.tmp-{uuid.uuid4().hex[:8]}"]
         if self.world_size > 1:
             dist.broadcast_object_list(tmp_name, src=0)
@@ -108,19 +159,18 @@ class CheckpointManager:
         if self.rank == 0:
             save_state_dict(full, config, tmp / "model")
             torch.save(opt_state, tmp / "optimizer.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+            (tmp / "trainer_state.json").write_text(state_json)
         self._barrier()
         if self.rank == 0:
             for f in tmp.rglob("*"):
                 if f.is_file():
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
-            if final.exists():  # a re-save of the same step (e.g. preempted right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # final exists when a run resumed from an earlier step reaches it again
             _fsync_dir(self.root)
             _write_atomic(self.latest_file, name + "\n")
             self._prune(keep=final)
+        self._written[name] = state_json
         self._barrier()
         return final
 
@@ -131,6 +181,9 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
         for p in self.root.glob(".step_*.tmp-*"):  # leftovers of saves that were killed
             shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(".step_*.old-*"):  # a replaced copy whose successor is in place
+            if (self.root / p.name[1:].split(".old-")[0]).exists():
+                shutil.rmtree(p, ignore_errors=True)
         for p in self.root.glob(".latest.tmp-*"):  # a pointer update killed before its rename
             p.unlink(missing_ok=True)
 
