@@ -111,7 +111,9 @@ def test_kl_enters_the_loss_with_beta():
 
 
 def test_forced_and_padding_tokens_are_masked_without_nan():
-    logp = leaf([[math.log(1.1), 5.0, -math.inf]])  # token 1 is forced (</think>), token 2 is padding (−inf)
+    # token 1 is forced (</think>), token 2 is padding holding garbage (NaN / −inf): 0·NaN is NaN, so a
+    # loss that only multiplied by the mask would be NaN
+    logp = leaf([[math.log(1.1), 5.0, math.nan]])
     logp_old = torch.tensor([[0.0, -3.0, -math.inf]])
     loss_mask = torch.tensor([[True, True, False]])
     forced = torch.tensor([[False, True, False]])
