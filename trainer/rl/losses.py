@@ -176,8 +176,9 @@ def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Te
     def clean(x):
         return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-    logp = clean(logp)
-    logp_old = clean(logp_old.detach())
+    # fp32 throughout: exp of bf16 log-ratios and bf16 token sums lose the precision the clip test needs
+    logp = clean(logp.float())
+    logp_old = clean(logp_old.detach().float())
     adv = clean(advantages.detach().to(logp.dtype).expand_as(logp))
     fmask = mask.to(logp.dtype)
 

@@ -45,3 +45,10 @@ class SlowPrepareEnv(Environment):
 
     def verify(self, sample, completion):
         return Verdict(1.0 if getattr(self, "ready", False) else 0.5)
+
+
+class UnpicklableEnv(EchoEnv):
+    """Holds a lambda: cannot be sent to a process worker."""
+
+    def __init__(self):
+        self.fn = lambda x: x

@@ -9,7 +9,7 @@ import pytest
 from tandem.trainer.rl.environments import ENVIRONMENTS, check_tasks, get_environment, score_batch
 from tandem.trainer.rl.environments.math import MathEnv, extract_answer, extract_boxed
 
-from .envs_for_tests import AsyncEnv, EchoEnv, SlowPrepareEnv
+from .envs_for_tests import AsyncEnv, EchoEnv, SlowPrepareEnv, UnpicklableEnv
 
 
 @pytest.mark.parametrize("text, answer, method", [
@@ -113,6 +113,14 @@ def test_dispatcher_process_backend_kills_hung_workers():
     assert (stats.ok, stats.timeouts, stats.errors) == (2, 1, 1)
     assert time.perf_counter() - t0 < 20  # the sleeping worker was terminated, not joined
     assert not multiprocessing.active_children()  # and no worker outlives the batch
+
+
+@pytest.mark.slow
+def test_dispatcher_process_backend_unpicklable_env_scores_errors():
+    verdicts, stats = score_batch([({"task": "u"}, "1")] * 3, envs={"u": UnpicklableEnv()}, timeout_s=5,
+                                  max_workers=1, backend="process")
+    assert [v.reward for v in verdicts] == [0.0] * 3 and stats.errors == 3
+    assert "did not start" in stats.first_errors[0] and not multiprocessing.active_children()
 
 
 def test_prepare_runs_before_the_timeout_clock():

@@ -20,7 +20,8 @@ event loop and is cancelled at its timeout (the form for HTTP verifiers such as 
 - ``thread`` (default): one daemon thread per call. A call past its timeout scores 0 and is abandoned —
   Python cannot kill a thread, so it keeps its CPU until it returns; verifiers should bound their own work.
 - ``process``: a pool of ``max_workers`` spawned processes for the batch (the environment is pickled to
-  them; their start-up, about a second, happens before the first call's clock). A worker past its timeout is killed with the pool at the end of the batch, so a hung verifier
+  them; their start-up and `prepare` happen before the first call's clock, and workers that cannot start
+  within 120 s make every call an error instead of a hang). A worker past its timeout is killed with the pool at the end of the batch, so a hung verifier
   costs nothing afterwards; while the batch runs, that worker's slot is lost.
 
 **Multi-turn (not built yet).** A multi-turn environment (tool calls → observations → more generation)
@@ -201,27 +202,47 @@ def _prepare(envs: list[Environment], linger: float = 0.0) -> None:
 
 @register_backend("process")
 class ProcessBackend(Backend):
+    #: how long the workers may take to start and prepare before the backend counts as broken
+    START_TIMEOUT_S = 120.0
+
     def __init__(self, max_workers: int):
         super().__init__(max_workers)
         # spawn, not fork: the trainer process holds CUDA and many threads, which fork does not survive
         self.pool = multiprocessing.get_context("spawn").Pool(max_workers)
+        self.broken: str | None = None
 
     async def start(self, envs: Sequence[Environment]) -> None:
-        # A spawned worker imports the environments' modules (unpickling them) and prepares them (seconds); wait until every worker
-        # answered, so that the first calls' timeouts measure verification and not start-up. Each ready
-        # task lingers a moment so that one fast worker does not take them all.
+        # A spawned worker imports the environments' modules (unpickling them) and prepares them
+        # (seconds); wait until every worker answered, so that the first calls' timeouts measure
+        # verification and not start-up. Each ready task lingers a moment so one fast worker does not
+        # take them all. Workers that cannot start (an unpicklable environment, a main module without
+        # the ``if __name__ == "__main__"`` guard, which spawn re-runs) must not hang the batch: after
+        # START_TIMEOUT_S every call scores 0 as an error.
         ready = [self.pool.apply_async(_prepare, (list(envs), 0.05)) for _ in range(self.max_workers)]
-        await asyncio.get_running_loop().run_in_executor(None, lambda: [r.get() for r in ready])
+
+        def wait():
+            deadline = time.monotonic() + self.START_TIMEOUT_S
+            for r in ready:
+                r.get(timeout=max(deadline - time.monotonic(), 0.01))
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, wait)
+        except Exception as e:  # noqa: BLE001 — reported on every call of the batch
+            self.broken = f"process workers did not start: {type(e).__name__}: {e}"
+            log.warning("%s", self.broken)
 
     def submit(self, loop, fn, *args):
         fut = loop.create_future()
+        if self.broken:
+            fut.set_exception(RuntimeError(self.broken))
+            return fut
         self.pool.apply_async(fn, args, callback=lambda v: _settle(loop, fut, True, v),
                               error_callback=lambda e: _settle(loop, fut, False, e))
         return fut
 
     def close(self, timed_out: bool) -> None:
-        if timed_out:
-            self.pool.terminate()  # kills workers still stuck in a verifier
+        if timed_out or self.broken:
+            self.pool.terminate()  # kills workers still stuck in a verifier (or failing to start)
         else:
             self.pool.close()
         self.pool.join()
