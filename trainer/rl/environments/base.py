@@ -20,9 +20,10 @@ event loop and is cancelled at its timeout (the form for HTTP verifiers such as 
 - ``thread`` (default): one daemon thread per call. A call past its timeout scores 0 and is abandoned —
   Python cannot kill a thread, so it keeps its CPU until it returns; verifiers should bound their own work.
 - ``process``: a pool of ``max_workers`` spawned processes for the batch (the environment is pickled to
-  them; their start-up and `prepare` happen before the first call's clock, and workers that cannot start
-  within 120 s make every call an error instead of a hang). A worker past its timeout is killed with the pool at the end of the batch, so a hung verifier
-  costs nothing afterwards; while the batch runs, that worker's slot is lost.
+  them; their start-up and ``prepare`` happen before the first call's clock, and workers that cannot
+  start within 120 s make every call an error instead of a hang). A worker past its timeout is killed
+  with the pool at the end of the batch, so a hung verifier costs nothing afterwards; while the batch
+  runs, that worker's slot is lost.
 
 **Multi-turn (not built yet).** A multi-turn environment (tool calls → observations → more generation)
 implements :meth:`Environment.step`: given the conversation so far it returns the next
