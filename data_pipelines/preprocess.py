@@ -15,7 +15,8 @@ worker count; at most ``4 x workers`` chunks are in flight, so memory stays boun
 
 Crash safety / idempotence: the .bin/.idx are written under temporary names and renamed at the end, then a
 manifest ``<prefix>.json`` (settings, counts, file sizes) is written last. A rerun finds a complete output
-(manifest + matching files) and skips it; ``--overwrite`` rebuilds. A bad row (missing field, non-string,
+(manifest + matching files) and skips it; ``--overwrite`` rebuilds. Outputs never replace an input (refused even
+with ``--overwrite``), nor files no tandem manifest accounts for (unless ``--overwrite``). A bad row (missing field, non-string,
 invalid UTF-8, malformed JSON) fails the run with ``file:line`` unless ``--skip-bad-rows``, which skips and
 counts every bad row (the count and the first locations are printed and stored in the manifest).
 """
@@ -178,6 +179,8 @@ def preprocess(inputs: list[str | Path] | str | Path, output_prefix: str | Path,
         "split": split, "text_field": text_field, "tokenizer": tok.unique_identifiers,
     }
     paths = _paths(prefix)
+    tmp = {k: Path(f"{prefix}.tmp{os.getpid()}.{k}") for k in ("bin", "idx", "manifest")}
+    _refuse_outputs_over_inputs(prefix, files, [*paths.values(), *tmp.values()])
     existing = read_manifest(prefix)
     if existing is not None and not overwrite:
         diff = sorted(k for k in settings if existing.get("settings", {}).get(k) != settings[k])
@@ -188,9 +191,8 @@ def preprocess(inputs: list[str | Path] | str | Path, output_prefix: str | Path,
             f"tokens); skipping (--overwrite rebuilds)")
         return PreprocessResult(prefix, existing["documents"], existing["tokens"], existing["skipped_rows"],
                                 [tuple(b) for b in existing.get("bad_rows", [])], reused=True)
-    if existing is None and not overwrite and paths["bin"].exists() and paths["idx"].exists():
-        raise FileExistsError(f"{prefix}.bin/.idx exist without a matching tandem manifest ({paths['manifest']}); "
-                              f"they may come from another tool or another run. Pass --overwrite to replace them")
+    if existing is None and not overwrite:
+        _refuse_untrusted_outputs(prefix, paths)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if chunk_rows < 1:
@@ -201,7 +203,6 @@ def preprocess(inputs: list[str | Path] | str | Path, output_prefix: str | Path,
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(prefix, log)
     dtype = DType.optimal_dtype(tok.vocab_size)
-    tmp = {k: Path(f"{prefix}.tmp{os.getpid()}.{k}") for k in ("bin", "idx", "manifest")}
     documents = tokens = 0
     bad: list[tuple[str, str]] = []
     skipped = 0
@@ -277,6 +278,56 @@ def preprocess(inputs: list[str | Path] | str | Path, output_prefix: str | Path,
     return PreprocessResult(prefix, documents, tokens, skipped, bad, seconds=dt)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links, bind mounts
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _refuse_outputs_over_inputs(prefix: str, inputs: list[str], outputs: list[Path]) -> None:
+    """An output (or temporary) that is one of the inputs would destroy the input: refuse, whatever --overwrite.
+
+    (Temporaries end in .bin/.idx/.manifest, which are no input format, so the clean-up of interrupted runs
+    never meets an input either.)
+    """
+    for f in (Path(f) for f in inputs if not f.startswith("hf:")):
+        hit = next((o for o in outputs if _same_file(o, f)), None)
+        if hit is not None:
+            raise ValueError(f"output {hit} would overwrite the input {f}: the output prefix {prefix!r} writes "
+                             f"{prefix}.bin, {prefix}.idx and the manifest {prefix}.json; choose another --output-prefix")
+
+
+def _refuse_untrusted_outputs(prefix: str, paths: dict[str, Path]) -> None:
+    """Files under the output names that no tandem manifest accounts for are never replaced silently.
+
+    A ``.bin``/``.idx`` is ours when ``<prefix>.json`` is a tandem-preprocess manifest recording its size
+    (e.g. the other file was deleted); anything else there (another tool's file, a truncated copy, the
+    leftover of a run killed between its renames) stops the run until ``--overwrite`` says to replace it.
+    """
+    manifest = paths["manifest"]
+    recorded = None
+    if manifest.exists():
+        try:
+            m = json.loads(manifest.read_text())
+            recorded = m if isinstance(m, dict) and "settings" in m and "version" in m else None
+        except (OSError, ValueError):
+            recorded = None
+        if recorded is None:
+            raise FileExistsError(f"{manifest} exists and is not a tandem-preprocess manifest; it would be replaced "
+                                  f"by this output's manifest. Choose another output prefix, or pass --overwrite")
+    foreign = [p for kind, p in (("bin", paths["bin"]), ("idx", paths["idx"]))
+               if p.exists() and (recorded is None or p.stat().st_size != recorded.get(f"{kind}_bytes"))]
+    if foreign:
+        why = "absent" if recorded is None else "it records other sizes"
+        raise FileExistsError(f"{' and '.join(map(str, foreign))} exist{'s' if len(foreign) == 1 else ''} without a "
+                              f"matching tandem manifest ({manifest}: {why}), e.g. from another tool, another run, a "
+                              f"run killed while renaming or a truncated copy. Pass --overwrite to replace "
+                              f"{'it' if len(foreign) == 1 else 'them'}, or choose another output prefix")
+
+
 def _remove_stale_temporaries(prefix: str, log) -> None:
     """Delete ``<prefix>.tmp<pid>.*`` left by a killed run (SIGKILL skips cleanup); a live pid's are kept."""
     import re
@@ -344,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                    chunk_rows=args.chunk_rows, skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite,
                    progress=not args.no_progress)
     except (BadRecordError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"tandem-preprocess: error: {e}", file=sys.stderr)
-        return 1
+        print(f"tandem-preprocess: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

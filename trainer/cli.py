@@ -6,12 +6,12 @@
     torchrun --nproc_per_node 2 -m tandem.trainer.cli -cn smoke parallel=ddp_gloo
     tandem generate runs/smoke/sft --prompt "What is 2 + 3?"   # chat with a checkpoint (docs/GENERATION.md)
 
-Exit status: 0 done, 2 bad input (message names the key/file), 75 preempted after a checkpoint.
+Exit status: 0 done, 2 bad input (one line on stderr naming the key/file), 75 preempted after a checkpoint.
 """
 
 from __future__ import annotations
 
-import logging
+import argparse
 import sys
 
 import hydra
@@ -19,17 +19,95 @@ from omegaconf import DictConfig
 
 from tandem.recipes import RECIPES_DIR
 
-from .config import register_configs
-from .run import USER_ERRORS, run
+from .config import ConfigError, register_configs
+from .run import USER_ERRORS, run, validate
+
+#: exit status of bad input (a config, data or checkpoint the user has to fix)
+USAGE_EXIT_CODE = 2
+
+
+def fail(message: str) -> None:
+    """Print ``tandem: error: <message>`` as one line on stderr and exit with status 2."""
+    print(f"tandem: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_EXIT_CODE)
 
 
 def _app(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except USER_ERRORS as e:
-        logging.getLogger("tandem").error("%s", e)
-        print(f"tandem: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail(str(e))
+
+
+class _Unparsed(Exception):
+    pass
+
+
+class _QuietParser(argparse.ArgumentParser):
+    def error(self, message):  # Hydra's parser reports it; this one only declines
+        raise _Unparsed(message)
+
+
+def _hydra_args(argv: list[str]) -> argparse.Namespace | None:
+    """Hydra's own command line (same options as ``hydra.main``'s parser), or None if it does not parse."""
+    p = _QuietParser(add_help=False)
+    p.add_argument("overrides", nargs="*")
+    for flag in ("--help", "-h"), ("--hydra-help",), ("--version",), ("--resolve",), ("--run", "-r"), \
+            ("--multirun", "-m"), ("--shell-completion", "-sc"):
+        p.add_argument(*flag, action="store_true")
+    for flag in ("--cfg", "-c"), ("--package", "-p"), ("--config-path", "-cp"), ("--config-name", "-cn"), \
+            ("--config-dir", "-cd"), ("--experimental-rerun",):
+        p.add_argument(*flag)
+    p.add_argument("--info", "-i", nargs="?", const="all")
+    try:
+        return p.parse_args(argv)
+    except _Unparsed:
+        return None
+
+
+def _one_line(e: Exception) -> str:
+    """Hydra's composition message (several lines, a ``+key`` hint we refuse, OmegaConf's cause) as one line."""
+    lines = []
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line.startswith("Config search path"):
+            break
+        if line and not line.startswith(("To append to your config use", "full_key:", "reference_type=", "object_type=")):
+            lines.append(line)
+    cause = e.__cause__
+    if cause is not None and getattr(cause, "msg", None) and cause.msg not in " ".join(lines):
+        lines.append(str(cause.msg).splitlines()[0])
+    return " ".join(lines)
+
+
+def check_composition(argv: list[str]) -> None:
+    """Compose the recipe with the command line's overrides as Hydra is about to, and validate the result.
+
+    Hydra itself reports a bad recipe name, an unknown key or a wrong type on several lines and exits 1;
+    here they are one line and exit status 2, like every other bad input. Command lines this check does
+    not model (help, multirun, other config paths, rerun) go to Hydra unchecked.
+    """
+    args = _hydra_args(argv)
+    if args is None or args.help or args.hydra_help or args.version or args.multirun or args.shell_completion \
+            or args.info or args.config_path or args.config_dir or args.experimental_rerun:
+        return
+    if args.config_name is None:
+        recipes = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        fail(f"no recipe given: tandem -cn <recipe> [key=value ...], recipes: {', '.join(recipes)}")
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+            cfg = compose(config_name=args.config_name, overrides=list(args.overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        fail(_one_line(e))
+    if args.cfg is None:  # --cfg prints the config as composed, for inspection
+        try:
+            validate(cfg)
+        except ConfigError as e:
+            fail(str(e))
 
 
 def main() -> None:
@@ -38,6 +116,7 @@ def main() -> None:
 
         sys.exit(chat_main(sys.argv[2:]))
     register_configs()
+    check_composition(sys.argv[1:])
     hydra.main(config_path=str(RECIPES_DIR), config_name=None, version_base="1.3")(_app)()
 
 

@@ -21,7 +21,8 @@ from tandem.model import HybridConfig
 
 __all__ = [
     "BlendEntry", "ChatDataConfig", "ConfigError", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-    "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "register_configs",
+    "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "register_configs",
+    "validate_config",
 ]
 
 
@@ -173,6 +174,10 @@ class PrecisionConfig:
     nvfp4_2d_weights: bool = True  # 16x16 weight blocks
 
 
+#: ``logger.kind`` values (console progress and metrics.jsonl are always on)
+LOGGER_KINDS = ("none", "wandb")
+
+
 @dataclass
 class LoggerConfig:
     kind: str = "none"  # none | wandb (console progress and metrics.jsonl are always on)
@@ -233,3 +238,51 @@ def register_configs() -> None:
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)
 
+
+
+#: fields that must be at least this value (a count of steps, sequences or tokens)
+_AT_LEAST = {
+    "stage.steps": 1, "stage.global_batch": 1, "stage.micro_batch": 1, "data.seq_len": 1, "logger.log_every": 1,
+    "stage.eval_every": 0, "stage.eval_batches": 0, "stage.save_every": 0, "stage.keep_last": 1,
+    "optim.warmup_steps": 0,
+}
+
+
+def validate_config(cfg: Any) -> None:
+    """Checks of a composed config that need neither data nor a model (raises :class:`ConfigError`).
+
+    Keys outside the schema (Hydra accepts ``+lr=1e-3`` even where the schema has no such key), counts
+    that must be positive, and choice fields read only later in the run. Run before anything is built or
+    written, so a bad value never costs a start or touches a run directory.
+    """
+    outside = list(_keys_outside_schema(cfg))
+    if outside:
+        raise ConfigError(f"{', '.join(outside)}: not in the run schema (trainer/config.py); '+key=value' cannot add "
+                          f"keys, check the spelling")
+    for key, least in _AT_LEAST.items():
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if value < least:
+            raise ConfigError(f"{key} must be >= {least}, got {value}")
+    if not 0.0 <= cfg.data.valid_fraction < 1.0:
+        raise ConfigError(f"data.valid_fraction must be in [0, 1), got {cfg.data.valid_fraction}")
+    if cfg.logger.kind not in LOGGER_KINDS:
+        raise ConfigError(f"logger.kind must be one of {list(LOGGER_KINDS)}, got {cfg.logger.kind!r}")
+
+
+def _keys_outside_schema(node: Any, prefix: str = ""):
+    """Dotted keys of ``node`` that its typed schema (the dataclass behind each node) does not declare."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        schema = OmegaConf.get_type(node)
+        declared = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+        for key in node.keys():
+            if declared is not None and key not in declared:
+                yield f"{prefix}{key}"
+            elif not OmegaConf.is_missing(node, key):
+                yield from _keys_outside_schema(node[key], f"{prefix}{key}.")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            if not OmegaConf.is_missing(node, i):
+                yield from _keys_outside_schema(node[i], f"{prefix}{i}.")

@@ -120,7 +120,13 @@ class TextFileSource:
     valid_fraction: float
 
     def __post_init__(self):
-        text = self.path.read_text(encoding="utf-8")
+        raw = self.path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{self.path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                            f"text: sources must be UTF-8") from None
         docs = [d.strip() for d in text.split("\n\n") if d.strip()]
         if not docs:
             raise DataError(f"{self.path}: no documents (documents are separated by blank lines)")
@@ -164,7 +170,12 @@ def build_source(spec: str, seed: int, valid_fraction: float, key: str) -> Token
         path = Path(arg).expanduser()
         if not path.is_file():
             raise DataError(f"{key}: data file {str(path)!r} does not exist")
-        return TextFileSource(path, valid_fraction)
+        try:
+            return TextFileSource(path, valid_fraction)
+        except OSError as e:
+            raise DataError(f"{key}: cannot read {str(path)!r} ({e.strerror or e})") from None
+        except DataError as e:
+            raise DataError(f"{key}: {e}") from None
     raise DataError(f"{key}: unknown source spec {spec!r}; expected 'indexed:<prefix>', 'synthetic:<kind>' or 'text:<path>'")
 
 

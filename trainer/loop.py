@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import CheckpointManager
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .optim import lr_at
 from .parallel import DistInfo, Engine
 from .stages.base import Stage
@@ -210,7 +210,7 @@ class Trainer:
 
     def restore(self, trainer_state: dict) -> None:
         if trainer_state["stage"] != self.stage.name:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint is from stage {trainer_state['stage']!r}, this run is {self.stage.name!r}; "
                 f"start the new stage from its weights with model.init_from=<checkpoint> instead"
             )

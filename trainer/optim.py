@@ -7,9 +7,9 @@ from typing import Callable
 
 import torch
 
-from .config import OptimConfig
+from .config import ConfigError, OptimConfig
 
-__all__ = ["NO_DECAY_SUFFIXES", "build_optimizer", "lr_at", "SCHEDULES"]
+__all__ = ["DECAY_STYLES", "NO_DECAY_SUFFIXES", "build_optimizer", "lr_at", "SCHEDULES", "validate_optim"]
 
 # No weight decay on norms, biases, the SSM's A_log / D / dt_bias, and the router's correction bias
 # (a buffer, listed for completeness), nor on any 1-D parameter.
@@ -54,10 +54,9 @@ def _wsd(step: int, total: int, cfg: OptimConfig) -> float:
     progress = min(1.0, (step - decay_start + 1) / decay_steps)
     if cfg.decay_style == "sqrt":
         factor = 1.0 - math.sqrt(progress)
-    elif cfg.decay_style == "linear":
-        factor = 1.0 - progress
     else:
-        raise ValueError(f"optim.decay_style must be 'linear' or 'sqrt', got {cfg.decay_style!r}")
+        assert cfg.decay_style == "linear", cfg.decay_style  # validate_optim checked it
+        factor = 1.0 - progress
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
 
 
@@ -76,6 +75,23 @@ def _constant(step: int, total: int, cfg: OptimConfig) -> float:
 
 
 SCHEDULES: dict[str, Callable[[int, int, OptimConfig], float]] = {"wsd": _wsd, "cosine": _cosine, "constant": _constant}
+
+#: ``optim.decay_style`` values of the wsd schedule
+DECAY_STYLES = ("linear", "sqrt")
+
+
+def validate_optim(cfg: OptimConfig) -> None:
+    """Refuse (ConfigError) optimizer settings that would fail only later in the run, or inside AdamW."""
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {sorted(SCHEDULES)}, got {cfg.schedule!r}")
+    if cfg.decay_style not in DECAY_STYLES:
+        raise ConfigError(f"optim.decay_style must be one of {list(DECAY_STYLES)}, got {cfg.decay_style!r}")
+    for key in ("lr", "min_lr", "weight_decay", "eps", "clip_grad", "expert_bias_update_rate"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"optim.{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(cfg, key)}")
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -13,18 +13,26 @@ from tandem.model.checkpoint_io import CheckpointError
 from tandem.model.precision import PrecisionError, apply_precision
 
 from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint
-from .config import ConfigError, build_hybrid_config
+from .config import ConfigError, build_hybrid_config, validate_config
 from .data import DataError
 from .loop import Trainer
 from .metrics import ConsoleSink, JsonlSink, WandbSink, model_flops_per_token, peak_flops_per_device
 from .parallel import ExpertBalancer, build_engine, build_model, init_distributed
-from .optim import build_optimizer
+from .optim import build_optimizer, validate_optim
 from .stages import STAGES
 
 log = logging.getLogger("tandem")
 
 #: errors that are the user's to fix: printed as one clear line, exit status 2
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every check of the config alone (schema keys, counts, choice fields), before anything is built."""
+    validate_config(cfg)
+    validate_optim(cfg.optim)
+    if cfg.stage.name not in STAGES:
+        raise ConfigError(f"stage.name must be one of {sorted(STAGES)}, got {cfg.stage.name!r}")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -34,14 +42,13 @@ def run(cfg: DictConfig) -> dict:
     run directory is written to, so a failed start never touches an existing run.
     """
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builders log every index load
+    validate(cfg)
     info = init_distributed(cfg.parallel)
     run_dir = Path(cfg.run.dir)
     try:
         model_cfg = build_hybrid_config(cfg.model)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
-    if cfg.stage.name not in STAGES:
-        raise ConfigError(f"stage.name must be one of {sorted(STAGES)}, got {cfg.stage.name!r}")
     stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size)
     stage.check_model(model_cfg)
 
@@ -67,7 +74,11 @@ def run(cfg: DictConfig) -> dict:
     optimizer_state = None
     if resume_from is not None:
         trainer_state, optimizer_state = checkpoints.load(resume_from, model)
-        trainer.restore(trainer_state)
+        try:
+            trainer.restore(trainer_state)
+        except (KeyError, TypeError) as e:  # a trainer_state.json that parses but lacks fields
+            raise CheckpointError(f"{resume_from / 'trainer_state.json'}: not a tandem trainer state "
+                                  f"(missing or malformed {e})") from None
         log.info("resumed from %s at step %d", resume_from, trainer.state.step)
     elif cfg.model.init_from:
         src = load_weights(model, cfg.model.init_from)
@@ -92,8 +103,6 @@ def run(cfg: DictConfig) -> dict:
                            trainer.state.extra.get("wandb_id"))
             trainer.state.extra["wandb_id"] = wb.run_id
             sinks.append(wb)
-        elif cfg.logger.kind != "none":
-            raise ConfigError(f"logger.kind must be none or wandb, got {cfg.logger.kind!r}")
     trainer.sinks = sinks
     balancer = ExpertBalancer(model, cfg.optim.expert_bias_update_rate, distributed=info.distributed)
     if balancer.layers:
@@ -120,4 +129,4 @@ def run(cfg: DictConfig) -> dict:
     return record
 
 
-__all__ = ["run", "USER_ERRORS"]
+__all__ = ["run", "validate", "USER_ERRORS"]

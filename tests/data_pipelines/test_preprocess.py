@@ -148,9 +148,15 @@ def test_idempotent_and_crash_safe(tmp_path):
         preprocess(src, out, progress=False, log=lambda *_: None)
     rebuilt = preprocess(src, out, overwrite=True, progress=False, log=lambda *_: None)
     assert not rebuilt.reused and read_manifest(str(out))["tokens"] == first.tokens
-    # a crash between the two renames leaves a .bin without .idx: simply rebuilt; temporaries of a killed
-    # run (dead pid) are removed, those of a live run are not touched
+    # a lone .bin that no manifest accounts for (here: a run killed between its renames, which removes the
+    # manifest first) is not replaced silently
+    os.rename(f"{out}.json", f"{out}.json.bak")
     os.remove(f"{out}.idx")
+    with pytest.raises(FileExistsError, match=r"o.bin exists without a matching tandem manifest \(.*o.json: absent\)"):
+        preprocess(src, out, progress=False, log=lambda *_: None)
+    os.rename(f"{out}.json.bak", f"{out}.json")
+    # the .idx deleted, the .bin still of the size its manifest records: ours, simply rebuilt; temporaries
+    # of a killed run (dead pid) are removed, those of a live run are not touched
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f"o.tmp{int(dead.stdout)}.bin"
     live = tmp_path / f"o.tmp{os.getppid()}.bin"
@@ -174,9 +180,45 @@ def test_empty_input_is_an_error(tmp_path):
 
 def test_cli_main_reports_errors(tmp_path, capsys):
     src = _bad_file(tmp_path)
-    assert main(["-i", src, "-o", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert main(["-i", src, "-o", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2: malformed JSON" in err and "--skip-bad-rows" in err
+
+
+def _tree_hashes(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def _refusals(tmp_path):
+    """(argv, expected words in the one error line) of outputs that would replace something already there."""
+    corpus = write_jsonl(tmp_path / "corpus.json", [{"text": t} for t in make_texts(3)])  # .json is JSON Lines
+    os.link(corpus, tmp_path / "linked.json")
+    (tmp_path / "lone.idx").write_bytes(b"someone else's index")
+    (tmp_path / "notes.json").write_text('{"mine": true}\n')
+    return {
+        "output-is-input": (["-i", corpus, "-o", str(tmp_path / "corpus"), "--overwrite"], "would overwrite the input"),
+        "output-is-input-via-dotdot": (["-i", corpus, "-o", str(tmp_path / "x" / ".." / "corpus")], "would overwrite the input"),
+        "manifest-hard-link-of-input": (["-i", corpus, "-o", str(tmp_path / "linked"), "--overwrite"], "would overwrite the input"),
+        "lone-idx": (["-i", corpus, "-o", str(tmp_path / "lone")], "lone.idx exists without a matching tandem manifest"),
+        "foreign-json": (["-i", corpus, "-o", str(tmp_path / "notes")], "not a tandem-preprocess manifest"),
+    }
+
+
+@pytest.mark.parametrize("case", ["output-is-input", "output-is-input-via-dotdot", "manifest-hard-link-of-input",
+                                  "lone-idx", "foreign-json"])
+def test_cli_refuses_to_replace_inputs_or_foreign_files(tmp_path, case):
+    """Exit 2, one line on stderr, and every file that was there is byte-identical afterwards."""
+    args, needle = _refusals(tmp_path)[case]
+    before = _tree_hashes(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "tandem.data_pipelines.preprocess", *args, "--no-progress"],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          timeout=300)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tandem-preprocess: error:") and needle in lines[0], proc.stderr
+    assert _tree_hashes(tmp_path) == before
 
 
 def test_cli_subprocess(tmp_path, tok):

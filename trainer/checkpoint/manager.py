@@ -30,10 +30,11 @@ import torch
 import torch.distributed as dist
 
 from tandem.model.checkpoint import CheckpointError, load_checkpoint_into, save_state_dict
+from tandem.model.checkpoint_io import read_json
 
 
-__all__ = ["CheckpointManager", "exchange_paths", "load_weights", "replace_dir", "resolve_checkpoint", "rng_state",
-           "set_rng_state", "weights_dir"]
+__all__ = ["CheckpointManager", "exchange_paths", "load_torch_file", "load_weights", "replace_dir",
+           "resolve_checkpoint", "rng_state", "set_rng_state", "weights_dir"]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -69,6 +70,17 @@ def set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_torch_file(path: Path):
+    """``torch.load(path, weights_only=True)``; a truncated or corrupt file is a :class:`CheckpointError`."""
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing from the checkpoint") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError or UnpicklingError depending on the damage
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable torch file, possibly truncated or corrupt ({first})") from None
 
 
 def exchange_paths(a: Path, b: Path) -> bool:
@@ -201,12 +213,19 @@ class CheckpointManager:
         state_file = path / "trainer_state.json"
         if not state_file.exists():
             raise CheckpointError(f"{path}: not a tandem run checkpoint (no trainer_state.json)")
+        trainer_state = read_json(state_file)
+        if not isinstance(trainer_state, dict):
+            raise CheckpointError(f"{state_file}: expected a JSON object, got {type(trainer_state).__name__}")
         load_checkpoint_into(model, path / "model")
-        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+        optimizer_state = load_torch_file(path / "optimizer.pt")
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
         if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=True))
-        return json.loads(state_file.read_text()), optimizer_state
+            rng = load_torch_file(rng_file)
+            try:
+                set_rng_state(rng)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"{rng_file}: not an RNG state of this checkpoint layout ({e})") from None
+        return trainer_state, optimizer_state
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

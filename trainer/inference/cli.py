@@ -22,6 +22,7 @@ import torch
 from tandem.data_pipelines.chat import render_prompt
 from tandem.data_pipelines.tokenizer import load_tokenizer
 from tandem.model import HybridLM
+from tandem.model.checkpoint_io import CheckpointError
 from tandem.trainer.checkpoint import weights_dir
 
 from .engine import GenerationEngine, SamplingParams, ThinkTokens
@@ -59,8 +60,24 @@ def _split_answer(tok, think: ThinkTokens, tokens: list[int], stop: set[int]) ->
     return "", tok.decode(tokens).strip()
 
 
+#: the ``--dtype`` choices (names of torch dtypes)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other bad input (argparse would print the usage first)
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _error(message: str) -> int:
+    print(f"tandem generate: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
 def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tandem generate", description=__doc__.split("\n\n")[0])
+    """Returns the exit status: 0, or 2 on bad input (one line on stderr naming the file or option)."""
+    p = _Parser(prog="tandem generate", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="HF NemotronH directory or tandem run checkpoint")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: the shipped one)")
     p.add_argument("--prompt", default=None, help="one user message; without it, read turns from stdin")
@@ -75,20 +92,26 @@ def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, std
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--show-reasoning", action="store_true", help="print the reasoning as well as the answer")
     args = p.parse_args(argv)
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
 
-    tok = load_tokenizer(args.tokenizer)
-    think_ids = ThinkTokens.from_tokenizer(tok)
+    try:
+        tok = load_tokenizer(args.tokenizer)
+        think_ids = ThinkTokens.from_tokenizer(tok)
+    except (OSError, ValueError) as e:
+        return _error(f"--tokenizer: {e}")
     stop = chat_stop_tokens(tok)
-    model = load_model(args.checkpoint, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
+    try:
+        model = load_model(args.checkpoint, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
+    except CheckpointError as e:
+        return _error(e)
     if model.config.vocab_size < tok.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}; "
-                         f"pass the checkpoint's tokenizer with --tokenizer")
+        return _error(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}; "
+                      f"pass the checkpoint's tokenizer with --tokenizer")
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         greedy=args.greedy, seed=args.seed, stop_token_ids=stop, thinking_budget=args.thinking_budget,
