@@ -42,6 +42,16 @@ class PretrainStage(Stage):
             if entries and sum(w for _, w in blend) <= 0:
                 raise DataError(f"data.phase{p + 1}: all blend weights are zero")
             phases.append(blend)
+        # Sources whose datasets are built collectively (megatron's indexed datasets) are built now, all of
+        # them, in config order on every rank — not on a rank's first sample, which would leave a rank that
+        # draws a rare source first waiting alone at megatron's barrier.
+        for path, source in sources.items():
+            prepare = getattr(source, "prepare", None)
+            if prepare is not None:
+                try:
+                    prepare(data.seq_len)
+                except (FileNotFoundError, ValueError) as e:
+                    raise DataError(f"{path}: {e}") from None
         self.schedule = BlendSchedule(phases, sources)
         # Every step has the same token count, so the token-fraction switch is a step index.
         self.phase2_step = math.ceil(data.phase2_start * stage.steps) if data.phase2 else stage.steps + 1
