@@ -6,13 +6,17 @@
     torchrun --nproc_per_node 2 -m tandem.trainer.cli -cn smoke parallel=ddp_gloo
     tandem generate runs/smoke/sft --prompt "What is 2 + 3?"   # chat with a checkpoint (docs/GENERATION.md)
 
-Exit status: 0 done, 2 bad input (one line on stderr naming the key/file), 75 preempted after a checkpoint.
+Exit status: 0 done, 2 bad input (one line on stderr naming the key/file), 75 preempted after a checkpoint
+(SIGTERM, SIGUSR1 or a first Ctrl-C finish the step and checkpoint; stderr says the command that resumes).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -20,6 +24,7 @@ from omegaconf import DictConfig
 from tandem.recipes import RECIPES_DIR
 
 from .config import ConfigError, register_configs
+from .loop import Preempted
 from .run import USER_ERRORS, run, validate
 
 #: exit status of bad input (a config, data or checkpoint the user has to fix)
@@ -32,11 +37,32 @@ def fail(message: str) -> None:
     sys.exit(USAGE_EXIT_CODE)
 
 
+def resume_command(argv: list[str], env: dict[str, str]) -> str:
+    """The command line that continues this run from its latest checkpoint: the same one, launched the same
+    way (``tandem``, ``python -m``, or torchrun with the same process count), with ``run.resume=auto``."""
+    overrides = [a for a in argv if not a.startswith("run.resume=")] + ["run.resume=auto"]
+    if "LOCAL_WORLD_SIZE" in env:  # started by torchrun
+        nnodes = int(env.get("WORLD_SIZE", "1")) // max(int(env["LOCAL_WORLD_SIZE"]), 1)
+        launch = ["torchrun", "--nproc_per_node", env["LOCAL_WORLD_SIZE"]]
+        launch += ["--nnodes", str(nnodes)] if nnodes > 1 else []
+        launch += ["-m", "tandem.trainer.cli"]
+    elif Path(sys.argv[0]).name == "tandem":
+        launch = ["tandem"]
+    else:
+        launch = [Path(sys.executable).name, "-m", "tandem.trainer.cli"]
+    return shlex.join(launch + overrides)
+
+
 def _app(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except USER_ERRORS as e:
         fail(str(e))
+    except Preempted:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"tandem: preempted after a checkpoint; resume with: {resume_command(sys.argv[1:], dict(os.environ))}",
+                  file=sys.stderr, flush=True)
+        raise
 
 
 class _Unparsed(Exception):

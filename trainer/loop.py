@@ -3,7 +3,7 @@
 Per optimizer step: the stage's micro-batches for this rank → forward/backward of each loss *sum*
 scaled by ``world_size / global target tokens`` → gradient all-reduce (engine) → clip → NaN/inf guard →
 optimizer step with the scheduled learning rate. Around it: periodic evaluation, logging sinks,
-checkpoints, and preemption (SIGTERM/SIGUSR1 → finish the step, checkpoint, exit with
+checkpoints, and preemption (SIGTERM/SIGUSR1/SIGINT → finish the step, checkpoint, exit with
 :data:`PREEMPTED_EXIT_CODE`).
 """
 
@@ -26,7 +26,7 @@ from .stages.base import Stage
 
 log = logging.getLogger(__name__)
 
-#: exit status after a checkpoint-and-exit on SIGTERM/SIGUSR1 (EX_TEMPFAIL); Slurm scripts requeue on it
+#: exit status after a checkpoint-and-exit on SIGTERM/SIGUSR1/SIGINT (EX_TEMPFAIL); Slurm scripts requeue on it
 PREEMPTED_EXIT_CODE = 75
 
 
@@ -84,7 +84,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         total = cfg.stage.steps
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         record: dict = {}
         try:
             self.model.train()
@@ -222,6 +222,10 @@ class Trainer:
         self.stage.load_state_dict(trainer_state["stage_state"])
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self._signal == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: finishing this step, then a checkpoint and exit (Ctrl-C again to abort without it)")
         self._signal = signum
 
     def _stop_requested(self) -> bool:

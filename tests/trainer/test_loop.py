@@ -2,6 +2,7 @@
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +250,36 @@ def test_wandb_logger_offline(tiny_cfg, tmp_path, monkeypatch):
     assert list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     state = json.loads((tmp_path / "w" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
     assert state["extra"]["wandb_id"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_prints_the_command_that_resumes(tmp_path):
+    """SIGINT (Ctrl-C) is a preemption: finish the step, checkpoint, exit 75, and say how to resume; that
+    command continues the run to the same losses as an uninterrupted one."""
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO, TINY_RUN, run_cli
+
+    steps = 40
+    args = ["-cn", "smoke", *TINY_RUN, f"stage.steps={steps}", "stage.save_every=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.trainer.cli", *args, f"run.dir={tmp_path / 'p'}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "p" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert "Traceback" not in err
+    (line,) = [l for l in err.splitlines() if "resume with:" in l]
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command[:3] == [Path(sys.executable).name, "-m", "tandem.trainer.cli"] and command[-1] == "run.resume=auto"
+    stopped = int((tmp_path / "p" / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 3 <= stopped < steps
+    assert run_cli(*command[3:]).returncode == 0  # the printed command, as printed
+    assert run_cli(*args, f"run.dir={tmp_path / 'q'}").returncode == 0
+    assert len(_losses(tmp_path / "p")) == steps and _losses(tmp_path / "p") == _losses(tmp_path / "q")
