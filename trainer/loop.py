@@ -100,7 +100,9 @@ class Trainer:
                     (cfg.stage.eval_every and self.state.step % cfg.stage.eval_every == 0) or is_last
                 )
                 if do_eval:
-                    out["val_loss"] = self.evaluate()
+                    val_loss = self.evaluate()
+                    if val_loss is not None:  # no held-out tokens (e.g. data.valid_fraction=0): nothing to report
+                        out["val_loss"] = val_loss
                 if self.state.step % cfg.logger.log_every == 0 or is_last or do_eval or not out["finite"]:
                     now = time.perf_counter()
                     tok_s = (self.state.tokens - tokens_last) / max(now - t_last, 1e-9)
@@ -169,7 +171,8 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
+        """Mean loss over the stage's held-out batches (all ranks), or None when they hold no target token."""
         self.model.eval()
         loss_sum = tokens = 0.0
         for batch in self.stage.eval_batches():
@@ -180,7 +183,7 @@ class Trainer:
             tokens += float(out.num_tokens)
         loss_sum, tokens = self.engine.all_reduce_sum([loss_sum, tokens])
         self.model.train()
-        return loss_sum / max(tokens, 1.0)
+        return loss_sum / tokens if tokens > 0 else None
 
     def _record(self, step: int, total: int, out: dict, tok_s: float) -> dict:
         record = {

@@ -283,3 +283,20 @@ def test_ctrl_c_checkpoints_and_prints_the_command_that_resumes(tmp_path):
     assert run_cli(*command[3:]).returncode == 0  # the printed command, as printed
     assert run_cli(*args, f"run.dir={tmp_path / 'q'}").returncode == 0
     assert len(_losses(tmp_path / "p")) == steps and _losses(tmp_path / "p") == _losses(tmp_path / "q")
+
+
+def test_no_held_out_tokens_logs_no_val_loss(tiny_cfg, tmp_path, monkeypatch):
+    """A stage without held-out data logs no val_loss (it used to log 0.0)."""
+    import tandem.trainer.run as run_module
+
+    class NoValidation(PretrainStage):
+        def eval_batches(self):
+            return iter(())
+
+    monkeypatch.setitem(run_module.STAGES, "pretrain", NoValidation)
+    record = run(tiny_cfg("stage.steps=4", "stage.eval_every=2", run_dir=tmp_path / "a"))
+    metrics = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4 and not any("val_loss" in m for m in metrics) and "val_loss" not in record
+    monkeypatch.setitem(run_module.STAGES, "pretrain", PretrainStage)
+    run(tiny_cfg("stage.steps=4", "stage.eval_every=2", run_dir=tmp_path / "b"))
+    assert "val_loss" in json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[1])
