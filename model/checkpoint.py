@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .checkpoint_io import (CONFIG_NAME, INDEX_FILE, SINGLE_FILE, STACKED_EXPERT, CheckpointError, checkpoint_files,
-                            checkpoint_items, open_safetensors, read_json, swap_in)
+                            checkpoint_items, open_safetensors, read_json, staged_directory)
 from .checkpoint_nvfp4 import nvfp4_reader
 from .config import HybridConfig
 
@@ -231,10 +229,7 @@ def save_state_dict(state: dict[str, torch.Tensor], config: HybridConfig, path: 
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: exists and is not a directory")
     limit = _parse_size(max_shard_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_directory(path) as tmp:
         # Plan shards from shapes alone, then materialise one shard at a time.
         plan: list[list[tuple[str, torch.Tensor]]] = [[]]
         size = total = 0
@@ -260,8 +255,4 @@ def save_state_dict(state: dict[str, torch.Tensor], config: HybridConfig, path: 
         stored = dtype or state["lm_head.weight"].dtype
         hf_config["dtype"] = hf_config["torch_dtype"] = str(stored).replace("torch.", "")
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        swap_in(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

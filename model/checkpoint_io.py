@@ -17,13 +17,15 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 __all__ = [
     "CONFIG_NAME", "SINGLE_FILE", "INDEX_FILE", "SAFETENSORS_DTYPES", "STACKED_EXPERT", "CheckpointError",
-    "SafetensorsFile", "checkpoint_files", "checkpoint_items", "open_safetensors", "read_json", "swap_in",
+    "SafetensorsFile", "checkpoint_files", "checkpoint_items", "open_safetensors", "read_json", "staged_directory",
+    "swap_in",
 ]
 
 CONFIG_NAME = "config.json"
@@ -198,3 +200,20 @@ def swap_in(tmp: Path, path: Path) -> None:
     os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_directory(path: Path) -> Iterator[Path]:
+    """A fresh hidden directory beside ``path`` to write a checkpoint into: swapped in at ``path``
+    (:func:`swap_in`) when the block completes, removed when it raises — a crash or a full disk never leaves
+    a half-written checkpoint in place of a good one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -19,8 +19,6 @@ writes a model in the layout. Export → load reproduces the dequantized weights
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -29,7 +27,7 @@ from safetensors.torch import save_file
 from tandem.kernels.quant.formats import e2m1_decode, pack_e2m1, unpack_e2m1
 from tandem.kernels.quant.scaled import quantize_nvfp4
 
-from .checkpoint_io import CONFIG_NAME, SINGLE_FILE, CheckpointError, checkpoint_items, open_safetensors, swap_in
+from .checkpoint_io import CONFIG_NAME, SINGLE_FILE, CheckpointError, checkpoint_items, open_safetensors, staged_directory
 from .moe import GroupedExperts
 
 __all__ = ["nvfp4_reader", "NVFP4Reader", "dequantize_nvfp4_weight", "export_nvfp4", "AUX_SUFFIXES"]
@@ -186,14 +184,7 @@ def export_nvfp4(model, path: str | Path, calibration_inputs: torch.Tensor, *, d
     config["dtype"] = config["torch_dtype"] = str(stored).replace("torch.", "")
     config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": GROUP,
                                      "exclude_modules": excluded}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_directory(path) as tmp:
         save_file(tensors, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        swap_in(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
