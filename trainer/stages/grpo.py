@@ -209,6 +209,7 @@ class GRPOStage(Stage):
         self.precision = "auto"
         self._pending: dict = {}
         self._times: dict = {}
+        self.last_rewards: torch.Tensor | None = None
         log.info("GRPO data: %d train / %d held-out prompts; environments %s (weights %s)", len(self.train),
                  len(self.valid), self.tasks, [round(float(w), 3) for w in self.weights / self.weights.sum()])
 
@@ -308,6 +309,7 @@ class GRPOStage(Stage):
         t2 = time.perf_counter()
         rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32).view(per_rank, G)
         truncated = torch.tensor([r.finish_reason == "length" for grp in results for r in grp]).view(per_rank, G)
+        self.last_rewards = rewards  # [prompts on this rank, G]: this step's rewards (inspection, tests)
         adv = compute_advantages(rewards, estimator=g.advantage, clip=g.advantage_clip, truncated=truncated,
                                  overlong_filtering=g.overlong_filtering)
         rollouts = [Rollout(r.prompt_ids, r.tokens, r.logprobs, r.forced, float(adv.advantages[i, j]), bool(adv.loss_mask[i, j]))
