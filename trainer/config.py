@@ -20,9 +20,9 @@ from typing import Any, List, Optional
 from tandem.model import HybridConfig
 
 __all__ = [
-    "BlendEntry", "ChatDataConfig", "ConfigError", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "BlendEntry", "ChatDataConfig", "ConfigError", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "register_configs",
-    "validate_config",
+    "validate_config", "validate_grpo",
 ]
 
 
@@ -110,6 +110,17 @@ class ChatDataConfig:
 
 
 @dataclass
+class RLDataConfig:
+    """Prompts for RL stages (docs/RL.md): JSONL / Parquet / HF dataset folders, rows with ``prompt`` or
+    ``messages``, ``task``, ``answer`` (:mod:`tandem.data_pipelines.rl_prompts`)."""
+
+    train: List[str] = field(default_factory=list)
+    # Held-out prompts for the reward evaluation; empty = hold out ``data.valid_fraction`` of ``train``.
+    valid: List[str] = field(default_factory=list)
+    tokenizer: Optional[str] = None  # a local HF tokenizer folder / tokenizer.json; null = the shipped one
+
+
+@dataclass
 class DataConfig:
     # Phase-1 blend (e.g. the diversity mixture) and the phase-2 blend (e.g. the high-quality mixture).
     phase1: List[BlendEntry] = field(default_factory=list)
@@ -122,6 +133,8 @@ class DataConfig:
     seed: int = 1234
     # SFT conversations (stage.name=sft); pretraining reads phase1/phase2.
     chat: ChatDataConfig = field(default_factory=ChatDataConfig)
+    # RL prompts (stage.name=grpo).
+    rl: RLDataConfig = field(default_factory=RLDataConfig)
 
 
 @dataclass
@@ -190,6 +203,47 @@ class LoggerConfig:
 
 
 @dataclass
+class GRPOEnvironment:
+    """One environment (task) of a GRPO run: its share of the prompts and its generation mode."""
+
+    task: str = "???"  # a registered environment (tandem.trainer.rl.environments.ENVIRONMENTS)
+    weight: float = 1.0  # share of each step's prompts (normalised over the listed environments)
+    enable_thinking: Optional[bool] = None  # reasoning ON/OFF; null = stage.grpo.enable_thinking
+    thinking_budget: Optional[int] = None  # reasoning-token budget; null = stage.grpo.thinking_budget
+
+
+@dataclass
+class GRPOConfig:
+    """Synchronous GRPO (stage.name=grpo; docs/RL.md). One optimizer step per rollout batch."""
+
+    prompts_per_step: int = 8  # P: prompts per optimizer step over all ranks (a multiple of the world size)
+    generations_per_prompt: int = 8  # G: rollouts per prompt (a group; >= 2, groups never span ranks)
+    max_new_tokens: int = 64  # per rollout, forced thinking-budget tokens included
+    temperature: float = 1.0  # sampling temperature; the trainer's logprobs use the same temperature
+    top_p: float = 1.0
+    # environments and their weights; empty = every task in data.rl.train, weighted by its prompt count
+    environments: List[GRPOEnvironment] = field(default_factory=list)
+    enable_thinking: bool = False  # default reasoning mode of the environments
+    thinking_budget: Optional[int] = None  # default thinking budget (null = none)
+    advantage: str = "leave_one_out"  # leave_one_out | group_mean | no_std (trainer/rl/advantages.py)
+    advantage_clip: Optional[float] = None  # clamp advantages to [-c, c] (null = off)
+    overlong_filtering: bool = False  # truncated rollouts: advantage 0, no loss (DAPO §3.4)
+    loss: str = "clipped"  # clipped | reinforce (trainer/rl/losses.py)
+    eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
+    eps_high: float = 0.28  # ... and above at 1 + eps_high (clip-higher)
+    dual_clip: Optional[float] = None  # c > 1: dual-clip PPO for negative advantages (null = off)
+    # k3 KL to a frozen reference policy; 0 (default) = no KL and no reference model is built
+    kl_beta: float = 0.0
+    kl_reference: Optional[str] = None  # the reference weights (a checkpoint dir); required when kl_beta > 0
+    is_cap: Optional[float] = None  # truncated IS weight min(exp(logp_old - logp_gen), cap) (null = off)
+    score_timeout_s: float = 10.0  # per verifier call
+    score_workers: int = 8  # verifier calls at once
+    score_backend: str = "thread"  # thread | process (trainer/rl/environments/base.py)
+    eval_prompts: int = 64  # held-out prompts scored at each evaluation (stage.eval_every; 0 = none)
+    eval_greedy: bool = False  # held-out rollouts greedy; false = sampled like training, fixed seeds
+
+
+@dataclass
 class StageConfig:
     name: str = "pretrain"
     steps: int = 100
@@ -201,6 +255,7 @@ class StageConfig:
     keep_last: int = 3
     nan_tolerance: int = 5  # abort after this many consecutive non-finite steps
     seed: int = 0
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # read by stage.name=grpo only
 
 
 @dataclass
@@ -268,6 +323,58 @@ def validate_config(cfg: Any) -> None:
         raise ConfigError(f"data.valid_fraction must be in [0, 1), got {cfg.data.valid_fraction}")
     if cfg.logger.kind not in LOGGER_KINDS:
         raise ConfigError(f"logger.kind must be one of {list(LOGGER_KINDS)}, got {cfg.logger.kind!r}")
+    validate_grpo(cfg.stage.grpo)
+
+
+def validate_grpo(g: Any) -> None:
+    """Range and choice checks of ``stage.grpo`` (ConfigError naming the key)."""
+    from .rl.advantages import ADVANTAGE_ESTIMATORS
+    from .rl.environments.base import BACKENDS
+    from .rl.losses import POLICY_LOSSES
+
+    def bad(key: str, why: str, value: Any):
+        raise ConfigError(f"stage.grpo.{key} {why}, got {value!r}")
+
+    for key, least in (("prompts_per_step", 1), ("generations_per_prompt", 2), ("max_new_tokens", 1),
+                       ("score_workers", 1), ("eval_prompts", 0)):
+        if g[key] < least:
+            bad(key, f"must be >= {least}", g[key])
+    if not g.temperature > 0:
+        bad("temperature", "must be > 0", g.temperature)
+    if not 0 < g.top_p <= 1:
+        bad("top_p", "must be in (0, 1]", g.top_p)
+    if g.advantage not in ADVANTAGE_ESTIMATORS:
+        bad("advantage", f"must be one of {sorted(ADVANTAGE_ESTIMATORS)}", g.advantage)
+    if g.advantage_clip is not None and not g.advantage_clip > 0:
+        bad("advantage_clip", "must be > 0 or null", g.advantage_clip)
+    if g.loss not in POLICY_LOSSES:
+        bad("loss", f"must be one of {sorted(POLICY_LOSSES)}", g.loss)
+    if not 0 <= g.eps_low < 1:
+        bad("eps_low", "must be in [0, 1)", g.eps_low)
+    if not g.eps_high >= 0:
+        bad("eps_high", "must be >= 0", g.eps_high)
+    if g.dual_clip is not None and not g.dual_clip > 1:
+        bad("dual_clip", "must be > 1 or null", g.dual_clip)
+    if not g.kl_beta >= 0:
+        bad("kl_beta", "must be >= 0", g.kl_beta)
+    if g.kl_beta > 0 and not g.kl_reference:
+        bad("kl_reference", "must name the reference checkpoint when kl_beta > 0", g.kl_reference)
+    if g.is_cap is not None and not g.is_cap > 0:
+        bad("is_cap", "must be > 0 or null", g.is_cap)
+    if not g.score_timeout_s > 0:
+        bad("score_timeout_s", "must be > 0", g.score_timeout_s)
+    if g.score_backend not in BACKENDS:
+        bad("score_backend", f"must be one of {sorted(BACKENDS)}", g.score_backend)
+    if g.thinking_budget is not None and g.thinking_budget < 0:
+        bad("thinking_budget", "must be >= 0 or null", g.thinking_budget)
+    tasks = [e.task for e in g.environments]
+    if len(set(tasks)) != len(tasks):
+        bad("environments", "lists a task twice", tasks)
+    for i, e in enumerate(g.environments):
+        if not e.weight > 0:
+            bad(f"environments.{i}.weight", "must be > 0", e.weight)
+        if e.thinking_budget is not None and e.thinking_budget < 0:
+            bad(f"environments.{i}.thinking_budget", "must be >= 0 or null", e.thinking_budget)
 
 
 def _keys_outside_schema(node: Any, prefix: str = ""):

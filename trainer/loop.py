@@ -9,7 +9,6 @@ checkpoints, and preemption (SIGTERM/SIGUSR1/SIGINT → finish the step, checkpo
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .autocast import LOW_PRECISION, autocast_context  # noqa: F401  (re-exported)
 from .checkpoint import CheckpointManager
 from .config import ConfigError, RunConfig
 from .optim import lr_at
@@ -48,22 +48,6 @@ class TrainerState:
     nan_skipped: int = 0
     nan_consecutive: int = 0
     extra: dict = field(default_factory=dict)  # e.g. the wandb run id
-
-
-#: low-precision recipes (model.precision): their GEMMs quantize inside the model; the rest of the network
-#: runs like ``auto`` — bf16 autocast on CUDA, fp32 on CPU
-LOW_PRECISION = ("fp8_delayed", "fp8_current", "fp8_block", "mxfp8", "nvfp4")
-
-
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast on CUDA for ``auto``/``bf16``; fp32 on CPU unless bf16 is asked for explicitly."""
-    if precision in LOW_PRECISION:
-        precision = "auto"
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    if precision in ("auto", "bf16"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision.name must be auto, fp32, bf16 or one of {LOW_PRECISION}, got {precision!r}")
 
 
 class Trainer:
@@ -100,9 +84,7 @@ class Trainer:
                     (cfg.stage.eval_every and self.state.step % cfg.stage.eval_every == 0) or is_last
                 )
                 if do_eval:
-                    val_loss = self.evaluate()
-                    if val_loss is not None:  # no held-out tokens (e.g. data.valid_fraction=0): nothing to report
-                        out["val_loss"] = val_loss
+                    out.update(self.evaluate())
                 if self.state.step % cfg.logger.log_every == 0 or is_last or do_eval or not out["finite"]:
                     now = time.perf_counter()
                     tok_s = (self.state.tokens - tokens_last) / max(now - t_last, 1e-9)
@@ -137,13 +119,18 @@ class Trainer:
             raise TrainingDiverged(f"step {step}: the batch has no target tokens (every loss_mask is 0)")
         scale = self.info.world_size / global_targets
         loss_sum = 0.0
+        metric_sums: dict[str, float] = {}
         for i, batch in enumerate(batches):
             with autocast_context(cfg.precision.name, self.info.device):
                 out = self.stage.loss(self.model, batch)
             engine.backward(out.loss_sum * scale, last=i == len(batches) - 1)
             loss_sum += out.loss_sum.detach().double().item()
+            for k, v in out.metrics.items():
+                v = float(v)
+                metric_sums[k] = max(metric_sums.get(k, v), v) if k in self.stage.max_metrics else metric_sums.get(k, 0.0) + v
         (global_loss,) = engine.all_reduce_sum([loss_sum])
         loss = global_loss / global_targets
+        metrics = self._reduce_metrics(metric_sums, global_targets)
         # reduce gradients, clip, and step only if the loss and the gradient norm are finite
         grad_norm, finite = engine.finish_step(cfg.optim.clip_grad, loss_finite=math.isfinite(loss))
         if finite:
@@ -156,9 +143,30 @@ class Trainer:
             if self.state.nan_consecutive >= cfg.stage.nan_tolerance:
                 raise TrainingDiverged(self._diagnose(step, loss))
         out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "finite": finite, "target_tokens": global_targets,
-               "input_tokens": global_inputs}
+               "input_tokens": global_inputs, **metrics}
+        out.update(self.stage.after_step(step, finite))
         for hook in self.step_hooks:
             out.update(hook(finite))
+        return out
+
+    def _reduce_metrics(self, local: dict[str, float], global_targets: float) -> dict[str, float]:
+        """The stage's ``LossOutput.metrics`` of this step over all ranks: token sums → sum / global target
+        tokens; names in ``stage.max_metrics`` → the maximum. Every rank must report the same names."""
+        names = sorted(local)
+        if not names:
+            return {}
+        sums = [n for n in names if n not in self.stage.max_metrics]
+        maxes = [n for n in names if n in self.stage.max_metrics]
+        world, rank = self.info.world_size, self.info.rank
+        # the maximum through the engine's only collective: each rank fills its own slot of a zero vector
+        slots = [0.0] * (len(maxes) * world)
+        for j, n in enumerate(maxes):
+            slots[j * world + rank] = local[n]
+        reduced = self.engine.all_reduce_sum([local[n] for n in sums] + slots)
+        out = {n: v / global_targets for n, v in zip(sums, reduced)}
+        rest = reduced[len(sums):]
+        for j, n in enumerate(maxes):
+            out[n] = max(rest[j * world: (j + 1) * world])
         return out
 
     def _diagnose(self, step: int, loss: float) -> str:
@@ -170,8 +178,17 @@ class Trainer:
             + "Lower optim.lr, check the data around this step, or resume from an earlier checkpoint."
         )
 
+    def evaluate(self) -> dict:
+        """``{"val_loss": ...}`` over the stage's eval batches, or the stage's own evaluation
+        (:meth:`Stage.evaluate`, e.g. GRPO's held-out reward); {} when there is nothing to evaluate."""
+        custom = self.stage.evaluate(self.model)
+        if custom is not None:
+            return custom
+        loss = self.eval_loss()
+        return {} if loss is None else {"val_loss": loss}
+
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def eval_loss(self) -> float | None:
         """Mean loss over the stage's held-out batches (all ranks), or None when they hold no target token."""
         self.model.eval()
         loss_sum = tokens = 0.0
@@ -194,7 +211,8 @@ class Trainer:
         }
         if "val_loss" in out:
             record["val_loss"] = out["val_loss"]
-        record.update({k: v for k, v in out.items() if k.startswith("moe/")})
+        # namespaced metrics: step hooks (moe/...), the stage's loss metrics and after_step (grpo/...)
+        record.update({k: v for k, v in out.items() if "/" in k})
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = tok_s * self.flops_per_token / (self.peak_flops * self.info.world_size)
         return record

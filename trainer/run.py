@@ -83,6 +83,7 @@ def run(cfg: DictConfig) -> dict:
     elif cfg.model.init_from:
         src = load_weights(model, cfg.model.init_from)
         log.info("initial weights from %s", src)
+    stage.bind(model, info, precision=cfg.precision.name)  # the final weights: stages that generate (GRPO) keep the model
     # The engine is built after the weights are final: DeepSpeed copies them into its partitions.
     trainer.engine = build_engine(model, optimizer, info, cfg.parallel, cfg.optim, cfg.stage)
     if optimizer_state is not None:

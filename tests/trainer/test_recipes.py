@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+
+from tandem.trainer.run import validate
 from omegaconf import OmegaConf
 
 from tandem.model import HybridLM
@@ -16,7 +18,7 @@ RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
 
 def test_recipes_exist():
     assert {"smoke", "nano3_pretrain", "nano3_pretrain_phase1", "nano3_pretrain_phase2", "smoke_sft", "sft",
-            "finetune_from_release"} <= set(RECIPE_NAMES)
+            "finetune_from_release", "grpo", "smoke_grpo", "nano3_rlvr"} <= set(RECIPE_NAMES)
     for group in ("model", "data", "optim", "parallel", "precision", "logger", "stage"):
         assert list((RECIPES / group).glob("*.yaml")), group
 
@@ -40,6 +42,8 @@ def test_recipe_composes_and_builds_on_meta(name, release_dir):
         overrides.append(f"model.init_from={release_dir}")
     if cfg.stage.name == "sft" and not cfg.data.chat.train:
         overrides.append("data.chat.train=[/data/sft.jsonl]")
+    if cfg.stage.name == "grpo" and not cfg.data.rl.train:
+        overrides.append("data.rl.train=[/data/rl.jsonl]")
     if overrides:
         cfg = compose_recipe(name, overrides)
     OmegaConf.to_yaml(cfg, resolve=True)  # every interpolation resolves
@@ -48,6 +52,9 @@ def test_recipe_composes_and_builds_on_meta(name, release_dir):
     assert cfg.stage.global_batch % cfg.stage.micro_batch == 0
     if cfg.stage.name == "pretrain":
         assert cfg.data.phase1
+    elif cfg.stage.name == "grpo":
+        validate(cfg)
+        assert cfg.data.rl.train and cfg.stage.grpo.prompts_per_step >= 1 and cfg.parallel.ep == 1
     else:
         assert cfg.stage.name == "sft" and cfg.data.chat.train
 

@@ -52,9 +52,31 @@ def check_batch_split(stage, world_size: int) -> None:
 
 
 class Stage(abc.ABC):
-    """What a stage provides to :class:`tandem.trainer.loop.Trainer`."""
+    """What a stage provides to :class:`tandem.trainer.loop.Trainer`.
+
+    Life cycle: ``Stage(data, stage, rank, world_size)`` (data loaded and checked, before the model is
+    built) → ``bind(model, info)`` once the model has its final weights (after resume / ``init_from``),
+    before the first step → per step ``batches_for_step`` → ``loss`` per micro-batch → ``after_step``.
+    """
 
     name: str = "stage"
+    #: ``LossOutput.metrics`` names the loop reduces with max over micro-batches and ranks (others: token sums)
+    max_metrics: frozenset = frozenset()
+
+    def bind(self, model: torch.nn.Module, info, precision: str = "auto") -> None:
+        """Called by ``run`` once with the built model (final weights), its ``DistInfo`` and
+        ``precision.name`` (for forwards the stage runs itself, under ``trainer.autocast``). Stages that run
+        the model themselves (GRPO generates rollouts with it) keep it here; the default ignores it."""
+
+    def after_step(self, step: int, finite: bool) -> dict:
+        """Called on every rank after optimizer step ``step``; returns namespaced metrics (``"grpo/..."``)
+        merged into the step's record. Runs every step, so it may use collectives (all ranks call it)."""
+        return {}
+
+    def evaluate(self, model: torch.nn.Module) -> dict | None:
+        """A stage's own evaluation, run when the loop evaluates (``stage.eval_every``, and at the end);
+        returns metrics for the record. None (default): the loop's loss over :meth:`eval_batches`."""
+        return None
 
     @abc.abstractmethod
     def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:

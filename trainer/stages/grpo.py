@@ -1,0 +1,469 @@
+"""Synchronous GRPO in the shared loop: each optimizer step generates its own rollout batch.
+
+``batches_for_step(step)``, on every rank:
+
+1. **Prompts.** ``P = stage.grpo.prompts_per_step`` global slots; slot ``i`` gets an environment drawn by
+   the configured weights and a prompt of that environment, from a generator seeded by
+   ``(data.seed, step)`` — every rank computes the same list. Rank ``r`` takes the contiguous slots
+   ``[r·P/W, (r+1)·P/W)``: a prompt's whole group lives on one rank.
+2. **Rollouts.** ``G`` completions per prompt from the *current* weights (:class:`GenerationEngine`, one
+   call per group, ``max_batch = G``), sampling seeded by ``(stage.seed, step, slot)``. The seed names the
+   global slot, not the rank, so the rollouts are a pure function of (weights, seeds, step) whatever the
+   number of ranks: 2 ranks train exactly like 1, and a resumed run regenerates the same rollouts.
+3. **Rewards** through the environment dispatcher (:func:`score_batch`), **advantages** per group
+   (:func:`compute_advantages`: estimator, clip, overlong filtering).
+4. **Packing.** Each rollout is one sequence ``prompt + completion``; the rank's sequences are packed
+   first-fit-decreasing into rows of ``data.seq_len`` tokens with ``seq_idx`` (padding is its own
+   document), ``stage.micro_batch`` rows per micro-batch, every rank padded to the same number of
+   micro-batches (with empty rows). Targets (``loss_mask``) are the completion tokens only; tokens the
+   engine forced (thinking budget) are in ``forced_mask`` and get no loss. Per target token:
+   ``advantages`` (the rollout's), ``logp_gen`` (the engine's), ``logp_old``.
+5. **Old logprobs**: a no-grad forward of the same micro-batches with the same numerics as the training
+   forward, before the update, so the ratio is 1 up to kernel differences (CPU: exactly);
+   ``grpo/token_mult_prob_error`` measures generation vs training logprobs.
+
+``loss`` is :func:`tandem.trainer.rl.losses.policy_loss` (token sum; the loop divides by the step's global
+target count). One optimizer step per rollout batch (no PPO epochs / minibatches). ``kl_beta`` defaults
+to 0: no reference model is built; with ``kl_beta > 0`` the frozen reference is loaded from
+``stage.grpo.kl_reference``. Metrics and their reduction: docs/RL.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tandem.data_pipelines.chat import render_prompt, thinking_mode
+from tandem.data_pipelines.packing import IGNORE_LABEL
+from tandem.data_pipelines.rl_prompts import RLPrompt, load_rl_prompts
+from tandem.data_pipelines.sft import first_fit_decreasing
+from tandem.data_pipelines.tokenizer import load_tokenizer
+
+from ..autocast import autocast_context
+from ..config import ConfigError, DataConfig, StageConfig
+from ..data import DataError
+from ..inference.engine import GenerationEngine, SamplingParams, ThinkTokens
+from ..rl.advantages import GroupAdvantages, advantage_metrics, compute_advantages, group_std
+from ..rl.environments import ENVIRONMENTS, score_batch
+from ..rl.losses import PolicyLossConfig, policy_loss, target_tokens
+from .base import LossOutput, Stage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GRPOStage", "Rollout", "pack_rollouts", "token_logprobs", "SOLVED_REWARD"]
+
+#: a rollout counts as solved (pass@1, pass@G) when its reward is at least this (the built-in tasks give 0/1)
+SOLVED_REWARD = 1.0
+_EVAL = 1 << 40  # seed offset of held-out rollouts (never a training step)
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions)."""
+    h = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+@dataclass
+class Rollout:
+    """One prompt + completion sequence, as packed for training."""
+
+    prompt_ids: list[int]
+    tokens: list[int]  # generated ids (stop token and forced ones included)
+    logprobs: list[float]  # the engine's, per generated token
+    forced: list[bool]
+    advantage: float
+    keep: bool = True  # False: removed by overlong filtering (no target tokens)
+
+
+def pack_rollouts(rollouts: list[Rollout], seq_len: int, pad_id: int, rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Rows ``[R, seq_len]`` holding every rollout as one document (first-fit-decreasing), ``rows`` at least.
+
+    Position ``t`` of a document predicts its token ``t + 1`` (``labels``); ``loss_mask[t]`` is 1 where that
+    token is generated (``forced_mask`` marks the forced ones), ``advantages`` / ``logp_gen`` are aligned the
+    same way. Padding positions are a document of their own, ``valid`` False."""
+    lengths = [len(r.prompt_ids) + len(r.tokens) for r in rollouts]
+    if any(n > seq_len for n in lengths):
+        raise ValueError(f"a rollout of {max(lengths)} tokens does not fit data.seq_len={seq_len}")
+    bins = first_fit_decreasing(lengths, seq_len) if rollouts else []
+    R = max(len(bins), rows or 0)
+    shape = (R, seq_len)
+    batch = {
+        "input_ids": torch.full(shape, pad_id, dtype=torch.long), "labels": torch.full(shape, IGNORE_LABEL, dtype=torch.long),
+        "loss_mask": torch.zeros(shape), "forced_mask": torch.zeros(shape, dtype=torch.bool),
+        "seq_idx": torch.zeros(shape, dtype=torch.long), "valid": torch.zeros(shape, dtype=torch.bool),
+        "advantages": torch.zeros(shape), "logp_gen": torch.zeros(shape),
+    }
+    for b in range(R):
+        pos = 0
+        members = sorted(bins[b]) if b < len(bins) else []  # rollout order within a row
+        for d, k in enumerate(members):
+            r = rollouts[k]
+            ids = r.prompt_ids + r.tokens
+            n, p = len(ids), len(r.prompt_ids)
+            batch["input_ids"][b, pos:pos + n] = torch.tensor(ids)
+            batch["labels"][b, pos:pos + n - 1] = torch.tensor(ids[1:])
+            batch["seq_idx"][b, pos:pos + n] = d
+            batch["valid"][b, pos:pos + n] = True
+            g = slice(pos + p - 1, pos + n - 1)  # positions whose next token is generated
+            if r.keep:
+                batch["loss_mask"][b, g] = 1.0
+            batch["forced_mask"][b, g] = torch.tensor(r.forced, dtype=torch.bool)
+            batch["advantages"][b, g] = r.advantage
+            batch["logp_gen"][b, g] = torch.tensor(r.logprobs)
+            pos += n
+        batch["seq_idx"][b, pos:] = len(members)
+    return batch
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float, entropy: bool = False):
+    """``log_softmax(logits / T)[label]`` per position in fp32 (0 where the label is ignored); with
+    ``entropy`` also the per-position entropy of that distribution (no gradient)."""
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(labels >= 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    if not entropy:
+        return logp
+    with torch.no_grad():
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
+
+
+class GRPOStage(Stage):
+    name = "grpo"
+    max_metrics = frozenset({"grpo/ratio_max"})
+
+    def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1):
+        g = stage.grpo
+        self.data, self.stage, self.g = data, stage, g
+        self.rank, self.world_size = rank, world_size
+        if g.prompts_per_step % world_size:
+            raise ConfigError(f"stage.grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the "
+                              f"data-parallel size ({world_size}): a prompt's group stays on one rank")
+        rl = data.rl
+        if not rl.train:
+            raise DataError("data.rl.train: no RL prompt files given (JSONL / Parquet / HF dataset folders)")
+        try:
+            self.tokenizer = load_tokenizer(rl.tokenizer)
+        except (OSError, ValueError) as e:
+            raise DataError(f"data.rl.tokenizer: {e}") from None
+        tasks = sorted(ENVIRONMENTS)
+        try:  # schema errors name file:line
+            train = load_rl_prompts(list(rl.train), tasks=tasks)
+        except ValueError as e:
+            raise DataError(f"data.rl.train: {e}") from None
+        if rl.valid:
+            try:
+                valid = load_rl_prompts(list(rl.valid), tasks=tasks)
+            except ValueError as e:
+                raise DataError(f"data.rl.valid: {e}") from None
+        elif data.valid_fraction > 0 and g.eval_prompts > 0:
+            order = list(range(len(train)))
+            random.Random(data.seed).shuffle(order)
+            held = set(order[: max(1, round(len(train) * data.valid_fraction))])
+            valid = [p for i, p in enumerate(train) if i in held]
+            train = [p for i, p in enumerate(train) if i not in held]
+        else:
+            valid = []
+        # environments: configured, or every task of the data weighted by its prompt count
+        counts = {t: sum(p.task == t for p in train) for t in sorted({p.task for p in train})}
+        envs = list(g.environments) or [{"task": t, "weight": float(n), "enable_thinking": None,
+                                         "thinking_budget": None} for t, n in counts.items()]
+        self.tasks = [e["task"] for e in envs]
+        unknown = [t for t in self.tasks if t not in ENVIRONMENTS]
+        if unknown:
+            raise ConfigError(f"stage.grpo.environments: no environment registered for {unknown}; "
+                              f"registered: {sorted(ENVIRONMENTS)}")
+        empty = [t for t in self.tasks if not counts.get(t)]
+        if empty:
+            raise DataError(f"data.rl.train has no prompts for environment(s) {empty} of stage.grpo.environments")
+        self.weights = torch.tensor([float(e["weight"]) for e in envs], dtype=torch.float64)
+        self.mode = {e["task"]: g.enable_thinking if e["enable_thinking"] is None else bool(e["enable_thinking"])
+                     for e in envs}
+        self.budget = {e["task"]: g.thinking_budget if e["thinking_budget"] is None else e["thinking_budget"]
+                       for e in envs}
+        self.think_ids = None
+        if any(b is not None for b in self.budget.values()):
+            try:
+                self.think_ids = ThinkTokens.from_tokenizer(self.tokenizer)
+            except ValueError as e:
+                raise DataError(f"stage.grpo.thinking_budget: {e}") from None
+        stop = self.tokenizer.token_to_id("<|im_end|>")
+        if stop is None:
+            raise DataError(f"data.rl.tokenizer: {self.tokenizer} has no <|im_end|> token to stop generation at")
+        self.stop_ids = (stop,)
+        self.pad_id = self.tokenizer.eod
+        self.train = [p for p in train if p.task in self.mode]
+        self.pools = {t: [i for i, p in enumerate(self.train) if p.task == t] for t in self.tasks}
+        self.valid = [p for p in valid if p.task in self.mode][: g.eval_prompts]
+        self.train_ids = [self._render(p) for p in self.train]
+        self.valid_ids = [self._render(p) for p in self.valid]
+        self.fingerprint = hashlib.blake2b(repr(self.train_ids).encode(), digest_size=8).hexdigest()
+        self.model = self.info = self.engine = self.reference = None
+        self.precision = "auto"
+        self._pending: dict = {}
+        self._times: dict = {}
+        self.last_rewards: torch.Tensor | None = None
+        log.info("GRPO data: %d train / %d held-out prompts; environments %s (weights %s)", len(self.train),
+                 len(self.valid), self.tasks, [round(float(w), 3) for w in self.weights / self.weights.sum()])
+
+    def _render(self, p: RLPrompt) -> list[int]:
+        messages = p.messages if p.messages is not None else [{"role": "user", "content": p.prompt}]
+        ids = render_prompt(messages, self.tokenizer, enable_thinking=self.mode[p.task])
+        if len(ids) + self.g.max_new_tokens > self.data.seq_len:
+            raise DataError(f"{p.where}: the prompt has {len(ids)} tokens; with stage.grpo.max_new_tokens="
+                            f"{self.g.max_new_tokens} it does not fit data.seq_len={self.data.seq_len}")
+        return ids
+
+    def _completion_text(self, p: RLPrompt, tokens: list[int]) -> str:
+        """The text an environment scores: the generation prompt's think opening + the completion (stop
+        token dropped), so an unclosed reasoning block is visible to the verifier."""
+        messages = p.messages if p.messages is not None else [{"role": "user", "content": p.prompt}]
+        head = "<think>\n" if thinking_mode(messages, self.mode[p.task]) else "<think></think>"
+        if tokens and tokens[-1] in self.stop_ids:
+            tokens = tokens[:-1]
+        return head + self.tokenizer.decode(tokens)
+
+    # ------------------------------------------------------------------------------------------------
+    def check_model(self, config) -> None:
+        if config.vocab_size < self.tokenizer.vocab_size:
+            raise DataError(f"model.vocab_size={config.vocab_size} is smaller than the tokenizer's "
+                            f"({self.tokenizer.vocab_size}, {self.tokenizer.source})")
+
+    def bind(self, model, info, precision: str = "auto") -> None:
+        if info.ep > 1:
+            raise ConfigError("stage.name=grpo does not support parallel.ep > 1 yet: generation runs every expert locally")
+        self.model, self.info, self.precision = model, info, precision
+        self.engine = GenerationEngine(model, max_batch=self.g.generations_per_prompt)
+        if self.g.kl_beta > 0:
+            from ..checkpoint import load_weights
+
+            self.reference = copy.deepcopy(model)
+            load_weights(self.reference, self.g.kl_reference)
+            self.reference.eval().requires_grad_(False)
+
+    def prompts_for_step(self, step: int) -> list[int]:
+        """Global prompt indices (into ``self.train``) of step ``step``'s slots: environment by weight, then
+        a prompt of it (no repeat within an environment until its pool is used up)."""
+        gen = torch.Generator().manual_seed(_seed(self.data.seed, step))
+        env = torch.multinomial(self.weights, self.g.prompts_per_step, replacement=True, generator=gen).tolist()
+        orders = {t: torch.randperm(len(self.pools[t]), generator=gen).tolist() for t in self.tasks}
+        used = {t: 0 for t in self.tasks}
+        out = []
+        for e in env:
+            t = self.tasks[e]
+            out.append(self.pools[t][orders[t][used[t] % len(orders[t])]])
+            used[t] += 1
+        return out
+
+    def _params(self, task: str, seed: int, greedy: bool = False) -> SamplingParams:
+        g = self.g
+        return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                              greedy=greedy, seed=seed, stop_token_ids=self.stop_ids, thinking_budget=self.budget[task])
+
+    def _all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of every rank in rank order (same shape on every rank)."""
+        if not self.info.distributed:
+            return x
+        x = x.to(self.info.device)
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts).cpu()
+
+    def _all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
+        if not self.info.distributed:
+            return x
+        x = x.to(self.info.device)
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+        return x.cpu()
+
+    # ------------------------------------------------------------------------------------------------
+    def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        if self.model is None:
+            raise RuntimeError("GRPOStage.bind(model, info) must be called before batches_for_step")
+        g, G = self.g, self.g.generations_per_prompt
+        self._pending = {}
+        if step == 0 and self._evaluates():
+            self._pending.update({k.replace("grpo/", "grpo/initial_", 1): v for k, v in self.evaluate(self.model).items()})
+        t0 = time.perf_counter()
+        slots = self.prompts_for_step(step)
+        per_rank = g.prompts_per_step // self.world_size
+        first = self.rank * per_rank
+        mine = list(enumerate(slots))[first: first + per_rank]
+        results = []
+        for slot, pidx in mine:
+            p = self.train[pidx]
+            results.append(self.engine.generate([self.train_ids[pidx]] * G, self._params(p.task, _seed(self.stage.seed, step, slot)),
+                                                think_ids=self.think_ids))
+        t1 = time.perf_counter()
+        pairs = [(self.train[pidx].as_sample(), self._completion_text(self.train[pidx], r.tokens))
+                 for (_, pidx), group in zip(mine, results) for r in group]
+        verdicts, dstats = score_batch(pairs, timeout_s=g.score_timeout_s, max_workers=g.score_workers,
+                                       backend=g.score_backend)
+        t2 = time.perf_counter()
+        rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32).view(per_rank, G)
+        truncated = torch.tensor([r.finish_reason == "length" for grp in results for r in grp]).view(per_rank, G)
+        self.last_rewards = rewards  # [prompts on this rank, G]: this step's rewards (inspection, tests)
+        adv = compute_advantages(rewards, estimator=g.advantage, clip=g.advantage_clip, truncated=truncated,
+                                 overlong_filtering=g.overlong_filtering)
+        rollouts = [Rollout(r.prompt_ids, r.tokens, r.logprobs, r.forced, float(adv.advantages[i, j]), bool(adv.loss_mask[i, j]))
+                    for i, grp in enumerate(results) for j, r in enumerate(grp)]
+        packed = pack_rollouts(rollouts, self.data.seq_len, self.pad_id)
+        # every rank runs the same number of micro-batches (collectives inside the model / engines)
+        mb = self.stage.micro_batch
+        n_mb = -(-packed["input_ids"].shape[0] // mb)
+        n_mb = int(self._all_reduce(torch.tensor([n_mb]), dist.ReduceOp.MAX if self.info.distributed else None)[0])
+        if n_mb * mb > packed["input_ids"].shape[0]:
+            packed = pack_rollouts(rollouts, self.data.seq_len, self.pad_id, rows=n_mb * mb)
+        batches = [{k: v[i * mb:(i + 1) * mb] for k, v in packed.items()} for i in range(n_mb)]
+        self._old_logprobs(batches)
+        t3 = time.perf_counter()
+        # rollout metrics over all ranks: gather one row per rollout (global slot order on every rank)
+        env_id = torch.tensor([float(self.tasks.index(self.train[pidx].task)) for _, pidx in mine]).repeat_interleave(G)
+        lengths = torch.tensor([float(len(r.tokens)) for grp in results for r in grp])
+        forced = torch.tensor([float(r.thinking_forced is not None) for grp in results for r in grp])
+        local = torch.stack([rewards.flatten(), adv.advantages.flatten(), adv.loss_mask.flatten().float(),
+                             truncated.flatten().float(), lengths, env_id, forced], dim=1).double()
+        allr = self._all_gather(local)
+        phases = self._all_reduce(torch.tensor([t1 - t0, t2 - t1, t3 - t2, dstats.timeouts, dstats.errors,
+                                                float(sum(lengths))], dtype=torch.float64))
+        slowest = self._all_reduce(torch.tensor([t1 - t0, t2 - t1, t3 - t2], dtype=torch.float64),
+                                   dist.ReduceOp.MAX if self.info.distributed else None)
+        self._pending.update(self._rollout_metrics(allr, G))
+        n = allr.shape[0]
+        self._pending.update({
+            "grpo/env_timeout_frac": float(phases[3]) / n, "grpo/env_error_frac": float(phases[4]) / n,
+            "grpo/rollout_tokens_per_s": float(phases[5]) / max(float(slowest[0]), 1e-9),
+        })
+        self._times = {"generate": float(slowest[0]), "score": float(slowest[1]), "logprob": float(slowest[2]),
+                       "end": time.perf_counter()}
+        if dstats.first_errors:
+            log.warning("step %d: %d verifier errors, %d timeouts; first: %s", step, dstats.errors, dstats.timeouts,
+                        dstats.first_errors[0])
+        return batches
+
+    @torch.no_grad()
+    def _old_logprobs(self, batches) -> None:
+        """``logp_old`` (and ``logp_ref``) of every micro-batch: the training forward's numerics, no grad, eval
+        mode (the MoE does not count these tokens for its load balancing)."""
+        model, dev = self.model, self.info.device
+        was = model.training
+        model.eval()
+        try:
+            for b in batches:
+                ids, seq_idx, labels = b["input_ids"].to(dev), b["seq_idx"].to(dev), b["labels"].to(dev)
+                with autocast_context(self.precision, dev):
+                    b["logp_old"] = token_logprobs(model(ids, seq_idx=seq_idx), labels, self.g.temperature).cpu()
+                    if self.reference is not None:
+                        b["logp_ref"] = token_logprobs(self.reference(ids, seq_idx=seq_idx), labels, self.g.temperature).cpu()
+        finally:
+            model.train(was)
+
+    def _rollout_metrics(self, allr: torch.Tensor, G: int) -> dict:
+        rewards = allr[:, 0].float().view(-1, G)
+        out = GroupAdvantages(allr[:, 1].float().view(-1, G), allr[:, 2].bool().view(-1, G), group_std(rewards))
+        m = {f"grpo/{k}": float(v) for k, v in advantage_metrics(rewards, out).items()}
+        solved = rewards >= SOLVED_REWARD
+        lengths = allr[:, 4]
+        m.update({
+            "grpo/pass@1": float(solved.float().mean()), "grpo/pass@G": float(solved.any(dim=1).float().mean()),
+            "grpo/response_length_mean": float(lengths.mean()), "grpo/response_length_max": float(lengths.max()),
+            "grpo/truncated_frac": float(allr[:, 3].mean()), "grpo/thinking_forced_frac": float(allr[:, 6].mean()),
+            "grpo/rollouts": float(allr.shape[0]),
+        })
+        env = allr[:, 5].long()
+        for e, t in enumerate(self.tasks):
+            sel = env == e
+            if sel.any():
+                m[f"grpo/reward_mean/{t}"] = float(allr[sel, 0].mean())
+                m[f"grpo/reward_std/{t}"] = float(allr[sel, 0].std()) if int(sel.sum()) > 1 else 0.0
+                m[f"grpo/pass@1/{t}"] = float((allr[sel, 0] >= SOLVED_REWARD).float().mean())
+        return m
+
+    def after_step(self, step: int, finite: bool) -> dict:
+        out, t = dict(self._pending), self._times
+        if t:
+            train = time.perf_counter() - t["end"]
+            total = t["generate"] + t["score"] + t["logprob"] + train
+            out.update({"grpo/time_generate_frac": t["generate"] / total, "grpo/time_score_frac": t["score"] / total,
+                        "grpo/time_logprob_frac": t["logprob"] / total, "grpo/time_train_frac": train / total,
+                        "grpo/step_seconds": total})
+        self._pending, self._times = {}, {}
+        return out
+
+    # ------------------------------------------------------------------------------------------------
+    def loss(self, model, batch) -> LossOutput:
+        logits = model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
+        logp, entropy = token_logprobs(logits, batch["labels"], self.g.temperature, entropy=True)
+        g = self.g
+        cfg = PolicyLossConfig(name=g.loss, eps_low=g.eps_low, eps_high=g.eps_high, dual_clip=g.dual_clip,
+                               kl_beta=g.kl_beta, is_cap=g.is_cap)
+        out = policy_loss(logp, batch["logp_old"], batch["advantages"], batch["loss_mask"], config=cfg,
+                          forced_mask=batch["forced_mask"], logp_ref=batch.get("logp_ref"), logp_gen=batch["logp_gen"],
+                          entropy=entropy)
+        loss_sum = out.loss_sum
+        aux = getattr(getattr(model, "module", model), "aux_loss", lambda: None)()
+        if aux is not None:  # MoE balance / z losses, token-weighted as in SFT
+            loss_sum = loss_sum + aux * out.num_tokens
+        return LossOutput(loss_sum, out.num_tokens, {f"grpo/{k}": v for k, v in out.metrics.items()})
+
+    def target_tokens(self, batch) -> float:
+        return float(target_tokens(batch["loss_mask"], batch["forced_mask"]).sum())
+
+    # ------------------------------------------------------------------------------------------------
+    def _evaluates(self) -> bool:
+        return bool(self.valid) and self.stage.eval_batches > 0
+
+    def evaluate(self, model) -> dict:
+        """Held-out reward: one rollout per held-out prompt (greedy, or sampled with fixed seeds), in chunks
+        of G prompts spread over ranks (chunk c seeded by ``(stage.seed, c)``), reduced over ranks."""
+        if not self.valid:
+            return {}
+        G = self.g.generations_per_prompt
+        sums = torch.zeros(2 * (len(self.tasks) + 1), dtype=torch.float64)
+        for c, start in enumerate(range(0, len(self.valid), G)):
+            if c % self.world_size != self.rank:
+                continue
+            idx = list(range(start, min(start + G, len(self.valid))))
+            by_task: dict[str, list[int]] = {}
+            for i in idx:
+                by_task.setdefault(self.valid[i].task, []).append(i)
+            for t, ids in by_task.items():
+                res = self.engine.generate([self.valid_ids[i] for i in ids],
+                                           self._params(t, _seed(self.stage.seed, _EVAL, c), greedy=self.g.eval_greedy),
+                                           think_ids=self.think_ids)
+                pairs = [(self.valid[i].as_sample(), self._completion_text(self.valid[i], r.tokens)) for i, r in zip(ids, res)]
+                verdicts, _ = score_batch(pairs, timeout_s=self.g.score_timeout_s, max_workers=self.g.score_workers,
+                                          backend=self.g.score_backend)
+                e = self.tasks.index(t)
+                for v in verdicts:
+                    sums[0] += v.reward
+                    sums[1] += 1
+                    sums[2 + 2 * e] += v.reward
+                    sums[3 + 2 * e] += 1
+        sums = self._all_reduce(sums)
+        out = {"grpo/val_reward": float(sums[0] / sums[1].clamp(min=1)), "grpo/val_prompts": float(sums[1])}
+        for e, t in enumerate(self.tasks):
+            if sums[3 + 2 * e] > 0:
+                out[f"grpo/val_reward/{t}"] = float(sums[2 + 2 * e] / sums[3 + 2 * e])
+        return out
+
+    def step_info(self, step: int) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"train_prompts": len(self.train), "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise DataError(
+                f"the RL prompts differ from the checkpoint's (prompts {state.get('train_prompts')} → {len(self.train)}, "
+                f"fingerprint {state.get('fingerprint')} → {self.fingerprint}): resuming would not regenerate the same "
+                f"rollouts. Start a new run from its weights with model.init_from=<checkpoint> instead"
+            )
