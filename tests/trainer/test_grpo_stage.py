@@ -1,5 +1,6 @@
 """The GRPO stage in the shared loop: packed rollouts (seq_idx, completion-only targets, forced tokens
-masked), advantages per token, exact resume, 2 ranks == 1 rank, held-out reward rising, bad prompt files."""
+masked), advantages per token, exact resume, 2 ranks == 1 rank, bad prompt files. Whether it *learns* on a
+CPU-sized task is measured by bench/grpo_learning.py (not reached yet; see docs/RL.md)."""
 
 import json
 import os
@@ -211,22 +212,3 @@ def test_two_ranks_match_one_rank(warm, tmp_path):
         assert x["grpo/ratio_max"] == pytest.approx(y["grpo/ratio_max"], abs=1e-5)
     assert any(abs(r["loss"]) > 1e-4 for r in a)  # the comparison saw real gradients
     assert a[-1]["grpo/val_reward"] == b[-1]["grpo/val_reward"] and b[-1]["grpo/val_prompts"] == 16
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not reached yet: measured held-out reward 0.016 -> 0.031 -> 0.031 -> 0.016 "
-                   "(64 prompts, steps 0/10/20/30); the 150-step noisy SFT warm-up leaves the tiny model at ~2% "
-                   "held-out accuracy, not the intended ~50%. Fix the warm-up/task, then drop this marker")
-def test_grpo_raises_held_out_reward(warm, tmp_path):
-    """30 GRPO steps (8 prompts × 8 rollouts) on the SFT-warm model raise the held-out reward (64 prompts,
-    one sampled rollout each, the same seeds at every evaluation) by at least 0.15 over its start."""
-    run(compose_recipe("grpo", _warm_args(warm, "stage.steps=30", "stage.grpo.prompts_per_step=8",
-                                          "stage.grpo.generations_per_prompt=8", "stage.eval_every=10",
-                                          "stage.eval_batches=1", "stage.grpo.eval_prompts=64", "optim.lr=1e-3",
-                                          "optim.min_lr=1e-3", "logger.log_every=1", f"run.dir={tmp_path / 'run'}")))
-    records = read_records(tmp_path / "run")
-    start = records[0]["grpo/initial_val_reward"]
-    curve = [start] + [r["grpo/val_reward"] for r in records if "grpo/val_reward" in r]
-    print("held-out reward:", curve)
-    assert 0 < start < 0.8, curve  # partial accuracy to begin with
-    assert curve[-1] >= start + 0.1, curve
