@@ -1,15 +1,16 @@
-"""Does GRPO raise held-out reward on a task the tiny CPU model can learn? (Not reached yet.)
+"""Does GRPO raise held-out reward on a task the tiny CPU model can learn?
 
-    python bench/grpo_learning.py --out /tmp/grpo_learning [--sft-steps 150] [--grpo-steps 30]
+    python bench/grpo_learning.py --out /tmp/grpo_learning [--sft-steps 600] [--grpo-steps 60] [--kinds max]
 
-1. a tiny model is SFT'd on "The answer is X." answers that are right ``--accuracy`` of the time (copy / max
-   prompts from ``tandem.data_pipelines.rl_synthetic``): it learns the format, ideally not yet the answer;
+1. a tiny model is SFT'd on "The answer is X." answers that are right ``--accuracy`` of the time (prompts from
+   ``tandem.data_pipelines.rl_synthetic``): it learns the format and to answer with one of the numbers;
 2. GRPO (recipe ``grpo``, 8 prompts × 8 rollouts per step, the math environment) trains it;
 3. the held-out reward (64 prompts, one sampled rollout each, the same seeds at every evaluation) is printed
-   at the start and every 10 steps. The target (issue: ≥ 15 points over the SFT level) is not met yet —
-   measured 0.016 → 0.031 → 0.031 → 0.016 with the defaults: the warm-up leaves the model at ~2% held-out
-   accuracy, so there is almost no signal. It is a script, not a test, until a task/warm-up is found that
-   learns reliably on 2 cores; then it becomes a slow test and part of ``make smoke``.
+   at the start and every 10 steps.
+
+Measured (2-core CPU, ~1.5 min): ``max`` with the defaults 0.344 → 0.609 (+0.27) over 60 steps, the same run
+as ``tests/trainer/test_grpo_stage.py::test_grpo_raises_held_out_reward``; ``copy,max`` after 150 SFT steps
+starts at ~2% and does not move (0.016 → 0.016 over 30 steps): copying a number is not learnt that fast.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ def _compose(name: str, overrides: list[str]):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--sft-steps", type=int, default=150)
-    p.add_argument("--grpo-steps", type=int, default=30)
+    p.add_argument("--sft-steps", type=int, default=600)
+    p.add_argument("--grpo-steps", type=int, default=60)
     p.add_argument("--accuracy", type=float, default=0.5, help="fraction of warm-up answers that are right")
-    p.add_argument("--kinds", nargs="+", default=["copy", "max"])
+    p.add_argument("--kinds", nargs="+", default=["max"])
     args = p.parse_args()
     d = args.out
     d.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The GRPO stage in the shared loop: packed rollouts (seq_idx, completion-only targets, forced tokens
-masked), advantages per token, exact resume, 2 ranks == 1 rank, bad prompt files. Whether it *learns* on a
-CPU-sized task is measured by bench/grpo_learning.py (not reached yet; see docs/RL.md)."""
+masked), advantages per token, exact resume, 2 ranks == 1 rank, bad prompt files.  held-out reward rising on a
+task the tiny CPU model can learn."""
 
 import json
 import os
@@ -178,6 +178,23 @@ def warm(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def warm_max(tmp_path_factory):
+    """The same recipe, 600 SFT steps, on "Which is larger, a or b?" alone: the model picks one of the two
+    numbers (about 1/3 right held out), a task the tiny model can learn in minutes (copying is not)."""
+    d = tmp_path_factory.mktemp("warm_max")
+    kinds = ("max",)
+    rl_synthetic.write_warmup(d / "warmup.jsonl", 2000, seed=1, accuracy=0.5, kinds=kinds)
+    rl_synthetic.write_prompts(d / "train.jsonl", 1000, seed=2, kinds=kinds)
+    rl_synthetic.write_prompts(d / "valid.jsonl", 64, seed=3, kinds=kinds)
+    run(compose_recipe("smoke_sft", [
+        "model.preset=tiny", "model.init_from=null", f"data.chat.train=[{d / 'warmup.jsonl'}]", "data.seq_len=64",
+        "stage.steps=600", "stage.global_batch=8", "stage.micro_batch=8", "stage.eval_batches=0", "stage.save_every=0",
+        "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=10", "logger.progress_bar=false", "logger.log_every=100",
+        f"run.dir={d / 'sft'}"]))
+    return d
+
+
 def _warm_args(d, *extra):
     return [f"model.init_from={d / 'sft'}", f"data.rl.train=[{d / 'train.jsonl'}]", f"data.rl.valid=[{d / 'valid.jsonl'}]",
             "data.seq_len=64", "stage.grpo.max_new_tokens=10", "stage.micro_batch=16", "stage.save_every=0", "logger.progress_bar=false",
@@ -212,3 +229,20 @@ def test_two_ranks_match_one_rank(warm, tmp_path):
         assert x["grpo/ratio_max"] == pytest.approx(y["grpo/ratio_max"], abs=1e-5)
     assert any(abs(r["loss"]) > 1e-4 for r in a)  # the comparison saw real gradients
     assert a[-1]["grpo/val_reward"] == b[-1]["grpo/val_reward"] and b[-1]["grpo/val_prompts"] == 16
+
+
+@pytest.mark.slow
+def test_grpo_raises_held_out_reward(warm_max, tmp_path):
+    """60 GRPO steps (8 prompts × 8 rollouts) on the SFT-warm model raise the held-out reward (64 prompts,
+    one sampled rollout each, the same seeds at every evaluation) by at least 0.15 over its start.
+    Measured on the 2-core dev machine: 0.344 → 0.469 → 0.469 → 0.484 → 0.563 → 0.594 → 0.609 (+0.27)."""
+    run(compose_recipe("grpo", _warm_args(warm_max, "stage.steps=60", "stage.grpo.prompts_per_step=8",
+                                          "stage.grpo.generations_per_prompt=8", "stage.eval_every=10",
+                                          "stage.eval_batches=1", "stage.grpo.eval_prompts=64", "optim.lr=1e-3",
+                                          "optim.min_lr=1e-3", "logger.log_every=1", f"run.dir={tmp_path / 'run'}")))
+    records = read_records(tmp_path / "run")
+    start = records[0]["grpo/initial_val_reward"]
+    curve = [start] + [r["grpo/val_reward"] for r in records if "grpo/val_reward" in r]
+    assert len(curve) == 7 and records[-1]["grpo/val_prompts"] == 64, curve
+    assert 0.1 < start < 0.8, curve  # partial accuracy to begin with: the warm-up taught the format
+    assert curve[-1] >= start + 0.15, curve
