@@ -118,16 +118,21 @@ class Trainer:
         if global_targets <= 0:
             raise TrainingDiverged(f"step {step}: the batch has no target tokens (every loss_mask is 0)")
         scale = self.info.world_size / global_targets
-        loss_sum = 0.0
-        metric_sums: dict[str, float] = {}
+        # loss and stage metrics accumulate on the device (float64) and come to the host once per step
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        metric_acc: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             with autocast_context(cfg.precision.name, self.info.device):
                 out = self.stage.loss(self.model, batch)
             engine.backward(out.loss_sum * scale, last=i == len(batches) - 1)
-            loss_sum += out.loss_sum.detach().double().item()
+            loss_acc = loss_acc + out.loss_sum.detach().double()
             for k, v in out.metrics.items():
-                v = float(v)
-                metric_sums[k] = max(metric_sums.get(k, v), v) if k in self.stage.max_metrics else metric_sums.get(k, 0.0) + v
+                v = torch.as_tensor(v).detach().to(device=loss_acc.device, dtype=torch.float64).reshape(())
+                prev = metric_acc.get(k)
+                metric_acc[k] = v if prev is None else torch.maximum(prev, v) if k in self.stage.max_metrics else prev + v
+        names = sorted(metric_acc)
+        loss_sum, *values = torch.stack([loss_acc, *(metric_acc[n] for n in names)]).tolist()
+        metric_sums = dict(zip(names, values))
         (global_loss,) = engine.all_reduce_sum([loss_sum])
         loss = global_loss / global_targets
         metrics = self._reduce_metrics(metric_sums, global_targets)

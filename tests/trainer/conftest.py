@@ -42,6 +42,15 @@ def run_cli(*args, env=None, timeout=300):
     )
 
 
+def run_torchrun(*args, nproc: int = 2, timeout=600):
+    """``torchrun --standalone --nproc_per_node N -m tandem.trainer.cli ...`` (gloo on CPU); CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         "-m", "tandem.trainer.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
 def read_records(run_dir) -> list[dict]:
     """The records of a run's metrics.jsonl."""
     import json

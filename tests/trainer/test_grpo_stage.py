@@ -3,10 +3,7 @@ masked), advantages per token, exact resume, 2 ranks == 1 rank, bad prompt files
 task the tiny CPU model can learn."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from tandem.trainer.run import run
 from tandem.trainer.stages import GRPOStage
 from tandem.trainer.stages.grpo import Rollout, pack_rollouts
 
-from .conftest import REPO, compose_recipe, read_records, run_cli
+from .conftest import compose_recipe, read_records, run_cli, run_torchrun
 
 TASK = "grpo_test_has_e"
 if TASK not in ENVIRONMENTS:
@@ -162,37 +159,31 @@ def test_bad_prompt_file_exits_2_naming_file_and_line(tmp_path):
 KINDS = ("copy", "max")
 
 
-@pytest.fixture(scope="module")
-def warm(tmp_path_factory):
+def _warm_up(d, kinds, sft_steps):
     """A tiny model SFT'd on answers that are right half the time ("The answer is X."): it knows the format,
     not which number to give. Train / held-out prompts of the same tasks, scored by the math environment."""
-    d = tmp_path_factory.mktemp("warm")
-    rl_synthetic.write_warmup(d / "warmup.jsonl", 2000, seed=1, accuracy=0.5, kinds=KINDS)
-    rl_synthetic.write_prompts(d / "train.jsonl", 1000, seed=2, kinds=KINDS)
-    rl_synthetic.write_prompts(d / "valid.jsonl", 64, seed=3, kinds=KINDS)
-    run(compose_recipe("smoke_sft", [
-        "model.preset=tiny", "model.init_from=null", f"data.chat.train=[{d / 'warmup.jsonl'}]", "data.seq_len=64",
-        "stage.steps=150", "stage.global_batch=8", "stage.micro_batch=8", "stage.eval_batches=0", "stage.save_every=0",
-        "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=10", "logger.progress_bar=false", "logger.log_every=50",
-        f"run.dir={d / 'sft'}"]))
-    return d
-
-
-@pytest.fixture(scope="module")
-def warm_max(tmp_path_factory):
-    """The same recipe, 600 SFT steps, on "Which is larger, a or b?" alone: the model picks one of the two
-    numbers (about 1/3 right held out), a task the tiny model can learn in minutes (copying is not)."""
-    d = tmp_path_factory.mktemp("warm_max")
-    kinds = ("max",)
     rl_synthetic.write_warmup(d / "warmup.jsonl", 2000, seed=1, accuracy=0.5, kinds=kinds)
     rl_synthetic.write_prompts(d / "train.jsonl", 1000, seed=2, kinds=kinds)
     rl_synthetic.write_prompts(d / "valid.jsonl", 64, seed=3, kinds=kinds)
     run(compose_recipe("smoke_sft", [
         "model.preset=tiny", "model.init_from=null", f"data.chat.train=[{d / 'warmup.jsonl'}]", "data.seq_len=64",
-        "stage.steps=600", "stage.global_batch=8", "stage.micro_batch=8", "stage.eval_batches=0", "stage.save_every=0",
-        "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=10", "logger.progress_bar=false", "logger.log_every=100",
-        f"run.dir={d / 'sft'}"]))
+        f"stage.steps={sft_steps}", "stage.global_batch=8", "stage.micro_batch=8", "stage.eval_batches=0",
+        "stage.save_every=0", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=10", "logger.progress_bar=false",
+        "logger.log_every=50", f"run.dir={d / 'sft'}"]))
     return d
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """150 warm-up steps on copy and max prompts (the 2-rank comparison needs real gradients, not learning)."""
+    return _warm_up(tmp_path_factory.mktemp("warm"), KINDS, 150)
+
+
+@pytest.fixture(scope="module")
+def warm_max(tmp_path_factory):
+    """600 warm-up steps on "Which is larger, a or b?" alone: the model picks one of the two numbers (about
+    1/3 right held out), a task the tiny model can learn in minutes (copying is not)."""
+    return _warm_up(tmp_path_factory.mktemp("warm_max"), ("max",), 600)
 
 
 def _warm_args(d, *extra):
@@ -210,11 +201,7 @@ def test_two_ranks_match_one_rank(warm, tmp_path):
                                         "stage.grpo.eval_prompts=16", "optim.lr=1e-3", "logger.log_every=1")]
     single = run_cli(*args, f"run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "tandem.trainer.cli", *args, "parallel=ddp_gloo", f"run.dir={tmp_path / 'ddp'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    ddp = run_torchrun(*args, "parallel=ddp_gloo", f"run.dir={tmp_path / 'ddp'}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = read_records(tmp_path / "single"), read_records(tmp_path / "ddp")
     assert len(a) == len(b) == 3

@@ -131,20 +131,12 @@ def test_bad_conversation_exits_2_naming_file_and_line(conversations, tmp_path):
 def test_two_process_sft_matches_single_process(conversations, tmp_path):
     """Ranks hold different conversations with different target counts; the global-token normalisation
     makes 2 processes (gloo) train exactly like 1 with the same global batch."""
-    import os
-    import subprocess
-    import sys
-
-    from .conftest import REPO, read_records
+    from .conftest import read_records, run_torchrun
 
     args = ["-cn", "smoke_sft", *SFT_RUN, f"data.chat.train=[{conversations}]", "stage.eval_batches=2"]
     single = run_cli(*args, f"run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "tandem.trainer.cli", *args, "parallel=ddp_gloo", f"run.dir={tmp_path / 'ddp'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    ddp = run_torchrun(*args, "parallel=ddp_gloo", f"run.dir={tmp_path / 'ddp'}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = read_records(tmp_path / "single"), read_records(tmp_path / "ddp")
     assert len(a) == len(b) == 4

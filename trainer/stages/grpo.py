@@ -312,7 +312,8 @@ class GRPOStage(Stage):
         self.last_rewards = rewards  # [prompts on this rank, G]: this step's rewards (inspection, tests)
         adv = compute_advantages(rewards, estimator=g.advantage, clip=g.advantage_clip, truncated=truncated,
                                  overlong_filtering=g.overlong_filtering)
-        rollouts = [Rollout(r.prompt_ids, r.tokens, r.logprobs, r.forced, float(adv.advantages[i, j]), bool(adv.loss_mask[i, j]))
+        advantages, keep = adv.advantages.tolist(), adv.loss_mask.tolist()  # one host copy, not one per rollout
+        rollouts = [Rollout(r.prompt_ids, r.tokens, r.logprobs, r.forced, advantages[i][j], keep[i][j])
                     for i, grp in enumerate(results) for j, r in enumerate(grp)]
         packed = pack_rollouts(rollouts, self.data.seq_len, self.pad_id)
         # every rank runs the same number of micro-batches (collectives inside the model / engines)

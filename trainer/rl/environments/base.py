@@ -69,11 +69,23 @@ class Observation:
     info: dict = field(default_factory=dict)
 
 
+def _defined(cls) -> set[str]:
+    """Attribute names defined by ``cls`` or its bases below :class:`Environment`."""
+    return {name for klass in cls.__mro__ if klass is not Environment and klass is not object
+            for name in vars(klass)}
+
+
 class Environment(abc.ABC):
     """A task's verifier. Subclasses implement :meth:`verify` and/or ``async def averify`` (the dispatcher
     prefers ``averify`` when a subclass defines it); instances must be picklable for the process backend."""
 
     name: str = "environment"
+
+    def __init_subclass__(cls, **kwargs):
+        # refuse at class definition an environment that could never score (it would only count errors)
+        super().__init_subclass__(**kwargs)
+        if "verify" not in _defined(cls) and "averify" not in _defined(cls):
+            raise TypeError(f"environment {cls.__name__} must define verify(sample, completion) or async averify")
 
     def verify(self, sample: Mapping[str, Any], completion: str) -> Verdict:
         raise NotImplementedError(f"{type(self).__name__} defines neither verify nor averify")
