@@ -5,6 +5,7 @@
     tandem -cn nano3_pretrain model=tiny --cfg job     # print the composed config and exit
     torchrun --nproc_per_node 2 -m tandem.trainer.cli -cn smoke parallel=ddp_gloo
     tandem generate runs/smoke/sft --prompt "What is 2 + 3?"   # chat with a checkpoint (docs/GENERATION.md)
+    tandem plan -cn nano3_pretrain --nodes 2 --gpus-per-node 8 --gpu-mem-gb 80   # memory per rank (docs/PARALLELISM.md)
 
 Exit status: 0 done, 2 bad input (one line on stderr naming the key/file), 75 preempted after a checkpoint
 (SIGTERM, SIGUSR1 or a first Ctrl-C finish the step and checkpoint; stderr says the command that resumes).
@@ -141,6 +142,10 @@ def main() -> None:
         from .inference.cli import chat_main
 
         sys.exit(chat_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "plan":
+        from .plan import plan_main
+
+        sys.exit(plan_main(sys.argv[2:]))
     register_configs()
     check_composition(sys.argv[1:])
     hydra.main(config_path=str(RECIPES_DIR), config_name=None, version_base="1.3")(_app)()

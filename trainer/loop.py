@@ -20,6 +20,7 @@ import torch
 from .autocast import LOW_PRECISION, autocast_context  # noqa: F401  (re-exported)
 from .checkpoint import CheckpointManager
 from .config import ConfigError, RunConfig
+from .metrics import memory_peak_bytes
 from .optim import lr_at
 from .parallel import DistInfo, Engine
 from .stages.base import Stage
@@ -63,6 +64,7 @@ class Trainer:
         # Called after every step with ``finite``; each returns metrics merged into the step's record
         # (e.g. tandem.trainer.parallel.expert_balance.ExpertBalancer: expert-bias update and load metrics).
         self.step_hooks: list = []
+        self.memory_base = 0  # bytes in use before the model was built (set by run); logged with the peak
 
     # ------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -218,6 +220,14 @@ class Trainer:
             record["val_loss"] = out["val_loss"]
         # namespaced metrics: step hooks (moe/...), the stage's loss metrics and after_step (grpo/...)
         record.update({k: v for k, v in out.items() if "/" in k})
+        # memory: the largest rank's peak so far, and its memory before the model was built (the runtime)
+        peak = memory_peak_bytes(self.info.device)
+        slots = [0.0] * (2 * self.info.world_size)
+        slots[self.info.rank], slots[self.info.world_size + self.info.rank] = float(peak), float(self.memory_base)
+        reduced = self.engine.all_reduce_sum(slots)
+        worst = max(range(self.info.world_size), key=lambda r: reduced[r])
+        record["mem_peak_gb"] = reduced[worst] / 1e9
+        record["mem_base_gb"] = reduced[self.info.world_size + worst] / 1e9
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = tok_s * self.flops_per_token / (self.peak_flops * self.info.world_size)
         return record

@@ -16,7 +16,8 @@ from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint
 from .config import ConfigError, build_hybrid_config, validate_config
 from .data import DataError
 from .loop import Trainer
-from .metrics import ConsoleSink, JsonlSink, WandbSink, model_flops_per_token, peak_flops_per_device
+from .metrics import (ConsoleSink, JsonlSink, WandbSink, memory_now_bytes, model_flops_per_token,
+                      peak_flops_per_device)
 from .parallel import ExpertBalancer, build_engine, build_model, init_distributed
 from .optim import build_optimizer, validate_optim
 from .stages import STAGES
@@ -53,6 +54,7 @@ def run(cfg: DictConfig) -> dict:
     stage.check_model(model_cfg)
 
     torch.manual_seed(cfg.stage.seed + info.rank)
+    memory_base = memory_now_bytes(info.device)  # the runtime alone: what the planner's figures come on top of
     model = build_model(model_cfg, info, init_seed=cfg.model.init_seed)  # only this rank's experts are allocated
     try:
         model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
@@ -71,6 +73,7 @@ def run(cfg: DictConfig) -> dict:
         resume_from = resolve_checkpoint(cfg.run.resume)
 
     trainer = Trainer(cfg, model, stage, None, info, checkpoints)
+    trainer.memory_base = memory_base
     optimizer_state = None
     if resume_from is not None:
         trainer_state, optimizer_state = checkpoints.load(resume_from, model)
