@@ -211,7 +211,10 @@ def main() -> None:
         results: dict = {r: [] for r in runs}
         for rep in range(args.repeats):
             for side, ac in runs:
-                results[(side, ac)].append(measure(side, args.length, weights, ac))
+                r = measure(side, args.length, weights, ac)
+                results[(side, ac)].append(r)
+                print(f"  repeat {rep + 1}: {side} (checkpointed {ac}): {gb(r['peak_kb']):.2f} GB, {r['seconds']:.0f} s",
+                      flush=True)
         print(f"\n{'side':>16} {'checkpointed':>12} {'peak GB':>8} {'over weights GB':>15} {'vs transformers':>15} "
               f"{'s':>6} {'loss':>8}  (median of {args.repeats})")
         med = {k: statistics.median(r["peak_kb"] for r in v) for k, v in results.items()}

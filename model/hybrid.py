@@ -178,7 +178,11 @@ class HybridLM(nn.Module):
     >>> logits = model(torch.randint(0, 512, (2, 24)))          # [2, 24, 512]
 
     ``seq_idx`` [B, T] (document index per token, non-decreasing) packs several documents in one row:
-    Mamba conv/SSM state resets and attention is masked at document starts.
+    Mamba conv/SSM state resets and attention stays within each document (no [T, T] mask is built).
+
+    Training: ``model(ids, seq_idx, labels=labels)`` → per-token cross-entropy [B, T] computed in chunks
+    (``loss_chunk_tokens``), never the [B, T, V] logits; ``set_activation_checkpointing(kinds)`` trades
+    recompute for activation memory per layer kind. See ``docs/LONG_CONTEXT.md``.
 
     Inference: pass a :class:`~model.cache.HybridCache` (``model.allocate_cache(batch, max_len)``) as
     ``cache=``; the input continues each row from its cached state and the cache is updated in place.
