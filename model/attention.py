@@ -1,6 +1,21 @@
 """Grouped-query attention of NemotronH: no positional embedding (no RoPE), no QK-norm, no biases
 by default. Position information comes from the Mamba-2 layers around it.
 
+Packed documents (``seq_idx``) attend causally within their own document, and no [T, T] mask is ever
+built (at 512k tokens one would be 256 GB). :class:`PackedDocuments` describes a packed batch once per
+forward and is shared by every attention layer; two exact paths read it:
+
+- **flex** (CUDA only): FlexAttention (``torch.nn.attention.flex_attention``, compiled) with a
+  document-causal ``BlockMask`` built straight from the document boundaries — O((T/128)²) int32 per row,
+  never the [T, T] boolean ``create_block_mask`` would evaluate;
+- **varlen** (CPU, and CUDA with attention dropout, which FlexAttention lacks): each row split at its
+  document boundaries (one host copy of the boundaries per forward), causal SDPA per document, outputs
+  concatenated. Mask memory O(#documents); FlexAttention has no backward on CPU in torch 2.13, so this is
+  the CPU training path.
+
+:func:`dense_document_attention` (the [B, 1, T, T] boolean mask through SDPA) is kept as the reference
+the tests compare both paths with. Unpacked input (``seq_idx=None``) is plain causal SDPA.
+
 With a :class:`model.cache.HybridCache`, :meth:`Attention.forward_cached` writes each row's new keys and
 values at its own positions (``cache.lengths[b] + t``) in the preallocated KV cache and attends over the
 cached prefix, masked per row to that row's length.
@@ -14,13 +29,186 @@ from torch import nn
 
 from .config import HybridConfig
 
+#: FlexAttention tile (query and key block) of the document BlockMask: the kernels' default
+FLEX_BLOCK = 128
+
 
 def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
-    """``seq_idx [b, t]`` → boolean mask [b, 1, t, t]: causal and within the same packed document."""
+    """``seq_idx [b, t]`` → boolean mask [b, 1, t, t]: causal and within the same packed document.
+
+    O(T²): the reference for tests and benches, never used by :class:`Attention`.
+    """
     t = seq_idx.shape[-1]
     causal = torch.ones(t, t, dtype=torch.bool, device=seq_idx.device).tril()
     same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]
     return (causal & same_doc)[:, None]
+
+
+def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: true where a document starts (position 0 of every row, and every change of ``seq_idx``)."""
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class PackedDocuments:
+    """The document layout of a packed batch, derived from ``seq_idx`` [B, T] once per forward.
+
+    A document is a maximal run of equal ``seq_idx`` values in a row (``seq_idx`` is non-decreasing by
+    contract, so runs and values agree). The backbone builds one per forward and hands it to every
+    attention layer; activation checkpointing's recompute reuses it. Each path's structure is computed
+    on first use and cached:
+
+    - :meth:`spans` — ``[(row, start, end), ...]``, one host copy of the boundaries (varlen path);
+    - :meth:`block_mask` — FlexAttention's document-causal ``BlockMask`` (flex path, no host sync).
+    """
+
+    def __init__(self, seq_idx: torch.Tensor):
+        if seq_idx.dim() != 2:
+            raise ValueError(f"seq_idx must be [batch, seqlen], got shape {tuple(seq_idx.shape)}")
+        self.seq_idx = seq_idx
+        self._spans: list[tuple[int, int, int]] | None = None
+        self._block_mask = None
+        self._flex_doc: torch.Tensor | None = None  # the run ids the BlockMask's mask_mod reads
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.seq_idx.shape)
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """``(row, start, end)`` of every document, row-major; the boundaries reach the host once."""
+        if self._spans is None:
+            b, t = self.seq_idx.shape
+            starts = document_starts(self.seq_idx).nonzero().tolist()  # [[row, start], ...] in row-major order
+            spans = []
+            for i, (row, start) in enumerate(starts):
+                nxt = starts[i + 1] if i + 1 < len(starts) else None
+                end = nxt[1] if nxt is not None and nxt[0] == row else t
+                spans.append((row, start, end))
+            self._spans = spans
+        return self._spans
+
+    def block_mask(self):
+        """FlexAttention ``BlockMask``: causal within documents, built from per-tile document ranges.
+
+        Tile pair (query tile i, key tile j ≤ i) has some allowed (q, k) iff j = i or the last document of
+        tile j is the first of tile i (documents are contiguous and ordered); it is *full* (no mask_mod
+        needed) iff j < i and tiles i and j lie in one document with no padding. Memory: a few
+        [B, T/128, T/128] int32 tensors, nothing [T, T]; all on the device, no host sync.
+        """
+        if self._block_mask is None:
+            self._block_mask, self._flex_doc = _document_block_mask(self.seq_idx)
+        return self._block_mask
+
+    def mask_bytes(self, path: str) -> int:
+        """Bytes of the mask structure a path holds: ``varlen`` (its spans, counted as 3 int64 each, plus
+        ``seq_idx``), ``flex`` (the BlockMask's tensors) or ``dense`` (what the dense reference would build)."""
+        b, t = self.seq_idx.shape
+        if path == "dense":
+            return b * t * t  # torch.bool
+        if path == "varlen":
+            return 3 * 8 * len(self.spans()) + self.seq_idx.numel() * self.seq_idx.element_size()
+        if path == "flex":
+            bm = self.block_mask()
+            tensors = [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                       bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices]
+            held = sum(x.numel() * x.element_size() for x in tensors if x is not None)
+            return held + self._flex_doc.numel() * self._flex_doc.element_size()
+        raise ValueError(f"unknown attention path {path!r}; expected dense, varlen or flex")
+
+
+def _document_block_mask(seq_idx: torch.Tensor):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, t = seq_idx.shape
+    blk = FLEX_BLOCK
+    nb = -(-t // blk)
+    pad = nb * blk - t
+    doc = document_starts(seq_idx).to(torch.int32).cumsum(1, dtype=torch.int32)  # run id, 1-based, non-decreasing
+    # Padded positions (t..nb·blk) get id 0, which no real token has: mask_mod is false there and every
+    # index flex may pass stays in bounds.
+    doc_padded = F.pad(doc, (0, pad), value=0)
+    tiles = F.pad(doc, (0, pad), value=-1).view(b, nb, blk)  # -1 marks padding for the tile ranges below
+    real = tiles >= 0
+    first = tiles[:, :, 0]  # a tile's first token is always real
+    last = torch.where(real, tiles, torch.zeros((), dtype=tiles.dtype, device=tiles.device)).amax(-1)
+    has_pad = ~real.all(-1)
+    i = torch.arange(nb, device=seq_idx.device)
+    below = (i[None, :] < i[:, None])[None]  # [1, q tile, k tile]: j < i
+    diag = (i[None, :] == i[:, None])[None]
+    touches = (below & (last[:, None, :] == first[:, :, None])) | diag  # [B, nq, nk]
+    full = below & (first[:, None, :] == last[:, :, None]) & ~has_pad[:, :, None] & ~has_pad[:, None, :]
+    partial = touches & ~full
+
+    def ordered(m: torch.Tensor):
+        m = m.to(torch.int32)
+        return (m.sum(-1).to(torch.int32)[:, None].contiguous(),
+                torch.argsort(m, dim=-1, descending=True, stable=True).to(torch.int32)[:, None].contiguous())
+
+    def mask_mod(bi, h, q, kv):
+        return (doc_padded[bi, q] == doc_padded[bi, kv]) & (q >= kv)
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=blk, mask_mod=mask_mod,
+                                    seq_lengths=(t, t))
+    return mask, doc_padded
+
+
+def dense_document_attention(q, k, v, seq_idx, *, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Reference: SDPA with the dense [B, 1, T, T] document-causal mask. ``q`` [B, Hq, T, D], ``k, v`` [B, Hkv, T, D]."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(seq_idx), dropout_p=dropout_p,
+                                          scale=scale, enable_gqa=True)
+
+
+def varlen_document_attention(q, k, v, docs: PackedDocuments, *, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Exact packed attention without a mask: causal SDPA per document, concatenated back along T.
+
+    The per-document calls take the memory-efficient causal SDPA path (O(T) extra memory); the
+    concatenation's backward is a split, so gradients cost no [T, T] either. One Python-level SDPA call
+    per document: cheap for the document counts packing produces (tens per row), slower for thousands of
+    one-token documents, where the work itself is tiny.
+    """
+    spans = docs.spans()
+    rows: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
+    for row, s, e in spans:
+        rows[row].append(F.scaled_dot_product_attention(
+            q[row:row + 1, :, s:e], k[row:row + 1, :, s:e], v[row:row + 1, :, s:e],
+            is_causal=True, dropout_p=dropout_p, scale=scale, enable_gqa=True))
+    return torch.cat([torch.cat(parts, dim=2) if len(parts) > 1 else parts[0] for parts in rows], dim=0)
+
+
+_compiled_flex = None
+
+
+def flex_document_attention(q, k, v, docs: PackedDocuments, *, scale: float, compiled: bool = True) -> torch.Tensor:
+    """FlexAttention with the document BlockMask. GPU path: compiled (``torch.compile(flex_attention)``,
+    fused kernels, forward and backward). ``compiled=False`` runs the unfused eager implementation, which
+    materialises scores and has no backward on CPU — only for checking the mask on CPU in tests."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = flex_attention
+    if compiled:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex
+    return fn(q, k, v, block_mask=docs.block_mask(), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def packed_attention(q, k, v, docs: PackedDocuments, *, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """The packed-document path for this input: flex on CUDA (without dropout), varlen otherwise."""
+    if q.is_cuda and dropout_p == 0.0 and flex_available():
+        return flex_document_attention(q, k, v, docs, scale=scale)
+    return varlen_document_attention(q, k, v, docs, scale=scale, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
@@ -38,7 +226,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                docs: PackedDocuments | None = None) -> torch.Tensor:
+        """``x`` [B, T, H]; packed documents by ``seq_idx`` (``docs``: its layout, if the caller built one
+        for several layers)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -47,8 +238,8 @@ class Attention(nn.Module):
         if seq_idx is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.scale, enable_gqa=True)
         else:
-            mask = document_causal_mask(seq_idx)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale, enable_gqa=True)
+            o = packed_attention(q, k, v, docs if docs is not None else PackedDocuments(seq_idx), scale=self.scale,
+                                 dropout_p=dropout)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
     def forward_cached(self, x: torch.Tensor, cache) -> torch.Tensor:

@@ -4,10 +4,16 @@ Module names follow the released NemotronH checkpoints (``backbone.embeddings``,
 .norm``/``.mixer``, ``backbone.norm_f``, ``lm_head``), so a state dict maps onto the safetensors layout
 key for key except that routed experts are stored stacked (``experts.up_proj [E, I, H]``) here and per
 expert in files; :mod:`model.checkpoint` does that mapping.
+
+Training memory (docs/LONG_CONTEXT.md): ``model(ids, seq_idx, labels=labels)`` returns per-token losses
+computed in chunks by :class:`~tandem.model.loss.LMHead` (no [B, T, V] logits); packed attention never
+builds a [T, T] mask (:mod:`model.attention`); :meth:`HybridLM.set_activation_checkpointing` recomputes
+the blocks of chosen layer kinds in the backward instead of keeping their activations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -15,10 +21,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention
+from .attention import Attention, PackedDocuments
 from .cache import HybridCache
-from .config import HybridConfig
+from .config import LAYER_KINDS, HybridConfig
+from .loss import LMHead
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
 from .moe import GroupedExperts, MoE, TopKRouter
@@ -41,16 +49,68 @@ def _generator(seed: int, key: str) -> torch.Generator:
     return g
 
 
+def activation_checkpointing_kinds(spec) -> frozenset[str]:
+    """``"all"``, ``"none"`` / None / ``[]``, one layer kind or a list of them → the set of kinds
+    (``mamba``, ``attention``, ``mlp``, ``moe``). Raises ``ValueError`` naming what was expected."""
+    kinds = frozenset(LAYER_KINDS.values())
+    if spec is None:
+        return frozenset()
+    if isinstance(spec, str):
+        if spec == "all":
+            return kinds
+        spec = [] if spec == "none" else [spec]
+    try:
+        chosen = frozenset(spec)
+    except TypeError:
+        chosen = None
+    if chosen is None or not all(isinstance(k, str) for k in chosen):
+        raise ValueError(f"expected 'all', 'none' or a list of layer kinds {sorted(kinds)}, got {spec!r}")
+    unknown = chosen - kinds
+    if unknown:
+        raise ValueError(f"unknown layer kind(s) {sorted(unknown)}; expected 'all', 'none' or a list of {sorted(kinds)}")
+    return chosen
+
+
 class HybridBlock(nn.Module):
+    """``x + mixer(norm(x))``. With ``activation_checkpointing`` (set per layer kind by
+    :meth:`HybridLM.set_activation_checkpointing`) the block keeps only its input for the backward and
+    recomputes the rest there (``torch.utils.checkpoint``, non-reentrant, RNG state restored so attention
+    dropout repeats). The checkpoint sits inside ``forward``, so hooks a wrapper puts on the block (FSDP
+    units) stay outside the recomputed region, and the mixer's modules run again on recompute, so
+    parameter-gathering hooks inside (ZeRO-3) fire again.
+
+    MoE blocks: the recompute runs the router, the dispatch and its collectives again (under expert
+    parallelism: every rank recomputes the same layers in the same order in its backward, so the
+    all-to-alls pair up; early stopping is off so each recompute runs the whole forward on every rank).
+    It must not record routing twice: :attr:`MoE.record_routing` is off while it runs, so token counts
+    and the aux loss (already added to the loss from the original forward) are left as they were.
+    """
+
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.kind = config.hybrid_override_pattern[layer_idx]
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.mixer = MIXERS[self.kind](config, layer_idx)
+        self.activation_checkpointing = False
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                docs: PackedDocuments | None = None) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, seq_idx, docs, use_reentrant=False, context_fn=self._contexts,
+                              early_stop=self.kind != "E")
+        return self._forward(x, seq_idx, docs)
+
+    def _forward(self, x, seq_idx, docs):
+        if self.kind == "*":
+            return x + self.mixer(self.norm(x), seq_idx, docs)
         return x + self.mixer(self.norm(x), seq_idx)
+
+    def _contexts(self):
+        """(original forward, recompute) contexts of the checkpoint."""
+        if self.kind == "E":
+            return contextlib.nullcontext(), _not_recording(self.mixer)
+        return contextlib.nullcontext(), contextlib.nullcontext()
 
     def forward_cached(self, x: torch.Tensor, cache: HybridCache, new_lengths: torch.Tensor | None) -> torch.Tensor:
         """Inference step with a cache; MLP/MoE layers are per token and need none."""
@@ -64,7 +124,17 @@ class HybridBlock(nn.Module):
         return x + self.mixer(h)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer_idx}, kind={self.kind!r}"
+        ac = ", activation_checkpointing" if self.activation_checkpointing else ""
+        return f"layer={self.layer_idx}, kind={self.kind!r}{ac}"
+
+
+@contextlib.contextmanager
+def _not_recording(moe: MoE):
+    moe.record_routing = False
+    try:
+        yield
+    finally:
+        moe.record_routing = True
 
 
 class HybridBackbone(nn.Module):
@@ -78,8 +148,10 @@ class HybridBackbone(nn.Module):
                 cache: HybridCache | None = None, new_lengths: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embeddings(input_ids)
         if cache is None:
+            # one document layout per forward, shared by every attention layer (and their recomputes)
+            docs = PackedDocuments(seq_idx) if seq_idx is not None else None
             for layer in self.layers:
-                h = layer(h, seq_idx)
+                h = layer(h, seq_idx, docs)
         else:
             for layer in self.layers:
                 h = layer.forward_cached(h, cache, new_lengths)
@@ -106,7 +178,11 @@ class HybridLM(nn.Module):
     >>> logits = model(torch.randint(0, 512, (2, 24)))          # [2, 24, 512]
 
     ``seq_idx`` [B, T] (document index per token, non-decreasing) packs several documents in one row:
-    Mamba conv/SSM state resets and attention is masked at document starts.
+    Mamba conv/SSM state resets and attention stays within each document (no [T, T] mask is built).
+
+    Training: ``model(ids, seq_idx, labels=labels)`` → per-token cross-entropy [B, T] computed in chunks
+    (``loss_chunk_tokens``), never the [B, T, V] logits; ``set_activation_checkpointing(kinds)`` trades
+    recompute for activation memory per layer kind. See ``docs/LONG_CONTEXT.md``.
 
     Inference: pass a :class:`~model.cache.HybridCache` (``model.allocate_cache(batch, max_len)``) as
     ``cache=``; the input continues each row from its cached state and the cache is updated in place.
@@ -126,7 +202,7 @@ class HybridLM(nn.Module):
         # init (which init_weights replaces), and the global RNG is left untouched.
         with torch.device("meta"):
             self.backbone = HybridBackbone(config)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         if device.type != "meta":
             self.to_empty(device=device)
             self.init_weights(seed=init_seed)
@@ -163,9 +239,46 @@ class HybridLM(nn.Module):
         return self.backbone(input_ids, cache=cache, new_lengths=lengths)
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None, *,
-                cache: HybridCache | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """``input_ids`` [B, T] → logits [B, T, V] (with ``cache``: continuing from it; see the class doc)."""
-        return self.lm_head(self.hidden_states(input_ids, seq_idx, cache=cache, lengths=lengths))
+                cache: HybridCache | None = None, lengths: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, temperature: float = 1.0, entropy: bool = False):
+        """``input_ids`` [B, T] → logits [B, T, V] (with ``cache``: continuing from it; see the class doc).
+
+        With ``labels`` [B, T] (next-token ids; negative = ignored): per-token cross-entropy [B, T] fp32 of
+        ``softmax(logits / temperature)`` instead, computed in chunks without ever holding [B, T, V]
+        (:class:`~tandem.model.loss.LMHead`); 0 at ignored positions. ``entropy=True`` returns
+        ``(cross-entropy, entropy)``, the entropy without gradient. The loss is computed here, in the
+        model's forward, so DDP / FSDP2 / DeepSpeed wrappers see one forward as usual.
+        """
+        if labels is None:
+            if entropy:
+                raise ValueError("entropy=True needs labels")
+            return self.lm_head(self.hidden_states(input_ids, seq_idx, cache=cache, lengths=lengths))
+        if cache is not None:
+            raise ValueError("labels (a training loss) cannot be combined with a cache")
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        return self.lm_head(self.hidden_states(input_ids, seq_idx), labels, temperature=temperature, entropy=entropy)
+
+    # ------------------------------------------------------------------------------------------------
+    def set_activation_checkpointing(self, kinds) -> frozenset[str]:
+        """Recompute the blocks of these layer kinds in the backward (``"all"``, ``"none"``, or a list of
+        ``mamba`` / ``attention`` / ``mlp`` / ``moe``); returns the set. Gradients are unchanged; only
+        what is kept between forward and backward is. See :class:`HybridBlock`."""
+        chosen = activation_checkpointing_kinds(kinds)
+        for layer in self.backbone.layers:
+            layer.activation_checkpointing = LAYER_KINDS[layer.kind] in chosen
+        return chosen
+
+    @property
+    def loss_chunk_tokens(self) -> int | None:
+        """Tokens per chunk of the label path's logits (None: 256 MiB of fp32 logits per chunk)."""
+        return self.lm_head.chunk_tokens
+
+    @loss_chunk_tokens.setter
+    def loss_chunk_tokens(self, value: int | None) -> None:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"loss_chunk_tokens must be a positive integer or None, got {value!r}")
+        self.lm_head.chunk_tokens = value
 
     def allocate_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> HybridCache:
         """An empty :class:`HybridCache` for this model (its device; KV in ``dtype``, default the model's)."""

@@ -262,6 +262,9 @@ class MoE(nn.Module):
         # and load metrics); training mode only. Not saved: it is reset after every optimizer step.
         self.register_buffer("tokens_per_expert_acc", torch.zeros(self.num_experts, dtype=torch.float64), persistent=False)
         self._aux_loss: torch.Tensor | None = None
+        # False while activation checkpointing recomputes this layer's forward in the backward: the
+        # original forward already counted its tokens and recorded its aux loss (same routing).
+        self.record_routing = True
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -277,10 +280,13 @@ class MoE(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         routing = self.gate(x)
-        self._aux_loss = None
+        record = self.record_routing
+        if record:
+            self._aux_loss = None
         if self.training:
-            with torch.no_grad():
-                self.tokens_per_expert_acc += torch.bincount(routing.topk_idx.reshape(-1), minlength=self.num_experts).double()
+            if record:
+                with torch.no_grad():
+                    self.tokens_per_expert_acc += torch.bincount(routing.topk_idx.reshape(-1), minlength=self.num_experts).double()
             if self.aux_loss_coeff > 0 or self.z_loss_coeff > 0:
                 batch = shape[0] if len(shape) == 3 else 1
                 aux = routing.logits.new_zeros(())
@@ -288,7 +294,8 @@ class MoE(nn.Module):
                     aux = aux + self.aux_loss_coeff * sequence_aux_loss(routing.scores, routing.topk_idx, batch)
                 if self.z_loss_coeff > 0:
                     aux = aux + self.z_loss_coeff * router_z_loss(routing.logits)
-                self._aux_loss = aux
+                if record:  # a recompute still builds aux: checkpointing needs the same saved tensors
+                    self._aux_loss = aux
         if self.fc1_latent_proj is not None:
             x = self.fc1_latent_proj(x)
         x_sorted, tokens_per_expert, ctx = self.dispatcher.dispatch(x, routing.topk_idx, self.num_experts)

@@ -21,8 +21,8 @@ from tandem.model import HybridConfig
 
 __all__ = [
     "BlendEntry", "ChatDataConfig", "ConfigError", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-    "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "register_configs",
-    "validate_config", "validate_grpo",
+    "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "configure_memory",
+    "register_configs", "validate_config", "validate_grpo", "validate_memory",
 ]
 
 
@@ -45,6 +45,11 @@ def _model_config_class():
         # Initial weights: a released/HF-layout checkpoint directory, or a tandem run checkpoint
         # (its model/ subfolder is used; weights only — a new stage starts fresh optimizer and data).
         ("init_from", Optional[str], None),
+        # Training memory (docs/LONG_CONTEXT.md), not part of the network or its config.json:
+        # layer kinds whose blocks are recomputed in the backward: all | none | [mamba, attention, mlp, moe]
+        ("activation_checkpointing", Any, "none"),
+        # tokens per chunk of the loss's vocabulary projection (null: 256 MiB of fp32 logits per chunk)
+        ("loss_chunk_tokens", Optional[int], None),
     ]
     for f in dataclasses.fields(HybridConfig):
         spec.append((f.name, _optional_type(hints[f.name]), dataclasses.field(default=None)))
@@ -81,6 +86,13 @@ def build_hybrid_config(cfg: Any) -> HybridConfig:
         return read_config(weights_dir(get("init_from"))).replace(**overrides)
     return HybridConfig.preset(get("preset"), **overrides)
 
+
+
+def configure_memory(model: Any, cfg: Any) -> None:
+    """Apply ``model.activation_checkpointing`` and ``model.loss_chunk_tokens`` (``cfg`` = the ``model``
+    section) to a built :class:`~tandem.model.HybridLM`, before any engine wraps it."""
+    model.set_activation_checkpointing(_plain(cfg.activation_checkpointing))
+    model.loss_chunk_tokens = cfg.loss_chunk_tokens
 
 
 class ConfigError(ValueError):
@@ -323,7 +335,32 @@ def validate_config(cfg: Any) -> None:
         raise ConfigError(f"data.valid_fraction must be in [0, 1), got {cfg.data.valid_fraction}")
     if cfg.logger.kind not in LOGGER_KINDS:
         raise ConfigError(f"logger.kind must be one of {list(LOGGER_KINDS)}, got {cfg.logger.kind!r}")
+    validate_memory(cfg)
     validate_grpo(cfg.stage.grpo)
+
+
+def validate_memory(cfg: Any) -> None:
+    """``model.activation_checkpointing`` and ``model.loss_chunk_tokens`` (ConfigError naming the key)."""
+    from tandem.model.hybrid import activation_checkpointing_kinds
+
+    try:
+        kinds = activation_checkpointing_kinds(_plain(cfg.model.activation_checkpointing))
+    except ValueError as e:
+        raise ConfigError(f"model.activation_checkpointing: {e}") from None
+    chunk = cfg.model.loss_chunk_tokens
+    if chunk is not None and chunk < 1:
+        raise ConfigError(f"model.loss_chunk_tokens must be >= 1 or null, got {chunk}")
+    if kinds and cfg.precision.name == "fp8_delayed":
+        # A recompute would quantize with the scale its own forward just updated (not the original one)
+        # and push every amax into the history twice.
+        raise ConfigError("model.activation_checkpointing cannot be combined with precision.name=fp8_delayed: "
+                          "recomputing a block would advance the amax history again; use fp8_current or fp8_block")
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def validate_grpo(g: Any) -> None:

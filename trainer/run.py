@@ -13,7 +13,7 @@ from tandem.model.checkpoint_io import CheckpointError
 from tandem.model.precision import PrecisionError, apply_precision
 
 from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint
-from .config import ConfigError, build_hybrid_config, validate_config
+from .config import ConfigError, build_hybrid_config, configure_memory, validate_config
 from .data import DataError
 from .loop import Trainer
 from .metrics import (ConsoleSink, JsonlSink, WandbSink, memory_now_bytes, model_flops_per_token,
@@ -56,6 +56,7 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.stage.seed + info.rank)
     memory_base = memory_now_bytes(info.device)  # the runtime alone: what the planner's figures come on top of
     model = build_model(model_cfg, info, init_seed=cfg.model.init_seed)  # only this rank's experts are allocated
+    configure_memory(model, cfg.model)  # activation checkpointing per layer kind, loss chunk size
     try:
         model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
     except PrecisionError as e:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from ..data import DataError
 
@@ -27,13 +26,14 @@ class LossOutput:
 
 
 def token_cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-    """Σ next-token cross-entropy over ``loss_mask`` (fp32 logits), plus the MoE auxiliary losses.
+    """Σ next-token cross-entropy over ``loss_mask`` (fp32), plus the MoE auxiliary losses.
 
+    The model computes the per-token cross-entropy in its forward (``labels=``), in chunks of tokens, so
+    the [B, T, V] logits never exist; a negative label counts 0, like ``F.cross_entropy``'s ignore index.
     The aux losses are per-micro-batch means; they enter the sum weighted by the micro-batch's target
     tokens, so after the loop's global normalisation they are a token-weighted mean like the CE.
     """
-    logits = model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    per_token = model(batch["input_ids"], seq_idx=batch.get("seq_idx"), labels=batch["labels"]).flatten()
     mask = batch["loss_mask"].flatten().to(per_token.dtype)
     loss_sum, num_tokens = (per_token * mask).sum(), mask.sum()
     aux = getattr(getattr(model, "module", model), "aux_loss", lambda: None)()

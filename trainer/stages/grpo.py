@@ -57,7 +57,7 @@ from .base import LossOutput, Stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GRPOStage", "Rollout", "pack_rollouts", "token_logprobs", "SOLVED_REWARD"]
+__all__ = ["GRPOStage", "Rollout", "pack_rollouts", "model_logprobs", "token_logprobs", "SOLVED_REWARD"]
 
 #: a rollout counts as solved (pass@1, pass@G) when its reward is at least this (the built-in tasks give 0/1)
 SOLVED_REWARD = 1.0
@@ -133,6 +133,15 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     with torch.no_grad():
         ent = -(logp_all.exp() * logp_all).sum(-1)
     return logp, ent
+
+
+def model_logprobs(model, input_ids, seq_idx, labels, temperature: float, entropy: bool = False):
+    """:func:`token_logprobs` of ``model``'s logits, computed in the model's forward in chunks of tokens
+    (``labels=``: no [B, T, V] logits); the same values."""
+    out = model(input_ids, seq_idx=seq_idx, labels=labels, temperature=temperature, entropy=entropy)
+    if entropy:
+        return -out[0], out[1]
+    return -out
 
 
 class GRPOStage(Stage):
@@ -360,9 +369,9 @@ class GRPOStage(Stage):
             for b in batches:
                 ids, seq_idx, labels = b["input_ids"].to(dev), b["seq_idx"].to(dev), b["labels"].to(dev)
                 with autocast_context(self.precision, dev):
-                    b["logp_old"] = token_logprobs(model(ids, seq_idx=seq_idx), labels, self.g.temperature).cpu()
+                    b["logp_old"] = model_logprobs(model, ids, seq_idx, labels, self.g.temperature).cpu()
                     if self.reference is not None:
-                        b["logp_ref"] = token_logprobs(self.reference(ids, seq_idx=seq_idx), labels, self.g.temperature).cpu()
+                        b["logp_ref"] = model_logprobs(self.reference, ids, seq_idx, labels, self.g.temperature).cpu()
         finally:
             model.train(was)
 
@@ -400,8 +409,8 @@ class GRPOStage(Stage):
 
     # ------------------------------------------------------------------------------------------------
     def loss(self, model, batch) -> LossOutput:
-        logits = model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
-        logp, entropy = token_logprobs(logits, batch["labels"], self.g.temperature, entropy=True)
+        logp, entropy = model_logprobs(model, batch["input_ids"], batch.get("seq_idx"), batch["labels"], self.g.temperature,
+                                       entropy=True)
         g = self.g
         cfg = PolicyLossConfig(name=g.loss, eps_low=g.eps_low, eps_high=g.eps_high, dual_clip=g.dual_clip,
                                kl_beta=g.kl_beta, is_cap=g.is_cap)
