@@ -264,6 +264,10 @@ class RunSection:
     # auto: resume from <dir>/checkpoints/latest if present; never: start fresh (refuses a non-empty run
     # directory); or an explicit checkpoint path.
     resume: str = "auto"
+    # A resume refuses a changed schedule (trainer/loop.py: Trainer.schedule). true: stage.steps may differ
+    # from the checkpoint's — the run is extended (or shortened); the LR curve is recomputed over the new
+    # total and the stage re-plans its data from the resume step (docs/RECIPES.md, "Extending a run").
+    extend: bool = False
 
 
 @dataclass

@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> dict:
     if resume_from is not None:
         trainer_state, optimizer_state = checkpoints.load(resume_from, model)
         try:
-            trainer.restore(trainer_state)
+            trainer.restore(trainer_state, source=resume_from)
         except (KeyError, TypeError) as e:  # a trainer_state.json that parses but lacks fields
             raise CheckpointError(f"{resume_from / 'trainer_state.json'}: not a tandem trainer state "
                                   f"(missing or malformed {e})") from None

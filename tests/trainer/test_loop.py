@@ -117,7 +117,7 @@ def test_phase_switch_and_no_replay():
     seen = []
     for s in range(10):
         stage.batches_for_step(s)
-        seen.append(dict(stage.schedule.offsets))
+        seen.append(dict(stage.blend.offsets))
     # phase 1: 40 samples at 3:1; phase 2: 40 more prose samples continuing at offset 10, no replay
     assert seen[4] == {"synthetic:copy": 30, "synthetic:prose": 10}
     assert seen[9] == {"synthetic:copy": 30, "synthetic:prose": 50}

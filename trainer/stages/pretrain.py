@@ -52,7 +52,7 @@ class PretrainStage(Stage):
                     prepare(data.seq_len)
                 except (FileNotFoundError, ValueError) as e:
                     raise DataError(f"{path}: {e}") from None
-        self.schedule = BlendSchedule(phases, sources)
+        self.blend = BlendSchedule(phases, sources)
         # Every step has the same token count, so the token-fraction switch is a step index.
         self.phase2_step = math.ceil(data.phase2_start * stage.steps) if data.phase2 else stage.steps + 1
         log.info("data phase 1 blend: %s", phases[0])
@@ -65,20 +65,21 @@ class PretrainStage(Stage):
             raise DataError(f"model.vocab_size={config.vocab_size}: the byte-level data sources need at least 259 token ids")
 
     def phase_for_step(self, step: int) -> int:
-        return 1 if step >= self.phase2_step else 0
+        # never back to phase 1 once phase 2 has started (a run extended after its switch: run.extend)
+        return 1 if step >= self.phase2_step or self.blend.phase == 1 else 0
 
     def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
-        if self.schedule.set_phase(self.phase_for_step(step)):
-            log.info("step %d: switching to data phase %d", step, self.schedule.phase + 1)
-        drawn = self.schedule.advance(self.stage.global_batch)  # every rank advances over the whole step
+        if self.blend.set_phase(self.phase_for_step(step)):
+            log.info("step %d: switching to data phase %d", step, self.blend.phase + 1)
+        drawn = self.blend.advance(self.stage.global_batch)  # every rank advances over the whole step
         per_rank = self.stage.global_batch // self.world_size
         mine = drawn[self.rank * per_rank: (self.rank + 1) * per_rank]
-        samples = [self.schedule.sources[name].sample("train", idx, self.data.seq_len) for name, idx in mine]
+        samples = [self.blend.sources[name].sample("train", idx, self.data.seq_len) for name, idx in mine]
         mb = self.stage.micro_batch
         return [make_batch(samples[i: i + mb]) for i in range(0, len(samples), mb)]
 
     def eval_batches(self):
-        sources = [name for name, w in self.schedule.phases[self.schedule.phase] if w > 0]
+        sources = [name for name, w in self.blend.phases[self.blend.phase] if w > 0]
         # A fixed held-out set of eval_batches × micro_batch windows, the same at every evaluation and for
         # any number of ranks (rank r takes every world_size-th window). Every rank yields the same number
         # of batches — sharded engines (ZeRO-3) need every rank in every forward — so ranks short of
@@ -90,15 +91,22 @@ class PretrainStage(Stage):
         windows = mine + [None] * (per_rank - len(mine))
         for start in range(0, per_rank, mb):
             idx = windows[start: start + mb]
-            batch = make_batch([self.schedule.sources[sources[(i or 0) % len(sources)]].sample("valid", i or 0, self.data.seq_len) for i in idx])
+            batch = make_batch([self.blend.sources[sources[(i or 0) % len(sources)]].sample("valid", i or 0, self.data.seq_len) for i in idx])
             batch["loss_mask"][torch.tensor([i is None for i in idx])] = 0.0
             yield batch
+
+    def schedule(self) -> dict:
+        d = self.data
+        blend = lambda entries: [[e.path, float(e.weight)] for e in entries]
+        return {"data.phase1": blend(d.phase1), "data.phase2": blend(d.phase2),
+                "data.phase2_start": float(d.phase2_start) if d.phase2 else 1.0,
+                "data.seq_len": d.seq_len, "data.seed": d.seed, "data.valid_fraction": float(d.valid_fraction)}
 
     def step_info(self, step: int) -> dict:
         return {"phase": self.phase_for_step(step) + 1}
 
     def state_dict(self) -> dict:
-        return {"blend": self.schedule.state_dict()}
+        return {"blend": self.blend.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.schedule.load_state_dict(state["blend"])
+        self.blend.load_state_dict(state["blend"])
