@@ -49,6 +49,8 @@ def run(cfg: DictConfig) -> dict:
         model_cfg = build_hybrid_config(cfg.model)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    if cfg.data.cache_dir is None:  # megatron's index caches: in the run, never beside the (maybe read-only) data
+        cfg.data.cache_dir = str(run_dir / "data_cache")
     stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size)
     stage.check_model(model_cfg)
 
