@@ -69,15 +69,15 @@ def pretrain_plan(data) -> PretrainPlan:
         blend: dict[str, float] = {}
         for i, e in enumerate(entries):
             path, weight = (e["path"], e["weight"]) if isinstance(e, dict) else (e.path, e.weight)
-            where = f"{key}[{i}]" if key != "data.path" else key
+            path_key, weight_key = (key, key) if key == "data.path" else (f"{key}[{i}].path", f"{key}[{i}].weight")
             if weight < 0:
-                raise DataError(f"{where}.weight must be >= 0, got {weight}")
+                raise DataError(f"{weight_key} must be >= 0, got {weight}")
             if path in blend:
-                raise DataError(f"{where}.path: {path!r} is listed twice in {key}")
+                raise DataError(f"{path_key}: {path!r} is listed twice in {key}")
             try:
-                kinds.setdefault(is_byte_level(path), f"{where}{'.path' if key != 'data.path' else ''} ({path!r})")
+                kinds.setdefault(is_byte_level(path), f"{path_key} ({path!r})")
             except ValueError as e:
-                raise DataError(f"{where}{'.path' if key != 'data.path' else ''}: {e}") from None
+                raise DataError(f"{path_key}: {e}") from None
             blend[path] = float(weight)
         if sum(blend.values()) <= 0:
             raise DataError(f"{key}: all blend weights are zero")
