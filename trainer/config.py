@@ -145,8 +145,9 @@ class DataConfig:
     # No loss where the input token is EOD (megatron's eod_mask_loss): the next document's first token
     # cannot be predicted from a context that seq_idx has just reset.
     eod_mask_loss: bool = True
-    # DataLoader worker processes per rank preparing batches a step ahead (0 = in the training process).
-    num_workers: int = 1
+    # DataLoader worker processes per rank preparing batches a step ahead (0 = in the training process;
+    # the CPU smoke recipes use 0: with no core to spare, a worker costs more than it hides).
+    num_workers: int = 2
     # SFT conversations (stage.name=sft); pretraining reads phase1/phase2.
     chat: ChatDataConfig = field(default_factory=ChatDataConfig)
     # RL prompts (stage.name=grpo).

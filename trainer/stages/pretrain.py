@@ -76,7 +76,7 @@ class PretrainStage(Stage):
         self.collate = Collator(self.tokenizer.eod)
         self._iter = None
         self._next_step = 0  # steps whose batches were served: the data position saved in checkpoints
-        self._wait = 0.0
+        self._wait, self._t_step = 0.0, time.perf_counter()
         gb = stage.global_batch
         bounds = phase_boundaries(cfg, stage.steps * gb, gb)
         for p, key, a, b in zip(cfg.phases, self.plan.keys, bounds[:-1], bounds[1:]):
@@ -160,7 +160,7 @@ class PretrainStage(Stage):
         if step and self.phase_index(step) != self.phase_index(step - 1):
             log.info("step %d: switching to data %s", step, self.datasets.train.phase_names[self.phase_index(step)])
         per_step = self.stage.global_batch // (self.stage.micro_batch * self.world_size)
-        t0 = time.perf_counter()
+        self._t_step = t0 = time.perf_counter()
         batches = [next(self._iter) for _ in range(per_step)]
         self._wait = time.perf_counter() - t0
         self._next_step = step + 1
@@ -178,7 +178,10 @@ class PretrainStage(Stage):
         return out
 
     def after_step(self, step: int, finite: bool) -> dict:
-        return {"data/wait_s": self._wait}  # this rank's time blocked on the loader in this step
+        """This rank's time blocked on the loader in this step, in seconds and as a share of the step
+        (from its batches to the end of the optimizer step): near 0 while loading hides behind compute."""
+        elapsed = time.perf_counter() - self._t_step
+        return {"data/wait_s": self._wait, "data/wait_fraction": self._wait / max(elapsed, 1e-9)}
 
     def eval_batches(self):
         self.build()
