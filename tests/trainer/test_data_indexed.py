@@ -81,11 +81,11 @@ def test_skewed_blend_two_ranks_read_only_data_exact_resume(data_dir, tmp_path):
 def test_own_data_in_one_override(data_dir, tmp_path):
     """``data.path=<prefix>`` replaces the recipe's two phases (the smoke recipe's are generated data)."""
     run_dir = tmp_path / "own"
-    res = run_cli("-cn", "smoke", *TINY_RUN, "stage.steps=3", "data.valid_fraction=0.1", f"data.path={data_dir / 'mid'}",
+    res = run_cli("-cn", "smoke", *TINY_RUN, "stage.steps=2", "data.valid_fraction=0.1", f"data.path={data_dir / 'mid'}",
                   f"run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     records = read_records(run_dir)
-    assert len(records) == 3 and {r["phase"] for r in records} == {1} and {r["data/share/mid"] for r in records} == {1.0}
+    assert len(records) == 2 and {r["phase"] for r in records} == {1} and {r["data/share/mid"] for r in records} == {1.0}
     assert "val_loss" in records[-1]
 
 
