@@ -234,11 +234,17 @@ class ResumableBatchSampler:
 
 
 def build_dataloader(dataset, micro_batch_size: int, *, eod: int, consumed_samples: int = 0, dp_rank: int = 0,
-                     dp_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
-    """A ``torch.utils.data.DataLoader`` over a map-style dataset with exact resume and DP sharding."""
+                     dp_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                     prefetch_factor: int | None = None):
+    """A ``torch.utils.data.DataLoader`` over a map-style dataset with exact resume and DP sharding.
+
+    With ``num_workers`` > 0, worker processes read and collate ahead of the training loop
+    (``prefetch_factor`` micro-batches each; the batches still arrive in sampler order, so the order —
+    and resume — do not depend on the worker count)."""
     from torch.utils.data import DataLoader
 
     sampler = ResumableBatchSampler(len(dataset), micro_batch_size, consumed_samples=consumed_samples,
                                     dp_rank=dp_rank, dp_size=dp_size)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(eod), num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                      prefetch_factor=prefetch_factor if num_workers > 0 else None)

@@ -134,6 +134,12 @@ class RLDataConfig:
 
 @dataclass
 class DataConfig:
+    """Pretraining reads ``path`` / ``blend`` / ``phase1``+``phase2`` (docs/DATA.md, trainer/data.py)."""
+
+    # Your own data in one override: one source (a tandem-preprocess prefix or a source spec), or one blend,
+    # for the whole run. Either replaces phase1/phase2/phase2_start (the recipe's phases are not used).
+    path: Optional[str] = None
+    blend: List[BlendEntry] = field(default_factory=list)
     # Phase-1 blend (e.g. the diversity mixture) and the phase-2 blend (e.g. the high-quality mixture).
     phase1: List[BlendEntry] = field(default_factory=list)
     phase2: List[BlendEntry] = field(default_factory=list)
@@ -143,6 +149,17 @@ class DataConfig:
     # Fraction of every source's documents held out for evaluation.
     valid_fraction: float = 0.02
     seed: int = 1234
+    # The tokenizer the indexed sources were made with (a local HF folder / tokenizer.json); null = the
+    # shipped one (tandem-preprocess's default). Checked against each source's manifest.
+    tokenizer: Optional[str] = None
+    # megatron's index caches and the blend indices; null = <run.dir>/data_cache (the data folder may be read-only).
+    cache_dir: Optional[str] = None
+    # No loss where the input token is EOD (megatron's eod_mask_loss): the next document's first token
+    # cannot be predicted from a context that seq_idx has just reset.
+    eod_mask_loss: bool = True
+    # DataLoader worker processes per rank preparing batches a step ahead (0 = in the training process;
+    # the CPU smoke recipes use 0: with no core to spare, a worker costs more than it hides).
+    num_workers: int = 2
     # SFT conversations (stage.name=sft); pretraining reads phase1/phase2.
     chat: ChatDataConfig = field(default_factory=ChatDataConfig)
     # RL prompts (stage.name=grpo).
@@ -276,6 +293,10 @@ class RunSection:
     # auto: resume from <dir>/checkpoints/latest if present; never: start fresh (refuses a non-empty run
     # directory); or an explicit checkpoint path.
     resume: str = "auto"
+    # A resume refuses a changed schedule (trainer/loop.py: Trainer.schedule). true: stage.steps may differ
+    # from the checkpoint's — the run is extended (or shortened); the LR curve is recomputed over the new
+    # total and the stage re-plans its data from the resume step (docs/RECIPES.md, "Extending a run").
+    extend: bool = False
 
 
 @dataclass
@@ -311,7 +332,7 @@ def register_configs() -> None:
 _AT_LEAST = {
     "stage.steps": 1, "stage.global_batch": 1, "stage.micro_batch": 1, "data.seq_len": 1, "logger.log_every": 1,
     "stage.eval_every": 0, "stage.eval_batches": 0, "stage.save_every": 0, "stage.keep_last": 1,
-    "optim.warmup_steps": 0,
+    "optim.warmup_steps": 0, "data.num_workers": 0,
 }
 
 
@@ -331,6 +352,8 @@ def validate_config(cfg: Any) -> None:
         value = cfg[section][name]
         if value < least:
             raise ConfigError(f"{key} must be >= {least}, got {value}")
+    if cfg.data.path and cfg.data.blend:
+        raise ConfigError("data.path and data.blend are both set; give one (data.path=<prefix> is a one-source blend)")
     if not 0.0 <= cfg.data.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction must be in [0, 1), got {cfg.data.valid_fraction}")
     if cfg.logger.kind not in LOGGER_KINDS:

@@ -9,6 +9,7 @@ checkpoints, and preemption (SIGTERM/SIGUSR1/SIGINT → finish the step, checkpo
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -233,18 +234,32 @@ class Trainer:
         return record
 
     # ------------------------------------------------------------------------------------------------
+    def schedule(self) -> dict:
+        """What the step order and the LR curve depend on, as ``{config key: value}``: stored in every
+        checkpoint's trainer state and compared on resume (:meth:`restore`). The stage adds its data
+        schedule (:meth:`Stage.schedule`). ``optim.lr``/``min_lr`` are not in it: the curve's shape is fixed,
+        its height may be changed on a resume."""
+        c = self.cfg
+        out = {"stage.steps": c.stage.steps, "stage.global_batch": c.stage.global_batch,
+               **{f"optim.{k}": getattr(c.optim, k) for k in ("schedule", "warmup_steps", "decay_fraction", "decay_style")}}
+        out.update(self.stage.schedule())
+        return json.loads(json.dumps(out))  # the JSON form the checkpoint holds (tuples → lists)
+
     def trainer_state(self) -> dict:
         return {
             "step": self.state.step, "tokens": self.state.tokens, "target_tokens": self.state.target_tokens,
             "nan_skipped": self.state.nan_skipped,
             "nan_consecutive": self.state.nan_consecutive, "stage": self.stage.name,
-            "stage_state": self.stage.state_dict(), "extra": self.state.extra,
+            "stage_state": self.stage.state_dict(), "schedule": self.schedule(), "extra": self.state.extra,
         }
 
     def save(self):
         return self.checkpoints.save(self.state.step, self.engine, self.model.config, self.trainer_state())
 
-    def restore(self, trainer_state: dict) -> None:
+    def restore(self, trainer_state: dict, source=None) -> None:
+        """Continue from a checkpoint's trainer state (``source``: its path, for messages). Refuses
+        (ConfigError) a run whose :meth:`schedule` differs from the checkpoint's, naming every difference,
+        unless ``run.extend`` allows a changed ``stage.steps``; runs before anything is written."""
         if trainer_state["stage"] != self.stage.name:
             raise ConfigError(
                 f"checkpoint is from stage {trainer_state['stage']!r}, this run is {self.stage.name!r}; "
@@ -256,6 +271,29 @@ class Trainer:
             nan_consecutive=trainer_state["nan_consecutive"], extra=trainer_state.get("extra", {}),
         )
         self.stage.load_state_dict(trainer_state["stage_state"])
+        self._check_schedule(trainer_state.get("schedule"), source)
+
+    def _check_schedule(self, stored: dict | None, source) -> None:
+        where = f"checkpoint {source}" if source is not None else "the checkpoint"
+        if stored is None:  # written before schedules were recorded
+            log.warning("%s records no schedule: cannot check that this run continues it unchanged", where)
+            return
+        current = self.schedule()
+        missing = object()
+        changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k, missing) != current.get(k, missing)]
+        extendable = {"stage.steps"} if self.cfg.run.extend else set()
+        refused = [k for k in changed if k not in extendable]
+        if refused:
+            show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
+            diffs = "; ".join(f"{k}: {show(stored, k)} -> {show(current, k)}" for k in refused)
+            hint = (" To train it for a different number of steps, add run.extend=true." if refused == ["stage.steps"]
+                    else " Keep the checkpoint's values, or start a new stage from its weights with model.init_from=<checkpoint> and a new run.dir.")
+            raise ConfigError(f"{where} was trained with another schedule, so resuming would not continue it exactly: {diffs}.{hint}")
+        if "stage.steps" in changed:
+            old_total, step = stored["stage.steps"], self.state.step
+            log.warning("run.extend: %s ran to step %d of %d; continuing to %d steps. LR at step %d: %.3g (old plan) -> %.3g",
+                        where, step, old_total, self.cfg.stage.steps, step, lr_at(step, old_total, self.cfg.optim),
+                        lr_at(step, self.cfg.stage.steps, self.cfg.optim))
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT and self._signal == signal.SIGINT:

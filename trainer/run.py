@@ -50,6 +50,8 @@ def run(cfg: DictConfig) -> dict:
         model_cfg = build_hybrid_config(cfg.model)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    if cfg.data.cache_dir is None:  # megatron's index caches: in the run, never beside the (maybe read-only) data
+        cfg.data.cache_dir = str(run_dir / "data_cache")
     stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size)
     stage.check_model(model_cfg)
 
@@ -79,7 +81,7 @@ def run(cfg: DictConfig) -> dict:
     if resume_from is not None:
         trainer_state, optimizer_state = checkpoints.load(resume_from, model)
         try:
-            trainer.restore(trainer_state)
+            trainer.restore(trainer_state, source=resume_from)
         except (KeyError, TypeError) as e:  # a trainer_state.json that parses but lacks fields
             raise CheckpointError(f"{resume_from / 'trainer_state.json'}: not a tandem trainer state "
                                   f"(missing or malformed {e})") from None
