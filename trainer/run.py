@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(str(e)) from None
     optimizer = build_optimizer(model, cfg.optim)
     checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size, async_save=cfg.stage.async_save)
-    engine_spec = ENGINES[engine_name(cfg.parallel, info)]
+    engine_spec = ENGINES[engine_name(cfg.parallel, info, cfg.stage)]
 
     resume_from = None
     if cfg.run.resume == "auto":

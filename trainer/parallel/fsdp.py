@@ -29,7 +29,7 @@ shards; expert tensors are re-described as pieces of the whole ``[E, ...]`` tens
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -67,9 +67,13 @@ def expert_param_names(model: nn.Module) -> dict[str, GroupedExperts]:
 def apply_fsdp(model: nn.Module, meshes: Meshes, *, world_size: int, param_dtype: torch.dtype | None,
                reshard_after_forward: bool = True) -> None:
     """``fully_shard`` the model in place: routers, experts, each block, then the root (see the module doc)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     from torch.distributed.tensor import Shard
 
+    # GroupedExperts returns its output through an identity autograd Function (a view of the GEMM result);
+    # FSDP warns that an in-place op on it would skip its hook. The MoE only reads it out of place
+    # (index_copy into a new tensor), so the warning is noise here.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPGroupedExperts\) returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     fp32 = MixedPrecisionPolicy()
     edp_size = meshes.edp.size()
@@ -90,7 +94,11 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, *, world_size: int, param_dtype
             if meshes.edp.device_type == "cpu":  # gloo has no PREMUL_SUM: scale around a plain SUM instead
                 mixer.experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=meshes.dp, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=meshes.dp, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        register_fsdp_forward_method(block, "forward_cached")  # generation's cached step (GRPO rollouts)
+    # The root keeps FSDP's own choice (reshard_after_forward unset): not resharded after forward, since backward
+    # needs it at once — and so ``lm_head`` stays usable right after ``hidden_states`` (generation calls both).
+    fully_shard(model, mesh=meshes.dp, mp_policy=mp)
+    register_fsdp_forward_method(model, "hidden_states")  # what generation and chunked losses call
 
 
 class FSDPEngine:
@@ -194,12 +202,22 @@ class FSDPEngine:
         return DTensor.from_local(local, self.meshes.experts, [_shard(0), inner], run_check=False,
                                   shape=torch.Size(shape), stride=_contiguous_stride(shape))
 
+    def reshard(self) -> None:
+        """Every unit back to its shards (the root stays gathered after a forward without backward, e.g. an
+        evaluation); done before anything reads the parameters as state."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
     def sharded_state_dict(self) -> dict:
         """``{"model": ..., "optim": ...}`` for ``torch.distributed.checkpoint``: this rank's pieces under
         global, layout-independent names and shapes. Tensors share storage with the live ones, so
         ``dcp.load`` into this dict followed by :meth:`load_sharded_state_dict` restores the run."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+        self.reshard()
         model_sd = get_model_state_dict(self.model)
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer)  # creates zero AdamW state if none yet
         model_sd = {k: self._global(k, v) for k, v in model_sd.items()}
@@ -213,6 +231,7 @@ class FSDPEngine:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
         from torch.distributed.tensor import DTensor
 
+        self.reshard()
         live = dict(self.model.state_dict())
         for k, v in loaded["model"].items():  # dcp.load wrote into storage shared with the live tensors
             dest, src = _local(live[k]), _local(v)
@@ -240,6 +259,7 @@ class FSDPEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model state dict on every rank (all-gathers every tensor; for tests and small models —
         checkpoints use :meth:`sharded_state_dict` and never gather)."""
+        self.reshard()
         return {k: _full(self._global(k, v)) for k, v in self.model.state_dict().items()}
 
     def optimizer_state(self) -> dict:
@@ -254,6 +274,7 @@ class FSDPEngine:
         """Restore a by-name optimizer state with whole tensors (a checkpoint of the ddp or zero engine)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        self.reshard()
         if len(saved["param_groups"]) != len(self.optimizer.param_groups):
             raise CheckpointError(f"{source}: optimizer has {len(saved['param_groups'])} parameter groups, "
                                   f"expected {len(self.optimizer.param_groups)}")
