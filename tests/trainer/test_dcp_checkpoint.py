@@ -127,3 +127,23 @@ def test_engine_and_zero_stage_must_agree(tmp_path):
                                (["parallel.engine=zero"], "needs parallel.zero_stage 1, 2 or 3")):
         with pytest.raises(ConfigError, match=message):
             validate_config(compose_recipe("smoke", [*TINY_RUN, f"run.dir={tmp_path}", *overrides]))
+
+
+def test_export_streams_a_sharded_checkpoint_to_the_released_layout(tmp_path, capsys):
+    """``tandem export``: the dcp/ master weights of a sharded checkpoint, cast to bf16 except the router."""
+    from tandem.trainer.cli import export_main
+
+    model, opt = _trained()
+    cfg = HybridConfig.preset("tiny")
+    mgr = CheckpointManager(tmp_path / "run", keep_last=1)
+    mgr.save(3, _ShardedInOneProcess(model, opt), cfg, {"step": 3})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tokenizer.json").write_text("{}")  # someone else's file in the target: kept
+    assert export_main([str(tmp_path / "run"), "--to", str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    back = HybridLM.from_pretrained(tmp_path / "out")
+    assert back.lm_head.weight.dtype == torch.bfloat16 and (tmp_path / "out" / "tokenizer.json").exists()
+    for k, v in model.state_dict().items():
+        want = v if k.endswith(("gate.weight", "e_score_correction_bias")) else v.to(torch.bfloat16)
+        assert torch.equal(back.state_dict()[k], want), k
+    assert export_main([str(tmp_path / "missing"), "--to", str(tmp_path / "x")]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
