@@ -84,3 +84,38 @@ def test_fsdp_ep2_dp2_equals_one_process_and_resumes_resharded(tmp_path):
     run(compose_recipe("smoke", [*ARGS, f"run.dir={one}", f"run.resume={ckpt}"]))
     _same_steps(ref[2:], read_records(one), "resumed at world 1 (plain engine)")
     _same_weights(one / "checkpoints" / "step_00000004", single / "checkpoints" / "step_00000004", "world 1 plain")
+
+
+BF16_CHECK = """
+import torch
+from tandem.model import HybridConfig
+from tandem.trainer.config import OptimConfig, ParallelConfig
+from tandem.trainer.optim import build_optimizer
+from tandem.trainer.parallel import build_model, init_distributed
+from tandem.trainer.parallel.fsdp import FSDPEngine
+pc = ParallelConfig(engine="fsdp")
+info = init_distributed(pc)
+model = build_model(HybridConfig.preset("tiny", hybrid_override_pattern="ME*E"), info, init_seed=0)
+engine = FSDPEngine(model, build_optimizer(model, OptimConfig()), info, pc)
+seen = {}
+for name, m in model.named_modules():
+    if name.endswith(("mixer.gate", "mixer.experts")):
+        m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, next(mod.parameters()).dtype) and None)
+loss = model(torch.randint(0, 512, (2, 16), device=info.device)).float().logsumexp(-1).mean()
+engine.backward(loss)
+norm, stepped = engine.finish_step(1.0)
+assert stepped and torch.isfinite(norm)
+assert {d for n, d in seen.items() if n.endswith("gate")} == {torch.float32}, seen
+assert {d for n, d in seen.items() if n.endswith("experts")} == {torch.bfloat16}, seen
+assert all(p.dtype == torch.float32 for p in model.parameters())  # sharded master weights stay fp32
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+def test_fsdp_on_cuda_computes_in_bf16_with_fp32_router_and_masters():
+    """On CUDA the default policy gathers bf16 parameters, except the router's (fp32, as released); the
+    sharded parameters the optimizer updates stay fp32. One process (nccl)."""
+    res = subprocess.run([sys.executable, "-c", BF16_CHECK], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
