@@ -12,6 +12,7 @@ from tandem.model import HybridConfig, HybridLM
 from tandem.model.checkpoint import save_state_dict
 from tandem.trainer.checkpoint.hf_writer import TensorSpec, hf_config_json, write_hf_layout
 from tandem.trainer.checkpoint.manager import CheckpointManager
+from tandem.model.checkpoint_io import CheckpointError
 from tandem.trainer.config import ConfigError, OptimConfig, validate_config
 from tandem.trainer.optim import build_optimizer
 from tandem.trainer.parallel.data_parallel import DataParallelEngine
@@ -147,3 +148,14 @@ def test_export_streams_a_sharded_checkpoint_to_the_released_layout(tmp_path, ca
         assert torch.equal(back.state_dict()[k], want), k
     assert export_main([str(tmp_path / "missing"), "--to", str(tmp_path / "x")]) == 2
     assert "no such checkpoint directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["__0_0.distcp", ".metadata"])
+def test_truncated_sharded_checkpoint_is_one_checkpoint_error(damage, tmp_path):
+    model, opt = _trained()
+    mgr = CheckpointManager(tmp_path / "run", keep_last=1)
+    step = mgr.save(1, _ShardedInOneProcess(model, opt), model.config, {"step": 1})
+    victim = step / "dcp" / damage
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="possibly truncated or corrupt"):
+        mgr.load(step, HybridLM(HybridConfig.preset("tiny"), init_seed=1))

@@ -66,12 +66,30 @@ def async_save(state: dict, step_dir: Path, *, rank: int, process_group):
 
 
 def _reader(step_dir: Path):
+    """DCP's reader of ``step_dir/dcp`` and its metadata; a missing or unreadable ``.metadata`` is a
+    :class:`CheckpointError`."""
     import torch.distributed.checkpoint as dcp
 
     folder = step_dir / DCP_DIR
     if not (folder / ".metadata").exists():
         raise CheckpointError(f"{folder}: not a complete sharded checkpoint (no .metadata)")
-    return dcp.FileSystemReader(folder)
+    reader = dcp.FileSystemReader(folder)
+    try:
+        metadata = reader.read_metadata()
+    except Exception as e:  # a truncated pickle raises EOFError / UnpicklingError / ...
+        raise CheckpointError(f"{folder / '.metadata'}: unreadable, possibly truncated or corrupt ({type(e).__name__})") from None
+    return reader, metadata
+
+
+def _dcp_load(state: dict, reader, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, storage_reader=reader)
+    except (Exception, dcp.CheckpointException) as e:  # DCP wraps a damaged shard file in a CheckpointException,
+        # which derives from BaseException
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{folder}: cannot be read, a shard file is possibly truncated or corrupt ({first[:200]})") from None
 
 
 def _groups(step_dir: Path) -> list[dict]:
@@ -91,8 +109,8 @@ def load(state: dict, step_dir: Path) -> dict:
     import torch.distributed.checkpoint as dcp
 
     tensors, _ = _split_groups(state)
-    reader = _reader(step_dir)
-    saved = reader.read_metadata().state_dict_metadata
+    reader, metadata = _reader(step_dir)
+    saved = metadata.state_dict_metadata
     mine = dict(_flat(tensors))
     missing = sorted(set(mine) - set(saved))
     if missing:
@@ -101,10 +119,7 @@ def load(state: dict, step_dir: Path) -> dict:
         if tuple(saved[key].size) != tuple(t.shape):
             raise CheckpointError(f"{step_dir / DCP_DIR}: {key} has shape {tuple(saved[key].size)}, "
                                   f"this model expects {tuple(t.shape)}")
-    try:
-        dcp.load(tensors, storage_reader=reader)
-    except dcp.CheckpointException as e:
-        raise CheckpointError(f"{step_dir / DCP_DIR}: cannot be read ({str(e).splitlines()[0]})") from None
+    _dcp_load(tensors, reader, step_dir / DCP_DIR)
     return {"model": tensors["model"], "optim": {"state": tensors["optim"], "param_groups": _groups(step_dir)}}
 
 
@@ -120,18 +135,16 @@ def read_whole_optimizer(step_dir: Path) -> dict:
     """The optimizer state of a sharded checkpoint as whole tensors by parameter name (every rank reads all of
     it; collective): ``{"state": {name: {"exp_avg": ..., ...}}, "param_groups": [{..., "param_names": [...]}]}``,
     the layout the gathered engines load (:meth:`load_optimizer_state`)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = _reader(step_dir)
-    metadata = reader.read_metadata()
+    reader, metadata = _reader(step_dir)
     flat, where = {}, {}
     for key, md in metadata.state_dict_metadata.items():
         path = metadata.planner_data.get(key, ())
         if isinstance(md, TensorStorageMetadata) and len(path) == 3 and path[0] == "optim":
             flat[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
             where[key] = path[1:]
-    dcp.load(flat, storage_reader=reader)
+    _dcp_load(flat, reader, step_dir / DCP_DIR)
     state: dict[str, dict] = {}
     for key, (name, field) in where.items():
         state.setdefault(name, {})[field] = flat[key]
