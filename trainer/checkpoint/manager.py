@@ -4,13 +4,17 @@ Layout under ``<run dir>/checkpoints/``::
 
     step_00000100/
         model/                 HF/NemotronH layout (config.json + safetensors): loadable on its own
-        optimizer.pt           optimizer state keyed by parameter name, expert tensors unsharded (loads at any
-                               EP size; tensors + plain containers, read with weights_only=True)
+        optimizer.pt           gathered engines (ddp, zero): optimizer state keyed by parameter name, expert
+                               tensors unsharded (loads at any EP size; read with weights_only=True)
+        dcp/                   sharded engines (fsdp) instead: model + optimizer tensors, every rank's own
+                               pieces under global names and shapes (torch.distributed.checkpoint; .sharded)
+        optimizer_groups.json  ... with the optimizer's parameter groups (hyper-parameters, names)
         rng/rank_00000.pt      torch CPU/CUDA and Python RNG states of each rank
         trainer_state.json     step, tokens, stage name and data position, NaN counters, logger ids
     latest                     text file naming the newest complete checkpoint
 
-A checkpoint is assembled in a hidden temporary directory and renamed into place only when complete;
+A checkpoint is assembled in a hidden temporary directory and renamed into place only when complete (every
+rank's files written: a sharded save is collective, an asynchronous one is committed when it finishes);
 ``latest`` is then replaced atomically. A process killed at any moment leaves ``latest`` naming a
 complete checkpoint (tested with SIGKILL at random moments).
 """
