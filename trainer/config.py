@@ -20,9 +20,9 @@ from typing import Any, List, Optional
 from tandem.model import HybridConfig
 
 __all__ = [
-    "BlendEntry", "ChatDataConfig", "ConfigError", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "BlendEntry", "ChatDataConfig", "ConfigError", "ENGINE_CHOICES", "FSDP_PARAM_DTYPES", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "configure_memory",
-    "register_configs", "validate_config", "validate_grpo", "validate_memory",
+    "register_configs", "validate_config", "validate_grpo", "validate_memory", "validate_parallel",
 ]
 
 
@@ -183,6 +183,12 @@ class OptimConfig:
     expert_bias_update_rate: float = 1e-3
 
 
+#: ``parallel.engine`` values (tandem.trainer.parallel.engines; docs/PARALLELISM.md says what each shards)
+ENGINE_CHOICES = ("auto", "ddp", "fsdp", "zero")
+#: ``parallel.fsdp_param_dtype`` values: the compute dtype FSDP gathers parameters in
+FSDP_PARAM_DTYPES = ("auto", "bf16", "fp32")
+
+
 @dataclass
 class ParallelConfig:
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
@@ -192,6 +198,13 @@ class ParallelConfig:
     cp: int = 1
     ep: int = 1
     zero_stage: int = 0
+    # auto: zero when zero_stage > 0, else fsdp on CUDA with more than one process, else ddp | ddp (replicated
+    # dense weights) | fsdp (PyTorch FSDP2: weights, gradients, optimizer state sharded) | zero (DeepSpeed)
+    engine: str = "auto"
+    fsdp_param_dtype: str = "auto"  # fsdp compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    # fsdp: free each block's gathered weights after its forward (re-gathered in backward); false keeps them
+    # until backward (less communication, more memory)
+    fsdp_reshard_after_forward: bool = True
 
 
 @dataclass
@@ -282,6 +295,9 @@ class StageConfig:
     eval_batches: int = 4
     save_every: int = 0  # 0 = only at the end (and on preemption)
     keep_last: int = 3
+    # sharded (fsdp) checkpoints: periodic saves write in a background thread while training goes on; the
+    # checkpoint becomes ``latest`` once every rank's shards are on disk (the final save always waits)
+    async_save: bool = False
     nan_tolerance: int = 5  # abort after this many consecutive non-finite steps
     seed: int = 0
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # read by stage.name=grpo only
@@ -359,6 +375,7 @@ def validate_config(cfg: Any) -> None:
     if cfg.logger.kind not in LOGGER_KINDS:
         raise ConfigError(f"logger.kind must be one of {list(LOGGER_KINDS)}, got {cfg.logger.kind!r}")
     validate_memory(cfg)
+    validate_parallel(cfg.parallel)
     validate_grpo(cfg.stage.grpo)
 
 
@@ -384,6 +401,19 @@ def _plain(value: Any) -> Any:
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def validate_parallel(p: Any) -> None:
+    """Choice fields of ``parallel`` and the engine / ZeRO-stage combinations that contradict each other."""
+    if p.engine not in ENGINE_CHOICES:
+        raise ConfigError(f"parallel.engine must be one of {list(ENGINE_CHOICES)}, got {p.engine!r}")
+    if p.fsdp_param_dtype not in FSDP_PARAM_DTYPES:
+        raise ConfigError(f"parallel.fsdp_param_dtype must be one of {list(FSDP_PARAM_DTYPES)}, got {p.fsdp_param_dtype!r}")
+    if p.engine in ("ddp", "fsdp") and p.zero_stage != 0:
+        raise ConfigError(f"parallel.engine={p.engine} with parallel.zero_stage={p.zero_stage}: ZeRO is the zero engine; "
+                          f"set parallel.zero_stage=0 or parallel.engine=zero")
+    if p.engine == "zero" and p.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.engine=zero needs parallel.zero_stage 1, 2 or 3, got {p.zero_stage}")
 
 
 def validate_grpo(g: Any) -> None:

@@ -96,7 +96,7 @@ class Trainer:
                     for sink in self.sinks:
                         sink.log(record)
                 if cfg.stage.save_every and self.state.step % cfg.stage.save_every == 0 and not is_last:
-                    self.save()
+                    self.save(blocking=False)  # (in the background with stage.async_save and a sharded engine)
                 if self._stop_requested():
                     path = self.save()
                     log.warning("signal %s: checkpoint written to %s; exiting with %d", self._signal, path, PREEMPTED_EXIT_CODE)
@@ -253,8 +253,9 @@ class Trainer:
             "stage_state": self.stage.state_dict(), "schedule": self.schedule(), "extra": self.state.extra,
         }
 
-    def save(self):
-        return self.checkpoints.save(self.state.step, self.engine, self.model.config, self.trainer_state())
+    def save(self, blocking: bool = True):
+        return self.checkpoints.save(self.state.step, self.engine, self.model.config, self.trainer_state(),
+                                     blocking=blocking)
 
     def restore(self, trainer_state: dict, source=None) -> None:
         """Continue from a checkpoint's trainer state (``source``: its path, for messages). Refuses

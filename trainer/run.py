@@ -18,7 +18,7 @@ from .data import DataError
 from .loop import Trainer
 from .metrics import (ConsoleSink, JsonlSink, WandbSink, memory_now_bytes, model_flops_per_token,
                       peak_flops_per_device)
-from .parallel import ExpertBalancer, build_engine, build_model, init_distributed
+from .parallel import ENGINES, ExpertBalancer, build_model, engine_name, init_distributed
 from .optim import build_optimizer, validate_optim
 from .stages import STAGES
 
@@ -64,7 +64,8 @@ def run(cfg: DictConfig) -> dict:
     except PrecisionError as e:
         raise ConfigError(str(e)) from None
     optimizer = build_optimizer(model, cfg.optim)
-    checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size)
+    checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size, async_save=cfg.stage.async_save)
+    engine_spec = ENGINES[engine_name(cfg.parallel, info, cfg.stage)]
 
     resume_from = None
     if cfg.run.resume == "auto":
@@ -79,7 +80,7 @@ def run(cfg: DictConfig) -> dict:
     trainer.memory_base = memory_base
     optimizer_state = None
     if resume_from is not None:
-        trainer_state, optimizer_state = checkpoints.load(resume_from, model)
+        trainer_state, optimizer_state = checkpoints.load(resume_from, model, sharded_engine=engine_spec.sharded_checkpoints)
         try:
             trainer.restore(trainer_state, source=resume_from)
         except (KeyError, TypeError) as e:  # a trainer_state.json that parses but lacks fields
@@ -91,9 +92,11 @@ def run(cfg: DictConfig) -> dict:
         log.info("initial weights from %s", src)
     stage.bind(model, info, precision=cfg.precision.name)  # the final weights: stages that generate (GRPO) keep the model
     # The engine is built after the weights are final: DeepSpeed copies them into its partitions.
-    trainer.engine = build_engine(model, optimizer, info, cfg.parallel, cfg.optim, cfg.stage)
+    trainer.engine = engine_spec.build(model, optimizer, info, cfg.parallel, cfg.optim, cfg.stage)
     if optimizer_state is not None:
         trainer.engine.load_optimizer_state(optimizer_state, resume_from)
+    elif resume_from is not None:  # a sharded checkpoint into a sharded engine: weights and optimizer now
+        checkpoints.load_sharded(resume_from, trainer.engine)
     if trainer.state.step >= cfg.stage.steps:
         log.info("run already complete (%d/%d steps)", trainer.state.step, cfg.stage.steps)
         return {}
