@@ -51,9 +51,8 @@ GB = 1e9
 
 #: elements in DeepSpeed's default reduce / all-gather buckets (``reduce_bucket_size``, ``allgather_bucket_size``)
 _DS_BUCKET = 500_000_000
-#: the SDPA path for packed documents builds a boolean [B, 1, T, T] mask per attention layer and SDPA keeps
-#: it for backward; the probe runs unpacked rows, so the mask is added by shape
-_DENSE_DOCUMENT_MASK = True
+# Packed documents: attention runs per document (varlen on CPU, a FlexAttention block mask on CUDA) with
+# O(T) memory, like the unpacked causal rows the probe runs; no [T, T] mask exists to add.
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ class Plan:
         return "\n".join(lines)
 
 
-KINDS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+from tandem.model.config import LAYER_KINDS as KINDS  # noqa: E402  (pattern character → kind)
 
 
 def describe(layout: Layout) -> str:
@@ -338,7 +337,8 @@ def _head_tracked(model, batch, dtype) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------
-def _engine_state(engine: str, inv: ParamInventory, cluster: Cluster, ep: int, param_bytes: int) -> dict[str, float]:
+def _engine_state(engine: str, inv: ParamInventory, cluster: Cluster, ep: int, param_bytes: int,
+                  accumulating: bool) -> dict[str, float]:
     """Bytes per rank of weights, gradients, optimizer state, master copy, buffers and step temporaries."""
     world = cluster.world
     edp = world // ep
@@ -369,7 +369,9 @@ def _engine_state(engine: str, inv: ParamInventory, cluster: Cluster, ep: int, p
     elif engine == "fsdp":
         gathered = (param_bytes * 2 + 4) * inv.largest_block_local(ep)  # two blocks' unsharded weights + one's gradients
         rows["weights"] = 4 * shard + gathered
-        rows["gradients"] = 4 * shard
+        # Accumulating micro-batches without a gradient reduction each (set_requires_gradient_sync(False))
+        # keeps every unsharded gradient, in fp32, until the step's last micro-batch reduce-scatters them.
+        rows["gradients"] = 4 * shard + (4 * held if accumulating else 0.0)
         rows["optimizer (AdamW moments)"] = 8 * shard
     else:
         raise ValueError(f"unknown engine {engine!r}")
@@ -391,14 +393,15 @@ def _numerics(precision: str, device: str) -> str:
 
 
 def plan(config: HybridConfig, cluster: Cluster, layout: Layout, *, tokens: int, batch_rows: int = 1,
-         precision: str = "auto", packed: bool = True) -> Plan:
-    """Bytes per rank of ``layout`` on ``cluster`` for micro-batches of ``tokens`` tokens in ``batch_rows`` rows."""
+         precision: str = "auto", accumulating: bool = True) -> Plan:
+    """Bytes per rank of ``layout`` on ``cluster`` for micro-batches of ``tokens`` tokens in ``batch_rows``
+    rows (``accumulating``: more than one micro-batch per rank per step)."""
     if cluster.world % layout.ep:
         raise ValueError(f"parallel.ep={layout.ep} must divide the world size {cluster.world}")
     inv = inventory(config)
     numerics = _numerics(precision, cluster.device)
     param_bytes = 2 if numerics == "bf16" else 4
-    rows = _engine_state(layout.engine, inv, cluster, layout.ep, param_bytes)
+    rows = _engine_state(layout.engine, inv, cluster, layout.ep, param_bytes, accumulating)
     rows_, seq_len = batch_rows, tokens // batch_rows
     triton = cluster.device == "cuda"
     by_kind: dict[str, float] = {}
@@ -406,8 +409,6 @@ def plan(config: HybridConfig, cluster: Cluster, layout: Layout, *, tokens: int,
     for kind in sorted(set(config.hybrid_override_pattern)):
         checkpointed = KINDS[kind] in layout.activation_checkpointing
         kept, trans = probe_block(config, kind, rows_, seq_len, numerics, triton, checkpointed, layout.ep)
-        if kind == "*" and packed and _DENSE_DOCUMENT_MASK and not checkpointed:
-            kept += rows_ * seq_len * seq_len  # the [B, 1, T, T] bool document mask SDPA keeps
         by_kind[KINDS[kind]] = config.hybrid_override_pattern.count(kind) * kept
         transient = max(transient, trans)
     head_kept, head_trans = probe_head(config, rows_, seq_len, numerics)
@@ -433,16 +434,21 @@ def plan(config: HybridConfig, cluster: Cluster, layout: Layout, *, tokens: int,
 
 
 # ---------------------------------------------------------------------------------------------------
-def layout_from_config(cfg) -> Layout:
-    """The layout a composed run config asks for."""
+def layout_from_config(cfg, cluster: Cluster) -> Layout:
+    """The layout a composed run config asks for on ``cluster`` (``parallel.engine=auto`` resolved as the
+    trainer resolves it: ZeRO when ``zero_stage > 0``, FSDP2 on CUDA with more than one rank, else ddp)."""
+    from tandem.model.hybrid import activation_checkpointing_kinds
+    from omegaconf import OmegaConf
+
     zero = int(cfg.parallel.get("zero_stage", 0) or 0)
-    engine = f"zero{zero}" if zero else str(cfg.parallel.get("engine", "ddp") or "ddp")
-    if engine == "auto":
-        engine = "ddp"
-    ac = cfg.model.get("activation_checkpointing", None) or []
-    if isinstance(ac, str):
-        ac = list(KINDS.values()) if ac == "all" else [] if ac == "none" else [ac]
-    return Layout(engine, int(cfg.parallel.ep), frozenset(ac))
+    engine = str(cfg.parallel.get("engine", "auto") or "auto")
+    if engine == "zero" or (engine == "auto" and zero):
+        engine = f"zero{zero}"
+    elif engine == "auto":
+        engine = "fsdp" if cluster.device == "cuda" and cluster.world > 1 and cfg.stage.name != "grpo" else "ddp"
+    spec = cfg.model.get("activation_checkpointing", None)
+    spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+    return Layout(engine, int(cfg.parallel.ep), activation_checkpointing_kinds(spec))
 
 
 def candidate_layouts(base: Layout, world: int) -> list[Layout]:
@@ -478,7 +484,8 @@ def _overrides(layout: Layout) -> str:
     parts.append(f"parallel.zero_stage={layout.engine[-1]}" if layout.engine.startswith("zero") else
                  f"parallel.zero_stage=0 parallel.engine={layout.engine}")
     if layout.activation_checkpointing:
-        parts.append("model.activation_checkpointing=[" + ",".join(sorted(layout.activation_checkpointing)) + "]")
+        ac = layout.activation_checkpointing
+        parts.append("model.activation_checkpointing=" + ("all" if ac == frozenset(KINDS.values()) else "[" + ",".join(sorted(ac)) + "]"))
     return " ".join(parts)
 
 
@@ -514,11 +521,13 @@ def plan_main(argv: list[str]) -> int:
     except (HydraException, OmegaConfBaseException, ConfigError, ValueError) as e:
         fail(str(e).splitlines()[0])
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.device)
-    base = layout_from_config(cfg)
+    base = layout_from_config(cfg, cluster)
     if cluster.world % base.ep:
         fail(f"parallel.ep={base.ep} does not divide {cluster.world} ranks ({args.nodes} nodes × {args.gpus_per_node})")
     tokens = int(cfg.stage.micro_batch) * int(cfg.data.seq_len)
-    kwargs = dict(tokens=tokens, batch_rows=int(cfg.stage.micro_batch), precision=str(cfg.precision.name))
+    accumulating = int(cfg.stage.global_batch) > int(cfg.stage.micro_batch) * cluster.world
+    kwargs = dict(tokens=tokens, batch_rows=int(cfg.stage.micro_batch), precision=str(cfg.precision.name),
+                  accumulating=accumulating)
     print(f"{args.config_name}: {model_cfg.hybrid_override_pattern[:40]}{'…' if len(model_cfg.hybrid_override_pattern) > 40 else ''} "
           f"(measuring activations per layer kind on this CPU …)", flush=True)
     mine = plan(model_cfg, cluster, base, **kwargs)
