@@ -489,12 +489,18 @@ def _overrides(layout: Layout) -> str:
     return " ".join(parts)
 
 
+def fail(message: str) -> None:
+    """One line on stderr and exit status 2 (the CLI's bad-input convention; not imported from the CLI,
+    which imports this module)."""
+    print(f"tandem plan: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def plan_main(argv: list[str]) -> int:
     """``tandem plan -cn RECIPE [overrides] --nodes N --gpus-per-node G --gpu-mem-gb M [--device cuda|cpu]``."""
     import logging
 
     from tandem.recipes import RECIPES_DIR
-    from .cli import fail
     from .config import ConfigError, build_hybrid_config, register_configs
 
     p = argparse.ArgumentParser(prog="tandem plan", description="Memory per rank of a recipe on a cluster shape.")
