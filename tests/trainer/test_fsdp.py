@@ -1,12 +1,12 @@
 """The fsdp engine (PyTorch FSDP2) composed with expert parallelism equals one process, and its sharded
 checkpoints (torch.distributed.checkpoint) resume at another world size and expert-parallel size.
 
-One 4-process run — EP 2 × expert-data-parallel 2, experts and dense weights FSDP-sharded, gradient
-accumulation (2 micro-batches per rank), clipping active on every step, expert-bias updates, the step-2
-checkpoint written asynchronously while step 3 trains — against one process with all experts (the plain
-engine). Its step-2 checkpoint then resumes at world 2, EP 1 under fsdp (EP 1 × DP 2: every dense and
-expert tensor sharded 2 ways) and in one process under the plain engine (which reads the sharded
-checkpoint's whole tensors): both continue exactly as the uninterrupted runs.
+One 4-process run — EP 2 × expert-data-parallel 2, experts and dense weights FSDP-sharded, clipping active
+on every step, expert-bias updates, the step-2 checkpoint written asynchronously while step 3 trains —
+against one process with all experts (the plain engine, the global batch in one micro-batch). Its step-2
+checkpoint then resumes at world 2, EP 1 under fsdp (EP 1 × DP 2: every dense and expert tensor sharded 2
+ways, 2 micro-batches per rank accumulated without sync) and in one process under the plain engine (which
+reads the sharded checkpoint's whole tensors): both continue exactly as the uninterrupted runs.
 """
 
 import json
@@ -48,7 +48,7 @@ def _same_weights(a, b, what):
 @pytest.mark.slow
 def test_fsdp_ep2_dp2_equals_one_process_and_resumes_resharded(tmp_path):
     single = tmp_path / "single"
-    run(compose_recipe("smoke", [*ARGS, f"run.dir={single}"]))  # in this process: no start-up to pay
+    run(compose_recipe("smoke", [*ARGS, "stage.micro_batch=4", f"run.dir={single}"]))  # in this process, one micro-batch
     ref = read_records(single)
     assert len(ref) == 4 and all(r["grad_norm"] > CLIP for r in ref)  # the clipping path is exercised
 
@@ -81,7 +81,7 @@ def test_fsdp_ep2_dp2_equals_one_process_and_resumes_resharded(tmp_path):
     _same_steps(ref[2:], read_records(two), "resumed at world 2, EP 1 (fsdp)")
     _same_weights(two / "checkpoints" / "step_00000004", single / "checkpoints" / "step_00000004", "world 2 fsdp")
     one = tmp_path / "one"
-    run(compose_recipe("smoke", [*ARGS, f"run.dir={one}", f"run.resume={ckpt}"]))
+    run(compose_recipe("smoke", [*ARGS, "stage.micro_batch=4", f"run.dir={one}", f"run.resume={ckpt}"]))
     _same_steps(ref[2:], read_records(one), "resumed at world 1 (plain engine)")
     _same_weights(one / "checkpoints" / "step_00000004", single / "checkpoints" / "step_00000004", "world 1 plain")
 

@@ -1,8 +1,8 @@
 """The engine registry: which data-parallel back-end drives the shared loop for a ``parallel`` config.
 
 Every engine has the same methods (see :class:`~tandem.trainer.parallel.data_parallel.DataParallelEngine`),
-so the loop never knows which one runs it. A back-end registers a builder under a name and says when it
-applies; :func:`build_engine` picks the first that does. Builders import their back-end lazily: DeepSpeed
+so the loop never knows which one runs it. A back-end registers a builder under a name and says when
+``parallel.engine=auto`` picks it; :func:`engine_name` resolves the choice, :func:`build_engine` builds it. Builders import their back-end lazily: DeepSpeed
 takes seconds to import and is only loaded by runs that ask for ZeRO.
 """
 
@@ -23,7 +23,13 @@ __all__ = ["DEFAULT_ENGINE", "ENGINES", "Engine", "EngineSpec", "build_engine", 
 
 
 class Engine(Protocol):
-    """What the shared loop and the checkpoint manager call on a data-parallel back-end."""
+    """What the shared loop and the checkpoint manager call on a data-parallel back-end.
+
+    An engine whose spec has ``sharded_checkpoints`` (FSDP2) also has ``sharded_checkpoints = True``,
+    ``sharded_state_dict()`` (this rank's pieces of model and optimizer under global names and shapes) and
+    ``load_sharded_state_dict(loaded, source)``; the checkpoint manager then saves and resumes through
+    torch.distributed.checkpoint instead of ``full_state_dict`` / ``optimizer_state``.
+    """
 
     optimizer: torch.optim.Optimizer
 
