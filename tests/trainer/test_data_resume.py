@@ -29,16 +29,16 @@ def _rewind(run_dir, step, records):
 
 
 def test_changed_schedule_is_refused_and_extend_replans(tiny_cfg, tmp_path):
-    """5 planned steps (phase 2 from step 4), stopped at step 2: a changed schedule is refused; as a 10-step
-    run with run.extend the LR follows the 10-step curve and the switch moves to step 8."""
+    """5 planned steps (phase 2 from step 4), stopped at step 2: a changed schedule is refused; as an 8-step
+    run with run.extend the LR follows the 8-step curve and the switch moves to step 6."""
     run_dir = tmp_path / "r"
     run(tiny_cfg("stage.steps=5", "stage.save_every=2", run_dir=run_dir))
     planned = read_records(run_dir)
     assert [r["phase"] for r in planned] == [1] * 4 + [2]
     _rewind(run_dir, 2, planned)
     before = _hashes(run_dir)
-    with pytest.raises(ConfigError, match=r"stage\.steps: 5 -> 10\. To train it for a different number of steps, add run\.extend=true"):
-        run(tiny_cfg("stage.steps=10", run_dir=run_dir))
+    with pytest.raises(ConfigError, match=r"stage\.steps: 5 -> 8\. To train it for a different number of steps, add run\.extend=true"):
+        run(tiny_cfg("stage.steps=8", run_dir=run_dir))
     with pytest.raises(ConfigError) as err:
         run(tiny_cfg("stage.steps=5", "data.seq_len=16", "data.phase2_start=0.5", "optim.decay_fraction=0.5",
                      "data.phase2=[{path: 'synthetic:copy', weight: 1.0}]", run_dir=run_dir))
@@ -49,18 +49,18 @@ def test_changed_schedule_is_refused_and_extend_replans(tiny_cfg, tmp_path):
         assert needle in msg, msg
     assert "stage.steps" not in msg
     with pytest.raises(ConfigError, match="stage.global_batch: 4 -> 8"):  # extend covers stage.steps only
-        run(tiny_cfg("stage.steps=10", "stage.global_batch=8", "run.extend=true", run_dir=run_dir))
+        run(tiny_cfg("stage.steps=8", "stage.global_batch=8", "run.extend=true", run_dir=run_dir))
     assert _hashes(run_dir) == before  # refused before anything was written
 
-    cfg = tiny_cfg("stage.steps=10", "stage.save_every=2", "run.extend=true", run_dir=run_dir)
+    cfg = tiny_cfg("stage.steps=8", "stage.save_every=2", "run.extend=true", run_dir=run_dir)
     run(cfg)
     records = read_records(run_dir)
-    assert [r["step"] for r in records] == list(range(1, 11)) and records[:2] == planned[:2]
-    assert [r["lr"] for r in records[2:]] == [lr_at(s, 10, cfg.optim) for s in range(2, 10)]
-    assert [r["phase"] for r in records] == [1] * 8 + [2] * 2
-    state = json.loads((run_dir / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())
-    assert state["schedule"]["stage.steps"] == 10 and state["stage_state"]["extensions"] == [[2, 5]]
+    assert [r["step"] for r in records] == list(range(1, 9)) and records[:2] == planned[:2]
+    assert [r["lr"] for r in records[2:]] == [lr_at(s, 8, cfg.optim) for s in range(2, 8)]
+    assert [r["phase"] for r in records] == [1] * 6 + [2] * 2
+    state = json.loads((run_dir / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
+    assert state["schedule"]["stage.steps"] == 8 and state["stage_state"]["extensions"] == [[2, 5]]
     # the extended run's own checkpoints resume exactly, without run.extend, across its moved switch
     _rewind(run_dir, 6, records)
-    run(tiny_cfg("stage.steps=10", "stage.save_every=2", run_dir=run_dir))
+    run(tiny_cfg("stage.steps=8", "stage.save_every=2", run_dir=run_dir))
     assert [r["loss"] for r in read_records(run_dir)] == [r["loss"] for r in records]

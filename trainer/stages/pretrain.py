@@ -3,8 +3,8 @@
 The data path is :mod:`tandem.data_pipelines` end to end (docs/DATA.md): ``data.*`` →
 ``blends.PretrainDataConfig`` (:func:`tandem.trainer.data.pretrain_plan`) → ``build_pretrain_datasets``
 (one megatron ``GPTDataset`` per source, megatron's blend interleave per phase, offsets carried across the
-switch) → ``packing.build_dataloader`` (a ``DataLoader`` with ``data.num_workers`` workers prefetching a
-step ahead, :class:`~tandem.data_pipelines.packing.ResumableBatchSampler` from the consumed samples).
+switch) → ``packing.build_dataloader`` (a ``DataLoader`` with ``data.num_workers`` workers keeping two
+steps in flight, :class:`~tandem.data_pipelines.packing.ResumableBatchSampler` from the consumed samples).
 Step ``s`` trains on samples ``[s·B, (s+1)·B)`` of that map-style dataset (B = ``stage.global_batch``), so
 the data position is a function of the step: resume is rebuilding with the same schedule (the loop
 refuses a changed one) and reading from ``step · B``.
@@ -145,13 +145,14 @@ class PretrainStage(Stage):
         return self.datasets.train.phase_of(min(step, self.stage.steps - 1) * self.stage.global_batch)
 
     def _loader(self, step: int):
-        gb, mb = self.stage.global_batch, self.stage.micro_batch
-        per_step = gb // (mb * self.world_size)
-        workers = self.data.num_workers
+        """Batches of this rank's whole step (``global_batch / world_size`` rows: rank r takes the r-th
+        contiguous slice of the step's samples), split into micro-batches here — one transfer per step
+        from a worker, not one per micro-batch; workers keep two steps in flight."""
+        gb, workers = self.stage.global_batch, self.data.num_workers
         return iter(build_dataloader(
-            self.datasets.train, mb, eod=self.tokenizer.eod, consumed_samples=step * gb, dp_rank=self.rank,
-            dp_size=self.world_size, num_workers=workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=max(2, per_step) if workers else None))
+            self.datasets.train, gb // self.world_size, eod=self.tokenizer.eod, consumed_samples=step * gb,
+            dp_rank=self.rank, dp_size=self.world_size, num_workers=workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers else None, keys=_BATCH_KEYS))
 
     def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
         self.build()
@@ -159,12 +160,12 @@ class PretrainStage(Stage):
             self._iter = self._loader(step)
         if step and self.phase_index(step) != self.phase_index(step - 1):
             log.info("step %d: switching to data %s", step, self.datasets.train.phase_names[self.phase_index(step)])
-        per_step = self.stage.global_batch // (self.stage.micro_batch * self.world_size)
         self._t_step = t0 = time.perf_counter()
-        batches = [next(self._iter) for _ in range(per_step)]
+        rows = next(self._iter)
         self._wait = time.perf_counter() - t0
         self._next_step = step + 1
-        return [{k: b[k] for k in _BATCH_KEYS} for b in batches]
+        mb = self.stage.micro_batch
+        return [dict(zip(rows, parts)) for parts in zip(*(v.split(mb) for v in rows.values()))]
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         """Token cross-entropy, plus each source's share of the step's target tokens (``data/share/<source>``,
