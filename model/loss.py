@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "LMHead", "chunked_cross_entropy", "chunked_token_logprobs", "default_chunk_tokens"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "LMHead", "chunked_cross_entropy", "chunked_token_logprobs", "default_chunk_tokens",
+           "logprobs_from_logits"]
 
 #: fp32 logits of one chunk are at most this many bytes by default (512 tokens at V = 131072)
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -39,18 +40,25 @@ def default_chunk_tokens(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTE
     return max(1, budget_bytes // (4 * vocab_size))
 
 
-def _chunk(hidden, weight, labels, temperature: float, with_entropy: bool):
-    logits = F.linear(hidden, weight).float()
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, entropy: bool = False):
+    """``log_softmax(logits / T)[label]`` per position in fp32 (0 where the label is negative, i.e. ignored);
+    with ``entropy`` also the per-position entropy of that distribution (no gradient). The plain form of
+    :func:`chunked_token_logprobs`, which applies it one chunk of logits at a time."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     logp = torch.where(labels >= 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
-    if not with_entropy:
+    if not entropy:
         return logp
     with torch.no_grad():
         ent = -(logp_all.exp() * logp_all).sum(-1)
     return logp, ent
+
+
+def _chunk(hidden, weight, labels, temperature: float, with_entropy: bool):
+    return logprobs_from_logits(F.linear(hidden, weight), labels, temperature, with_entropy)
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int,

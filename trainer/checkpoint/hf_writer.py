@@ -216,7 +216,8 @@ def local_box(t: torch.Tensor, rank: int) -> tuple[tuple[int, ...], torch.Tensor
             offset[d] += start
             size[d] = max(0, min(chunk, size[d] - start))
         else:
-            raise NotImplementedError(f"cannot place a {placement} piece in the released layout")
+            raise ValueError(f"{placement} placement: only Shard and Replicate pieces can be written to the released "
+                             f"layout (FSDP2 and DCP parameters never carry another)")
     local = t.to_local()
     assert list(local.shape) == size, (list(local.shape), size, t.placements)
     return tuple(offset), local

@@ -45,6 +45,7 @@ from tandem.data_pipelines.packing import IGNORE_LABEL
 from tandem.data_pipelines.rl_prompts import RLPrompt, load_rl_prompts
 from tandem.data_pipelines.sft import first_fit_decreasing
 from tandem.data_pipelines.tokenizer import load_tokenizer
+from tandem.model.loss import logprobs_from_logits
 
 from ..autocast import autocast_context
 from ..config import ConfigError, DataConfig, StageConfig
@@ -122,17 +123,8 @@ def pack_rollouts(rollouts: list[Rollout], seq_len: int, pad_id: int, rows: int 
     return batch
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float, entropy: bool = False):
-    """``log_softmax(logits / T)[label]`` per position in fp32 (0 where the label is ignored); with
-    ``entropy`` also the per-position entropy of that distribution (no gradient)."""
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(labels >= 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
-    if not entropy:
-        return logp
-    with torch.no_grad():
-        ent = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, ent
+#: per-position log-probs (and entropy) of full logits: the plain reference of the chunked path below
+token_logprobs = logprobs_from_logits
 
 
 def model_logprobs(model, input_ids, seq_idx, labels, temperature: float, entropy: bool = False):
