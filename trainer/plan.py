@@ -197,8 +197,6 @@ class _UniformDispatcher:
     (``torch.bincount``), whose output size depends on the data, which fake tensors cannot run."""
 
     def dispatch(self, x, topk_idx, num_experts):
-        from tandem.model.moe import permute_tokens  # noqa: F401  (the real one this stands in for)
-
         n, k = topk_idx.shape
         order = torch.arange(n * k, device=x.device)
         tokens = torch.full((num_experts,), (n * k) // num_experts, dtype=torch.long, device=x.device)
