@@ -143,7 +143,8 @@ def fits(side: str, length: int, weights: str, limit_gb: float) -> tuple[bool, f
 
 
 def largest_fitting(side: str, weights: str, limit_gb: float, start: int, step: int) -> tuple[int, list]:
-    """Doubling from ``start`` until the peak passes the limit, then bisection to ``step`` tokens."""
+    """Growing by 1.25× from ``start`` until the peak passes the limit (no probe far past it: the machine
+    may be shared), then bisection to ``step`` tokens."""
     log, lo, hi = [], 0, None
     n = start
     while hi is None:
@@ -151,7 +152,7 @@ def largest_fitting(side: str, weights: str, limit_gb: float, start: int, step: 
         log.append((n, peak))
         print(f"  {side:>16} {n:>8} tokens: {peak:6.2f} GB", flush=True)
         if ok:
-            lo, n = n, 2 * n
+            lo, n = n, max(n + step, int(n * 1.25) // step * step)
         else:
             hi = n
     while hi - lo > step:
@@ -191,6 +192,7 @@ def main() -> None:
     from tandem.model import HybridLM
 
     model = HybridLM(model_config(args), init_seed=0)
+    torch.manual_seed(0)
     with torch.no_grad():  # O(1) activations in every layer (as bench/generate.py)
         for name, t in model.named_parameters():
             if t.dim() >= 2 and "conv1d" not in name:
