@@ -142,17 +142,20 @@ def fits(side: str, length: int, weights: str, limit_gb: float) -> tuple[bool, f
     return gb(r["peak_kb"]) <= limit_gb, gb(r["peak_kb"])
 
 
-def largest_fitting(side: str, weights: str, limit_gb: float, start: int, step: int) -> tuple[int, list]:
+def largest_fitting(side: str, weights: str, limit_gb: float, start: int, step: int, most: int) -> tuple[int, bool, list]:
     """Growing by 1.25× from ``start`` until the peak passes the limit (no probe far past it: the machine
-    may be shared), then bisection to ``step`` tokens."""
+    may be shared), then bisection to ``step`` tokens. Stops at ``most`` tokens (CPU time grows with the
+    length — attention quadratically): returns (largest length that fitted, whether the cap stopped it, probes)."""
     log, lo, hi = [], 0, None
     n = start
     while hi is None:
         ok, peak = fits(side, n, weights, limit_gb)
         log.append((n, peak))
         print(f"  {side:>16} {n:>8} tokens: {peak:6.2f} GB", flush=True)
+        if ok and n >= most:
+            return n, True, log
         if ok:
-            lo, n = n, max(n + step, int(n * 1.25) // step * step)
+            lo, n = n, min(most, max(n + step, int(n * 1.25) // step * step))
         else:
             hi = n
     while hi - lo > step:
@@ -163,7 +166,7 @@ def largest_fitting(side: str, weights: str, limit_gb: float, start: int, step: 
         log.append((mid, peak))
         print(f"  {side:>16} {mid:>8} tokens: {peak:6.2f} GB", flush=True)
         lo, hi = (mid, hi) if ok else (lo, mid)
-    return lo, log
+    return lo, False, log
 
 
 def main() -> None:
@@ -179,6 +182,7 @@ def main() -> None:
     p.add_argument("--fit-step", type=int, default=4096)
     p.add_argument("--fit-start", type=int, nargs=2, default=None, metavar=("TANDEM", "TRANSFORMERS"),
                    help="first length probed per side (default --length)")
+    p.add_argument("--fit-max", type=int, default=131072, help="longest length probed (a fit there is reported as ≥)")
     p.add_argument("--child", nargs=4, metavar=("SIDE", "LENGTH", "WEIGHTS", "AC"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -225,8 +229,8 @@ def main() -> None:
             print(f"\nlargest length within {args.fit_gb} GB (peak RSS, one run per probe, step {args.fit_step}):")
             starts = args.fit_start or (args.length, args.length)
             for side, start in zip(("tandem", "transformers"), starts):
-                n, _ = largest_fitting(side, weights, args.fit_gb, start, args.fit_step)
-                print(f"{side:>16}: {n} tokens", flush=True)
+                n, capped, _ = largest_fitting(side, weights, args.fit_gb, start, args.fit_step, args.fit_max)
+                print(f"{side:>16}: {'≥ ' if capped else ''}{n} tokens", flush=True)
     with open("/proc/loadavg") as f:
         print(f"loadavg after: {' '.join(f.read().split()[:3])}")
 
