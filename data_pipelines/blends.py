@@ -1,4 +1,4 @@
-"""Pretraining datasets: weighted blends of indexed sources and a phase schedule, on megatron-core.
+"""Pretraining datasets: weighted blends of sources and a phase schedule, on megatron-core.
 
     cfg = PretrainDataConfig(
         phases=[Phase("phase1", {"data/web": 0.7, "data/code": 0.3}, fraction=0.94),
@@ -9,28 +9,39 @@
     data.train[i]         # the i-th training sample of the whole run, i = consumed samples
     data.valid["phase2"]  # a validation set per phase mixture
 
+Blend keys are source specs (:mod:`tandem.data_pipelines.sources`): a ``tandem-preprocess`` prefix
+(``indexed:`` optional), or the byte-level ``synthetic:<kind>`` / ``text:<file>`` of smoke runs and tests.
+
 How it is built, and why not two ``BlendedMegatronDatasetBuilder`` runs (one per phase): a separate blend
 per phase restarts every source's shuffled epoch, so phase 2 would replay the samples phase 1 already
 consumed from a shared source. Instead:
 
-1. every source (a ``.bin``/``.idx`` prefix) gets **one** megatron ``GPTDataset`` for the whole run
-   (built through ``BlendedMegatronDatasetBuilder`` with a single-prefix blend, so megatron's split,
-   epoch/shuffle indices and index cache are used unchanged);
+1. every source gets **one** dataset for the whole run — for a prefix, megatron's ``GPTDataset`` (built
+   through ``BlendedMegatronDatasetBuilder`` with a single-prefix blend, so megatron's split, multi-epoch
+   shuffle, index cache and loss mask are used unchanged);
 2. each phase gets its own blending index from megatron's ``helpers.build_blending_indices`` (the
    deterministic error-minimising interleave megatron uses for its ``BlendedDataset``), over only the
    sources active in that phase;
 3. per-source sample offsets are carried across the switch: phase 2 continues each source where phase 1
-   stopped, so no sample is reused unless a source is genuinely exhausted (then it wraps into its next
-   shuffled epoch, as megatron does within a single blend);
-4. each ``GPTDataset`` is asked for exactly as many samples as all phases together take from it.
+   stopped, so no sample is reused unless a source is genuinely exhausted (then it runs into its next
+   epoch, which megatron shuffles anew);
+4. each dataset is asked for exactly as many samples as all phases together take from it.
 
 The train dataset is map-style: sample ``i`` depends only on the config, the tokenizer's identifiers,
-``train_samples`` and ``i``. Resuming after a restart = rebuilding with the same arguments and reading
-from the consumed-sample count (see ``packing.ResumableBatchSampler``). ``fingerprint()`` identifies the
-schedule; store it in the checkpoint and compare on resume (a changed ``train_samples`` moves the switch).
+``train_samples``, ``extensions`` and ``i``. Resuming after a restart = rebuilding with the same arguments
+and reading from the consumed-sample count (see ``packing.ResumableBatchSampler``). ``fingerprint()``
+identifies the schedule.
 
 Phases switch at a *token* fraction of the run; every training sample has ``seq_length`` tokens, so the
-switch sample is ``round(fraction_so_far * train_samples)``.
+switch sample is ``round(fraction_so_far * train_samples)`` (a multiple of ``align``).
+
+Extending a run (``extensions``): the run planned for N samples was resumed at sample R with a new total
+N'. Samples before R keep the old plan; from R on the phases are re-planned over N' — a switch that lies
+after R moves to its fraction of N', a switch already passed stays where it happened (a phase never
+restarts), and each source continues from the samples it had given. A source's megatron order depends
+on how many epochs of it the plan needs, so one that the longer plan takes into an extra epoch is
+reshuffled as a whole (samples may then repeat earlier than in the original plan); within the epochs
+already planned, the order is unchanged.
 """
 
 from __future__ import annotations
@@ -61,8 +72,9 @@ class PretrainDataConfig:
     """Typed schema of the pretraining data section (Hydra ``data/`` groups fill it).
 
     ``split``: megatron's "train,valid,test" weights over each source's documents (contiguous ranges).
-    ``cache_dir``: where megatron caches its shuffle indices; None → beside each source's data
-    (``<dir>/cache/GPTDataset_indices``), which must then be writable.
+    ``cache_dir``: where megatron's shuffle indices and this module's blend indices are cached; None →
+    megatron's default beside each source's data (``<dir>/cache/GPTDataset_indices``), which must then be
+    writable (the trainer always gives one: ``data.cache_dir``, default ``<run.dir>/data_cache``).
     ``eod_mask_loss``: zero the loss where the *input* token is EOD — the next document's first token
     is unpredictable from a context that ``seq_idx`` has just reset.
     """
@@ -82,9 +94,16 @@ class PretrainDataConfig:
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phase names must be unique, got {names}")
+        from .sources import parse_spec
+
         for p in self.phases:
             if not p.blend:
                 raise ValueError(f"phase {p.name!r}: blend is empty; give {{prefix: weight}}")
+            for spec in p.blend:
+                try:
+                    parse_spec(spec)
+                except ValueError as e:
+                    raise ValueError(f"phase {p.name!r}: {e}") from None
             for prefix, w in p.blend.items():
                 if not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
                     raise ValueError(f"phase {p.name!r}: weight of {prefix!r} must be a finite number >= 0, got {w!r}")
@@ -100,12 +119,12 @@ class PretrainDataConfig:
 
 
 def sources_of(cfg: PretrainDataConfig) -> list[str]:
-    """Every prefix with a positive weight in some phase, in order of first appearance."""
+    """Every source spec with a positive weight in some phase, in order of first appearance."""
     seen: dict[str, None] = {}
     for p in cfg.phases:
-        for prefix, w in p.blend.items():
+        for spec, w in p.blend.items():
             if w > 0:
-                seen.setdefault(prefix, None)
+                seen.setdefault(spec, None)
     return list(seen)
 
 
@@ -125,17 +144,70 @@ def phase_boundaries(cfg: PretrainDataConfig, num_samples: int, align: int = 1) 
     return bounds
 
 
+def plan_phases(cfg: PretrainDataConfig, train_samples: int, align: int = 1,
+                extensions: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """Phase bounds of a run and its segments ``(phase, start, stop)``, each one interleave.
+
+    ``extensions``: ``[(resume_sample, previous_total), ...]`` oldest first — the run was planned for
+    ``previous_total`` samples and re-planned at ``resume_sample`` (see the module docstring); the last
+    plan is for ``train_samples``. Without extensions there is one segment per phase.
+    """
+    totals = [n for _, n in extensions] + [train_samples]
+    bounds = phase_boundaries(cfg, totals[0], align)
+    cuts = [0]
+    for (at, _), total in zip(extensions, totals[1:]):
+        if not 0 <= at <= min(bounds[-1], total):
+            raise ValueError(f"extension at sample {at} lies outside the plan of {bounds[-1]} samples")
+        # the phase of the last sample served; one starting exactly at ``at`` has not started yet
+        current = int(np.searchsorted(bounds, at - 1, side="right") - 1) if at > 0 else 0
+        fresh = phase_boundaries(cfg, total, align)
+        new = bounds[: current + 1]
+        for q in range(current + 1, len(cfg.phases)):
+            new.append(min(max(fresh[q], at, new[-1]), total))
+        bounds = new + [total]
+        cuts.append(at)
+    cuts.append(train_samples)
+    segments = []
+    for q in range(len(cfg.phases)):
+        edges = sorted({bounds[q], bounds[q + 1], *(c for c in cuts if bounds[q] < c < bounds[q + 1])})
+        segments += [(q, a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return bounds, segments
+
+
+def blending_indices_numpy(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """megatron's ``helpers.build_blending_indices`` in Python, operation for operation (tested equal).
+
+    Used only for runs whose sources are all byte-level (smoke runs, tests), which thus never import
+    megatron-core: its package import costs ~6 s per process on the 2-core test machines. O(size ×
+    sources) in the interpreter: fine for those sizes, not for pretraining-scale schedules."""
+    n = len(weights)
+    w = [float(x) for x in weights]
+    counts = [0] * n
+    src = np.empty(size, dtype=np.int16)
+    idx = np.empty(size, dtype=np.int64)
+    for i in range(size):
+        x = max(float(i), 1.0)
+        best, best_err = 0, w[0] * x - counts[0]
+        for d in range(1, n):
+            err = w[d] * x - counts[d]
+            if err > best_err:
+                best, best_err = d, err
+        src[i], idx[i] = best, counts[best]
+        counts[best] += 1
+    return src, idx
+
+
 def blend_schedule(weights_per_phase: Sequence[Sequence[float]], phase_sizes: Sequence[int],
-                   start_offsets: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   start_offsets: Sequence[int] | None = None, *,
+                   megatron: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Interleave sources over consecutive phases with megatron's ``build_blending_indices``.
 
     ``weights_per_phase[p][s]``: weight of source s in phase p (0 = absent). Returns
     ``(source_index[int16], source_sample_index[int64], samples_taken_per_source[int64])`` for the
     concatenated phases: within a phase the interleave is megatron's; across phases, each source's sample
     index continues from where the previous phases left it (``start_offsets`` seeds it, default 0).
+    ``megatron=False``: the same interleave from :func:`blending_indices_numpy` (byte-level runs).
     """
-    from megatron.core.datasets import helpers
-
     n_sources = len(weights_per_phase[0])
     taken = np.zeros(n_sources, dtype=np.int64) if start_offsets is None else np.array(start_offsets, dtype=np.int64)
     src_parts, idx_parts = [], []
@@ -145,10 +217,15 @@ def blend_schedule(weights_per_phase: Sequence[Sequence[float]], phase_sizes: Se
         # Only the active sources enter the helper: with a zero-weight source at position 0 its
         # arg-max over equal errors can pick that source (ties go to the first index).
         local_w = w[active] / w[active].sum()
-        local_src = np.zeros(size, dtype=np.int16)
-        local_idx = np.zeros(size, dtype=np.int64)
-        if size:
-            helpers.build_blending_indices(local_src, local_idx, local_w, len(active), size, False)
+        if megatron:
+            from megatron.core.datasets import helpers
+
+            local_src = np.zeros(size, dtype=np.int16)
+            local_idx = np.zeros(size, dtype=np.int64)
+            if size:
+                helpers.build_blending_indices(local_src, local_idx, local_w, len(active), size, False)
+        else:
+            local_src, local_idx = blending_indices_numpy(local_w, size)
         src = active[local_src].astype(np.int16)
         src_parts.append(src)
         idx_parts.append(local_idx + taken[src])
@@ -201,6 +278,7 @@ class PretrainDatasets:
     train_samples: int = 0
     tokenizer_ids: dict | None = None
     align: int = 1
+    extensions: list = field(default_factory=list)
 
     def fingerprint(self) -> str:
         """Identifies the training schedule; equal fingerprints ⇒ identical sample order."""
@@ -210,6 +288,8 @@ class PretrainDatasets:
             "seq_length": cfg.seq_length, "seed": cfg.seed, "split": cfg.split, "eod_mask_loss": cfg.eod_mask_loss,
             "train_samples": self.train_samples, "tokenizer": self.tokenizer_ids, "align": self.align,
         }
+        if self.extensions:
+            desc["extensions"] = [list(e) for e in self.extensions]
         return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def phase_at(self, consumed_samples: int) -> str:
@@ -225,18 +305,82 @@ def check_prefix(prefix: str) -> None:
         raise ValueError(f"blend source {prefix!r} holds no documents ({prefix}.bin is empty)")
 
 
-def build_source_dataset(prefix: str, cfg: PretrainDataConfig, tokenizer: Any, train_samples: int | None,
+def check_sources(cfg: PretrainDataConfig, tokenizer: Any) -> None:
+    """Everything about the sources that can fail before building, cheaply (files, document counts,
+    splits, the tokenizer they were made with), so a bad input fails before any index is written."""
+    cfg.validate()
+    for spec in sources_of(cfg):
+        check_source(spec, cfg, tokenizer)
+
+
+def check_source(spec: str, cfg: PretrainDataConfig, tokenizer: Any) -> None:
+    """:func:`check_sources` for one source. Byte-level sources need :data:`sources.BYTE_TOKENIZER` and
+    indexed ones a real tokenizer: the two kinds cannot share a run (their ids mean different things)."""
+    from .sources import BYTE_TOKENIZER, check_byte_source, is_byte_level, parse_spec
+
+    byte_tok = tokenizer.unique_identifiers == BYTE_TOKENIZER.unique_identifiers
+    if is_byte_level(spec):
+        if not byte_tok:
+            raise ValueError(f"blend source {spec!r} is byte-level (ids = bytes + 3) and cannot be blended "
+                             f"with data tokenised by {getattr(tokenizer, 'source', tokenizer)}")
+        check_byte_source(spec, cfg.split)
+        return
+    prefix = parse_spec(spec)[1]
+    if byte_tok:
+        raise ValueError(f"blend source {prefix!r} is tokenised data and cannot be blended with the byte-level "
+                         f"synthetic:/text: sources")
+    check_prefix(prefix)
+    made_with = _manifest_tokenizer(prefix)
+    if made_with is not None and made_with != tokenizer.unique_identifiers:
+        raise ValueError(f"blend source {prefix!r} was tokenised with another tokenizer ({prefix}.json records "
+                         f"{made_with}) than this run's {getattr(tokenizer, 'source', '')} "
+                         f"({tokenizer.unique_identifiers}); give the tokenizer it was made with")
+    _check_documents(prefix, cfg.split)
+
+
+def _check_documents(prefix: str, split: str) -> int:
+    """The source's document count, refusing none at all or a split left with none."""
+    from .sources import split_ranges
+
+    n_docs = _document_count(prefix)
+    if n_docs == 0:
+        raise ValueError(f"blend source {prefix!r} holds no documents")
+    # megatron builds a dataset for every split with a non-zero weight, and one whose document range is
+    # empty never finishes (its epoch loop adds 0 tokens per epoch), so check the ranges first, rounded
+    # as megatron rounds them.
+    for name, r in zip(("train", "valid", "test"), split_ranges(split, n_docs)):
+        if r is not None and r[1] <= r[0]:
+            raise ValueError(f"blend source {prefix!r}: split {split!r} gives its {n_docs} documents none "
+                             f"for {name}; add documents or set that split's weight to 0 (e.g. split '100,0,0')")
+    return n_docs
+
+
+def _manifest_tokenizer(prefix: str) -> dict | None:
+    from .preprocess import read_manifest
+
+    m = read_manifest(prefix)
+    return None if m is None else m.get("settings", {}).get("tokenizer")
+
+
+def build_source_dataset(spec: str, cfg: PretrainDataConfig, tokenizer: Any, train_samples: int | None,
                          valid_samples: int | None, seq_length: int | None = None):
-    """One megatron ``GPTDataset`` per split for a single source → ``(train, valid)`` (either may be None).
+    """One dataset per split for a single source → ``(train, valid)`` (either may be None).
 
-    A sample count of None builds exactly one epoch of that split.
-
-    Goes through ``BlendedMegatronDatasetBuilder`` with a one-prefix, unweighted blend, which hands back
-    the ``GPTDataset`` itself (no ``BlendedDataset`` → none of its cache/rank pitfalls).
+    A sample count of None builds exactly one epoch of that split (indexed sources). Indexed sources go
+    through ``BlendedMegatronDatasetBuilder`` with a one-prefix, unweighted blend, which hands back the
+    ``GPTDataset`` itself (no ``BlendedDataset`` → none of its cache/rank pitfalls); byte-level ones are
+    :func:`sources.build_byte_dataset` adapters.
     """
+    from .sources import build_byte_dataset, is_byte_level, parse_spec
+
+    if is_byte_level(spec):
+        return build_byte_dataset(spec, seed=cfg.seed, split=cfg.split, seq_length=seq_length or cfg.seq_length,
+                                  eod_mask_loss=cfg.eod_mask_loss, num_train=train_samples or 0,
+                                  num_valid=valid_samples or 0)
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    prefix = parse_spec(spec)[1]
     check_prefix(prefix)
     gcfg = GPTDatasetConfig(
         random_seed=cfg.seed,
@@ -250,17 +394,7 @@ def build_source_dataset(prefix: str, cfg: PretrainDataConfig, tokenizer: Any, t
         create_attention_mask=False,
         path_to_cache=cfg.cache_dir,
     )
-    n_docs = _document_count(prefix)
-    if n_docs == 0:
-        raise ValueError(f"blend source {prefix!r} holds no documents")
-    # megatron builds a dataset for every split with a non-zero weight, and one whose document range is
-    # empty never finishes (its epoch loop adds 0 tokens per epoch), so check the ranges first, with the
-    # same rounding megatron uses for them.
-    for name, bounds in zip(("train", "valid", "test"), gcfg.split_matrix):
-        if bounds is not None and int(round(bounds[1] * n_docs)) <= int(round(bounds[0] * n_docs)):
-            raise ValueError(f"blend source {prefix!r}: split {cfg.split!r} gives its {n_docs} documents "
-                             f"none for {name}; add documents or set that split's weight to 0 "
-                             f"(e.g. split '100,0,0')")
+    n_docs = _check_documents(prefix, cfg.split)
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(
             GPTDataset, [train_samples, valid_samples, 0], lambda: True, gcfg).build()
@@ -272,41 +406,60 @@ def build_source_dataset(prefix: str, cfg: PretrainDataConfig, tokenizer: Any, t
 
 
 def _document_count(prefix: str) -> int:
+    from .preprocess import read_manifest
+
+    m = read_manifest(prefix)
+    if m is not None and isinstance(m.get("documents"), int):
+        return m["documents"]  # no need to open the index (nor import megatron) to count
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     return len(IndexedDataset(prefix).document_indices) - 1
 
 
 def build_pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Any, train_samples: int,
-                            valid_samples: int = 0, *, align: int = 1) -> PretrainDatasets:
+                            valid_samples: int = 0, *, align: int = 1,
+                            extensions: Sequence[tuple[int, int]] = (),
+                            allow_empty_phases: bool = False) -> PretrainDatasets:
     """Build the run's training schedule and one validation blend per phase. See the module docstring.
 
-    ``tokenizer``: anything with ``vocab_size``, ``eod``, ``unique_identifiers`` (``tokenizer.Tokenizer``).
+    ``tokenizer``: anything with ``vocab_size``, ``eod``, ``unique_identifiers`` (``tokenizer.Tokenizer``,
+    or ``sources.BYTE_TOKENIZER`` for byte-level sources).
     ``train_samples``: samples of ``seq_length`` tokens over the whole run (global batch × steps).
     ``align``: phase switches land on multiples of it (the global batch size: no step mixes phases).
+    ``extensions``: ``[(resume_sample, previous_total), ...]`` of a run extended on resume.
+    ``allow_empty_phases``: a phase whose fraction rounds to 0 samples is skipped (with a warning) instead
+    of refused — a run too short to reach its last phase (the trainer's short smoke runs).
+    **Collective** under torch.distributed: every rank must call it with the same arguments (rank 0
+    writes the index caches, the others wait at megatron's and this module's barriers, then read them).
     """
+    from .sources import is_byte_level
+
     cfg.validate()
     if train_samples < 1:
         raise ValueError(f"train_samples must be >= 1, got {train_samples}")
     if valid_samples < 0:
         raise ValueError(f"valid_samples must be >= 0, got {valid_samples}")
     prefixes = sources_of(cfg)
-    for p in prefixes:
-        check_prefix(p)
+    check_sources(cfg, tokenizer)
+    megatron = not all(is_byte_level(p) for p in prefixes)
     weights = [[float(ph.blend.get(p, 0.0)) for p in prefixes] for ph in cfg.phases]
-    bounds = phase_boundaries(cfg, train_samples, align)
-    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    for ph, n in zip(cfg.phases, sizes):
-        if n == 0:
+    bounds, segments = plan_phases(cfg, train_samples, align, extensions)
+    for ph, a, b in zip(cfg.phases, bounds[:-1], bounds[1:]):
+        if b == a and not extensions:
+            if allow_empty_phases:
+                log.warning("phase %r gets 0 of %d train samples (fraction %s): skipped", ph.name, train_samples,
+                            ph.fraction)
+                continue
             raise ValueError(f"phase {ph.name!r} gets 0 of {train_samples} train samples (fraction "
-                             f"{ph.fraction}); raise train_samples or its fraction")
-    src, idx, taken = _cached_blend_schedule(weights, sizes, cfg.cache_dir)
+                                 f"{ph.fraction}); raise train_samples or its fraction")
+    src, idx, taken = _cached_blend_schedule([weights[q] for q, _, _ in segments], [b - a for _, a, b in segments],
+                                             cfg.cache_dir, megatron)
     # Validation: each phase's mixture over the valid split, each starting at the source's first valid
     # sample (evaluation sets may share samples; training ones may not).
     valid_src, valid_need = {}, np.zeros(len(prefixes), dtype=np.int64)
     if valid_samples:
         for ph, w in zip(cfg.phases, weights):
-            vs, vi, vt = blend_schedule([w], [valid_samples])
+            vs, vi, vt = blend_schedule([w], [valid_samples], megatron=megatron)
             valid_src[ph.name] = (vs, vi)
             valid_need = np.maximum(valid_need, vt)
     train_ds, valid_ds = [], []
@@ -324,12 +477,14 @@ def build_pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Any, train_sampl
     for s, prefix in enumerate(prefixes):
         epoch = _epoch_samples(train_ds[s])
         if epoch and taken[s] > epoch:
-            log.warning("source %s: the schedule takes %d samples, %.2f epochs of it (samples repeat)",
-                        prefix, taken[s], taken[s] / epoch)
-    return PretrainDatasets(train, valid, cfg, train_samples, dict(tokenizer.unique_identifiers), align)
+            log.warning("source %s: the schedule takes %d samples, %.2f epochs of it (samples repeat, "
+                        "each epoch in a new order)", prefix, taken[s], taken[s] / epoch)
+    return PretrainDatasets(train, valid, cfg, train_samples, dict(tokenizer.unique_identifiers), align,
+                            [tuple(e) for e in extensions])
 
 
-def _cached_blend_schedule(weights: list[list[float]], sizes: list[int], cache_dir: str | None):
+def _cached_blend_schedule(weights: list[list[float]], sizes: list[int], cache_dir: str | None,
+                           megatron: bool = True):
     """``blend_schedule`` stored under ``cache_dir`` and memory-mapped, as megatron does for its blends.
 
     At pretraining scale the two index arrays hold one entry per training sample (25T tokens / 8k =
@@ -338,7 +493,7 @@ def _cached_blend_schedule(weights: list[list[float]], sizes: list[int], cache_d
     Without a ``cache_dir`` they are computed in memory (fine for small runs and tests).
     """
     if cache_dir is None:
-        return blend_schedule(weights, sizes)
+        return blend_schedule(weights, sizes, megatron=megatron)
     import torch
 
     key = hashlib.md5(json.dumps({"w": weights, "n": sizes, "v": 1}).encode()).hexdigest()
@@ -348,7 +503,7 @@ def _cached_blend_schedule(weights: list[list[float]], sizes: list[int], cache_d
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not dist or torch.distributed.get_rank() == 0:
         if not all(os.path.isfile(f) for f in [*files.values(), taken_file]):
-            src, idx, taken = blend_schedule(weights, sizes)
+            src, idx, taken = blend_schedule(weights, sizes, megatron=megatron)
             os.makedirs(cache_dir, exist_ok=True)
             for name, arr in (("source", src), ("sample", idx)):
                 tmp = f"{files[name]}.tmp{os.getpid()}.npy"
@@ -366,8 +521,11 @@ def _cached_blend_schedule(weights: list[list[float]], sizes: list[int], cache_d
 
 
 def _epoch_samples(ds) -> int | None:
-    """Samples in one epoch of a GPTDataset (tokens of its documents // seq_length), for logging."""
-    try:
+    """Samples in one epoch of a source dataset, for logging (None: unbounded or unknown)."""
+    per_epoch = getattr(ds, "per_epoch", None)  # sources.TextDataset
+    if per_epoch is not None:
+        return per_epoch
+    try:  # megatron GPTDataset: tokens of its documents // seq_length
         tokens = int(ds.dataset.sequence_lengths[ds.indices].sum())
         return max((tokens - 1) // ds.config.sequence_length, 1)
     except Exception:  # logging only; GPTDataset internals may move between megatron versions

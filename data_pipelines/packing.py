@@ -46,8 +46,9 @@ class Collator:
     ``source``/``phase``/``is_long`` [B] long (blend / long-short bookkeeping for per-kind loss logging).
     """
 
-    def __init__(self, eod: int):
+    def __init__(self, eod: int, keys: Sequence[str] | None = None):
         self.eod = int(eod)
+        self.keys = None if keys is None else tuple(keys)  # keep only these (fewer tensors between processes)
 
     def __call__(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not samples:
@@ -73,7 +74,7 @@ class Collator:
         for key in ("source", "phase", "is_long"):
             if all(key in s for s in samples):
                 batch[key] = torch.tensor([int(s[key]) for s in samples], dtype=torch.long)
-        return batch
+        return batch if self.keys is None else {k: batch[k] for k in self.keys if k in batch}
 
 
 def collate(samples: Sequence[dict], eod: int) -> dict[str, torch.Tensor]:
@@ -234,11 +235,19 @@ class ResumableBatchSampler:
 
 
 def build_dataloader(dataset, micro_batch_size: int, *, eod: int, consumed_samples: int = 0, dp_rank: int = 0,
-                     dp_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
-    """A ``torch.utils.data.DataLoader`` over a map-style dataset with exact resume and DP sharding."""
+                     dp_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                     prefetch_factor: int | None = None, keys: Sequence[str] | None = None):
+    """A ``torch.utils.data.DataLoader`` over a map-style dataset with exact resume and DP sharding.
+
+    With ``num_workers`` > 0, worker processes read and collate ahead of the training loop
+    (``prefetch_factor`` batches each; the batches still arrive in sampler order, so the order — and
+    resume — do not depend on the worker count). Each batch crosses from a worker as one shared-memory
+    tensor per key, a fixed cost per tensor: ``keys`` keeps only the ones needed, and a trainer loading
+    a step's rows as one batch (then splitting it into micro-batches) pays it once per step."""
     from torch.utils.data import DataLoader
 
     sampler = ResumableBatchSampler(len(dataset), micro_batch_size, consumed_samples=consumed_samples,
                                     dp_rank=dp_rank, dp_size=dp_size)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(eod), num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(eod, keys), num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                      prefetch_factor=prefetch_factor if num_workers > 0 else None)

@@ -5,6 +5,8 @@
     tandem -cn nano3_pretrain model=tiny --cfg job     # print the composed config and exit
     torchrun --nproc_per_node 2 -m tandem.trainer.cli -cn smoke parallel=ddp_gloo
     tandem generate runs/smoke/sft --prompt "What is 2 + 3?"   # chat with a checkpoint (docs/GENERATION.md)
+    tandem plan -cn nano3_pretrain --nodes 2 --gpus-per-node 8 --gpu-mem-gb 80   # memory per rank (docs/PARALLELISM.md)
+    tandem export runs/smoke/pretrain --to exported/ --dtype bfloat16   # released layout, one tensor at a time
 
 Exit status: 0 done, 2 bad input (one line on stderr naming the key/file), 75 preempted after a checkpoint
 (SIGTERM, SIGUSR1 or a first Ctrl-C finish the step and checkpoint; stderr says the command that resumes).
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from tandem.recipes import RECIPES_DIR
@@ -136,11 +139,46 @@ def check_composition(argv: list[str]) -> None:
             fail(str(e))
 
 
+#: ``tandem export --dtype`` choices
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export_main(argv: list[str]) -> int:
+    """``tandem export RUN --to DIR [--dtype bfloat16]``: a run checkpoint (its latest step, or the step dir
+    given) as a released-layout directory, streamed one tensor at a time; 0, or 2 on bad input."""
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            print(f"tandem export: error: {message} (see --help)", file=sys.stderr)
+            raise SystemExit(USAGE_EXIT_CODE)
+
+    p = Parser(prog="tandem export", description=export_main.__doc__.split(";")[0].split(": ", 1)[1])
+    p.add_argument("checkpoint", help="a run dir, its checkpoints/ dir, a step_* dir, or a released-layout dir")
+    p.add_argument("--to", required=True, help="output directory (created; other files in it are kept)")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, help="cast floating tensors (the router stays fp32); default: as stored")
+    args = p.parse_args(argv)
+    from .checkpoint.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.to, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except USER_ERRORS as e:
+        print(f"tandem export: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "generate":
         from .inference.cli import chat_main
 
         sys.exit(chat_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "plan":
+        from .plan import plan_main
+
+        sys.exit(plan_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        sys.exit(export_main(sys.argv[2:]))
     register_configs()
     check_composition(sys.argv[1:])
     hydra.main(config_path=str(RECIPES_DIR), config_name=None, version_base="1.3")(_app)()

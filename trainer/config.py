@@ -20,9 +20,9 @@ from typing import Any, List, Optional
 from tandem.model import HybridConfig
 
 __all__ = [
-    "BlendEntry", "ChatDataConfig", "ConfigError", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "BlendEntry", "ChatDataConfig", "ConfigError", "ENGINE_CHOICES", "FSDP_PARAM_DTYPES", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "configure_memory",
-    "register_configs", "validate_config", "validate_grpo", "validate_memory",
+    "register_configs", "validate_config", "validate_grpo", "validate_memory", "validate_parallel",
 ]
 
 
@@ -134,6 +134,12 @@ class RLDataConfig:
 
 @dataclass
 class DataConfig:
+    """Pretraining reads ``path`` / ``blend`` / ``phase1``+``phase2`` (docs/DATA.md, trainer/data.py)."""
+
+    # Your own data in one override: one source (a tandem-preprocess prefix or a source spec), or one blend,
+    # for the whole run. Either replaces phase1/phase2/phase2_start (the recipe's phases are not used).
+    path: Optional[str] = None
+    blend: List[BlendEntry] = field(default_factory=list)
     # Phase-1 blend (e.g. the diversity mixture) and the phase-2 blend (e.g. the high-quality mixture).
     phase1: List[BlendEntry] = field(default_factory=list)
     phase2: List[BlendEntry] = field(default_factory=list)
@@ -143,6 +149,17 @@ class DataConfig:
     # Fraction of every source's documents held out for evaluation.
     valid_fraction: float = 0.02
     seed: int = 1234
+    # The tokenizer the indexed sources were made with (a local HF folder / tokenizer.json); null = the
+    # shipped one (tandem-preprocess's default). Checked against each source's manifest.
+    tokenizer: Optional[str] = None
+    # megatron's index caches and the blend indices; null = <run.dir>/data_cache (the data folder may be read-only).
+    cache_dir: Optional[str] = None
+    # No loss where the input token is EOD (megatron's eod_mask_loss): the next document's first token
+    # cannot be predicted from a context that seq_idx has just reset.
+    eod_mask_loss: bool = True
+    # DataLoader worker processes per rank preparing batches a step ahead (0 = in the training process;
+    # the CPU smoke recipes use 0: with no core to spare, a worker costs more than it hides).
+    num_workers: int = 2
     # SFT conversations (stage.name=sft); pretraining reads phase1/phase2.
     chat: ChatDataConfig = field(default_factory=ChatDataConfig)
     # RL prompts (stage.name=grpo).
@@ -166,6 +183,12 @@ class OptimConfig:
     expert_bias_update_rate: float = 1e-3
 
 
+#: ``parallel.engine`` values (tandem.trainer.parallel.engines; docs/PARALLELISM.md says what each shards)
+ENGINE_CHOICES = ("auto", "ddp", "fsdp", "zero")
+#: ``parallel.fsdp_param_dtype`` values: the compute dtype FSDP gathers parameters in
+FSDP_PARAM_DTYPES = ("auto", "bf16", "fp32")
+
+
 @dataclass
 class ParallelConfig:
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
@@ -175,6 +198,13 @@ class ParallelConfig:
     cp: int = 1
     ep: int = 1
     zero_stage: int = 0
+    # auto: zero when zero_stage > 0, else fsdp on CUDA with more than one process, else ddp | ddp (replicated
+    # dense weights) | fsdp (PyTorch FSDP2: weights, gradients, optimizer state sharded) | zero (DeepSpeed)
+    engine: str = "auto"
+    fsdp_param_dtype: str = "auto"  # fsdp compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    # fsdp: free each block's gathered weights after its forward (re-gathered in backward); false keeps them
+    # until backward (less communication, more memory)
+    fsdp_reshard_after_forward: bool = True
 
 
 @dataclass
@@ -265,6 +295,9 @@ class StageConfig:
     eval_batches: int = 4
     save_every: int = 0  # 0 = only at the end (and on preemption)
     keep_last: int = 3
+    # sharded (fsdp) checkpoints: periodic saves write in a background thread while training goes on; the
+    # checkpoint becomes ``latest`` once every rank's shards are on disk (the final save always waits)
+    async_save: bool = False
     nan_tolerance: int = 5  # abort after this many consecutive non-finite steps
     seed: int = 0
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # read by stage.name=grpo only
@@ -276,6 +309,10 @@ class RunSection:
     # auto: resume from <dir>/checkpoints/latest if present; never: start fresh (refuses a non-empty run
     # directory); or an explicit checkpoint path.
     resume: str = "auto"
+    # A resume refuses a changed schedule (trainer/loop.py: Trainer.schedule). true: stage.steps may differ
+    # from the checkpoint's — the run is extended (or shortened); the LR curve is recomputed over the new
+    # total and the stage re-plans its data from the resume step (docs/RECIPES.md, "Extending a run").
+    extend: bool = False
 
 
 @dataclass
@@ -311,7 +348,7 @@ def register_configs() -> None:
 _AT_LEAST = {
     "stage.steps": 1, "stage.global_batch": 1, "stage.micro_batch": 1, "data.seq_len": 1, "logger.log_every": 1,
     "stage.eval_every": 0, "stage.eval_batches": 0, "stage.save_every": 0, "stage.keep_last": 1,
-    "optim.warmup_steps": 0,
+    "optim.warmup_steps": 0, "data.num_workers": 0,
 }
 
 
@@ -331,11 +368,14 @@ def validate_config(cfg: Any) -> None:
         value = cfg[section][name]
         if value < least:
             raise ConfigError(f"{key} must be >= {least}, got {value}")
+    if cfg.data.path and cfg.data.blend:
+        raise ConfigError("data.path and data.blend are both set; give one (data.path=<prefix> is a one-source blend)")
     if not 0.0 <= cfg.data.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction must be in [0, 1), got {cfg.data.valid_fraction}")
     if cfg.logger.kind not in LOGGER_KINDS:
         raise ConfigError(f"logger.kind must be one of {list(LOGGER_KINDS)}, got {cfg.logger.kind!r}")
     validate_memory(cfg)
+    validate_parallel(cfg.parallel)
     validate_grpo(cfg.stage.grpo)
 
 
@@ -361,6 +401,19 @@ def _plain(value: Any) -> Any:
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def validate_parallel(p: Any) -> None:
+    """Choice fields of ``parallel`` and the engine / ZeRO-stage combinations that contradict each other."""
+    if p.engine not in ENGINE_CHOICES:
+        raise ConfigError(f"parallel.engine must be one of {list(ENGINE_CHOICES)}, got {p.engine!r}")
+    if p.fsdp_param_dtype not in FSDP_PARAM_DTYPES:
+        raise ConfigError(f"parallel.fsdp_param_dtype must be one of {list(FSDP_PARAM_DTYPES)}, got {p.fsdp_param_dtype!r}")
+    if p.engine in ("ddp", "fsdp") and p.zero_stage != 0:
+        raise ConfigError(f"parallel.engine={p.engine} with parallel.zero_stage={p.zero_stage}: ZeRO is the zero engine; "
+                          f"set parallel.zero_stage=0 or parallel.engine=zero")
+    if p.engine == "zero" and p.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.engine=zero needs parallel.zero_stage 1, 2 or 3, got {p.zero_stage}")
 
 
 def validate_grpo(g: Any) -> None:

@@ -9,6 +9,7 @@ checkpoints, and preemption (SIGTERM/SIGUSR1/SIGINT → finish the step, checkpo
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -20,6 +21,7 @@ import torch
 from .autocast import LOW_PRECISION, autocast_context  # noqa: F401  (re-exported)
 from .checkpoint import CheckpointManager
 from .config import ConfigError, RunConfig
+from .metrics import memory_peak_bytes
 from .optim import lr_at
 from .parallel import DistInfo, Engine
 from .stages.base import Stage
@@ -63,6 +65,7 @@ class Trainer:
         # Called after every step with ``finite``; each returns metrics merged into the step's record
         # (e.g. tandem.trainer.parallel.expert_balance.ExpertBalancer: expert-bias update and load metrics).
         self.step_hooks: list = []
+        self.memory_base = 0  # bytes in use before the model was built (set by run); logged with the peak
 
     # ------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -93,7 +96,7 @@ class Trainer:
                     for sink in self.sinks:
                         sink.log(record)
                 if cfg.stage.save_every and self.state.step % cfg.stage.save_every == 0 and not is_last:
-                    self.save()
+                    self.save(blocking=False)  # (in the background with stage.async_save and a sharded engine)
                 if self._stop_requested():
                     path = self.save()
                     log.warning("signal %s: checkpoint written to %s; exiting with %d", self._signal, path, PREEMPTED_EXIT_CODE)
@@ -218,23 +221,46 @@ class Trainer:
             record["val_loss"] = out["val_loss"]
         # namespaced metrics: step hooks (moe/...), the stage's loss metrics and after_step (grpo/...)
         record.update({k: v for k, v in out.items() if "/" in k})
+        # memory: the largest rank's peak so far, and its memory before the model was built (the runtime)
+        peak = memory_peak_bytes(self.info.device)
+        slots = [0.0] * (2 * self.info.world_size)
+        slots[self.info.rank], slots[self.info.world_size + self.info.rank] = float(peak), float(self.memory_base)
+        reduced = self.engine.all_reduce_sum(slots)
+        worst = max(range(self.info.world_size), key=lambda r: reduced[r])
+        record["mem_peak_gb"] = reduced[worst] / 1e9
+        record["mem_base_gb"] = reduced[self.info.world_size + worst] / 1e9
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = tok_s * self.flops_per_token / (self.peak_flops * self.info.world_size)
         return record
 
     # ------------------------------------------------------------------------------------------------
+    def schedule(self) -> dict:
+        """What the step order and the LR curve depend on, as ``{config key: value}``: stored in every
+        checkpoint's trainer state and compared on resume (:meth:`restore`). The stage adds its data
+        schedule (:meth:`Stage.schedule`). ``optim.lr``/``min_lr`` are not in it: the curve's shape is fixed,
+        its height may be changed on a resume."""
+        c = self.cfg
+        out = {"stage.steps": c.stage.steps, "stage.global_batch": c.stage.global_batch,
+               **{f"optim.{k}": getattr(c.optim, k) for k in ("schedule", "warmup_steps", "decay_fraction", "decay_style")}}
+        out.update(self.stage.schedule())
+        return json.loads(json.dumps(out))  # the JSON form the checkpoint holds (tuples → lists)
+
     def trainer_state(self) -> dict:
         return {
             "step": self.state.step, "tokens": self.state.tokens, "target_tokens": self.state.target_tokens,
             "nan_skipped": self.state.nan_skipped,
             "nan_consecutive": self.state.nan_consecutive, "stage": self.stage.name,
-            "stage_state": self.stage.state_dict(), "extra": self.state.extra,
+            "stage_state": self.stage.state_dict(), "schedule": self.schedule(), "extra": self.state.extra,
         }
 
-    def save(self):
-        return self.checkpoints.save(self.state.step, self.engine, self.model.config, self.trainer_state())
+    def save(self, blocking: bool = True):
+        return self.checkpoints.save(self.state.step, self.engine, self.model.config, self.trainer_state(),
+                                     blocking=blocking)
 
-    def restore(self, trainer_state: dict) -> None:
+    def restore(self, trainer_state: dict, source=None) -> None:
+        """Continue from a checkpoint's trainer state (``source``: its path, for messages). Refuses
+        (ConfigError) a run whose :meth:`schedule` differs from the checkpoint's, naming every difference,
+        unless ``run.extend`` allows a changed ``stage.steps``; runs before anything is written."""
         if trainer_state["stage"] != self.stage.name:
             raise ConfigError(
                 f"checkpoint is from stage {trainer_state['stage']!r}, this run is {self.stage.name!r}; "
@@ -246,6 +272,29 @@ class Trainer:
             nan_consecutive=trainer_state["nan_consecutive"], extra=trainer_state.get("extra", {}),
         )
         self.stage.load_state_dict(trainer_state["stage_state"])
+        self._check_schedule(trainer_state.get("schedule"), source)
+
+    def _check_schedule(self, stored: dict | None, source) -> None:
+        where = f"checkpoint {source}" if source is not None else "the checkpoint"
+        if stored is None:  # written before schedules were recorded
+            log.warning("%s records no schedule: cannot check that this run continues it unchanged", where)
+            return
+        current = self.schedule()
+        missing = object()
+        changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k, missing) != current.get(k, missing)]
+        extendable = {"stage.steps"} if self.cfg.run.extend else set()
+        refused = [k for k in changed if k not in extendable]
+        if refused:
+            show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
+            diffs = "; ".join(f"{k}: {show(stored, k)} -> {show(current, k)}" for k in refused)
+            hint = (" To train it for a different number of steps, add run.extend=true." if refused == ["stage.steps"]
+                    else " Keep the checkpoint's values, or start a new stage from its weights with model.init_from=<checkpoint> and a new run.dir.")
+            raise ConfigError(f"{where} was trained with another schedule, so resuming would not continue it exactly: {diffs}.{hint}")
+        if "stage.steps" in changed:
+            old_total, step = stored["stage.steps"], self.state.step
+            log.warning("run.extend: %s ran to step %d of %d; continuing to %d steps. LR at step %d: %.3g (old plan) -> %.3g",
+                        where, step, old_total, self.cfg.stage.steps, step, lr_at(step, old_total, self.cfg.optim),
+                        lr_at(step, self.cfg.stage.steps, self.cfg.optim))
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT and self._signal == signal.SIGINT:

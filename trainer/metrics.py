@@ -17,7 +17,30 @@ from tandem.model import HybridConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JsonlSink", "ConsoleSink", "WandbSink", "model_flops_per_token", "peak_flops_per_device"]
+__all__ = ["JsonlSink", "ConsoleSink", "WandbSink", "memory_now_bytes", "memory_peak_bytes", "model_flops_per_token",
+           "peak_flops_per_device"]
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_now_bytes(device: torch.device) -> int:
+    """This process's memory in use now: allocated CUDA memory on a GPU, resident set size (VmRSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status_bytes("VmRSS")
+
+
+def memory_peak_bytes(device: torch.device) -> int:
+    """This process's peak memory so far: ``torch.cuda.max_memory_allocated`` on a GPU, VmHWM on CPU (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status_bytes("VmHWM")
 
 
 def model_flops_per_token(cfg: HybridConfig, seq_len: int) -> float:

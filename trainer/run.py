@@ -16,8 +16,9 @@ from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint
 from .config import ConfigError, build_hybrid_config, configure_memory, validate_config
 from .data import DataError
 from .loop import Trainer
-from .metrics import ConsoleSink, JsonlSink, WandbSink, model_flops_per_token, peak_flops_per_device
-from .parallel import ExpertBalancer, build_engine, build_model, init_distributed
+from .metrics import (ConsoleSink, JsonlSink, WandbSink, memory_now_bytes, model_flops_per_token,
+                      peak_flops_per_device)
+from .parallel import ENGINES, ExpertBalancer, build_model, engine_name, init_distributed
 from .optim import build_optimizer, validate_optim
 from .stages import STAGES
 
@@ -49,10 +50,13 @@ def run(cfg: DictConfig) -> dict:
         model_cfg = build_hybrid_config(cfg.model)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    if cfg.data.cache_dir is None:  # megatron's index caches: in the run, never beside the (maybe read-only) data
+        cfg.data.cache_dir = str(run_dir / "data_cache")
     stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size)
     stage.check_model(model_cfg)
 
     torch.manual_seed(cfg.stage.seed + info.rank)
+    memory_base = memory_now_bytes(info.device)  # the runtime alone: what the planner's figures come on top of
     model = build_model(model_cfg, info, init_seed=cfg.model.init_seed)  # only this rank's experts are allocated
     configure_memory(model, cfg.model)  # activation checkpointing per layer kind, loss chunk size
     try:
@@ -60,7 +64,8 @@ def run(cfg: DictConfig) -> dict:
     except PrecisionError as e:
         raise ConfigError(str(e)) from None
     optimizer = build_optimizer(model, cfg.optim)
-    checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size)
+    checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size, async_save=cfg.stage.async_save)
+    engine_spec = ENGINES[engine_name(cfg.parallel, info, cfg.stage)]
 
     resume_from = None
     if cfg.run.resume == "auto":
@@ -72,11 +77,12 @@ def run(cfg: DictConfig) -> dict:
         resume_from = resolve_checkpoint(cfg.run.resume)
 
     trainer = Trainer(cfg, model, stage, None, info, checkpoints)
+    trainer.memory_base = memory_base
     optimizer_state = None
     if resume_from is not None:
-        trainer_state, optimizer_state = checkpoints.load(resume_from, model)
+        trainer_state, optimizer_state = checkpoints.load(resume_from, model, sharded_engine=engine_spec.sharded_checkpoints)
         try:
-            trainer.restore(trainer_state)
+            trainer.restore(trainer_state, source=resume_from)
         except (KeyError, TypeError) as e:  # a trainer_state.json that parses but lacks fields
             raise CheckpointError(f"{resume_from / 'trainer_state.json'}: not a tandem trainer state "
                                   f"(missing or malformed {e})") from None
@@ -86,9 +92,11 @@ def run(cfg: DictConfig) -> dict:
         log.info("initial weights from %s", src)
     stage.bind(model, info, precision=cfg.precision.name)  # the final weights: stages that generate (GRPO) keep the model
     # The engine is built after the weights are final: DeepSpeed copies them into its partitions.
-    trainer.engine = build_engine(model, optimizer, info, cfg.parallel, cfg.optim, cfg.stage)
+    trainer.engine = engine_spec.build(model, optimizer, info, cfg.parallel, cfg.optim, cfg.stage)
     if optimizer_state is not None:
         trainer.engine.load_optimizer_state(optimizer_state, resume_from)
+    elif resume_from is not None:  # a sharded checkpoint into a sharded engine: weights and optimizer now
+        checkpoints.load_sharded(resume_from, trainer.engine)
     if trainer.state.step >= cfg.stage.steps:
         log.info("run already complete (%d/%d steps)", trainer.state.step, cfg.stage.steps)
         return {}

@@ -198,3 +198,28 @@ def test_config_from_hydra_yaml(sources, tok):
         config_from_dict({"seq_length": 8, "phases": [{"blend": [{"path": "x", "weight": 1}]}]})
     with pytest.raises(ValueError, match="all blend weights are zero"):
         config_from_dict({"seq_length": 8, "blend": {sources["a"]: 0}})
+
+
+def test_extension_replans_phases_from_the_resume_point(sources, tmp_path, tok):
+    """A run planned for 400 samples, extended at sample 200 (phase 1) to 800 and at 720 (phase 2) to 1000:
+    the switch moves to 70% of the new total while it lies ahead, stays once passed; the samples before
+    each resume point are the old plan's; no source sample is used twice."""
+    from tandem.data_pipelines.blends import plan_phases
+
+    cfg = two_phase(sources, tmp_path)
+    assert plan_phases(cfg, 800, 8, [(200, 400)])[0] == [0, 560, 800]
+    assert plan_phases(cfg, 800, 8, [(280, 400)])[0] == [0, 560, 800]  # at the switch: phase 2 not started yet
+    assert plan_phases(cfg, 800, 8, [(320, 400)])[0] == [0, 280, 800]  # passed: stays
+    old = build_pretrain_datasets(cfg, tok, 400, align=8).train
+    once = build_pretrain_datasets(cfg, tok, 800, align=8, extensions=[(200, 400)]).train
+    twice = build_pretrain_datasets(cfg, tok, 1000, align=8, extensions=[(200, 400), (720, 800)])
+    assert twice.fingerprint() != build_pretrain_datasets(cfg, tok, 1000, align=8).fingerprint()
+    twice = twice.train
+    assert twice.bounds == [0, 560, 1000]
+    for a, b, n in ((old, once, 200), (once, twice, 720)):
+        assert np.array_equal(a.source_index[:n], b.source_index[:n])
+        assert np.array_equal(a.source_sample_index[:n], b.source_sample_index[:n])
+    for s in range(3):
+        used = twice.source_sample_index[twice.source_index == s]
+        assert len(set(used.tolist())) == len(used)
+    assert abs(twice.source_shares(560, 1000)[sources["c"]] - 0.75) < 0.01

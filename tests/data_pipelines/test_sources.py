@@ -1,49 +1,73 @@
+"""Source specs and the byte-level sources: they build samples, splits and interleaves exactly as megatron
+does (checked against megatron itself), so smoke runs exercise the same semantics as indexed data."""
+
+import numpy as np
 import pytest
 import torch
 
 from dp_helpers import write_indexed
-from tandem.data_pipelines.sources import IndexedTokenSource
+from tandem.data_pipelines.blends import (Phase, PretrainDataConfig, blend_schedule, blending_indices_numpy,
+                                          build_pretrain_datasets)
+from tandem.data_pipelines.sources import (BYTE_TOKENIZER, SyntheticDataset, TextDataset, parse_spec, split_ranges,
+                                           window_sample)
 
 
-def test_indexed_source_serves_fixed_windows(tmp_path, tok):
-    prefix = write_indexed(tmp_path / "s", 300, 3, 512)
-    src = IndexedTokenSource.from_spec(f"indexed:{prefix}", seed=3, valid_fraction=0.1, key="data.phase1[0].path",
-                                       tokenizer=tok, cache_dir=str(tmp_path / "c"))
-    assert src.name == f"indexed:{prefix}"
-    w = src.sample("train", 5, 32)
-    assert w.shape == (33,) and w.dtype == torch.long
-    again = IndexedTokenSource(prefix, seed=3, valid_fraction=0.1, tokenizer=tok, cache_dir=str(tmp_path / "c2"))
-    assert torch.equal(again.sample("train", 5, 32), w)  # fresh object, cold cache: same window
-    n = src.num_samples("train", 32)
-    assert torch.equal(src.sample("train", 5 + n, 32), w)  # wraps by epoch
-    train = {tuple(src.sample("train", i, 32).tolist()) for i in range(n)}
-    valid = {tuple(src.sample("valid", i, 32).tolist()) for i in range(src.num_samples("valid", 32))}
-    assert len(train) == n and not train & valid  # disjoint document ranges
-    other_seed = IndexedTokenSource(prefix, seed=4, valid_fraction=0.1, tokenizer=tok, cache_dir=str(tmp_path / "c"))
-    assert not torch.equal(other_seed.sample("train", 5, 32), w)
+def test_numpy_interleave_equals_megatrons():
+    from megatron.core.datasets import helpers
+
+    rng = np.random.default_rng(0)
+    for n_sources, size in ((1, 5), (2, 97), (3, 500), (5, 1000)):
+        w = rng.random(n_sources)
+        w /= w.sum()
+        src, idx = np.zeros(size, np.int16), np.zeros(size, np.int64)
+        helpers.build_blending_indices(src, idx, w, n_sources, size, False)
+        ours = blending_indices_numpy(w, size)
+        assert np.array_equal(ours[0], src) and np.array_equal(ours[1], idx)
+    weights, sizes = [[0.6, 0.4, 0], [0, 0.25, 0.75]], [70, 30]
+    for a, b in zip(blend_schedule(weights, sizes), blend_schedule(weights, sizes, megatron=False)):
+        assert np.array_equal(a, b)
 
 
-def test_indexed_source_errors(tmp_path, tok):
-    with pytest.raises(FileNotFoundError, match=r"data\.phase1\[0\]\.path: .*missing"):
-        IndexedTokenSource.from_spec(f"indexed:{tmp_path / 'nope'}", 0, 0.1, key="data.phase1[0].path")
-    with pytest.raises(ValueError, match="expected 'indexed:<prefix"):
-        IndexedTokenSource.from_spec("text:/x", 0, 0.1)
-    few = write_indexed(tmp_path / "few", 5, 3, 500)
-    src = IndexedTokenSource(few, valid_fraction=0.05, tokenizer=tok, cache_dir=str(tmp_path / "c"))
-    with pytest.raises(ValueError, match="none for valid"):
-        src.sample("valid", 0, 8)
+def test_window_sample_is_megatrons_sample(tmp_path, tok):
+    """The byte-level sources build their sample dict as GPTDataset.__getitem__ does (loss mask at EOD
+    inputs and pad labels, positions restarting after EOD)."""
+    prefix = write_indexed(tmp_path / "s", 200, 3, 500, eod=tok.eod)
+    cfg = PretrainDataConfig([Phase("p", {prefix: 1.0})], seq_length=24, split="100,0,0", cache_dir=str(tmp_path / "c"))
+    gpt = build_pretrain_datasets(cfg, tok, 50).train.datasets[0]
+    for i in range(0, 50, 7):
+        s = gpt[i]
+        window = torch.cat([s["tokens"], s["labels"][-1:]])
+        ours = window_sample(window, eod=tok.eod, pad=tok.pad, eod_mask_loss=True)
+        assert (s["tokens"] == tok.eod).any() or i > 0
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(ours[key], s[key].to(ours[key].dtype)), (i, key)
 
 
-def test_fits_the_trainer_blend_schedule(tmp_path, tok):
-    """Protocol check against the trainer's consumer: its blend schedule and batch maker take the source."""
-    from tandem.trainer.data import BlendSchedule, make_batch
+def test_split_ranges_are_megatrons():
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                       parse_and_normalize_split)
 
-    a = IndexedTokenSource(write_indexed(tmp_path / "a", 200, 3, 200), tokenizer=tok, cache_dir=str(tmp_path / "c"))
-    b = IndexedTokenSource(write_indexed(tmp_path / "b", 200, 200, 512, seed=1), tokenizer=tok, cache_dir=str(tmp_path / "c"))
-    sched = BlendSchedule([[(a.name, 0.5), (b.name, 0.5)], [(b.name, 1.0)]], {a.name: a, b.name: b})
-    drawn = sched.advance(8)
-    batch = make_batch([sched.sources[name].sample("train", i, 24) for name, i in drawn])
-    assert batch["input_ids"].shape == (8, 24)
-    is_eod = batch["input_ids"] == tok.eod
-    assert torch.equal(batch["seq_idx"], torch.cumsum(is_eod.long(), 1) - is_eod.long())
-    assert {int(r[r != tok.eod].max()) < 200 for r in batch["input_ids"]} == {True, False}  # both sources drawn
+    for split in ("98,2,0", "95,5,0", "100,0,0", "90,5,5", "1,1,1"):
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+        for n in (3, 7, 40, 1001):
+            want = [None if m is None else (int(round(m[0] * n)), int(round(m[1] * n))) for m in matrix]
+            assert split_ranges(split, n) == want, (split, n)
+
+
+def test_synthetic_and_text_sources(tmp_path):
+    a = SyntheticDataset("arithmetic", 3, "train", 32, 10, eod_mask_loss=True)
+    assert torch.equal(a[4]["tokens"], SyntheticDataset("arithmetic", 3, "train", 32, 10, True)[4]["tokens"])
+    assert not torch.equal(a[4]["tokens"], SyntheticDataset("arithmetic", 3, "valid", 32, 10, True)[4]["tokens"])
+    s = a[4]
+    assert torch.all(s["loss_mask"][s["tokens"] == BYTE_TOKENIZER.eod] == 0) and (s["tokens"] == 2).any()
+    rng = np.random.default_rng(0)
+    docs = ["".join(rng.choice(list("abcdefghij"), 40)) for _ in range(30)]  # windows unique by content
+    text = TextDataset(docs, seed=1, split="train", seq_length=16, num_samples=200, eod_mask_loss=False)
+    n = text.per_epoch
+    first = [tuple(text[i]["tokens"].tolist()) for i in range(n)]
+    second = [tuple(text[i]["tokens"].tolist()) for i in range(n, 2 * n)]
+    assert len(set(first)) == n and set(first) == set(second) and first != second  # each epoch reshuffled
+    assert text[3]["loss_mask"].all()
+    assert parse_spec("/data/web") == ("indexed", "/data/web") == parse_spec("indexed:/data/web")
+    with pytest.raises(ValueError, match="unknown source spec 'hf:x'"):
+        parse_spec("hf:x")

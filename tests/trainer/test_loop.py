@@ -9,7 +9,7 @@ import torch
 
 from tandem.model import HybridConfig, HybridLM
 from tandem.trainer.config import DataConfig, BlendEntry, StageConfig
-from tandem.trainer.data import BlendSchedule, DataError
+from tandem.trainer.data import DataError
 from tandem.trainer.loop import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
 from tandem.trainer.run import run
 from tandem.trainer.stages import PretrainStage
@@ -110,31 +110,18 @@ def test_nan_guard_skips_and_aborts(tiny_cfg, tmp_path, monkeypatch):
 def test_phase_switch_and_no_replay():
     data = DataConfig(
         phase1=[BlendEntry("synthetic:copy", 0.75), BlendEntry("synthetic:prose", 0.25)],
-        phase2=[BlendEntry("synthetic:prose", 1.0)], phase2_start=0.5, seq_len=8,
+        phase2=[BlendEntry("synthetic:prose", 1.0)], phase2_start=0.5, seq_len=8, num_workers=0,
     )
     stage = PretrainStage(data, StageConfig(steps=10, global_batch=8, micro_batch=4))
-    assert [stage.phase_for_step(s) for s in range(10)] == [0] * 5 + [1] * 5
-    seen = []
+    assert [stage.step_info(s)["phase"] for s in range(10)] == [1] * 5 + [2] * 5
     for s in range(10):
-        stage.batches_for_step(s)
-        seen.append(dict(stage.schedule.offsets))
+        sources = torch.cat([b["source"] for b in stage.batches_for_step(s)])
+        assert sources.tolist() == stage.datasets.train.source_index[s * 8:(s + 1) * 8].tolist()
+    train = stage.datasets.train
     # phase 1: 40 samples at 3:1; phase 2: 40 more prose samples continuing at offset 10, no replay
-    assert seen[4] == {"synthetic:copy": 30, "synthetic:prose": 10}
-    assert seen[9] == {"synthetic:copy": 30, "synthetic:prose": 50}
-
-
-def test_blend_proportions_and_resume_state():
-    sources = {"a": None, "b": None, "c": None}
-    sched = BlendSchedule([[("a", 0.5), ("b", 0.3), ("c", 0.2)]], sources)
-    drawn = sched.advance(1000)
-    counts = {k: sum(1 for n, _ in drawn if n == k) for k in sources}
-    assert counts == {"a": 500, "b": 300, "c": 200}
-    again = BlendSchedule([[("a", 0.5), ("b", 0.3), ("c", 0.2)]], sources)
-    first = again.advance(400)
-    state = again.state_dict()
-    restored = BlendSchedule([[("a", 0.5), ("b", 0.3), ("c", 0.2)]], sources)
-    restored.load_state_dict(json.loads(json.dumps(state)))
-    assert first + restored.advance(600) == drawn
+    copy, prose = (train.source_sample_index[train.source_index == k].tolist() for k in (0, 1))
+    assert train.source_shares(0, 40) == {"synthetic:copy": 0.75, "synthetic:prose": 0.25}
+    assert copy == list(range(30)) and prose == list(range(50))
 
 
 def test_stage_input_errors():

@@ -4,13 +4,17 @@ Layout under ``<run dir>/checkpoints/``::
 
     step_00000100/
         model/                 HF/NemotronH layout (config.json + safetensors): loadable on its own
-        optimizer.pt           optimizer state keyed by parameter name, expert tensors unsharded (loads at any
-                               EP size; tensors + plain containers, read with weights_only=True)
+        optimizer.pt           gathered engines (ddp, zero): optimizer state keyed by parameter name, expert
+                               tensors unsharded (loads at any EP size; read with weights_only=True)
+        dcp/                   sharded engines (fsdp) instead: model + optimizer tensors, every rank's own
+                               pieces under global names and shapes (torch.distributed.checkpoint; .sharded)
+        optimizer_groups.json  ... with the optimizer's parameter groups (hyper-parameters, names)
         rng/rank_00000.pt      torch CPU/CUDA and Python RNG states of each rank
         trainer_state.json     step, tokens, stage name and data position, NaN counters, logger ids
     latest                     text file naming the newest complete checkpoint
 
-A checkpoint is assembled in a hidden temporary directory and renamed into place only when complete;
+A checkpoint is assembled in a hidden temporary directory and renamed into place only when complete (every
+rank's files written: a sharded save is collective, an asynchronous one is committed when it finishes);
 ``latest`` is then replaced atomically. A process killed at any moment leaves ``latest`` naming a
 complete checkpoint (tested with SIGKILL at random moments).
 """
@@ -31,6 +35,9 @@ import torch.distributed as dist
 
 from tandem.model.checkpoint import CheckpointError, load_checkpoint_into, save_state_dict
 from tandem.model.checkpoint_io import read_json
+
+from . import sharded
+from .hf_writer import write_released_layout
 
 
 __all__ = ["CheckpointManager", "exchange_paths", "load_torch_file", "load_weights", "replace_dir",
@@ -114,11 +121,14 @@ def replace_dir(new: Path, final: Path) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, keep_last: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, run_dir: Path, keep_last: int, rank: int = 0, world_size: int = 1, async_save: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank, self.world_size = rank, world_size
+        self.async_save = async_save  # sharded checkpoints only: saves with blocking=False write in the background
         self._written: dict[str, str] = {}  # step dir → trainer_state JSON, for steps saved by this process
+        self._pending = None  # (future, tmp dir, final dir, name, trainer_state JSON) of an in-flight async save
+        self._gloo = None
 
     @property
     def latest_file(self) -> Path:
@@ -139,9 +149,17 @@ class CheckpointManager:
             raise CheckpointError(f"{self.latest_file}: names {name!r}, which is not a complete checkpoint")
         return path
 
-    def save(self, step: int, engine, config, trainer_state: dict) -> Path:
-        """Write checkpoint ``step`` (collective: every rank calls it). ``engine`` provides the gathered
-        model state and by-name optimizer state; rank 0 writes them."""
+    def save(self, step: int, engine, config, trainer_state: dict, *, blocking: bool = True) -> Path:
+        """Write checkpoint ``step`` (collective: every rank calls it) and make it ``latest``.
+
+        A gathered engine provides the whole model state and by-name optimizer state and rank 0 writes them;
+        an engine with ``sharded_checkpoints`` provides this rank's pieces and every rank writes its own
+        (``model/`` in the released layout and ``dcp/``, see :mod:`.sharded`). With ``blocking=False`` and
+        ``async_save`` a sharded save returns once its pieces are staged in host memory; the files are
+        written in the background and the checkpoint becomes ``latest`` at the next :meth:`save` or
+        :meth:`wait` (an in-flight save is never ``latest``: a crash leaves the previous one).
+        """
+        self.wait()
         name = f"step_{step:08d}"
         final = self.root / name
         state_json = json.dumps(trainer_state, indent=2, sort_keys=True) + "\n"
@@ -166,16 +184,47 @@ class CheckpointManager:
         self._barrier()
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
-        full = engine.full_state_dict()
-        opt_state = engine.optimizer_state()
-        if self.rank == 0:
-            save_state_dict(full, config, tmp / "model")
-            torch.save(opt_state, tmp / "optimizer.pt")
-            (tmp / "trainer_state.json").write_text(state_json)
+        if getattr(engine, "sharded_checkpoints", False):
+            state = engine.sharded_state_dict()
+            write_released_layout(state["model"], config, tmp / "model", rank=self.rank, barrier=self._barrier)
+            if self.rank == 0:
+                (tmp / "trainer_state.json").write_text(state_json)
+            if not blocking and self.async_save:
+                future = sharded.async_save(state, tmp, rank=self.rank, process_group=self._async_group())
+                self._pending = (future, tmp, final, name, state_json)
+                return final
+            sharded.save(state, tmp, rank=self.rank)
+        else:
+            full = engine.full_state_dict()
+            opt_state = engine.optimizer_state()
+            if self.rank == 0:
+                save_state_dict(full, config, tmp / "model")
+                torch.save(opt_state, tmp / "optimizer.pt")
+                (tmp / "trainer_state.json").write_text(state_json)
+        self._commit(tmp, final, name, state_json)
+        return final
+
+    def wait(self) -> None:
+        """Finish an asynchronous save still in flight and make it ``latest`` (collective; no-op if none)."""
+        if self._pending is None:
+            return
+        future, tmp, final, name, state_json = self._pending
+        self._pending = None
+        future.result()  # this rank's files written (DCP's finish step has gathered every rank's results)
+        self._commit(tmp, final, name, state_json)
+
+    def _async_group(self):
+        """A gloo group of its own for the background writer's collectives (created once; collective)."""
+        if self._gloo is None and dist.is_initialized():
+            self._gloo = dist.new_group(backend="gloo")
+        return self._gloo
+
+    def _commit(self, tmp: Path, final: Path, name: str, state_json: str) -> None:
+        """Every rank's files are in ``tmp``: rename it to ``final``, then point ``latest`` at it (collective)."""
         self._barrier()
         if self.rank == 0:
             for f in tmp.rglob("*"):
-                if f.is_file():
+                if f.is_file():  # (sharded pieces were fsynced by the rank that wrote them; this is cheap again)
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
             replace_dir(tmp, final)  # final exists when a run resumed from an earlier step reaches it again
@@ -184,7 +233,6 @@ class CheckpointManager:
             self._prune(keep=final)
         self._written[name] = state_json
         self._barrier()
-        return final
 
     def _prune(self, keep: Path) -> None:
         steps = sorted(p for p in self.root.iterdir() if _STEP_DIR.match(p.name))
@@ -203,11 +251,16 @@ class CheckpointManager:
         if self.world_size > 1:
             dist.barrier()
 
-    def load(self, path: Path, model) -> tuple[dict, dict]:
+    def load(self, path: Path, model, *, sharded_engine: bool = False) -> tuple[dict, dict | None]:
         """Restore the weights (this rank's expert shard) and this rank's RNG.
 
         Returns ``(trainer_state, optimizer_state)``; the engine loads the by-name optimizer state once it
-        exists (DeepSpeed partitions it at initialisation).
+        exists (DeepSpeed partitions it at initialisation). For an engine with ``sharded_checkpoints``
+        (``sharded_engine``) and a sharded checkpoint, nothing but the trainer state and RNG is read here and
+        ``optimizer_state`` is None: weights and optimizer come from :meth:`load_sharded` once the engine
+        exists, each rank reading only its pieces. Any engine resumes any checkpoint: a gathered engine
+        reads a sharded one's ``model/`` and whole optimizer tensors, a sharded engine a gathered one's
+        ``model/`` and ``optimizer.pt``.
         """
         path = Path(path)
         state_file = path / "trainer_state.json"
@@ -216,8 +269,11 @@ class CheckpointManager:
         trainer_state = read_json(state_file)
         if not isinstance(trainer_state, dict):
             raise CheckpointError(f"{state_file}: expected a JSON object, got {type(trainer_state).__name__}")
-        load_checkpoint_into(model, path / "model")
-        optimizer_state = load_torch_file(path / "optimizer.pt")
+        is_sharded = (path / sharded.DCP_DIR).exists()
+        optimizer_state = None
+        if not (sharded_engine and is_sharded):
+            load_checkpoint_into(model, path / "model")
+            optimizer_state = sharded.read_whole_optimizer(path) if is_sharded else load_torch_file(path / "optimizer.pt")
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
         if rng_file.exists():
             rng = load_torch_file(rng_file)
@@ -226,6 +282,11 @@ class CheckpointManager:
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise CheckpointError(f"{rng_file}: not an RNG state of this checkpoint layout ({e})") from None
         return trainer_state, optimizer_state
+
+    def load_sharded(self, path: Path, engine) -> None:
+        """Weights and optimizer state of the sharded checkpoint ``path`` into a sharded engine (collective):
+        each rank reads the pieces it holds at the current layout."""
+        engine.load_sharded_state_dict(sharded.load(engine.sharded_state_dict(), Path(path)), path)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

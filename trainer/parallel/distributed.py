@@ -18,7 +18,7 @@ from tandem.trainer.config import ConfigError, ParallelConfig
 
 from .expert import init_parallel_groups
 
-__all__ = ["DistInfo", "all_reduce_sum", "init_distributed"]
+__all__ = ["DistInfo", "Meshes", "all_reduce_sum", "device_meshes", "init_distributed"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ def init_distributed(cfg: ParallelConfig) -> DistInfo:
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0 (no ZeRO), 1, 2 or 3, got {cfg.zero_stage}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    engine = getattr(cfg, "engine", "auto")
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -65,6 +66,10 @@ def init_distributed(cfg: ParallelConfig) -> DistInfo:
         raise ConfigError(f"parallel.ep={cfg.ep} must divide the number of processes ({world})")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    elif engine == "fsdp" and not dist.is_initialized():
+        # FSDP2 shards over a DeviceMesh, which needs a process group even for one process; an in-memory
+        # store makes that group without torchrun's rendezvous variables.
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     if cfg.ep == 1:
         return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
     ps = init_parallel_groups(cfg.tp, cfg.cp, cfg.ep)
@@ -78,3 +83,54 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     if info.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The DeviceMeshes of a run, built on the process groups ``init_distributed`` already made.
+
+    - ``dp``: 1-D over every rank — dense parameters shard (FSDP) or replicate over it;
+    - ``edp``: 1-D over the ranks holding the same experts (megatron-core's expert-data-parallel group;
+      every rank when ``ep == 1``) — expert parameters shard over it;
+    - ``experts`` (``ep > 1`` only; None otherwise): 2-D ``("ep", "edp")`` over all ranks, ``mesh[j, i]`` = the rank holding EP slice ``j`` as
+      expert-data-parallel member ``i``. No collective runs on it in training; it names where each piece
+      of a whole ``[E, ...]`` expert tensor lives, so checkpoints can store experts under their global
+      shape (``DTensor`` with ``Shard(0)`` over ``ep``), independent of the layout that wrote them.
+    """
+
+    dp: object
+    edp: object
+    experts: object
+
+
+_MESHES: dict[tuple, Meshes] = {}
+
+
+def device_meshes(info: DistInfo) -> Meshes:
+    """The run's :class:`Meshes` (cached; the first call is collective-free: it reuses existing groups).
+
+    Megatron-core numbers ranks with the expert-parallel index fastest (EP groups are consecutive ranks,
+    e.g. world 4, EP 2: EP [0, 1], [2, 3]; expert-data-parallel [0, 2], [1, 3]), so the ``experts`` mesh
+    is ``arange(world).view(world / ep, ep)`` transposed.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not dist.is_initialized():
+        raise RuntimeError("device meshes need a process group (init_distributed with parallel.engine=fsdp makes one)")
+    key = (info.world_size, info.ep, id(info.ep_group))
+    if key not in _MESHES:
+        device_type = info.device.type
+        world = dist.group.WORLD
+        dp = DeviceMesh.from_group(world, device_type, mesh_dim_names=("dp",))
+        if info.ep == 1:
+            edp, ep_group = dp, None
+        else:
+            edp = DeviceMesh.from_group(info.expert_dp_group, device_type, mesh_dim_names=("edp",))
+            ep_group = info.ep_group
+        experts = None
+        if info.ep > 1:
+            layout = torch.arange(info.world_size, dtype=torch.int).view(info.world_size // info.ep, info.ep).T.contiguous()
+            experts = DeviceMesh.from_group([ep_group, info.expert_dp_group], device_type, mesh=layout,
+                                            mesh_dim_names=("ep", "edp"))
+        _MESHES[key] = Meshes(dp=dp, edp=edp, experts=experts)
+    return _MESHES[key]

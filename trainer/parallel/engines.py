@@ -1,8 +1,8 @@
 """The engine registry: which data-parallel back-end drives the shared loop for a ``parallel`` config.
 
 Every engine has the same methods (see :class:`~tandem.trainer.parallel.data_parallel.DataParallelEngine`),
-so the loop never knows which one runs it. A back-end registers a builder under a name and says when it
-applies; :func:`build_engine` picks the first that does. Builders import their back-end lazily: DeepSpeed
+so the loop never knows which one runs it. A back-end registers a builder under a name and says when
+``parallel.engine=auto`` picks it; :func:`engine_name` resolves the choice, :func:`build_engine` builds it. Builders import their back-end lazily: DeepSpeed
 takes seconds to import and is only loaded by runs that ask for ZeRO.
 """
 
@@ -15,15 +15,21 @@ from typing import Protocol
 
 import torch
 
-from tandem.trainer.config import ParallelConfig
+from tandem.trainer.config import ConfigError, ParallelConfig
 
 from .distributed import DistInfo
 
-__all__ = ["DEFAULT_ENGINE", "ENGINES", "Engine", "EngineSpec", "build_engine", "register_engine"]
+__all__ = ["DEFAULT_ENGINE", "ENGINES", "Engine", "EngineSpec", "build_engine", "engine_name", "register_engine"]
 
 
 class Engine(Protocol):
-    """What the shared loop and the checkpoint manager call on a data-parallel back-end."""
+    """What the shared loop and the checkpoint manager call on a data-parallel back-end.
+
+    An engine whose spec has ``sharded_checkpoints`` (FSDP2) also has ``sharded_checkpoints = True``,
+    ``sharded_state_dict()`` (this rank's pieces of model and optimizer under global names and shapes) and
+    ``load_sharded_state_dict(loaded, source)``; the checkpoint manager then saves and resumes through
+    torch.distributed.checkpoint instead of ``full_state_dict`` / ``optimizer_state``.
+    """
 
     optimizer: torch.optim.Optimizer
 
@@ -49,8 +55,11 @@ class Engine(Protocol):
 @dataclass(frozen=True)
 class EngineSpec:
     name: str
-    applies: Callable[[ParallelConfig], bool]
+    applies: Callable  # (parallel, info, stage) -> bool: does ``parallel.engine=auto`` pick it?
     build: Callable  # (model, optimizer, info, parallel, optim, stage) -> engine
+    #: checkpoints through torch.distributed.checkpoint (each rank writes its shards) instead of the gathered
+    #: layout (model/ + optimizer.pt written by rank 0); see tandem.trainer.checkpoint.manager
+    sharded_checkpoints: bool = False
 
 
 #: registered engines by name; :data:`DEFAULT_ENGINE` runs every config no other engine claims
@@ -58,35 +67,67 @@ ENGINES: dict[str, EngineSpec] = {}
 DEFAULT_ENGINE = "ddp"
 
 
-def register_engine(name: str, applies: Callable[[ParallelConfig], bool]):
-    """Decorator: register ``build(model, optimizer, info, parallel, optim, stage)`` under ``name``."""
+def register_engine(name: str, applies: Callable, *, sharded_checkpoints: bool = False):
+    """Decorator: register ``build(model, optimizer, info, parallel, optim, stage)`` under ``name``;
+    ``applies(parallel, info, stage)`` says whether ``parallel.engine=auto`` chooses it."""
 
     def deco(build):
         if name in ENGINES:
             raise ValueError(f"engine {name!r} is already registered")
-        ENGINES[name] = EngineSpec(name, applies, build)
+        ENGINES[name] = EngineSpec(name, applies, build, sharded_checkpoints)
         return build
 
     return deco
 
 
-@register_engine(DEFAULT_ENGINE, applies=lambda parallel: True)
+@register_engine(DEFAULT_ENGINE, applies=lambda parallel, info, stage=None: True)
 def _build_data_parallel(model, optimizer, info: DistInfo, parallel, optim, stage):
     from .data_parallel import DataParallelEngine
 
     return DataParallelEngine(model, optimizer, info)
 
 
-@register_engine("zero", applies=lambda parallel: parallel.zero_stage > 0)
+@register_engine("zero", applies=lambda parallel, info, stage=None: parallel.zero_stage > 0)
 def _build_zero(model, optimizer, info: DistInfo, parallel, optim, stage):
     from .zero import DeepSpeedEngine
 
     return DeepSpeedEngine(model, optimizer, info, parallel, optim, stage)
 
 
-def build_engine(model, optimizer, info: DistInfo, parallel: ParallelConfig, optim, stage):
-    """The engine for ``parallel``: DeepSpeed ZeRO when ``zero_stage > 0``, else the plain one (both with EP)."""
+def _generates(stage) -> bool:
+    """Stages that generate during training (GRPO rollouts): each rank runs a data-dependent number of
+    forwards, which an engine gathering weights in every forward cannot follow."""
+    return stage is not None and getattr(stage, "name", None) == "grpo"
+
+
+@register_engine("fsdp", sharded_checkpoints=True,
+                 applies=lambda parallel, info, stage=None: info.device.type == "cuda" and info.world_size > 1
+                 and not _generates(stage))
+def _build_fsdp(model, optimizer, info: DistInfo, parallel, optim, stage):
+    from .fsdp import FSDPEngine
+
+    if _generates(stage) and info.world_size > 1:
+        raise ConfigError("stage.name=grpo with parallel.engine=fsdp: rollouts run a different number of forwards "
+                          "on each rank and FSDP all-gathers weights in every forward; use parallel.engine=ddp")
+    return FSDPEngine(model, optimizer, info, parallel)
+
+
+def engine_name(parallel: ParallelConfig, info: DistInfo, stage=None) -> str:
+    """The engine ``parallel`` selects: ``parallel.engine``, or for ``auto`` the first registered engine
+    (in registration order, the default last) whose ``applies`` says yes — ZeRO when ``zero_stage > 0``,
+    FSDP2 on CUDA with more than one process (not for GRPO, whose rollouts differ per rank), else the plain
+    engine."""
+    name = getattr(parallel, "engine", "auto")
+    if name != "auto":
+        if name not in ENGINES:
+            raise ConfigError(f"parallel.engine must be one of {['auto', *ENGINES]}, got {name!r}")
+        return name
     for spec in ENGINES.values():
-        if spec.name != DEFAULT_ENGINE and spec.applies(parallel):
-            return spec.build(model, optimizer, info, parallel, optim, stage)
-    return ENGINES[DEFAULT_ENGINE].build(model, optimizer, info, parallel, optim, stage)
+        if spec.name != DEFAULT_ENGINE and spec.applies(parallel, info, stage):
+            return spec.name
+    return DEFAULT_ENGINE
+
+
+def build_engine(model, optimizer, info: DistInfo, parallel: ParallelConfig, optim, stage):
+    """The engine :func:`engine_name` picks for ``parallel``, wrapped around ``model`` and ``optimizer``."""
+    return ENGINES[engine_name(parallel, info, stage)].build(model, optimizer, info, parallel, optim, stage)

@@ -105,6 +105,12 @@ class Stage(abc.ABC):
             return float(batch["valid"].sum())
         return float(batch["input_ids"].numel())
 
+    def schedule(self) -> dict:
+        """The stage's part of the run's schedule (``{config key: value}``, JSON-serialisable): what its
+        data order depends on. Stored in checkpoints by the loop and compared on resume: a difference is
+        refused (``Trainer.restore``). Default: nothing beyond the loop's steps, batch and LR curve."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 

@@ -1,19 +1,51 @@
-"""Pretraining (also long-context CPT): next-token prediction on blended, packed token windows, in two
-phases — phase-1 blend for the first ``data.phase2_start`` fraction of tokens, then the phase-2 blend.
+"""Pretraining (also long-context CPT): next-token prediction on blended token windows, in phases.
+
+The data path is :mod:`tandem.data_pipelines` end to end (docs/DATA.md): ``data.*`` →
+``blends.PretrainDataConfig`` (:func:`tandem.trainer.data.pretrain_plan`) → ``build_pretrain_datasets``
+(one megatron ``GPTDataset`` per source, megatron's blend interleave per phase, offsets carried across the
+switch) → ``packing.build_dataloader`` (a ``DataLoader`` with ``data.num_workers`` workers keeping two
+steps in flight, :class:`~tandem.data_pipelines.packing.ResumableBatchSampler` from the consumed samples).
+Step ``s`` trains on samples ``[s·B, (s+1)·B)`` of that map-style dataset (B = ``stage.global_batch``), so
+the data position is a function of the step: resume is rebuilding with the same schedule (the loop
+refuses a changed one) and reading from ``step · B``.
+
+The datasets are built in :meth:`bind` — after the loop has checked a resumed run's schedule, so a refused
+resume writes nothing, not even index caches — on every rank, collectively: megatron builds an index on
+rank 0 behind a barrier, and a rank building lazily on its first sample of a rare source would wait there
+alone (two ranks on a 0.9 / 0.1 blend hung after step 1 that way). Everything that can be checked without
+building (keys, weights, files, document counts, splits, the tokenizer the data was made with) is checked
+in ``__init__``, before the model is built.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import os
+import time
 
 import torch
 
+from tandem.data_pipelines.blends import build_pretrain_datasets, check_source, phase_boundaries, sources_of
+from tandem.data_pipelines.packing import Collator, build_dataloader
+from tandem.data_pipelines.sources import is_byte_level, parse_spec
+
 from ..config import DataConfig, StageConfig
-from ..data import BlendSchedule, DataError, build_source, make_batch
-from .base import Stage, check_batch_split
+from ..data import DataError, pretrain_plan
+from .base import LossOutput, Stage, check_batch_split, token_cross_entropy
 
 log = logging.getLogger(__name__)
+
+_BATCH_KEYS = ("input_ids", "labels", "loss_mask", "seq_idx", "source")
+
+
+def _labels(specs: list[str]) -> list[str]:
+    """Short, unique metric names of the sources (``data/share/<label>``)."""
+    out: list[str] = []
+    for spec in specs:
+        kind, arg = parse_spec(spec)
+        label = arg if kind == "synthetic" else os.path.basename(arg.rstrip("/")) or arg
+        out.append(label if label not in out else f"{label}#{len(out)}")
+    return out
 
 
 class PretrainStage(Stage):
@@ -21,84 +53,156 @@ class PretrainStage(Stage):
 
     def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1):
         check_batch_split(stage, world_size)
-        if not data.phase1:
-            raise DataError("data.phase1: the phase-1 blend is empty; give at least one {path, weight}")
-        if not 0.0 <= data.phase2_start <= 1.0:
-            raise DataError(f"data.phase2_start must be a token fraction in [0, 1], got {data.phase2_start}")
-        if data.phase2_start < 1.0 and not data.phase2:
-            raise DataError(f"data.phase2_start={data.phase2_start} but data.phase2 (the phase-2 blend) is empty")
         self.data, self.stage = data, stage
         self.rank, self.world_size = rank, world_size
-        phases, sources = [], {}
-        for p, entries in enumerate((data.phase1, data.phase2)):
-            blend = []
-            for i, e in enumerate(entries):
-                key = f"data.phase{p + 1}[{i}]"
-                if e.weight < 0:
-                    raise DataError(f"{key}.weight must be >= 0, got {e.weight}")
-                if e.path not in sources:
-                    sources[e.path] = build_source(e.path, data.seed, data.valid_fraction, f"{key}.path")
-                blend.append((e.path, float(e.weight)))
-            if entries and sum(w for _, w in blend) <= 0:
-                raise DataError(f"data.phase{p + 1}: all blend weights are zero")
-            phases.append(blend)
-        # Sources whose datasets are built collectively (megatron's indexed datasets) are built now, all of
-        # them, in config order on every rank — not on a rank's first sample, which would leave a rank that
-        # draws a rare source first waiting alone at megatron's barrier.
-        for path, source in sources.items():
-            prepare = getattr(source, "prepare", None)
-            if prepare is not None:
+        self.plan = pretrain_plan(data)
+        cfg, self.tokenizer = self.plan.config, self.plan.tokenizer
+        checked = set()
+        for phase, key in zip(cfg.phases, self.plan.keys):
+            for i, spec in enumerate(phase.blend):
+                if spec in checked or phase.blend[spec] <= 0:
+                    continue
+                checked.add(spec)
                 try:
-                    prepare(data.seq_len)
+                    check_source(spec, cfg, self.tokenizer)
                 except (FileNotFoundError, ValueError) as e:
-                    raise DataError(f"{path}: {e}") from None
-        self.schedule = BlendSchedule(phases, sources)
-        # Every step has the same token count, so the token-fraction switch is a step index.
-        self.phase2_step = math.ceil(data.phase2_start * stage.steps) if data.phase2 else stage.steps + 1
-        log.info("data phase 1 blend: %s", phases[0])
-        if data.phase2:
-            log.info("data phase 2 blend: %s (from step %d = %.1f%% of tokens)", phases[1], self.phase2_step, 100 * data.phase2_start)
+                    raise DataError(f"{key if key == 'data.path' else f'{key}[{i}].path'}: {e}") from None
+        self.sources = sources_of(cfg)
+        self.labels = _labels(self.sources)
+        self.phase_numbers = [int(p.name[-1]) for p in cfg.phases]  # "phase1"/"phase2" → metrics' "phase"
+        self.extensions: list[tuple[int, int]] = []  # (resume step, previous stage.steps): run.extend
+        self.datasets = None
+        self.device = torch.device("cpu")
+        self.collate = Collator(self.tokenizer.eod)
+        self._iter = None
+        self._next_step = 0  # steps whose batches were served: the data position saved in checkpoints
+        self._wait, self._t_step = 0.0, time.perf_counter()
+        gb = stage.global_batch
+        bounds = phase_boundaries(cfg, stage.steps * gb, gb)
+        for p, key, a, b in zip(cfg.phases, self.plan.keys, bounds[:-1], bounds[1:]):
+            log.info("data %s (%s, steps %d-%d, %.1f%% of tokens): %s", p.name, key, a // gb, b // gb - 1,
+                     100 * p.fraction, dict(p.blend))
 
-    def check_model(self, config) -> None:
-        byte_level = any(e.path.startswith(("synthetic:", "text:")) for e in (*self.data.phase1, *self.data.phase2))
-        if byte_level and config.vocab_size < 259:
-            raise DataError(f"model.vocab_size={config.vocab_size}: the byte-level data sources need at least 259 token ids")
-
-    def phase_for_step(self, step: int) -> int:
-        return 1 if step >= self.phase2_step else 0
-
-    def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
-        if self.schedule.set_phase(self.phase_for_step(step)):
-            log.info("step %d: switching to data phase %d", step, self.schedule.phase + 1)
-        drawn = self.schedule.advance(self.stage.global_batch)  # every rank advances over the whole step
-        per_rank = self.stage.global_batch // self.world_size
-        mine = drawn[self.rank * per_rank: (self.rank + 1) * per_rank]
-        samples = [self.schedule.sources[name].sample("train", idx, self.data.seq_len) for name, idx in mine]
-        mb = self.stage.micro_batch
-        return [make_batch(samples[i: i + mb]) for i in range(0, len(samples), mb)]
-
-    def eval_batches(self):
-        sources = [name for name, w in self.schedule.phases[self.schedule.phase] if w > 0]
-        # A fixed held-out set of eval_batches × micro_batch windows, the same at every evaluation and for
-        # any number of ranks (rank r takes every world_size-th window). Every rank yields the same number
-        # of batches — sharded engines (ZeRO-3) need every rank in every forward — so ranks short of
-        # windows pad with a window whose loss_mask is zero.
-        total = self.stage.eval_batches * self.stage.micro_batch
-        mine = list(range(self.rank, total, self.world_size))
-        per_rank = -(-total // self.world_size)
-        mb = self.stage.micro_batch
-        windows = mine + [None] * (per_rank - len(mine))
-        for start in range(0, per_rank, mb):
-            idx = windows[start: start + mb]
-            batch = make_batch([self.schedule.sources[sources[(i or 0) % len(sources)]].sample("valid", i or 0, self.data.seq_len) for i in idx])
-            batch["loss_mask"][torch.tensor([i is None for i in idx])] = 0.0
-            yield batch
-
-    def step_info(self, step: int) -> dict:
-        return {"phase": self.phase_for_step(step) + 1}
+    # --- the schedule and its state -------------------------------------------------------------------
+    def schedule(self) -> dict:
+        cfg = self.plan.config
+        out = {f"data.{p.name}": [[spec, w] for spec, w in p.blend.items()] for p in cfg.phases}
+        names = [p.name for p in cfg.phases]
+        out["data.phase2_start"] = (0.0 if names == ["phase2"] else cfg.phases[0].fraction if "phase2" in names else 1.0)
+        out.update({"data.seq_len": cfg.seq_length, "data.seed": cfg.seed, "data.valid_fraction": float(self.data.valid_fraction),
+                    "data.eod_mask_loss": cfg.eod_mask_loss, "data.tokenizer": self.tokenizer.unique_identifiers})
+        return out
 
     def state_dict(self) -> dict:
-        return {"blend": self.schedule.state_dict()}
+        return {"steps": self.stage.steps, "steps_done": self._next_step,
+                "extensions": [list(e) for e in self.extensions]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.schedule.load_state_dict(state["blend"])
+        if "steps_done" not in state:
+            raise DataError("the checkpoint's data position is from tandem's former pretraining data path (its own "
+                            "blend schedule), which this version cannot continue exactly; start a new stage from its "
+                            "weights with model.init_from=<checkpoint>")
+        self.extensions = [tuple(e) for e in state.get("extensions", [])]
+        self._next_step = int(state["steps_done"])
+        if state["steps"] != self.stage.steps:  # trained only if run.extend allows it (Trainer.restore checks)
+            self.extensions.append((self._next_step, int(state["steps"])))
+
+    # --- building ---------------------------------------------------------------------------------------
+    def check_model(self, config) -> None:
+        if config.vocab_size < self.tokenizer.vocab_size:
+            raise DataError(f"model.vocab_size={config.vocab_size} is smaller than the data's tokenizer "
+                            f"({self.tokenizer.vocab_size} ids, {self.tokenizer.source})")
+
+    def bind(self, model, info, precision: str = "auto") -> None:
+        self.device = info.device
+        if self._next_step < self.stage.steps:  # a complete run builds nothing
+            self.build()
+
+    def build(self) -> None:
+        """Build every dataset of every phase (train and validation). Collective: all ranks call it."""
+        if self.datasets is not None:
+            return
+        cfg, gb = self.plan.config, self.stage.global_batch
+        if cfg.cache_dir is None and not all(is_byte_level(s) for s in self.sources):
+            raise DataError("data.cache_dir is not set: indexed sources need a cache directory for megatron's "
+                            "indices (the trainer's run() sets <run.dir>/data_cache)")
+        valid = self.stage.eval_batches * self.stage.micro_batch if self.data.valid_fraction > 0 else 0
+        t0 = time.perf_counter()
+        try:
+            self.datasets = build_pretrain_datasets(cfg, self.tokenizer, self.stage.steps * gb, valid, align=gb,
+                                                    extensions=[(s * gb, n * gb) for s, n in self.extensions],
+                                                    allow_empty_phases=True)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"data: {e}") from None
+        train = self.datasets.train
+        log.info("data: %d sources, %d train samples of %d tokens, phases start at steps %s; built in %.1f s",
+                 len(self.sources), len(train), cfg.seq_length, [b // gb for b in train.bounds[:-1]],
+                 time.perf_counter() - t0)
+
+    # --- batches ----------------------------------------------------------------------------------------
+    def phase_index(self, step: int) -> int:
+        self.build()
+        return self.datasets.train.phase_of(min(step, self.stage.steps - 1) * self.stage.global_batch)
+
+    def _loader(self, step: int):
+        """Batches of this rank's whole step (``global_batch / world_size`` rows: rank r takes the r-th
+        contiguous slice of the step's samples), split into micro-batches here — one transfer per step
+        from a worker, not one per micro-batch; workers keep two steps in flight."""
+        gb, workers = self.stage.global_batch, self.data.num_workers
+        return iter(build_dataloader(
+            self.datasets.train, gb // self.world_size, eod=self.tokenizer.eod, consumed_samples=step * gb,
+            dp_rank=self.rank, dp_size=self.world_size, num_workers=workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers else None, keys=_BATCH_KEYS))
+
+    def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        self.build()
+        if self._iter is None or step != self._next_step:
+            self._iter = self._loader(step)
+        if step and self.phase_index(step) != self.phase_index(step - 1):
+            log.info("step %d: switching to data %s", step, self.datasets.train.phase_names[self.phase_index(step)])
+        self._t_step = t0 = time.perf_counter()
+        rows = next(self._iter)
+        self._wait = time.perf_counter() - t0
+        self._next_step = step + 1
+        mb = self.stage.micro_batch
+        return [dict(zip(rows, parts)) for parts in zip(*(v.split(mb) for v in rows.values()))]
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """Token cross-entropy, plus each source's share of the step's target tokens (``data/share/<source>``,
+        over all ranks: the blend as trained, per step)."""
+        out = token_cross_entropy(model, batch)
+        if "source" in batch:
+            mask = batch["loss_mask"]
+            per_source = torch.zeros(len(self.sources), dtype=mask.dtype, device=mask.device)
+            per_source.index_add_(0, batch["source"], mask.sum(dim=1))
+            out.metrics.update({f"data/share/{label}": per_source[i] for i, label in enumerate(self.labels)})
+        return out
+
+    def after_step(self, step: int, finite: bool) -> dict:
+        """This rank's time blocked on the loader in this step, in seconds and as a share of the step
+        (from its batches to the end of the optimizer step): near 0 while loading hides behind compute."""
+        elapsed = time.perf_counter() - self._t_step
+        return {"data/wait_s": self._wait, "data/wait_fraction": self._wait / max(elapsed, 1e-9)}
+
+    def eval_batches(self):
+        self.build()
+        # the validation mixture of the phase the last step trained in
+        valid = self.datasets.valid.get(self.datasets.train.phase_names[self.phase_index(max(self._next_step - 1, 0))])
+        if valid is None:
+            return
+        # A fixed held-out set of eval_batches × micro_batch samples, the same at every evaluation and for
+        # any number of ranks (rank r takes every world_size-th). Every rank yields the same number of
+        # batches — sharded engines (ZeRO-3) need every rank in every forward — so ranks short of samples
+        # pad with a sample whose loss_mask is zero.
+        total, mb = len(valid), self.stage.micro_batch
+        mine = list(range(self.rank, total, self.world_size))
+        per_rank = -(-total // self.world_size)
+        slots = mine + [None] * (per_rank - len(mine))
+        for start in range(0, per_rank, mb):
+            idx = slots[start: start + mb]
+            batch = self.collate([valid[i or 0] for i in idx])
+            batch["loss_mask"][torch.tensor([i is None for i in idx])] = 0.0
+            yield {k: batch[k] for k in _BATCH_KEYS}
+
+    def step_info(self, step: int) -> dict:
+        return {"phase": self.phase_numbers[self.phase_index(step)]}
