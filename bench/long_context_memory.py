@@ -142,16 +142,20 @@ def fits(side: str, length: int, weights: str, limit_gb: float) -> tuple[bool, f
     return gb(r["peak_kb"]) <= limit_gb, gb(r["peak_kb"])
 
 
-def largest_fitting(side: str, weights: str, limit_gb: float, start: int, step: int) -> tuple[int, list]:
-    """Doubling from ``start`` until the peak passes the limit, then bisection to ``step`` tokens."""
+def largest_fitting(side: str, weights: str, limit_gb: float, start: int, step: int, most: int) -> tuple[int, bool, list]:
+    """Growing by 1.25× from ``start`` until the peak passes the limit (no probe far past it: the machine
+    may be shared), then bisection to ``step`` tokens. Stops at ``most`` tokens (CPU time grows with the
+    length — attention quadratically): returns (largest length that fitted, whether the cap stopped it, probes)."""
     log, lo, hi = [], 0, None
     n = start
     while hi is None:
         ok, peak = fits(side, n, weights, limit_gb)
         log.append((n, peak))
         print(f"  {side:>16} {n:>8} tokens: {peak:6.2f} GB", flush=True)
+        if ok and n >= most:
+            return n, True, log
         if ok:
-            lo, n = n, 2 * n
+            lo, n = n, min(most, max(n + step, int(n * 1.25) // step * step))
         else:
             hi = n
     while hi - lo > step:
@@ -162,13 +166,13 @@ def largest_fitting(side: str, weights: str, limit_gb: float, start: int, step: 
         log.append((mid, peak))
         print(f"  {side:>16} {mid:>8} tokens: {peak:6.2f} GB", flush=True)
         lo, hi = (mid, hi) if ok else (lo, mid)
-    return lo, log
+    return lo, False, log
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--length", type=int, default=16384)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="0: no table (with --fit-gb: only the search)")
     p.add_argument("--pattern", default=PATTERN)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--vocab", type=int, default=8192)
@@ -176,6 +180,9 @@ def main() -> None:
     p.add_argument("--kinds", action="store_true", help="also tandem with one layer kind checkpointed at a time")
     p.add_argument("--fit-gb", type=float, default=None, help="find the largest length that fits in this many GB")
     p.add_argument("--fit-step", type=int, default=4096)
+    p.add_argument("--fit-start", type=int, nargs=2, default=None, metavar=("TANDEM", "TRANSFORMERS"),
+                   help="first length probed per side (default --length)")
+    p.add_argument("--fit-max", type=int, default=131072, help="longest length probed (a fit there is reported as ≥)")
     p.add_argument("--child", nargs=4, metavar=("SIDE", "LENGTH", "WEIGHTS", "AC"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -189,6 +196,7 @@ def main() -> None:
     from tandem.model import HybridLM
 
     model = HybridLM(model_config(args), init_seed=0)
+    torch.manual_seed(0)
     with torch.no_grad():  # O(1) activations in every layer (as bench/generate.py)
         for name, t in model.named_parameters():
             if t.dim() >= 2 and "conv1d" not in name:
@@ -208,41 +216,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as weights:
         model.save_pretrained(weights)
         del model
-        results: dict = {r: [] for r in runs}
+        results: dict = {r: [] for r in runs} if args.repeats > 0 else {}
         for rep in range(args.repeats):
             for side, ac in runs:
                 r = measure(side, args.length, weights, ac)
                 results[(side, ac)].append(r)
                 print(f"  repeat {rep + 1}: {side} (checkpointed {ac}): {gb(r['peak_kb']):.2f} GB, {r['seconds']:.0f} s",
                       flush=True)
-        print(f"\n{'side':>16} {'checkpointed':>12} {'peak GB':>8} {'over weights GB':>15} {'vs transformers':>15} "
-              f"{'s':>6} {'loss':>8}  (median of {args.repeats})")
-        med = {k: statistics.median(r["peak_kb"] for r in v) for k, v in results.items()}
-        hf = med[("transformers", "all")]
-        for (side, ac), rs in results.items():
-            over = statistics.median(r["peak_kb"] - r["before_kb"] for r in rs)
-            secs = statistics.median(r["seconds"] for r in rs)
-            shown_ac = "-" if side.startswith("transformers") or side.startswith("tandem plain") else ac
-            if side == "transformers GC":
-                shown_ac = "all"
-            print(f"{side:>16} {shown_ac:>12} {gb(med[(side, ac)]):8.2f} {gb(over):15.2f} {med[(side, ac)] / hf:14.2f}× "
-                  f"{secs:6.1f} {rs[0]['loss']:8.4f}")
-        unpacked = ("tandem unpacked", "tandem plain", "transformers GC", "transformers")
-        losses = [results[(s, "all")][0]["loss"] for s in unpacked if (s, "all") in results]
-        if len(losses) > 1 and max(losses) - min(losses) > 1e-3 * abs(losses[0]):
-            raise SystemExit(f"the unpacked sides disagree on the loss: {losses}")
-        packed = [results[(s, "all")][0]["loss"] for s in ("tandem", "tandem plain dense") if (s, "all") in results]
-        if len(packed) > 1 and max(packed) - min(packed) > 1e-3 * abs(packed[0]):
-            raise SystemExit(f"maskless and dense-mask packed attention disagree on the loss: {packed}")
-        if not all(r["peak_reset"] for v in results.values() for r in v):
-            print("note: /proc/self/clear_refs was not writable; peaks include loading the weights")
+        if results:
+            table(results, args)
         if args.fit_gb:
             print(f"\nlargest length within {args.fit_gb} GB (peak RSS, one run per probe, step {args.fit_step}):")
-            for side in ("tandem", "transformers"):
-                n, _ = largest_fitting(side, weights, args.fit_gb, args.length, args.fit_step)
-                print(f"{side:>16}: {n} tokens")
+            starts = args.fit_start or (args.length, args.length)
+            for side, start in zip(("tandem", "transformers"), starts):
+                n, capped, _ = largest_fitting(side, weights, args.fit_gb, start, args.fit_step, args.fit_max)
+                print(f"{side:>16}: {'≥ ' if capped else ''}{n} tokens", flush=True)
     with open("/proc/loadavg") as f:
         print(f"loadavg after: {' '.join(f.read().split()[:3])}")
+
+
+def table(results: dict, args) -> None:
+    """Print the medians; refuse sides that should agree on the loss but do not."""
+    print(f"\n{'side':>18} {'checkpointed':>12} {'peak GB':>8} {'over weights GB':>15} {'vs transformers':>15} "
+          f"{'s':>6} {'loss':>8}  (median of {args.repeats})")
+    med = {k: statistics.median(r["peak_kb"] for r in v) for k, v in results.items()}
+    hf = med[("transformers", "all")]
+    for (side, ac), rs in results.items():
+        over = statistics.median(r["peak_kb"] - r["before_kb"] for r in rs)
+        secs = statistics.median(r["seconds"] for r in rs)
+        shown_ac = {"transformers": "-", "transformers GC": "all", "tandem plain": "-", "tandem plain dense": "-"}.get(side, ac)
+        print(f"{side:>18} {shown_ac:>12} {gb(med[(side, ac)]):8.2f} {gb(over):15.2f} {med[(side, ac)] / hf:14.2f}× "
+              f"{secs:6.1f} {rs[0]['loss']:8.4f}")
+    for group, what in ((("tandem unpacked", "tandem plain", "transformers GC", "transformers"), "the unpacked sides"),
+                        (("tandem", "tandem plain dense"), "maskless and dense-mask packed attention")):
+        losses = [results[(s, "all")][0]["loss"] for s in group if (s, "all") in results]
+        if len(losses) > 1 and max(losses) - min(losses) > 1e-3 * abs(losses[0]):
+            raise SystemExit(f"{what} disagree on the loss: {losses}")
+    if not all(r["peak_reset"] for v in results.values() for r in v):
+        print("note: /proc/self/clear_refs was not writable; peaks include loading the weights")
 
 
 if __name__ == "__main__":

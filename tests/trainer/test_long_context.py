@@ -39,11 +39,19 @@ def test_bad_memory_options_name_the_key(tiny_cfg, override, match):
         validate(tiny_cfg(*extra))
 
 
-def test_run_with_checkpointing_and_chunked_loss_matches_plain(tiny_cfg, tmp_path):
-    run(tiny_cfg("stage.steps=3", run_dir=tmp_path / "plain"))
-    run(tiny_cfg("stage.steps=3", "model.activation_checkpointing=[mamba,moe,attention,mlp]", "model.loss_chunk_tokens=5",
+def test_run_with_checkpointing_and_chunked_loss_matches_plain(tiny_cfg, tmp_path, monkeypatch):
+    from tandem.model import HybridLM
+
+    built = []
+    real = HybridLM.set_activation_checkpointing
+    monkeypatch.setattr(HybridLM, "set_activation_checkpointing", lambda self, kinds: built.append(self) or real(self, kinds))
+    run(tiny_cfg("stage.steps=2", run_dir=tmp_path / "plain"))
+    run(tiny_cfg("stage.steps=2", "model.activation_checkpointing=[mamba,moe,attention,mlp]", "model.loss_chunk_tokens=5",
                  run_dir=tmp_path / "memory"))
+    plain, memory = built  # the trainer applied the options to the model it trained
+    assert not any(b.activation_checkpointing for b in plain.backbone.layers) and plain.loss_chunk_tokens is None
+    assert all(b.activation_checkpointing for b in memory.backbone.layers) and memory.loss_chunk_tokens == 5
     a, b = read_records(tmp_path / "plain"), read_records(tmp_path / "memory")
-    assert len(a) == len(b) == 3
+    assert len(a) == len(b) == 2
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"], (a, b)
