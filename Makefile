@@ -32,7 +32,9 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt
 
 # The main job. Everything lives in $(SMOKE_DIR) (runs/smoke/), started afresh each time: a generated
 # corpus → tandem-preprocess → indexed datasets → the tiny model through both pretraining phases → SFT on
-# generated reasoning conversations (ON and OFF) → a reasoning-mode check and a chat in both modes.
+# generated reasoning conversations (ON and OFF) plus half-right answers to "Which is larger, a or b?" →
+# a reasoning-mode check and a chat in both modes → GRPO on that question, which must raise the held-out
+# reward (64 prompts) by at least 0.15.
 SMOKE_DIR ?= runs/smoke
 smoke: setup
 	rm -rf $(SMOKE_DIR)
@@ -42,10 +44,15 @@ smoke: setup
 	$(VENV)/bin/tandem-preprocess -i $(SMOKE_DIR)/corpus/phase2.jsonl -o $(SMOKE_DIR)/data/phase2 --no-progress
 	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke data=smoke_indexed run.dir=$(SMOKE_DIR)/pretrain
 	$(PY) -m tandem.data_pipelines.sft_synthetic --out $(SMOKE_DIR)/sft/train.jsonl --samples 2000 --seed 0
+	$(PY) -m tandem.data_pipelines.rl_synthetic --kinds max --out $(SMOKE_DIR)/grpo/prompts.jsonl --prompts 2000 --seed 2 \
+		--sft-out $(SMOKE_DIR)/sft/warmup_max.jsonl --sft-samples 2000 --sft-accuracy 0.5
+	$(PY) -m tandem.data_pipelines.rl_synthetic --kinds max --out $(SMOKE_DIR)/grpo/valid.jsonl --prompts 64 --seed 3
 	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke_sft
 	$(PY) -m tandem.trainer.inference.chat_eval $(SMOKE_DIR)/sft --prompts 40 --out $(SMOKE_DIR)/sft/chat_eval.json --min-well-formed 0.9
 	$(VENV)/bin/tandem generate $(SMOKE_DIR)/sft --prompt "What is 12 + 34?" --greedy --show-reasoning
 	$(VENV)/bin/tandem generate $(SMOKE_DIR)/sft --prompt "What is 12 + 34?" --greedy --no-think
+	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke_grpo
+	$(PY) -m tandem.trainer.rl.reward_curve $(SMOKE_DIR)/grpo --min-gain 0.15 --min-prompts 64
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

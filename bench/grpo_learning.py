@@ -8,8 +8,8 @@
 3. the held-out reward (64 prompts, one sampled rollout each, the same seeds at every evaluation) is printed
    at the start and every 10 steps.
 
-Measured (2-core CPU, ~1.5 min): ``max`` with the defaults 0.344 → 0.609 (+0.27) over 60 steps, the same run
-as ``tests/trainer/test_grpo_stage.py::test_grpo_raises_held_out_reward``; ``copy,max`` after 150 SFT steps
+Measured (2-core CPU, ~1.5 min): ``max`` with the defaults 0.344 → 0.609 (+0.27) over 60 steps (the GRPO
+stage of ``make smoke`` is the same experiment after the smoke pretraining and SFT); ``copy,max`` after 150 SFT steps
 starts at ~2% and does not move (0.016 → 0.016 over 30 steps): copying a number is not learnt that fast.
 """
 

@@ -256,10 +256,20 @@ class GRPOEnvironment:
 
 @dataclass
 class GRPOConfig:
-    """Synchronous GRPO (stage.name=grpo; docs/RL.md). One optimizer step per rollout batch."""
+    """Synchronous GRPO (stage.name=grpo; docs/RL.md). By default one optimizer step per rollout batch;
+    ``ppo_epochs`` × ``minibatches`` optimizer steps per batch otherwise (``stage.steps`` counts optimizer
+    steps)."""
 
     prompts_per_step: int = 8  # P: prompts per optimizer step over all ranks (a multiple of the world size)
     generations_per_prompt: int = 8  # G: rollouts per prompt (a group; >= 2, groups never span ranks)
+    # passes over each rollout batch, and optimizer steps per pass (groups split by global slot i % minibatches;
+    # each rank's share of the prompts must be a multiple of it); the old log-probs are the batch's own
+    ppo_epochs: int = 1
+    minibatches: int = 1
+    # dynamic sampling (DAPO): drop groups whose rewards are all equal (no gradient signal) and generate more
+    # prompts, up to this many extra rounds of prompts_per_step slots, until prompts_per_step groups remain
+    # (0 = off; the batch is trained with what is left after the last round)
+    dynamic_sampling_rounds: int = 0
     max_new_tokens: int = 64  # per rollout, forced thinking-budget tokens included
     temperature: float = 1.0  # sampling temperature; the trainer's logprobs use the same temperature
     top_p: float = 1.0
@@ -426,7 +436,8 @@ def validate_grpo(g: Any) -> None:
         raise ConfigError(f"stage.grpo.{key} {why}, got {value!r}")
 
     for key, least in (("prompts_per_step", 1), ("generations_per_prompt", 2), ("max_new_tokens", 1),
-                       ("score_workers", 1), ("eval_prompts", 0)):
+                       ("score_workers", 1), ("eval_prompts", 0), ("ppo_epochs", 1), ("minibatches", 1),
+                       ("dynamic_sampling_rounds", 0)):
         if g[key] < least:
             bad(key, f"must be >= {least}", g[key])
     if not g.temperature > 0:

@@ -76,6 +76,7 @@ class Trainer:
         try:
             self.model.train()
             t_last, tokens_last = time.perf_counter(), self.state.tokens
+            start = self.state.step
             while self.state.step < total:
                 step = self.state.step
                 out = self._train_step(step, total)
@@ -88,7 +89,10 @@ class Trainer:
                 )
                 if do_eval:
                     out.update(self.evaluate())
-                if self.state.step % cfg.logger.log_every == 0 or is_last or do_eval or not out["finite"]:
+                # the first step of every start is logged too: early feedback, and the stage's start-up metrics
+                # (e.g. GRPO's held-out reward of the starting weights) are in it
+                first = self.state.step == start + 1
+                if first or self.state.step % cfg.logger.log_every == 0 or is_last or do_eval or not out["finite"]:
                     now = time.perf_counter()
                     tok_s = (self.state.tokens - tokens_last) / max(now - t_last, 1e-9)
                     t_last, tokens_last = now, self.state.tokens
@@ -255,7 +259,7 @@ class Trainer:
 
     def save(self, blocking: bool = True):
         return self.checkpoints.save(self.state.step, self.engine, self.model.config, self.trainer_state(),
-                                     blocking=blocking)
+                                     blocking=blocking, rank_state=self.stage.rank_state())
 
     def restore(self, trainer_state: dict, source=None) -> None:
         """Continue from a checkpoint's trainer state (``source``: its path, for messages). Refuses

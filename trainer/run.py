@@ -86,6 +86,7 @@ def run(cfg: DictConfig) -> dict:
         except (KeyError, TypeError) as e:  # a trainer_state.json that parses but lacks fields
             raise CheckpointError(f"{resume_from / 'trainer_state.json'}: not a tandem trainer state "
                                   f"(missing or malformed {e})") from None
+        stage.load_rank_state(checkpoints.load_rank_state(resume_from), source=resume_from)
         log.info("resumed from %s at step %d", resume_from, trainer.state.step)
     elif cfg.model.init_from:
         src = load_weights(model, cfg.model.init_from)

@@ -10,6 +10,7 @@ Layout under ``<run dir>/checkpoints/``::
                                pieces under global names and shapes (torch.distributed.checkpoint; .sharded)
         optimizer_groups.json  ... with the optimizer's parameter groups (hyper-parameters, names)
         rng/rank_00000.pt      torch CPU/CUDA and Python RNG states of each rank
+        stage/rank_00000.pt    a stage's per-rank state, where it has one (GRPO: a rollout batch in flight)
         trainer_state.json     step, tokens, stage name and data position, NaN counters, logger ids
     latest                     text file naming the newest complete checkpoint
 
@@ -149,7 +150,8 @@ class CheckpointManager:
             raise CheckpointError(f"{self.latest_file}: names {name!r}, which is not a complete checkpoint")
         return path
 
-    def save(self, step: int, engine, config, trainer_state: dict, *, blocking: bool = True) -> Path:
+    def save(self, step: int, engine, config, trainer_state: dict, *, blocking: bool = True,
+             rank_state: dict | None = None) -> Path:
         """Write checkpoint ``step`` (collective: every rank calls it) and make it ``latest``.
 
         A gathered engine provides the whole model state and by-name optimizer state and rank 0 writes them;
@@ -184,6 +186,9 @@ class CheckpointManager:
         self._barrier()
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
+        if rank_state is not None:
+            (tmp / "stage").mkdir(exist_ok=True)
+            torch.save(rank_state, tmp / "stage" / f"rank_{self.rank:05d}.pt")
         if getattr(engine, "sharded_checkpoints", False):
             state = engine.sharded_state_dict()
             write_released_layout(state["model"], config, tmp / "model", rank=self.rank, barrier=self._barrier)
@@ -282,6 +287,11 @@ class CheckpointManager:
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise CheckpointError(f"{rng_file}: not an RNG state of this checkpoint layout ({e})") from None
         return trainer_state, optimizer_state
+
+    def load_rank_state(self, path: Path) -> dict | None:
+        """This rank's ``stage/rank_NNNNN.pt`` of checkpoint ``path`` (None when it has none)."""
+        f = Path(path) / "stage" / f"rank_{self.rank:05d}.pt"
+        return load_torch_file(f) if f.exists() else None
 
     def load_sharded(self, path: Path, engine) -> None:
         """Weights and optimizer state of the sharded checkpoint ``path`` into a sharded engine (collective):

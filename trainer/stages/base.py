@@ -116,3 +116,11 @@ class Stage(abc.ABC):
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def rank_state(self) -> dict | None:
+        """Per-rank state (tensors allowed) the checkpoint keeps in ``stage/rank_NNNNN.pt``, e.g. GRPO's rollout
+        batch in flight; None (default): nothing to keep."""
+        return None
+
+    def load_rank_state(self, state: dict | None, source=None) -> None:
+        """Restore :meth:`rank_state` (None when the checkpoint holds none for this rank)."""

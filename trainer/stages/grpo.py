@@ -23,7 +23,9 @@
    ``grpo/token_mult_prob_error`` measures generation vs training logprobs.
 
 ``loss`` is :func:`tandem.trainer.rl.losses.policy_loss` (token sum; the loop divides by the step's global
-target count). One optimizer step per rollout batch (no PPO epochs / minibatches). ``kl_beta`` defaults
+target count). One optimizer step per rollout batch by default; ``ppo_epochs × minibatches`` steps per batch
+otherwise (the batch and its old log-probs made at its first step; minibatch ``m`` = global slots ``i % M ==
+m``), with an optional dynamic-sampling refill of zero-variance groups (docs/RL.md). ``kl_beta`` defaults
 to 0: no reference model is built; with ``kl_beta > 0`` the frozen reference is loaded from
 ``stage.grpo.kl_reference``. Metrics and their reduction: docs/RL.md.
 """
@@ -46,6 +48,8 @@ from tandem.data_pipelines.rl_prompts import RLPrompt, load_rl_prompts
 from tandem.data_pipelines.sft import first_fit_decreasing
 from tandem.data_pipelines.tokenizer import load_tokenizer
 from tandem.model.loss import logprobs_from_logits
+
+from tandem.model.checkpoint import CheckpointError
 
 from ..autocast import autocast_context
 from ..config import ConfigError, DataConfig, StageConfig
@@ -147,6 +151,10 @@ class GRPOStage(Stage):
         if g.prompts_per_step % world_size:
             raise ConfigError(f"stage.grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the "
                               f"data-parallel size ({world_size}): a prompt's group stays on one rank")
+        if (g.prompts_per_step // world_size) % g.minibatches:
+            raise ConfigError(f"stage.grpo.minibatches ({g.minibatches}) must divide each rank's share of the "
+                              f"prompts (stage.grpo.prompts_per_step {g.prompts_per_step} / {world_size} ranks): "
+                              f"every minibatch holds whole groups, the same number on every rank")
         rl = data.rl
         if not rl.train:
             raise DataError("data.rl.train: no RL prompt files given (JSONL / Parquet / HF dataset folders)")
@@ -209,6 +217,8 @@ class GRPOStage(Stage):
         self.model = self.info = self.engine = self.reference = None
         self.precision = "auto"
         self._pending: dict = {}
+        self._cache: dict | None = None  # the current rollout batch: {"batch": b, "minibatches": [[micro-batch]]}
+        self._served = -1  # the last step whose micro-batches were handed out
         self._times: dict = {}
         self.last_rewards: torch.Tensor | None = None
         log.info("GRPO data: %d train / %d held-out prompts; environments %s (weights %s)", len(self.train),
@@ -249,10 +259,11 @@ class GRPOStage(Stage):
             load_weights(self.reference, self.g.kl_reference)
             self.reference.eval().requires_grad_(False)
 
-    def prompts_for_step(self, step: int) -> list[int]:
-        """Global prompt indices (into ``self.train``) of step ``step``'s slots: environment by weight, then
-        a prompt of it (no repeat within an environment until its pool is used up)."""
-        gen = torch.Generator().manual_seed(_seed(self.data.seed, step))
+    def prompts_for_step(self, step: int, refill: int = 0) -> list[int]:
+        """Global prompt indices (into ``self.train``) of rollout batch ``step``'s slots: environment by
+        weight, then a prompt of it (no repeat within an environment until its pool is used up). ``refill``
+        > 0: the slots of dynamic sampling's extra round ``refill`` (their own seed)."""
+        gen = torch.Generator().manual_seed(_seed(self.data.seed, step) if not refill else _seed(self.data.seed, step, refill))
         env = torch.multinomial(self.weights, self.g.prompts_per_step, replacement=True, generator=gen).tolist()
         orders = {t: torch.randperm(len(self.pools[t]), generator=gen).tolist() for t in self.tasks}
         used = {t: 0 for t in self.tasks}
@@ -286,69 +297,133 @@ class GRPOStage(Stage):
 
     # ------------------------------------------------------------------------------------------------
     def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of optimizer step ``step``: one minibatch of rollout batch
+        ``step // (ppo_epochs · minibatches)``, generated (and its old log-probs computed) at the batch's first
+        step and kept for the rest (or restored from a checkpoint's ``stage/`` files on a resume mid-batch)."""
         if self.model is None:
             raise RuntimeError("GRPOStage.bind(model, info) must be called before batches_for_step")
-        g, G = self.g, self.g.generations_per_prompt
-        self._pending = {}
+        g = self.g
+        per_batch = g.ppo_epochs * g.minibatches
+        b, j = divmod(step, per_batch)
+        self._pending, self._times = {}, {}
         if step == 0 and self._evaluates():
             self._pending.update({k.replace("grpo/", "grpo/initial_", 1): v for k, v in self.evaluate(self.model).items()})
-        t0 = time.perf_counter()
-        slots = self.prompts_for_step(step)
-        per_rank = g.prompts_per_step // self.world_size
-        first = self.rank * per_rank
-        mine = list(enumerate(slots))[first: first + per_rank]
-        results = []
-        for slot, pidx in mine:
-            p = self.train[pidx]
-            results.append(self.engine.generate([self.train_ids[pidx]] * G, self._params(p.task, _seed(self.stage.seed, step, slot)),
-                                                think_ids=self.think_ids))
-        t1 = time.perf_counter()
-        pairs = [(self.train[pidx].as_sample(), self._completion_text(self.train[pidx], r.tokens))
-                 for (_, pidx), group in zip(mine, results) for r in group]
-        verdicts, dstats = score_batch(pairs, timeout_s=g.score_timeout_s, max_workers=g.score_workers,
-                                       backend=g.score_backend)
+        if self._cache is None or self._cache["batch"] != b:
+            if j:
+                raise CheckpointError(
+                    f"step {step} is step {j + 1} of {per_batch} of rollout batch {b} (stage.grpo.ppo_epochs="
+                    f"{g.ppo_epochs} × minibatches={g.minibatches}), but this rank has no saved rollouts of that "
+                    f"batch: resume from a checkpoint written at that step by a run with the same number of ranks "
+                    f"(its stage/rank_*.pt files hold the batch)")
+            self._cache = self._rollout_batch(b)
+        self._served = step
+        return self._cache["minibatches"][j % g.minibatches]
+
+    def _draw(self, b: int, rnd: int) -> list[int]:
+        """Global prompt indices of round ``rnd`` of rollout batch ``b`` (round 0: :meth:`prompts_for_step`;
+        later rounds are dynamic sampling's refills, drawn the same way from their own seed)."""
+        return self.prompts_for_step(b) if rnd == 0 else self.prompts_for_step(b, rnd)
+
+    def _rollout_batch(self, b: int) -> dict:
+        """Generate, score and pack rollout batch ``b`` (collective: every rank runs the same rounds)."""
+        g, G, P = self.g, self.g.generations_per_prompt, self.g.prompts_per_step
+        L = P // self.world_size
+        first = self.rank * L
+        t_gen = t_score = 0.0
+        groups = []  # this rank's groups of every round: (round, global slot, prompt index, results)
+        verdict_rows, informative = [], []  # per round: local rewards [L, G]; global "std > 0" flags [P]
+        dstats_all = []
+        for rnd in range(1 + g.dynamic_sampling_rounds):
+            t0 = time.perf_counter()
+            slots = self._draw(b, rnd)
+            mine = [(rnd * P + i, slots[i]) for i in range(first, first + L)]
+            results = [self.engine.generate([self.train_ids[pidx]] * G,
+                                            self._params(self.train[pidx].task, self._slot_seed(b, slot)),
+                                            think_ids=self.think_ids) for slot, pidx in mine]
+            t1 = time.perf_counter()
+            pairs = [(self.train[pidx].as_sample(), self._completion_text(self.train[pidx], r.tokens))
+                     for (_, pidx), group in zip(mine, results) for r in group]
+            verdicts, dstats = score_batch(pairs, timeout_s=g.score_timeout_s, max_workers=g.score_workers,
+                                           backend=g.score_backend)
+            t_gen, t_score = t_gen + (t1 - t0), t_score + (time.perf_counter() - t1)
+            dstats_all.append(dstats)
+            rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32).view(L, G)
+            groups += [(rnd, slot, pidx, res) for (slot, pidx), res in zip(mine, results)]
+            verdict_rows.append(rewards)
+            if not g.dynamic_sampling_rounds:
+                break
+            informative.append(self._all_gather((group_std(rewards).flatten() > 0).float()).bool())
+            if int(torch.cat(informative).sum()) >= P:
+                break
         t2 = time.perf_counter()
-        rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32).view(per_rank, G)
-        truncated = torch.tensor([r.finish_reason == "length" for grp in results for r in grp]).view(per_rank, G)
-        self.last_rewards = rewards  # [prompts on this rank, G]: this step's rewards (inspection, tests)
+        rewards = torch.cat(verdict_rows)  # [rounds · L, G], this rank's groups in (round, slot) order
+        truncated = torch.tensor([r.finish_reason == "length" for *_, grp in groups for r in grp]).view(-1, G)
         adv = compute_advantages(rewards, estimator=g.advantage, clip=g.advantage_clip, truncated=truncated,
                                  overlong_filtering=g.overlong_filtering)
+        # which groups train: all of round 0, or with dynamic sampling the first P informative groups in global
+        # (round, slot) order, topped up with the earliest uninformative ones if the rounds ran out
+        rounds = len(verdict_rows)
+        if g.dynamic_sampling_rounds:
+            flags = torch.cat(informative)  # [rounds · P] global
+            order = torch.cat([flags.nonzero().flatten(), (~flags).nonzero().flatten()])[:P]
+            position = torch.full((rounds * P,), -1, dtype=torch.long)
+            position[order.sort().values] = torch.arange(P)  # rank of each selected group in global order
+        else:
+            position = torch.arange(P)
+        local_pos = [int(position[slot]) for _, slot, _, _ in groups]  # -1: not trained
         advantages, keep = adv.advantages.tolist(), adv.loss_mask.tolist()  # one host copy, not one per rollout
-        rollouts = [Rollout(r.prompt_ids, r.tokens, r.logprobs, r.forced, advantages[i][j], keep[i][j])
-                    for i, grp in enumerate(results) for j, r in enumerate(grp)]
-        packed = pack_rollouts(rollouts, self.data.seq_len, self.pad_id)
-        # every rank runs the same number of micro-batches (collectives inside the model / engines)
+        mbs: list[list[Rollout]] = [[] for _ in range(g.minibatches)]
+        for i, (_, _, _, grp) in enumerate(groups):
+            if local_pos[i] < 0:
+                continue
+            mbs[local_pos[i] % g.minibatches] += [Rollout(r.prompt_ids, r.tokens, r.logprobs, r.forced, advantages[i][j],
+                                                          keep[i][j]) for j, r in enumerate(grp)]
+        selected = torch.tensor([p >= 0 for p in local_pos])
+        self.last_rewards = rewards[selected]  # [groups this rank trains on, G] (inspection, tests)
+        packed = [pack_rollouts(rs, self.data.seq_len, self.pad_id) for rs in mbs]
+        # every rank runs the same number of micro-batches per step (collectives inside the model / engines)
         mb = self.stage.micro_batch
-        n_mb = -(-packed["input_ids"].shape[0] // mb)
-        n_mb = int(self._all_reduce(torch.tensor([n_mb]), dist.ReduceOp.MAX if self.info.distributed else None)[0])
-        if n_mb * mb > packed["input_ids"].shape[0]:
-            packed = pack_rollouts(rollouts, self.data.seq_len, self.pad_id, rows=n_mb * mb)
-        batches = [{k: v[i * mb:(i + 1) * mb] for k, v in packed.items()} for i in range(n_mb)]
-        self._old_logprobs(batches)
+        n_mb = torch.tensor([max(1, -(-p["input_ids"].shape[0] // mb)) for p in packed])
+        n_mb = self._all_reduce(n_mb, dist.ReduceOp.MAX if self.info.distributed else None).tolist()
+        minibatches = []
+        for rs, p, n in zip(mbs, packed, n_mb):
+            if n * mb > p["input_ids"].shape[0]:
+                p = pack_rollouts(rs, self.data.seq_len, self.pad_id, rows=n * mb)
+            minibatches.append([{k: v[i * mb:(i + 1) * mb] for k, v in p.items()} for i in range(n)])
+        self._old_logprobs([x for m in minibatches for x in m])
         t3 = time.perf_counter()
-        # rollout metrics over all ranks: gather one row per rollout (global slot order on every rank)
-        env_id = torch.tensor([float(self.tasks.index(self.train[pidx].task)) for _, pidx in mine]).repeat_interleave(G)
-        lengths = torch.tensor([float(len(r.tokens)) for grp in results for r in grp])
-        forced = torch.tensor([float(r.thinking_forced is not None) for grp in results for r in grp])
+        # rollout metrics over all ranks: one row per generated rollout, gathered in rank order
+        env_id = torch.tensor([float(self.tasks.index(self.train[pidx].task)) for _, _, pidx, _ in groups]).repeat_interleave(G)
+        lengths = torch.tensor([float(len(r.tokens)) for *_, grp in groups for r in grp])
+        forced = torch.tensor([float(r.thinking_forced is not None) for *_, grp in groups for r in grp])
         local = torch.stack([rewards.flatten(), adv.advantages.flatten(), adv.loss_mask.flatten().float(),
-                             truncated.flatten().float(), lengths, env_id, forced], dim=1).double()
+                             truncated.flatten().float(), lengths, env_id, forced,
+                             selected.float().repeat_interleave(G)], dim=1).double()
         allr = self._all_gather(local)
-        phases = self._all_reduce(torch.tensor([t1 - t0, t2 - t1, t3 - t2, dstats.timeouts, dstats.errors,
-                                                float(sum(lengths))], dtype=torch.float64))
-        slowest = self._all_reduce(torch.tensor([t1 - t0, t2 - t1, t3 - t2], dtype=torch.float64),
+        timeouts, errors = sum(d.timeouts for d in dstats_all), sum(d.errors for d in dstats_all)
+        phases = self._all_reduce(torch.tensor([timeouts, errors, float(sum(lengths))], dtype=torch.float64))
+        slowest = self._all_reduce(torch.tensor([t_gen, t_score, t3 - t2], dtype=torch.float64),
                                    dist.ReduceOp.MAX if self.info.distributed else None)
-        self._pending.update(self._rollout_metrics(allr, G))
+        trained = allr[allr[:, 7] > 0]
+        self._pending.update(self._rollout_metrics(trained, G))
         n = allr.shape[0]
         self._pending.update({
-            "grpo/env_timeout_frac": float(phases[3]) / n, "grpo/env_error_frac": float(phases[4]) / n,
-            "grpo/rollout_tokens_per_s": float(phases[5]) / max(float(slowest[0]), 1e-9),
+            "grpo/env_timeout_frac": float(phases[0]) / n, "grpo/env_error_frac": float(phases[1]) / n,
+            "grpo/rollout_tokens_per_s": float(phases[2]) / max(float(slowest[0]), 1e-9),
         })
+        if g.dynamic_sampling_rounds:
+            all_std = group_std(allr[:, 0].float().view(-1, G))
+            self._pending.update({"grpo/sampling_rounds": float(rounds), "grpo/sampled_groups": float(all_std.numel()),
+                                  "grpo/sampled_zero_std_frac": float((all_std == 0).float().mean())})
         self._times = {"generate": float(slowest[0]), "score": float(slowest[1]), "logprob": float(slowest[2]),
                        "end": time.perf_counter()}
-        if dstats.first_errors:
-            log.warning("step %d: %d verifier errors, %d timeouts; first: %s", step, dstats.errors, dstats.timeouts,
-                        dstats.first_errors[0])
-        return batches
+        first_errors = [e for d in dstats_all for e in d.first_errors]
+        if first_errors:
+            log.warning("rollout batch %d: %d verifier errors, %d timeouts; first: %s", b, errors, timeouts, first_errors[0])
+        return {"batch": b, "minibatches": minibatches}
+
+    def _slot_seed(self, b: int, slot: int) -> int:
+        return _seed(self.stage.seed, b, slot)
 
     @torch.no_grad()
     def _old_logprobs(self, batches) -> None:
@@ -459,8 +534,34 @@ class GRPOStage(Stage):
     def step_info(self, step: int) -> dict:
         return {}
 
+    def schedule(self) -> dict:
+        g = self.g
+        return {f"stage.grpo.{k}": getattr(g, k) for k in ("prompts_per_step", "generations_per_prompt", "ppo_epochs",
+                                                            "minibatches", "dynamic_sampling_rounds")}
+
     def state_dict(self) -> dict:
         return {"train_prompts": len(self.train), "fingerprint": self.fingerprint}
+
+    def rank_state(self) -> dict | None:
+        """This rank's rollout batch when the next step still trains on it (a checkpoint in the middle of
+        ``ppo_epochs × minibatches`` steps): saved with the checkpoint, so a resume continues on the same
+        rollouts and old log-probs instead of regenerating them from weights that have moved on. None at a
+        batch boundary (the next step generates afresh)."""
+        per_batch = self.g.ppo_epochs * self.g.minibatches
+        if self._cache is None or (self._served + 1) % per_batch == 0:
+            return None
+        return {"batch": self._cache["batch"], "world_size": self.world_size, "rank": self.rank,
+                "minibatches": self._cache["minibatches"]}
+
+    def load_rank_state(self, state: dict | None, source=None) -> None:
+        if state is None:
+            return
+        if (state.get("world_size"), state.get("rank")) != (self.world_size, self.rank):
+            raise CheckpointError(
+                f"{source or 'the checkpoint'}: its saved rollout batch was generated by rank {state.get('rank')} "
+                f"of {state.get('world_size')}; this run has {self.world_size} ranks. Resume mid-batch with the "
+                f"same number of ranks, or from a checkpoint at a rollout-batch boundary")
+        self._cache = {"batch": int(state["batch"]), "minibatches": state["minibatches"]}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("fingerprint") != self.fingerprint:
