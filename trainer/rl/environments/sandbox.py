@@ -184,7 +184,7 @@ class Sandbox:
         out, err, status = bytearray(), bytearray(), bytearray()
         streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, status_r: status}
         timed_out = truncated = False
-        init_pid = None
+        init = None  # a pidfd of the namespace's init, once it is known to be our child
         while streams:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -197,47 +197,74 @@ class Sandbox:
                     del streams[fd]
                     continue
                 streams[fd].extend(chunk)
-                if fd == status_r and init_pid is None:
-                    init_pid = _parse_pid(status)
+                if fd == status_r and init is None:
+                    init = _open_init(status, proc.pid)
             if len(out) + len(err) > lim.output_bytes:
                 truncated = True
                 break
-        init_pid = init_pid or _parse_pid(status)
-        if timed_out or truncated:
-            _kill(proc, init_pid)
+        init = init if init is not None else _open_init(status, proc.pid)
         try:
-            rc = proc.wait(timeout=max(deadline - time.monotonic(), 0.5))
-        except subprocess.TimeoutExpired:  # output closed but the program still runs (e.g. closed stdout)
-            timed_out = True
-            _kill(proc, init_pid)
-            rc = proc.wait()
+            if timed_out or truncated:
+                _kill(proc, init)
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.5))
+            except subprocess.TimeoutExpired:  # output closed but the program still runs (closed its stdout)
+                timed_out = True
+                _kill(proc, init)
+        finally:
+            if init is not None:
+                os.close(init)
         seconds = time.monotonic() - t0
-        errors = [line[6:] for line in status.decode(errors="replace").splitlines() if line.startswith("error ")]
+        lines = bytes(status).decode(errors="replace").splitlines()
+        errors = [line[6:] for line in lines if line.startswith("error ")]
         if errors:
             raise SandboxUnavailable(f"sandbox set-up refused: {errors[0]}")
-        if not (timed_out or truncated) and b"pid " not in status:
+        if not (timed_out or truncated) and not any(line.startswith("pid ") for line in lines):
             raise SandboxUnavailable(f"sandbox bootstrap failed: {bytes(err[-500:]).decode(errors='replace')}")
-        killed = timed_out or truncated
-        code, sig = (None, None) if killed else ((rc - 128, rc - 128) if rc > 128 else (rc, None))
-        if sig is not None:
-            code = -sig
+        code = sig = None
+        for line in lines:
+            if line.startswith("exit "):
+                code = int(line[5:])
+            elif line.startswith("signal "):
+                sig = int(line[7:])
+                code = -sig
+            elif line.startswith("noexec "):
+                code = 127
+                err.extend(f"sandbox: cannot execute the program: {line[7:]}\n".encode())
+        if timed_out or truncated:
+            code = None
         cap = lim.output_bytes
         return SandboxResult(code, bytes(out[:cap]), bytes(err[:cap]), timed_out, truncated, seconds, sig)
 
 
-def _parse_pid(status: bytearray) -> int | None:
+def _open_init(status: bytearray, boot_pid: int) -> int | None:
+    """A pidfd of the init the bootstrap reported, if that process is still the bootstrap's child (a pidfd
+    cannot signal a recycled pid; the parent check rules out one recycled before it was opened)."""
     for line in bytes(status).decode(errors="replace").splitlines():
         if line.startswith("pid "):
-            return int(line[4:])
+            try:
+                fd = os.pidfd_open(int(line[4:]))
+            except (OSError, AttributeError):
+                return None
+            try:
+                with open(f"/proc/{int(line[4:])}/status") as f:
+                    ppid = next((int(x.split()[1]) for x in f if x.startswith("PPid:")), None)
+            except OSError:
+                ppid = None
+            if ppid == boot_pid:
+                return fd
+            os.close(fd)
+            return None
     return None
 
 
-def _kill(proc: subprocess.Popen, init_pid: int | None) -> None:
-    """SIGKILL the namespace's init (all of the sandbox dies with it) and the bootstrap's session."""
-    if init_pid:
+def _kill(proc: subprocess.Popen, init: int | None) -> None:
+    """SIGKILL the namespace's init (every process of the sandbox dies with it) and the bootstrap's
+    session (the init also has the bootstrap's death as its parent-death signal)."""
+    if init is not None:
         try:
-            os.kill(init_pid, signal.SIGKILL)
-        except ProcessLookupError:
+            signal.pidfd_send_signal(init, signal.SIGKILL)
+        except OSError:
             pass
     if proc.poll() is None:
         try:
@@ -300,7 +327,8 @@ def _build_root(call, libc, p: dict) -> None:
     """In the new mount namespace: a tmpfs root with the read-only system binds, pivot into it."""
     _mount(call, None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
     root = "/tmp"  # any existing directory serves as the mount point (this namespace's view only)
-    _mount(call, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
+    _mount(call, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV,
+           f"size={4 + len(p['stdin']) // (1 << 20)}m,mode=0755")  # mount points and the stdin file
     for path in SYSTEM_PATHS:
         if os.path.islink(path):
             os.symlink(os.readlink(path), root + path)
@@ -396,9 +424,10 @@ def _boot(status: int) -> None:
             os.write(status, f"{kind} {type(e).__name__}: {e}\n".encode())
         os._exit(125)
     os.write(status, f"pid {init}\n".encode())
-    os.close(status)
     _, st = os.waitpid(init, 0)
-    os._exit(os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st))
+    end = f"exit {os.WEXITSTATUS(st)}" if os.WIFEXITED(st) else f"signal {os.WTERMSIG(st)}"
+    os.write(status, f"{end}\n".encode())
+    os._exit(0)
 
 
 if __name__ == "__main__":
