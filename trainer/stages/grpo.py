@@ -181,6 +181,13 @@ class GRPOStage(Stage):
         if unknown:
             raise ConfigError(f"stage.grpo.environments: no environment registered for {unknown}; "
                               f"registered: {sorted(ENVIRONMENTS)}")
+        self.envs = {}
+        for e in envs:  # started once, here: an environment that cannot run (no sandbox) stops the start
+            try:
+                self.envs[e["task"]] = ENVIRONMENTS[e["task"]](**dict(e.get("options") or {}))
+            except Exception as err:  # noqa: BLE001 — named and mapped to exit status 2 by the CLI
+                raise ConfigError(f"stage.grpo.environments: environment {e['task']!r} cannot start: "
+                                  f"{type(err).__name__}: {err}") from None
         empty = [t for t in self.tasks if not counts.get(t)]
         if empty:
             raise DataError(f"data.rl.train has no prompts for environment(s) {empty} of stage.grpo.environments")
@@ -305,7 +312,7 @@ class GRPOStage(Stage):
         t1 = time.perf_counter()
         pairs = [(self.train[pidx].as_sample(), self._completion_text(self.train[pidx], r.tokens))
                  for (_, pidx), group in zip(mine, results) for r in group]
-        verdicts, dstats = score_batch(pairs, timeout_s=g.score_timeout_s, max_workers=g.score_workers,
+        verdicts, dstats = score_batch(pairs, envs=self.envs, timeout_s=g.score_timeout_s, max_workers=g.score_workers,
                                        backend=g.score_backend)
         t2 = time.perf_counter()
         rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32).view(per_rank, G)
@@ -441,8 +448,8 @@ class GRPOStage(Stage):
                                            self._params(t, _seed(self.stage.seed, _EVAL, c), greedy=self.g.eval_greedy),
                                            think_ids=self.think_ids)
                 pairs = [(self.valid[i].as_sample(), self._completion_text(self.valid[i], r.tokens)) for i, r in zip(ids, res)]
-                verdicts, _ = score_batch(pairs, timeout_s=self.g.score_timeout_s, max_workers=self.g.score_workers,
-                                          backend=self.g.score_backend)
+                verdicts, _ = score_batch(pairs, envs=self.envs, timeout_s=self.g.score_timeout_s,
+                                          max_workers=self.g.score_workers, backend=self.g.score_backend)
                 e = self.tasks.index(t)
                 for v in verdicts:
                     sums[0] += v.reward
