@@ -54,6 +54,7 @@ from ..inference.engine import GenerationEngine, SamplingParams, ThinkTokens
 from ..rl.advantages import GroupAdvantages, advantage_metrics, compute_advantages, group_std
 from ..rl.environments import ENVIRONMENTS, score_batch
 from ..rl.losses import PolicyLossConfig, policy_loss, target_tokens
+from ..rl.multiturn import rollout_episodes
 from .base import LossOutput, Stage
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class GRPOStage(Stage):
                      for e in envs}
         self.budget = {e["task"]: g.thinking_budget if e["thinking_budget"] is None else e["thinking_budget"]
                        for e in envs}
+        self.turns = {e["task"]: int(e.get("max_turns") or 1) for e in envs}  # > 1: multi-turn (rl/multiturn.py)
         self.think_ids = None
         if any(b is not None for b in self.budget.values()):
             try:
@@ -223,7 +225,8 @@ class GRPOStage(Stage):
 
     def _render(self, p: RLPrompt) -> list[int]:
         messages = p.messages if p.messages is not None else [{"role": "user", "content": p.prompt}]
-        ids = render_prompt(messages, self.tokenizer, enable_thinking=self.mode[p.task])
+        ids = render_prompt(messages, self.tokenizer, enable_thinking=self.mode[p.task],
+                            tools=getattr(self.envs[p.task], "tools", None))  # a tool world's, in the system block
         if len(ids) + self.g.max_new_tokens > self.data.seq_len:
             raise DataError(f"{p.where}: the prompt has {len(ids)} tokens; with stage.grpo.max_new_tokens="
                             f"{self.g.max_new_tokens} it does not fit data.seq_len={self.data.seq_len}")
@@ -275,6 +278,18 @@ class GRPOStage(Stage):
         return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                               greedy=greedy, seed=seed, stop_token_ids=self.stop_ids, thinking_budget=self.budget[task])
 
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, samples: list[RLPrompt]):
+        """Rollouts of ``prompts`` (one task; ``samples``: their prompt records): the engine's, or the rollout
+        driver's episodes when the task has ``max_turns > 1``."""
+        generate = lambda ids, prm: self.engine.generate(ids, prm, think_ids=self.think_ids)  # noqa: E731
+        task = samples[0].task
+        if self.turns[task] == 1:
+            return generate(prompts, params)
+        msgs = [s.messages if s.messages is not None else [{"role": "user", "content": s.prompt}] for s in samples]
+        return rollout_episodes(generate, prompts, params, env=self.envs[task], samples=[s.as_sample() for s in samples],
+                                tokenizer=self.tokenizer, thinking=[thinking_mode(m, self.mode[task]) for m in msgs],
+                                max_turns=self.turns[task], max_tokens=self.data.seq_len, stop_ids=self.stop_ids)
+
     def _all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of every rank in rank order (same shape on every rank)."""
         if not self.info.distributed:
@@ -307,8 +322,7 @@ class GRPOStage(Stage):
         results = []
         for slot, pidx in mine:
             p = self.train[pidx]
-            results.append(self.engine.generate([self.train_ids[pidx]] * G, self._params(p.task, _seed(self.stage.seed, step, slot)),
-                                                think_ids=self.think_ids))
+            results.append(self._generate([self.train_ids[pidx]] * G, self._params(p.task, _seed(self.stage.seed, step, slot)), [p] * G))
         t1 = time.perf_counter()
         pairs = [(self.train[pidx].as_sample(), self._completion_text(self.train[pidx], r.tokens))
                  for (_, pidx), group in zip(mine, results) for r in group]
@@ -341,7 +355,8 @@ class GRPOStage(Stage):
                              truncated.flatten().float(), lengths, env_id, forced], dim=1).double()
         allr = self._all_gather(local)
         phases = self._all_reduce(torch.tensor([t1 - t0, t2 - t1, t3 - t2, dstats.timeouts, dstats.errors,
-                                                float(sum(lengths))], dtype=torch.float64))
+                                                float(sum(lengths)), sum(getattr(r, "invalid_calls", 0) for grp in results for r in grp)],
+                                               dtype=torch.float64))
         slowest = self._all_reduce(torch.tensor([t1 - t0, t2 - t1, t3 - t2], dtype=torch.float64),
                                    dist.ReduceOp.MAX if self.info.distributed else None)
         self._pending.update(self._rollout_metrics(allr, G))
@@ -349,6 +364,7 @@ class GRPOStage(Stage):
         self._pending.update({
             "grpo/env_timeout_frac": float(phases[3]) / n, "grpo/env_error_frac": float(phases[4]) / n,
             "grpo/rollout_tokens_per_s": float(phases[5]) / max(float(slowest[0]), 1e-9),
+            "grpo/invalid_tool_calls_per_rollout": float(phases[6]) / n,
         })
         self._times = {"generate": float(slowest[0]), "score": float(slowest[1]), "logprob": float(slowest[2]),
                        "end": time.perf_counter()}
@@ -444,9 +460,9 @@ class GRPOStage(Stage):
             for i in idx:
                 by_task.setdefault(self.valid[i].task, []).append(i)
             for t, ids in by_task.items():
-                res = self.engine.generate([self.valid_ids[i] for i in ids],
-                                           self._params(t, _seed(self.stage.seed, _EVAL, c), greedy=self.g.eval_greedy),
-                                           think_ids=self.think_ids)
+                res = self._generate([self.valid_ids[i] for i in ids],
+                                     self._params(t, _seed(self.stage.seed, _EVAL, c), greedy=self.g.eval_greedy),
+                                     [self.valid[i] for i in ids])
                 pairs = [(self.valid[i].as_sample(), self._completion_text(self.valid[i], r.tokens)) for i, r in zip(ids, res)]
                 verdicts, _ = score_batch(pairs, envs=self.envs, timeout_s=self.g.score_timeout_s,
                                           max_workers=self.g.score_workers, backend=self.g.score_backend)
