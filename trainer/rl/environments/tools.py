@@ -166,10 +166,20 @@ class ToolWorldEnv(Environment):
             raise ValueError(f"invalid_penalty must be >= 0, got {invalid_penalty}")
         self.invalid_penalty = float(invalid_penalty)
 
+    def new_state(self, sample: Mapping[str, Any] | None) -> dict:
+        """The store at the start of an episode: a private copy of ``metadata.initial``."""
+        return json.loads(json.dumps(((sample or {}).get("metadata") or {}).get("initial") or {}))
+
+    def call_tool(self, state: dict, name: str, arguments: Any) -> dict:
+        """One call against a live ``state`` (the Gym server's tool routes); errors as ``{"error": ...}``."""
+        try:
+            return run_tool(state, name, arguments)
+        except ToolError as e:
+            return {"error": str(e)}
+
     def _replay(self, sample: Mapping[str, Any] | None, turns: Sequence[str]):
         """Run every call of ``turns`` (assistant texts) from the initial store; per turn, the responses."""
-        meta = (sample or {}).get("metadata") or {}
-        store = json.loads(json.dumps(meta.get("initial") or {}))  # a private copy
+        store = self.new_state(sample)
         responses, calls, invalid = [], 0, 0
         for text in turns:
             out = []
