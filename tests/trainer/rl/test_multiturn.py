@@ -1,11 +1,11 @@
 """Multi-turn tool rollouts with a scripted policy: the token sequence is exactly the chat template's
 rendering of the conversation (token-in / token-out), tool responses are forced (no loss), invalid calls
-are counted, the tool world's verdicts, turn / length limits, and a GRPO stage step on the tool task."""
+are counted, the tool world's verdicts, turn / length limits. (A GRPO step with the tool task:
+test_env_prompt_sets.py::test_mixed_recipe_step_scores_every_environment.)"""
 
 import json
 
 import pytest
-import torch
 
 from tandem.data_pipelines.chat import render_chat, render_prompt
 from tandem.data_pipelines.tokenizer import load_tokenizer
@@ -134,29 +134,3 @@ def test_tools_and_invalid_calls():
     calls = parse_tool_calls('<think><tool_call>{"name": "x"}</tool_call></think>'
                              '<tool_call>{bad json}</tool_call><tool_call>{"name": "kv_get", "arguments": "{\\"key\\": \\"x\\"}"}</tool_call>')
     assert [c[0] for c in calls] == [None, "kv_get"] and calls[1][1] == {"key": "x"}  # reasoning's calls ignored
-
-
-def test_grpo_stage_runs_tool_episodes(tmp_path):
-    """The stage renders the tools into the system block, runs multi-turn episodes for a task with
-    max_turns > 1, masks their observation tokens and logs invalid calls."""
-    from tandem.model import HybridConfig, HybridLM
-    from tandem.trainer.parallel import DistInfo
-    from tandem.trainer.stages import GRPOStage
-
-    from ..conftest import compose_recipe
-
-    rows = [{**SAMPLE, "prompt": f"Compute 17*23, store it under 'result', then say it. ({i})"} for i in range(8)]
-    (tmp_path / "tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = compose_recipe("grpo", [
-        "model.preset=tiny", "model.init_from=null", "data.seq_len=1024", "stage.micro_batch=2",
-        "stage.grpo.prompts_per_step=2", "stage.grpo.generations_per_prompt=2", "stage.grpo.max_new_tokens=8",
-        f"data.rl.train=[{tmp_path / 'tools.jsonl'}]", f"run.dir={tmp_path / 'run'}",
-        "stage.grpo.environments=[{task: tools, weight: 1.0, max_turns: 3}]"])
-    stage = GRPOStage(cfg.data, cfg.stage)
-    assert "# Tools" in TOK.decode(stage.train_ids[0]) and "kv_set" in TOK.decode(stage.train_ids[0])
-    torch.manual_seed(0)
-    stage.bind(HybridLM(HybridConfig.preset("tiny")), DistInfo(0, 1, 0, torch.device("cpu")))
-    batches = stage.batches_for_step(0)
-    m = stage.after_step(0, True)
-    assert m["grpo/rollouts"] == 4 and "grpo/invalid_tool_calls_per_rollout" in m
-    assert sum(stage.target_tokens(b) for b in batches) > 0
