@@ -242,3 +242,24 @@ def test_client_and_cli_bad_input():
         with pytest.raises(SystemExit) as e:
             serve_main(argv)
         assert e.value.code == 2
+
+
+def test_stage_refuses_an_environment_that_cannot_start(tmp_path):
+    """A configured environment is created when the GRPO stage starts: bad options (a gym environment
+    without servers) or a bad max_turns stop the start naming the key (ConfigError: exit status 2)."""
+    from tandem.trainer.config import ConfigError
+    from tandem.trainer.run import validate
+    from tandem.trainer.stages import GRPOStage
+
+    from ..conftest import compose_recipe
+
+    rows = tmp_path / "gym.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"6*7? ({i})", "task": "gym", "answer": "42"}) + "\n" for i in range(5)))
+    base = ["model.preset=tiny", "model.init_from=null", f"data.rl.train=[{rows}]", f"run.dir={tmp_path / 'r'}"]
+    cfg = compose_recipe("grpo", base)
+    with pytest.raises(ConfigError, match="environment 'gym' cannot start: ValueError: the gym environment needs options.servers"):
+        GRPOStage(cfg.data, cfg.stage)
+    cfg = compose_recipe("grpo", [*base, "stage.grpo.environments=[{task: gym, options: {servers: 'http://h:1'}}]"])
+    assert GRPOStage(cfg.data, cfg.stage).envs["gym"].servers == {"default": "http://h:1"}
+    with pytest.raises(ConfigError, match=r"stage.grpo.environments.0.max_turns must be >= 1"):
+        validate(compose_recipe("grpo", [*base, "stage.grpo.environments=[{task: gym, max_turns: 0}]"]))
