@@ -161,6 +161,8 @@ def test_tool_routes_keep_session_state(server):
         assert c.post("/kv_set", json={"key": "r", "value": 391}).json() == {"ok": True}
         assert c.post("/kv_get", json={"key": "r"}).json() == {"value": 391}
         assert "error" in c.post("/calculator", json={"expression": "open('/etc')"}).json()
+        assert c.post("/close_session", json={"resources_session_id": "s1"}).json() == {"resources_session_id": "s1"}
+        assert c.post("/kv_get", json={"key": "r"}).status_code == 400  # closed
     with httpx.Client(base_url=server, timeout=10) as other:  # another session starts from its own state
         assert other.post("/seed_session", json={}).json() == {}
         assert "error" in other.post("/kv_get", json={"key": "r"}).json()

@@ -17,6 +17,7 @@ Routes (the protocol of :mod:`.gym`):
 - ``POST /seed_session`` — starts a session for the tool routes: sets the ``tandem_session`` cookie and
   creates each served tool world's state from ``task_data.initial`` / ``initial`` (Gym's newer native body
   with ``resources_session_id`` is answered with that id, the older empty body with ``{}``).
+- ``POST /close_session`` — drops the session's state (by ``resources_session_id`` or the cookie).
 - ``POST /<tool>`` — one route per tool of a served environment that has tools (the ``tools`` world:
   ``/calculator``, ``/kv_get``, ``/kv_set``): the JSON body is the arguments, the answer the tool's result
   (``{"error": ...}`` for an invalid call), against the session's state.
@@ -75,6 +76,12 @@ def make_app(envs: Mapping[str, Environment], default_task: str | None = None, t
         sessions[sid] = {task: envs[task].new_state({"metadata": {"initial": data.get("initial") or {}}})
                          for task in set(tool_owner.values())}
         response.set_cookie(COOKIE, sid)
+        return {"resources_session_id": sid} if "resources_session_id" in body else {}
+
+    @app.post("/close_session")
+    async def close_session(request: Request, body: dict = Body(default_factory=dict)):
+        sid = str(body.get("resources_session_id") or request.cookies.get(COOKIE) or "")
+        sessions.pop(sid, None)
         return {"resources_session_id": sid} if "resources_session_id" in body else {}
 
     @app.post("/verify")

@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -70,10 +69,10 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclass
 class SandboxLimits:
-    wall_s: float = 10.0  # wall clock of the whole run (the parent kills the namespace)
+    wall_s: float = 10.0  # wall clock of the whole run, set-up included (the parent then kills the namespace)
     cpu_s: int = 5  # RLIMIT_CPU of each process
     memory_mb: int = 512  # RLIMIT_AS of each process
-    disk_mb: int = 32  # size of the writable /sandbox tmpfs (all files together)
+    disk_mb: int = 32  # size of the writable /sandbox tmpfs (all files together; tmpfs is memory)
     file_mb: int = 16  # RLIMIT_FSIZE: largest single file
     processes: int = 32  # RLIMIT_NPROC: processes + threads of the sandbox's user
     open_files: int = 64  # RLIMIT_NOFILE
@@ -178,11 +177,17 @@ class Sandbox:
             _kill(proc, None)
 
     def _supervise(self, proc, status_r: int, payload: bytes, lim: SandboxLimits, t0: float) -> SandboxResult:
-        proc.stdin.write(payload)
-        proc.stdin.close()
+        try:
+            proc.stdin.write(payload)
+            proc.stdin.close()
+        except BrokenPipeError:  # the bootstrap died before reading: reported below as unavailable
+            pass
         deadline = t0 + lim.wall_s
         out, err, status = bytearray(), bytearray(), bytearray()
         streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, status_r: status}
+        poller = select.poll()  # not select(): a trainer may hold more than FD_SETSIZE descriptors
+        for fd in streams:
+            poller.register(fd, select.POLLIN)
         timed_out = truncated = False
         init = None  # a pidfd of the namespace's init, once it is known to be our child
         while streams:
@@ -190,10 +195,12 @@ class Sandbox:
             if left <= 0:
                 timed_out = True
                 break
-            ready, _, _ = select.select(list(streams), [], [], min(left, 1.0))
-            for fd in ready:
+            for fd, _ in poller.poll(min(left, 1.0) * 1000):
+                if fd not in streams:
+                    continue
                 chunk = os.read(fd, 65536)
                 if not chunk:
+                    poller.unregister(fd)
                     del streams[fd]
                     continue
                 streams[fd].extend(chunk)
