@@ -14,8 +14,9 @@ Row schema (JSONL line / Parquet row / Hugging Face dataset row; sources as in :
 
 Every invalid row is a ``BadRecordError`` whose message starts with ``file:line`` and names the key
 (``messages[2].role``, ``task``, ...); ``bad_rows="skip"`` skips and counts them instead. The checks are
-plain Python (``jsonschema`` is not a dependency of tandem). This module knows nothing of the trainer:
-which task names exist is passed in (``tasks=``), e.g. the keys of the trainer's environment registry.
+plain Python (the row schema is small; ``jsonschema`` serves the structured-output environment). This
+module knows nothing of the trainer: which task names exist is passed in (``tasks=``), e.g. the keys of the
+trainer's environment registry.
 """
 
 from __future__ import annotations

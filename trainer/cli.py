@@ -7,6 +7,7 @@
     tandem generate runs/smoke/sft --prompt "What is 2 + 3?"   # chat with a checkpoint (docs/GENERATION.md)
     tandem plan -cn nano3_pretrain --nodes 2 --gpus-per-node 8 --gpu-mem-gb 80   # memory per rank (docs/PARALLELISM.md)
     tandem export runs/smoke/pretrain --to exported/ --dtype bfloat16   # released layout, one tensor at a time
+    tandem serve-env --env math --env code --port 8000   # environments as a NeMo Gym resources server (docs/RL.md)
 
 Exit status: 0 done, 2 bad input (one line on stderr naming the key/file), 75 preempted after a checkpoint
 (SIGTERM, SIGUSR1 or a first Ctrl-C finish the step and checkpoint; stderr says the command that resumes).
@@ -179,6 +180,10 @@ def main() -> None:
         sys.exit(plan_main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "export":
         sys.exit(export_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "serve-env":
+        from .rl.environments.gym_server import serve_main
+
+        sys.exit(serve_main(sys.argv[2:]))
     register_configs()
     check_composition(sys.argv[1:])
     hydra.main(config_path=str(RECIPES_DIR), config_name=None, version_base="1.3")(_app)()

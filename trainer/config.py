@@ -15,7 +15,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from tandem.model import HybridConfig
 
@@ -252,6 +252,10 @@ class GRPOEnvironment:
     weight: float = 1.0  # share of each step's prompts (normalised over the listed environments)
     enable_thinking: Optional[bool] = None  # reasoning ON/OFF; null = stage.grpo.enable_thinking
     thinking_budget: Optional[int] = None  # reasoning-token budget; null = stage.grpo.thinking_budget
+    # keyword arguments of the environment's constructor (e.g. code: total_wall_s; gym: servers)
+    options: Dict[str, Any] = field(default_factory=dict)
+    # multi-turn episodes (tool use): generated turns per rollout; 1 = single-turn (trainer/rl/multiturn.py)
+    max_turns: int = 1
 
 
 @dataclass
@@ -476,6 +480,8 @@ def validate_grpo(g: Any) -> None:
             bad(f"environments.{i}.weight", "must be > 0", e.weight)
         if e.thinking_budget is not None and e.thinking_budget < 0:
             bad(f"environments.{i}.thinking_budget", "must be >= 0 or null", e.thinking_budget)
+        if e.max_turns < 1:
+            bad(f"environments.{i}.max_turns", "must be >= 1", e.max_turns)
 
 
 def _keys_outside_schema(node: Any, prefix: str = ""):

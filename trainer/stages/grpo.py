@@ -58,6 +58,7 @@ from ..inference.engine import GenerationEngine, SamplingParams, ThinkTokens
 from ..rl.advantages import GroupAdvantages, advantage_metrics, compute_advantages, group_std
 from ..rl.environments import ENVIRONMENTS, score_batch
 from ..rl.losses import PolicyLossConfig, policy_loss, target_tokens
+from ..rl.multiturn import rollout_episodes
 from .base import LossOutput, Stage
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,13 @@ class GRPOStage(Stage):
         if unknown:
             raise ConfigError(f"stage.grpo.environments: no environment registered for {unknown}; "
                               f"registered: {sorted(ENVIRONMENTS)}")
+        self.envs = {}
+        for e in envs:  # started once, here: an environment that cannot run (no sandbox) stops the start
+            try:
+                self.envs[e["task"]] = ENVIRONMENTS[e["task"]](**dict(e.get("options") or {}))
+            except Exception as err:  # noqa: BLE001 — named and mapped to exit status 2 by the CLI
+                raise ConfigError(f"stage.grpo.environments: environment {e['task']!r} cannot start: "
+                                  f"{type(err).__name__}: {err}") from None
         empty = [t for t in self.tasks if not counts.get(t)]
         if empty:
             raise DataError(f"data.rl.train has no prompts for environment(s) {empty} of stage.grpo.environments")
@@ -197,6 +205,7 @@ class GRPOStage(Stage):
                      for e in envs}
         self.budget = {e["task"]: g.thinking_budget if e["thinking_budget"] is None else e["thinking_budget"]
                        for e in envs}
+        self.turns = {e["task"]: int(e.get("max_turns") or 1) for e in envs}  # > 1: multi-turn (rl/multiturn.py)
         self.think_ids = None
         if any(b is not None for b in self.budget.values()):
             try:
@@ -226,7 +235,8 @@ class GRPOStage(Stage):
 
     def _render(self, p: RLPrompt) -> list[int]:
         messages = p.messages if p.messages is not None else [{"role": "user", "content": p.prompt}]
-        ids = render_prompt(messages, self.tokenizer, enable_thinking=self.mode[p.task])
+        ids = render_prompt(messages, self.tokenizer, enable_thinking=self.mode[p.task],
+                            tools=getattr(self.envs[p.task], "tools", None))  # a tool world's, in the system block
         if len(ids) + self.g.max_new_tokens > self.data.seq_len:
             raise DataError(f"{p.where}: the prompt has {len(ids)} tokens; with stage.grpo.max_new_tokens="
                             f"{self.g.max_new_tokens} it does not fit data.seq_len={self.data.seq_len}")
@@ -278,6 +288,18 @@ class GRPOStage(Stage):
         g = self.g
         return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                               greedy=greedy, seed=seed, stop_token_ids=self.stop_ids, thinking_budget=self.budget[task])
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, samples: list[RLPrompt]):
+        """Rollouts of ``prompts`` (one task; ``samples``: their prompt records): the engine's, or the rollout
+        driver's episodes when the task has ``max_turns > 1``."""
+        generate = lambda ids, prm: self.engine.generate(ids, prm, think_ids=self.think_ids)  # noqa: E731
+        task = samples[0].task
+        if self.turns[task] == 1:
+            return generate(prompts, params)
+        msgs = [s.messages if s.messages is not None else [{"role": "user", "content": s.prompt}] for s in samples]
+        return rollout_episodes(generate, prompts, params, env=self.envs[task], samples=[s.as_sample() for s in samples],
+                                tokenizer=self.tokenizer, thinking=[thinking_mode(m, self.mode[task]) for m in msgs],
+                                max_turns=self.turns[task], max_tokens=self.data.seq_len, stop_ids=self.stop_ids)
 
     def _all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of every rank in rank order (same shape on every rank)."""
@@ -337,14 +359,13 @@ class GRPOStage(Stage):
             t0 = time.perf_counter()
             slots = self._draw(b, rnd)
             mine = [(rnd * P + i, slots[i]) for i in range(first, first + L)]
-            results = [self.engine.generate([self.train_ids[pidx]] * G,
-                                            self._params(self.train[pidx].task, self._slot_seed(b, slot)),
-                                            think_ids=self.think_ids) for slot, pidx in mine]
+            results = [self._generate([self.train_ids[pidx]] * G, self._params(self.train[pidx].task, self._slot_seed(b, slot)),
+                                      [self.train[pidx]] * G) for slot, pidx in mine]
             t1 = time.perf_counter()
             pairs = [(self.train[pidx].as_sample(), self._completion_text(self.train[pidx], r.tokens))
                      for (_, pidx), group in zip(mine, results) for r in group]
-            verdicts, dstats = score_batch(pairs, timeout_s=g.score_timeout_s, max_workers=g.score_workers,
-                                           backend=g.score_backend)
+            verdicts, dstats = score_batch(pairs, envs=self.envs, timeout_s=g.score_timeout_s,
+                                           max_workers=g.score_workers, backend=g.score_backend)
             t_gen, t_score = t_gen + (t1 - t0), t_score + (time.perf_counter() - t1)
             dstats_all.append(dstats)
             rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32).view(L, G)
@@ -401,7 +422,8 @@ class GRPOStage(Stage):
                              selected.float().repeat_interleave(G)], dim=1).double()
         allr = self._all_gather(local)
         timeouts, errors = sum(d.timeouts for d in dstats_all), sum(d.errors for d in dstats_all)
-        phases = self._all_reduce(torch.tensor([timeouts, errors, float(sum(lengths))], dtype=torch.float64))
+        invalid = sum(getattr(r, "invalid_calls", 0) for *_, grp in groups for r in grp)
+        phases = self._all_reduce(torch.tensor([timeouts, errors, float(sum(lengths)), invalid], dtype=torch.float64))
         slowest = self._all_reduce(torch.tensor([t_gen, t_score, t3 - t2], dtype=torch.float64),
                                    dist.ReduceOp.MAX if self.info.distributed else None)
         trained = allr[allr[:, 7] > 0]
@@ -410,6 +432,7 @@ class GRPOStage(Stage):
         self._pending.update({
             "grpo/env_timeout_frac": float(phases[0]) / n, "grpo/env_error_frac": float(phases[1]) / n,
             "grpo/rollout_tokens_per_s": float(phases[2]) / max(float(slowest[0]), 1e-9),
+            "grpo/invalid_tool_calls_per_rollout": float(phases[3]) / n,
         })
         if g.dynamic_sampling_rounds:
             all_std = group_std(allr[:, 0].float().view(-1, G))
@@ -512,12 +535,12 @@ class GRPOStage(Stage):
             for i in idx:
                 by_task.setdefault(self.valid[i].task, []).append(i)
             for t, ids in by_task.items():
-                res = self.engine.generate([self.valid_ids[i] for i in ids],
-                                           self._params(t, _seed(self.stage.seed, _EVAL, c), greedy=self.g.eval_greedy),
-                                           think_ids=self.think_ids)
+                res = self._generate([self.valid_ids[i] for i in ids],
+                                     self._params(t, _seed(self.stage.seed, _EVAL, c), greedy=self.g.eval_greedy),
+                                     [self.valid[i] for i in ids])
                 pairs = [(self.valid[i].as_sample(), self._completion_text(self.valid[i], r.tokens)) for i, r in zip(ids, res)]
-                verdicts, _ = score_batch(pairs, timeout_s=self.g.score_timeout_s, max_workers=self.g.score_workers,
-                                          backend=self.g.score_backend)
+                verdicts, _ = score_batch(pairs, envs=self.envs, timeout_s=self.g.score_timeout_s,
+                                          max_workers=self.g.score_workers, backend=self.g.score_backend)
                 e = self.tasks.index(t)
                 for v in verdicts:
                     sums[0] += v.reward

@@ -25,8 +25,9 @@ event loop and is cancelled at its timeout (the form for HTTP verifiers such as 
   with the pool at the end of the batch, so a hung verifier costs nothing afterwards; while the batch
   runs, that worker's slot is lost.
 
-**Multi-turn (not built yet).** A multi-turn environment (tool calls → observations → more generation)
-implements :meth:`Environment.step`: given the conversation so far it returns the next
+**Multi-turn** (the driver is ``tandem.trainer.rl.multiturn``). A multi-turn environment (tool calls →
+observations → more generation) implements :meth:`Environment.step`: given the conversation so far (and the
+episode's sample) it returns the next
 :class:`Observation` (e.g. a tool result to append as a ``tool`` message before generating again) or
 ``None`` when the episode is over, and :meth:`Environment.verify` then scores the whole transcript. The
 rollout driver calls ``step`` after every generated turn; single-turn environments inherit the default,
@@ -97,8 +98,9 @@ class Environment(abc.ABC):
         """Load heavy dependencies (a parser, a reward model) once per process; the dispatcher calls it
         before the first call's clock starts, in every worker of the process backend."""
 
-    def step(self, history: Sequence[Mapping[str, Any]]) -> Observation | None:
-        """Multi-turn hook: the next observation after the last generated turn, or None to end the episode."""
+    def step(self, history: Sequence[Mapping[str, Any]], sample: Mapping[str, Any] | None = None) -> Observation | None:
+        """Multi-turn hook: the next observation after the last generated turn, or None to end the episode.
+        ``sample`` is the episode's prompt record (its initial state, e.g. ``metadata``)."""
         return None
 
 
