@@ -77,6 +77,12 @@ class _QuietParser(argparse.ArgumentParser):
         raise _Unparsed(message)
 
 
+#: Hydra's command-line options (``hydra.main``'s parser)
+_HYDRA_OPTIONS = ("--help", "-h", "--hydra-help", "--version", "--resolve", "--run", "-r", "--multirun", "-m",
+                  "--shell-completion", "-sc", "--cfg", "-c", "--package", "-p", "--config-path", "-cp",
+                  "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun", "--info", "-i")
+
+
 def _hydra_args(argv: list[str]) -> argparse.Namespace | None:
     """Hydra's own command line (same options as ``hydra.main``'s parser), or None if it does not parse."""
     p = _QuietParser(add_help=False)
@@ -89,9 +95,25 @@ def _hydra_args(argv: list[str]) -> argparse.Namespace | None:
         p.add_argument(*flag)
     p.add_argument("--info", "-i", nargs="?", const="all")
     try:
-        return p.parse_args(argv)
+        return p.parse_intermixed_args(argv)
     except _Unparsed:
         return None
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """``argv`` with Hydra's options first and the overrides after them, as Hydra's parser needs them
+    (``tandem stage.steps=4 -cn smoke`` would otherwise stop with a usage screen); an unparsable command
+    line is one ``tandem: error:`` line, exit status 2."""
+    args = _hydra_args(argv)
+    if args is None:
+        bad = [a for a in argv if a.startswith("-") and a.split("=")[0] not in _HYDRA_OPTIONS]
+        fail(f"cannot parse the command line {shlex.join(argv)!r}"
+             + (f": unknown option {bad[0]}" if bad else "") + " (see tandem --help)")
+    overrides = list(args.overrides)
+    options = argv[:]
+    for o in overrides:
+        options.remove(o)
+    return options + overrides
 
 
 def _one_line(e: Exception) -> str:
@@ -180,6 +202,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "export":
         sys.exit(export_main(sys.argv[2:]))
     register_configs()
+    sys.argv[1:] = hydra_argv(sys.argv[1:])
     check_composition(sys.argv[1:])
     hydra.main(config_path=str(RECIPES_DIR), config_name=None, version_base="1.3")(_app)()
 

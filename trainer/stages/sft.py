@@ -53,14 +53,14 @@ class SFTStage(Stage):
         try:  # schema errors name file:line
             self.train_set = SFTPackedDataset(list(chat.train), part="train" if holdout else "all",
                                               valid_fraction=data.valid_fraction if holdout else 0.0, **common)
-        except ValueError as e:
+        except (OSError, ValueError) as e:  # a missing file, a bad row
             raise DataError(f"data.chat.train: {e}") from None
         self.valid_set = None
         if chat.valid or holdout:
             try:
                 self.valid_set = (SFTPackedDataset(list(chat.valid), **common) if chat.valid else
                                   SFTPackedDataset(list(chat.train), part="valid", valid_fraction=data.valid_fraction, **common))
-            except ValueError as e:
+            except (OSError, ValueError) as e:
                 if chat.valid or "no SFT samples" not in str(e):
                     raise DataError(f"data.chat.valid: {e}") from None
                 log.warning("data.valid_fraction=%s held out no conversation: no evaluation", data.valid_fraction)
