@@ -56,7 +56,32 @@ def resume_command(argv: list[str], env: dict[str, str]) -> str:
     return shlex.join(launch + overrides)
 
 
+#: where Hydra's multirun bookkeeping (``multirun.yaml``, one empty folder per job) goes unless
+#: ``hydra.sweep.dir`` is given: beside the runs, never in the source tree
+SWEEP_DIR = "runs/multirun/${now:%Y-%m-%d_%H-%M-%S}"
+
+
+def _own_job_dir(cfg: DictConfig) -> None:
+    """In a Hydra multirun, a job whose recipe's ``run.dir`` does not name its overrides (a recipe of your own
+    without ``${tandem.overrides:}``) and that was not given ``run.dir`` gets ``<run.dir>-<overrides>``: jobs
+    never share a directory (the second would find the first's finished run and train nothing)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from .config import overrides_suffix
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    task = list(HydraConfig.get().overrides.task)
+    raw = OmegaConf.to_container(cfg.run, resolve=False)["dir"]
+    if "tandem.overrides" in str(raw) or any(o.lstrip("+~").startswith("run.dir=") for o in task):
+        return
+    cfg.run.dir = str(cfg.run.dir) + overrides_suffix(task)
+
+
 def _app(cfg: DictConfig) -> None:
+    _own_job_dir(cfg)
     try:
         run(cfg)
     except USER_ERRORS as e:
@@ -203,6 +228,9 @@ def main() -> None:
         sys.exit(export_main(sys.argv[2:]))
     register_configs()
     sys.argv[1:] = hydra_argv(sys.argv[1:])
+    args = _hydra_args(sys.argv[1:])
+    if args.multirun and not any(o.startswith("hydra.sweep.dir=") for o in args.overrides):
+        sys.argv.append(f"hydra.sweep.dir={SWEEP_DIR}")
     check_composition(sys.argv[1:])
     hydra.main(config_path=str(RECIPES_DIR), config_name=None, version_base="1.3")(_app)()
 
