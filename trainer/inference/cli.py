@@ -24,10 +24,11 @@ from tandem.data_pipelines.tokenizer import load_tokenizer
 from tandem.model import HybridLM
 from tandem.model.checkpoint_io import CheckpointError
 from tandem.trainer.checkpoint import weights_dir
+from tandem.trainer.checkpoint.tokenizer_files import saved_tokenizer
 
 from .engine import GenerationEngine, SamplingParams, ThinkTokens
 
-__all__ = ["chat_main", "chat_stop_tokens", "render_generation_prompt", "load_model"]
+__all__ = ["chat_main", "chat_stop_tokens", "checkpoint_tokenizer", "render_generation_prompt", "load_model"]
 
 
 def render_generation_prompt(tok, messages: list[dict], *, think: bool, system: str = "") -> list[int]:
@@ -48,6 +49,12 @@ def chat_stop_tokens(tok) -> tuple[int, ...]:
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu") -> HybridLM:
     """An HF-layout directory, or a tandem run checkpoint (→ its ``model/`` directory)."""
     return HybridLM.from_pretrained(weights_dir(path), dtype=dtype, device=device).eval()
+
+
+def checkpoint_tokenizer(path: str | Path) -> Path | None:
+    """The tokenizer saved with checkpoint ``path`` (its weights folder), or None (the shipped one) for a
+    checkpoint without tokenizer files."""
+    return saved_tokenizer(weights_dir(path))
 
 
 def _split_answer(tok, think: ThinkTokens, tokens: list[int], stop: set[int]) -> tuple[str, str]:
@@ -100,10 +107,12 @@ def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, std
     stdout = stdout or sys.stdout
 
     try:
-        tok = load_tokenizer(args.tokenizer)
+        tok = load_tokenizer(args.tokenizer or checkpoint_tokenizer(args.checkpoint))
         think_ids = ThinkTokens.from_tokenizer(tok)
     except (OSError, ValueError) as e:
         return _error(f"--tokenizer: {e}")
+    except CheckpointError as e:
+        return _error(e)
     stop = chat_stop_tokens(tok)
     try:
         model = load_model(args.checkpoint, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
