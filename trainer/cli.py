@@ -186,6 +186,70 @@ def check_composition(argv: list[str]) -> None:
             fail(str(e))
 
 
+def recipe_summary(path: Path, width: int = 96) -> str:
+    """The first sentence of a recipe's header comment (what ``tandem --help`` lists), at most ``width`` chars."""
+    words = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#") or line.startswith("#   "):
+            break
+        words += line.lstrip("#").split()
+    text = " ".join(words)
+    text = text.split(". ", 1)[0]
+    text = text.rstrip(".:")
+    return text if len(text) <= width else text[: width - 1].rsplit(" ", 1)[0] + "…"
+
+
+def _groups() -> dict[str, list[str]]:
+    """Config groups of the packaged recipes and their options (the schema entries left out)."""
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
+            for d in sorted(RECIPES_DIR.iterdir()) if d.is_dir() and list(d.glob("*.yaml"))}
+
+
+def help_text(recipe: str | None = None) -> str:
+    """``tandem --help``: subcommands, recipes with one line each, config groups, overrides, completion.
+    With ``-cn RECIPE``: that recipe's header and how to see its composed config."""
+    if recipe is not None:
+        path = RECIPES_DIR / f"{recipe}.yaml"
+        if not path.exists():
+            fail(f"no recipe {recipe!r}; recipes: {', '.join(sorted(p.stem for p in RECIPES_DIR.glob('*.yaml')))}")
+        header = [l[2:] if l.startswith("# ") else l.lstrip("#") for l in path.read_text().splitlines()
+                  if l.startswith("#")][:12]
+        return "\n".join([f"tandem -cn {recipe} [key=value ...]", "", *header, "",
+                          f"Its composed config, every key and value:  tandem -cn {recipe} --cfg job",
+                          f"Overrides and run directories: docs/RECIPES.md.  All recipes: tandem --help"]) + "\n"
+    recipes = sorted(RECIPES_DIR.glob("*.yaml"))
+    w = max(len(p.stem) for p in recipes)
+    lines = [
+        "tandem: train hybrid Mamba-2 / attention / MoE language models from Hydra recipes.",
+        "",
+        "usage:",
+        "  tandem -cn RECIPE [key=value ...]            train (resumes its run dir; Ctrl-C checkpoints and stops)",
+        "  tandem -cn RECIPE --cfg job                  print the composed config and exit",
+        "  tandem -m -cn RECIPE key=a,b                 Hydra multirun: one job, and one run dir, per value",
+        "  torchrun --nproc_per_node N -m tandem.trainer.cli -cn RECIPE ...   several processes",
+        "  tandem generate CKPT [--prompt TEXT]         chat with a checkpoint        (tandem generate --help)",
+        "  tandem report RUN_DIR [RUN_DIR ...]          plots of runs: PNG + one HTML page (tandem report --help)",
+        "  tandem export RUN --to DIR                   a checkpoint in the released HF layout (tandem export --help)",
+        "  tandem plan -cn RECIPE --nodes N ...         memory per GPU of a recipe on a cluster (tandem plan --help)",
+        "  tandem-preprocess -i FILES -o PREFIX         JSONL/Parquet/HF datasets -> megatron indexed data",
+        "",
+        "recipes (-cn NAME; tandem -cn NAME --help shows one):",
+        *[f"  {p.stem:<{w}}  {recipe_summary(p)}" for p in recipes],
+        "",
+        "config groups (GROUP=OPTION, e.g. parallel=ddp precision=bf16):",
+        *[f"  {g + ':':<10} {', '.join(opts)}" for g, opts in _groups().items()],
+        "",
+        "overrides: any key of the schema (trainer/config.py), e.g. stage.steps=500 optim.lr=1e-3 run.dir=runs/mine;",
+        "  keys outside it are refused. Each command line gets its own run dir (docs/RECIPES.md).",
+        "  logger.verbose=true: every rank's log lines and library warnings.",
+        "",
+        "shell completion (groups, options, and keys after -cn RECIPE):  eval \"$(tandem -sc install=bash)\"   (or install=zsh, fish)",
+        "exit status: 0 done, 2 bad input (one line naming the key or file), 75 preempted after a checkpoint.",
+        "docs: README.md and docs/ in the repository.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 #: ``tandem export --dtype`` choices
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -215,6 +279,15 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
+def _completion_recipe() -> str | None:
+    """The recipe named on the command line being completed (``COMP_LINE``), so keys complete too."""
+    words = os.environ.get("COMP_LINE", "").split()
+    for flag in ("-cn", "--config-name"):
+        if flag in words[:-1]:
+            return words[words.index(flag) + 1]
+    return None
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "generate":
         from .inference.cli import chat_main
@@ -226,13 +299,21 @@ def main() -> None:
         sys.exit(plan_main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "export":
         sys.exit(export_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        from .report import report_main
+
+        sys.exit(report_main(sys.argv[2:]))
     register_configs()
     sys.argv[1:] = hydra_argv(sys.argv[1:])
     args = _hydra_args(sys.argv[1:])
+    if args.help or (len(sys.argv) > 1 and sys.argv[1] == "help"):
+        sys.stdout.write(help_text(args.config_name))
+        sys.exit(0)
     if args.multirun and not any(o.startswith("hydra.sweep.dir=") for o in args.overrides):
         sys.argv.append(f"hydra.sweep.dir={SWEEP_DIR}")
     check_composition(sys.argv[1:])
-    hydra.main(config_path=str(RECIPES_DIR), config_name=None, version_base="1.3")(_app)()
+    hydra.main(config_path=str(RECIPES_DIR), config_name=_completion_recipe() if args.shell_completion else None,
+               version_base="1.3")(_app)()
 
 
 if __name__ == "__main__":

@@ -109,3 +109,28 @@ def test_multirun_jobs_get_their_own_run_dirs(tmp_path):
         assert (r / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     assert list((tmp_path / "runs" / "multirun").glob("*/multirun.yaml"))
+
+
+def test_help_lists_recipes_groups_subcommands_and_completion():
+    res = subprocess.run([sys.executable, "-m", "tandem.trainer.cli", "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "powered by Hydra" not in out and "Config: {}" not in out and "_schema" not in out
+    for recipe in RECIPES_DIR.glob("*.yaml"):
+        line = next(l for l in out.splitlines() if l.startswith(f"  {recipe.stem} "))
+        assert len(line.split(None, 1)[1]) > 10, line  # with its one line
+    for word in ("tandem generate", "tandem report", "tandem export", "tandem plan", "parallel:", "ddp", "-sc install=bash"):
+        assert word in out, word
+
+
+def test_generate_help_shows_defaults(capsys):
+    from tandem.trainer.inference.cli import chat_main
+
+    try:
+        chat_main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    assert "(default: 512)" in out and "(default: None)" not in out and "examples:" in out
+    assert "saved with the" in out  # the tokenizer default

@@ -13,6 +13,7 @@ as ``<think></think>`` + answer (``truncate_history_thinking``), exactly as SFT 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -71,6 +72,21 @@ def _split_answer(tok, think: ThinkTokens, tokens: list[int], stop: set[int]) ->
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with each option's default where it has one (not for flags or unset options), the
+    description and examples kept as written, and room for the option names."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=28, width=min(100, shutil.get_terminal_size().columns))
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if not flag and action.default not in (None, "", argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other bad input (argparse would print the usage first)
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
@@ -84,23 +100,33 @@ def _error(message: str) -> int:
 
 def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Returns the exit status: 0, or 2 on bad input (one line on stderr naming the file or option)."""
-    p = _Parser(prog="tandem generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="HF NemotronH directory or tandem run checkpoint")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: the shipped one)")
+    p = _Parser(prog="tandem generate", formatter_class=HelpFormatter,
+                description="Chat with a checkpoint: one reply to --prompt, or a conversation read from stdin\n"
+                            "(one user turn per line; /reset clears it, /quit or EOF ends it).",
+                epilog="examples:\n"
+                       "  tandem generate runs/smoke/sft --prompt 'What is 12 + 34?' --show-reasoning\n"
+                       "  tandem generate runs/smoke/sft --no-think --temperature 0.7 --top-p 0.9   # a REPL\n\n"
+                       "exit status: 0, or 2 on bad input (one line naming the file or option). docs/GENERATION.md")
+    p.add_argument("checkpoint", help="a tandem run dir (its latest checkpoint), checkpoints/ or step_* dir, or an "
+                                      "HF NemotronH directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: the one saved with "
+                                                     "the checkpoint, else the shipped one)")
     p.add_argument("--prompt", default=None, help="one user message; without it, read turns from stdin")
     p.add_argument("--system", default="", help="system prompt (the system block is always emitted)")
-    p.add_argument("--think", dest="think", action="store_true", default=True, help="reasoning ON (default)")
-    p.add_argument("--no-think", dest="think", action="store_false", help="reasoning OFF (<think></think>)")
-    p.add_argument("--thinking-budget", type=int, default=None)
-    p.add_argument("--thinking-grace", type=int, default=500)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--think", dest="think", action="store_true", default=True, help="reasoning ON (the default)")
+    p.add_argument("--no-think", dest="think", action="store_false", help="reasoning OFF (an empty <think></think>)")
+    p.add_argument("--thinking-budget", type=int, default=None, metavar="N",
+                   help="reasoning tokens before </think> is forced at the next newline (none: unlimited)")
+    p.add_argument("--thinking-grace", type=int, default=500, metavar="N",
+                   help="reasoning tokens past the budget without a newline before </think> is forced at once")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="per reply, reasoning included")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--greedy", action="store_true", help="always the most likely token (ignores the sampling options)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (none: random)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights dtype (none: the checkpoint's)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     p.add_argument("--show-reasoning", action="store_true", help="print the reasoning as well as the answer")
     args = p.parse_args(argv)
     stdin = stdin or sys.stdin
