@@ -46,6 +46,7 @@ smoke: setup
 	$(PY) -m tandem.trainer.inference.chat_eval $(SMOKE_DIR)/sft --prompts 40 --out $(SMOKE_DIR)/sft/chat_eval.json --min-well-formed 0.9
 	$(VENV)/bin/tandem generate $(SMOKE_DIR)/sft --prompt "What is 12 + 34?" --greedy --show-reasoning
 	$(VENV)/bin/tandem generate $(SMOKE_DIR)/sft --prompt "What is 12 + 34?" --greedy --no-think
+	$(VENV)/bin/tandem report $(SMOKE_DIR) --title "make smoke: the whole pipeline"
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

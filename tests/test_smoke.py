@@ -41,3 +41,6 @@ def test_make_smoke_learns(tmp_path):
     assert on["well_formed"] >= 0.9 and off["well_formed"] >= 0.9, report["summary"]
     assert all("<think>" not in r["text"] for r in report["replies"])
     assert "reasoning ON" in res.stdout and "reasoning OFF" in res.stdout
+    # it ends with the whole pipeline's report, and says where it is
+    assert f"report: {smoke / 'report' / 'index.html'}" in res.stdout
+    assert {"loss.png", "lr.png", "index.html"} <= {p.name for p in (smoke / "report").iterdir()}
