@@ -34,9 +34,37 @@ from .run import USER_ERRORS, run, validate
 USAGE_EXIT_CODE = 2
 
 
+def first_to_say(line: str, env: dict[str, str] | None = None) -> bool:
+    """Whether this process is the first of its launch on this machine to print ``line``.
+
+    The ranks of a torchrun (or Slurm) launch usually hit the same bad input and would each print the same
+    line; the first to create a marker file named after the launch and the line prints it, the others stay
+    quiet. A line only one rank hits (its own checkpoint shard is damaged, say) is still printed by that rank.
+    Outside a launcher every line is printed.
+    """
+    import hashlib
+    import tempfile
+
+    env = os.environ if env is None else env
+    launch = env.get("TORCHELASTIC_RUN_ID") or (env.get("SLURM_JOB_ID", "") + "." + env.get("SLURM_STEP_ID", ""))
+    if launch in ("", ".") or int(env.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    key = hashlib.sha256(f"{launch}\0{line}".encode()).hexdigest()[:20]
+    try:
+        os.close(os.open(os.path.join(tempfile.gettempdir(), f"tandem-said-{key}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:  # no writable temp dir: better twice than never
+        return True
+    return True
+
+
 def fail(message: str) -> None:
-    """Print ``tandem: error: <message>`` as one line on stderr and exit with status 2."""
-    print(f"tandem: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    """Print ``tandem: error: <message>`` as one line on stderr (once per launch, not once per rank) and
+    exit with status 2."""
+    line = f"tandem: error: {' '.join(str(message).split())}"
+    if first_to_say(line):
+        print(line, file=sys.stderr, flush=True)
     sys.exit(USAGE_EXIT_CODE)
 
 

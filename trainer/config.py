@@ -242,6 +242,9 @@ class LoggerConfig:
     progress_bar: bool = True
     # Peak FLOP/s of one device for MFU; null = known GPU table on CUDA, no MFU on CPU.
     peak_flops: Optional[float] = None
+    # false: log lines from rank 0 only (other ranks print errors) and no megatron/DeepSpeed/torchao warnings;
+    # true: every rank's lines and every library's warnings (trainer/metrics.py: configure_logging)
+    verbose: bool = False
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from .checkpoint.tokenizer_files import saved_tokenizer
 from .config import ConfigError, build_hybrid_config, configure_memory, validate_config
 from .data import DataError
 from .loop import Trainer
-from .metrics import (ConsoleSink, JsonlSink, WandbSink, memory_now_bytes, model_flops_per_token,
+from .metrics import (ConsoleSink, JsonlSink, WandbSink, configure_logging, memory_now_bytes, model_flops_per_token,
                       peak_flops_per_device)
 from .parallel import ENGINES, ExpertBalancer, build_model, engine_name, init_distributed
 from .optim import build_optimizer, validate_optim
@@ -58,7 +59,7 @@ def run(cfg: DictConfig) -> dict:
     Everything that can fail on bad input (config, data paths, checkpoint shapes) is checked before the
     run directory is written to, so a failed start never touches an existing run.
     """
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builders log every index load
+    configure_logging(int(os.environ.get("RANK", "0")), cfg.logger.verbose)  # rank 0 only, libraries quiet
     validate(cfg)
     info = init_distributed(cfg.parallel)
     run_dir = Path(cfg.run.dir)
