@@ -121,7 +121,10 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
             return (_STAGE_ORDER.get(stage, len(_STAGE_ORDER)), d.name)
 
         runs += sorted(inside, key=order)
-    return runs
+    unique: dict[Path, Path] = {}
+    for r in runs:  # a run named twice (itself and through its folder) is reported once
+        unique.setdefault(r.resolve(), r)
+    return list(unique.values())
 
 
 def _labels(paths: list[Path]) -> list[str]:
