@@ -85,3 +85,27 @@ def test_init_from_uses_the_saved_tokenizer(sft_run, tmp_path):
     written = (tmp_path / "next" / "config.yaml").read_text()
     assert f"tokenizer: {resolve_checkpoint(sft_run / 'run') / 'model'}" in written
     assert load_tokenizer(resolve_checkpoint(tmp_path / "next") / "model").vocab_size == 513
+
+
+def test_finetune_from_release_quick_start(sft_run, tmp_path, caplog):
+    """docs/SFT.md's one-machine quick start, on an export of a tiny run (weights, config, tokenizer), for 1 of
+    its steps and no evaluation; with 16 conversations its 8-row steps repeat each packed row: the stage says so."""
+    import logging
+    import re
+    import shlex
+
+    from .conftest import REPO, read_records
+
+    doc = (REPO / "docs" / "SFT.md").read_text()
+    line = next(l for l in doc.splitlines() if "-cn finetune_from_release" in l and l.startswith(".venv/bin/"))
+    words = shlex.split(line)
+    overrides = [w for w in words[words.index("finetune_from_release") + 1:]
+                 if not w.startswith(("model.init_from=", "data.chat.train=", "stage.steps=", "stage.eval_every="))]
+    assert "parallel=single" in overrides and any(re.match(r"data\.seq_len=\d+$", w) for w in overrides)
+    release = export_checkpoint(sft_run / "run", tmp_path / "release")
+    caplog.set_level(logging.WARNING)
+    run(compose_recipe("finetune_from_release", [
+        *overrides, f"model.init_from={release}", f"data.chat.train=[{sft_run / 'train.jsonl'}]", "stage.steps=1",
+        "stage.eval_every=0", "stage.eval_batches=0", "logger.progress_bar=false", f"run.dir={tmp_path / 'ft'}"]))
+    assert read_records(tmp_path / "ft")[-1]["step"] == 1
+    assert any("packed rows about" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -26,6 +26,10 @@ from .base import Stage, check_batch_split
 log = logging.getLogger(__name__)
 
 
+#: a step that holds each packed row this many times or more is warned about
+REPEAT_WARNING = 2.0
+
+
 class SFTStage(Stage):
     name = "sft"
 
@@ -67,6 +71,11 @@ class SFTStage(Stage):
         self.collate = Collator(self.tokenizer.eod)
         log.info("SFT data: %d train rows, %d valid rows of %d tokens; train %s", len(self.train_set),
                  len(self.valid_set or ()), data.seq_len, self.train_set.stats.as_dict())
+        repeats = stage.global_batch / len(self.train_set)
+        if repeats >= REPEAT_WARNING:  # few conversations packed into few long rows: every step is the same data
+            log.warning("each step trains on every one of the %d packed rows about %.0f times (stage.global_batch=%d, "
+                        "data.seq_len=%d): lower stage.global_batch or data.seq_len, or give more conversations",
+                        len(self.train_set), repeats, stage.global_batch, data.seq_len)
 
     # ------------------------------------------------------------------------------------------------
     def check_model(self, config) -> None:
