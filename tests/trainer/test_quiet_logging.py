@@ -15,7 +15,11 @@ from tandem.trainer.metrics import ConsoleSink, configure_logging
 def clean_logging():
     root, names = logging.getLogger(), ("tandem", "megatron", "deepspeed", "DeepSpeed", "torchao", "_distutils_hack")
     saved = (root.level, {n: (logging.getLogger(n).level, list(logging.getLogger(n).filters)) for n in names})
+    for n in names:  # as a fresh process has them (an in-process run of another test may have set them)
+        logging.getLogger(n).setLevel(logging.NOTSET)
+        logging.getLogger(n).filters[:] = []
     with warnings.catch_warnings():
+        warnings.resetwarnings()
         yield
     root.setLevel(saved[0])
     for n, (level, filters) in saved[1].items():
