@@ -188,11 +188,12 @@ def check_composition(argv: list[str]) -> None:
     """Compose the recipe with the command line's overrides as Hydra is about to, and validate the result.
 
     Hydra itself reports a bad recipe name, an unknown key or a wrong type on several lines and exits 1;
-    here they are one line and exit status 2, like every other bad input. Command lines this check does
-    not model (help, multirun, other config paths, rerun) go to Hydra unchecked.
+    here they are one line and exit status 2, like every other bad input. A multirun is checked job by job
+    (each combination of the sweep's values, up to :data:`MAX_CHECKED_JOBS`) before the first job starts.
+    Command lines this check does not model (help, other config paths, rerun) go to Hydra unchecked.
     """
     args = _hydra_args(argv)
-    if args is None or args.help or args.hydra_help or args.version or args.multirun or args.shell_completion \
+    if args is None or args.help or args.hydra_help or args.version or args.shell_completion \
             or args.info or args.config_path or args.config_dir or args.experimental_rerun:
         return
     if args.config_name is None:
@@ -203,15 +204,39 @@ def check_composition(argv: list[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
+        jobs = _sweep_jobs(list(args.overrides)) if args.multirun else [list(args.overrides)]
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-            cfg = compose(config_name=args.config_name, overrides=list(args.overrides))
+            for overrides in jobs:
+                cfg = compose(config_name=args.config_name, overrides=overrides)
+                if args.cfg is None:  # --cfg prints the config as composed, for inspection
+                    try:
+                        validate(cfg)
+                    except ConfigError as e:
+                        fail(f"{' '.join(o for o in overrides if not o.startswith('hydra.'))}: {e}" if args.multirun
+                             else str(e))
     except (HydraException, OmegaConfBaseException) as e:
         fail(_one_line(e))
-    if args.cfg is None:  # --cfg prints the config as composed, for inspection
-        try:
-            validate(cfg)
-        except ConfigError as e:
-            fail(str(e))
+
+
+#: a multirun with more jobs than this has its first this-many checked before it starts (the rest by each job)
+MAX_CHECKED_JOBS = 64
+
+
+def _sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override lists of a multirun's jobs (Hydra's basic sweeper: the cartesian product of every
+    ``key=a,b`` / ``range(...)`` sweep), at most :data:`MAX_CHECKED_JOBS` of them."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override():
+            key = o.get_key_element()
+            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([o.input_line])
+    return [list(job) for job in itertools.islice(itertools.product(*choices), MAX_CHECKED_JOBS)]
 
 
 def recipe_summary(path: Path, width: int = 96) -> str:
@@ -337,6 +362,10 @@ def main() -> None:
     if args.help or (len(sys.argv) > 1 and sys.argv[1] == "help"):
         sys.stdout.write(help_text(args.config_name))
         sys.exit(0)
+    modes = [flag for flag, on in (("--run", args.run), ("--multirun", args.multirun), ("--cfg", args.cfg),
+                                   ("--info", args.info), ("--shell-completion", args.shell_completion)) if on]
+    if len(modes) > 1:
+        fail(f"{' and '.join(modes)} cannot be combined; give one of them")
     if args.multirun and not any(o.startswith("hydra.sweep.dir=") for o in args.overrides):
         sys.argv.append(f"hydra.sweep.dir={SWEEP_DIR}")
     check_composition(sys.argv[1:])

@@ -153,3 +153,21 @@ def test_options_after_overrides_and_unknown_options(capsys):
         hydra_argv(["-cn", "smoke", "--bogus", "stage.steps=4"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "unknown option --bogus" in err, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["-m", "-cn", "smoke", "stage.steps=4", "optim.lrr=1,2"], "Key 'lrr' not in 'OptimConfig'"),
+    (["-m", "-cn", "smoke", "stage.steps=4,0"], "stage.steps=0: stage.steps must be >= 1, got 0"),
+    (["-m", "-cn", "smoke", "stage.steps=range(0,2)"], "stage.steps=0: stage.steps must be >= 1"),
+])
+def test_multirun_is_checked_job_by_job_before_it_starts(argv, needle, capsys):
+    """Hydra would start the sweep and stop at the bad job with its multi-line message (exit 1); every job's
+    composition and values are checked first (in process: the check writes nothing)."""
+    from tandem.trainer.cli import check_composition
+    from tandem.trainer.config import register_configs
+
+    register_configs()
+    with pytest.raises(SystemExit) as e:
+        check_composition(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
