@@ -109,3 +109,15 @@ def test_finetune_from_release_quick_start(sft_run, tmp_path, caplog):
         "stage.eval_every=0", "stage.eval_batches=0", "logger.progress_bar=false", f"run.dir={tmp_path / 'ft'}"]))
     assert read_records(tmp_path / "ft")[-1]["step"] == 1
     assert any("packed rows about" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_generate_warns_when_a_checkpoint_has_no_tokenizer(sft_run, tmp_path, capsys):
+    """An older checkpoint (no tokenizer files) whose vocabulary differs from the shipped tokenizer's: the
+    fallback is said on stderr, not silent."""
+    old = tmp_path / "old"
+    shutil.copytree(resolve_checkpoint(sft_run / "run") / "model", old)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (old / name).unlink(missing_ok=True)
+    assert generate_cli.chat_main([str(old), "--prompt", "hi", "--max-new-tokens", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "no tokenizer saved with it" in err and "520" in err, err

@@ -133,7 +133,8 @@ def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, std
     stdout = stdout or sys.stdout
 
     try:
-        tok = load_tokenizer(args.tokenizer or checkpoint_tokenizer(args.checkpoint))
+        saved = None if args.tokenizer else checkpoint_tokenizer(args.checkpoint)
+        tok = load_tokenizer(args.tokenizer or saved)
         think_ids = ThinkTokens.from_tokenizer(tok)
     except (OSError, ValueError) as e:
         return _error(f"--tokenizer: {e}")
@@ -147,6 +148,11 @@ def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, std
     if model.config.vocab_size < tok.vocab_size:
         return _error(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}; "
                       f"pass the checkpoint's tokenizer with --tokenizer")
+    if args.tokenizer is None and saved is None and model.config.vocab_size != tok.vocab_size:
+        # an older checkpoint (or a release without tokenizer files): the shipped tokenizer may not be its own
+        print(f"tandem generate: warning: {args.checkpoint} has no tokenizer saved with it; using the shipped one "
+              f"({tok.vocab_size} ids, the model has {model.config.vocab_size}); pass its tokenizer with --tokenizer",
+              file=sys.stderr)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         greedy=args.greedy, seed=args.seed, stop_token_ids=stop, thinking_budget=args.thinking_budget,
