@@ -98,7 +98,7 @@ def test_readme_commands_in_order_after_make_smoke():
 def test_multirun_jobs_get_their_own_run_dirs(tmp_path):
     """``tandem -m ... optim.lr=a,b``: two jobs, two run directories, both trained; Hydra's sweep
     bookkeeping under runs/multirun/, nothing in the working directory."""
-    tiny = ["stage.steps=2", "stage.global_batch=4", "stage.micro_batch=2", "data.seq_len=16", "stage.eval_batches=1",
+    tiny = ["stage.steps=1", "stage.global_batch=2", "stage.micro_batch=2", "data.seq_len=16", "stage.eval_batches=0",
             "logger.progress_bar=false"]
     res = subprocess.run([sys.executable, "-m", "tandem.trainer.cli", "-m", "-cn", "smoke", *tiny, "optim.lr=1e-3,3e-3"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -107,7 +107,7 @@ def test_multirun_jobs_get_their_own_run_dirs(tmp_path):
     runs = sorted((tmp_path / "runs" / "smoke").iterdir())
     assert [("optim.lr=0.001" in r.name, "optim.lr=0.003" in r.name) for r in runs] == [(True, False), (False, True)]
     for r in runs:
-        assert (r / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+        assert (r / "checkpoints" / "latest").read_text().strip() == "step_00000001"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     assert list((tmp_path / "runs" / "multirun").glob("*/multirun.yaml"))
 

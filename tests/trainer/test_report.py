@@ -33,9 +33,9 @@ def _grpo(step, **kw):
             "grpo/response_length_max": 60.0, "grpo/kl": 0.01 * step, **kw}
 
 
-@pytest.fixture
-def runs(tmp_path):
-    root = tmp_path / "runs"
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report") / "runs"
     # resumed from step 2: steps 3-4 were logged twice, the second time is the run's history
     _write(root / "pretrain", [_pretrain(1), _pretrain(2, val_loss=5.5), _pretrain(3, loss=9.0), _pretrain(4, loss=9.0),
                                _pretrain(3), _pretrain(4, val_loss=2.5)])
@@ -47,10 +47,16 @@ def _hashes(root):
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_report_panels_overlay_and_page(runs, tmp_path):
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory):
     before = _hashes(runs)
-    index = write_report([runs], tmp_path / "out")
+    index = write_report([runs], tmp_path_factory.mktemp("out"))
     assert _hashes(runs) == before  # only read
+    return index
+
+
+def test_report_panels_overlay_and_page(runs, report):
+    index = report
     out = index.parent
     pngs = {p.stem for p in out.glob("*.png")}
     assert pngs == {"loss", "lr", "grad_norm", "tokens_per_s", "moe_load", "reward", "lengths", "kl"}  # no retrieval
@@ -67,21 +73,23 @@ def test_report_panels_overlay_and_page(runs, tmp_path):
 
 
 def test_report_default_folder_and_bad_input(runs, tmp_path, capsys):
-    assert report_main([str(runs / "pretrain")]) == 0
-    assert (runs / "pretrain" / "report" / "index.html").exists()
-    assert str(runs / "pretrain" / "report" / "index.html") in capsys.readouterr().out
+    single = tmp_path / "single"
+    shutil.copytree(runs / "pretrain", single)
+    assert report_main([str(single)]) == 0
+    assert (single / "report" / "index.html").exists()
+    assert str(single / "report" / "index.html") in capsys.readouterr().out
     for args, needle in (([str(tmp_path / "nowhere")], "no such run directory"),
-                         ([str(tmp_path)], "no metrics.jsonl in it")):
+                         ([str(tmp_path / "single" / "report")], "no metrics.jsonl in it")):
         assert report_main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("tandem report: error: ") and needle in err, err
 
 
-def test_report_renders_in_headless_chromium(runs, tmp_path):
+def test_report_renders_in_headless_chromium(report, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium); the page is not rendered")
-    index = write_report([runs], tmp_path / "out")
+    index = report
     shot = tmp_path / "shot.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--screenshot={shot}", "--window-size=1300,2400", index.as_uri()],
