@@ -343,8 +343,8 @@ def overrides_suffix(overrides: list[str]) -> str:
 
     Behind the recipes' ``run.dir: runs/<recipe>${tandem.overrides:}``: every command line, and every job of a
     Hydra multirun, gets its own run directory by default, and the same command line finds its run again
-    (and resumes it). Characters other than letters, digits and ``._=,+-`` become ``_``; a long suffix is
-    cut and ends in a hash of the whole.
+    (and resumes it). A run of characters other than letters, digits and ``._=,+-`` becomes one ``_``; a
+    long suffix is cut and ends in a hash of the whole.
     """
     import hashlib
     import re
@@ -352,7 +352,7 @@ def overrides_suffix(overrides: list[str]) -> str:
     kept = sorted(o for o in overrides if not o.lstrip("+~").startswith(_NOT_IN_RUN_NAME))
     if not kept:
         return ""
-    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(kept))
+    name = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", ",".join(kept))
     if len(name) > 96:
         name = name[:80] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
     return "-" + name

@@ -139,3 +139,15 @@ def test_generate_help_shows_defaults(capsys):
     out = capsys.readouterr().out
     assert "(default: 512)" in out and "(default: None)" not in out and "examples:" in out
     assert "saved with the" in out  # the tokenizer default
+
+
+def test_run_dir_suffix_names_what_is_trained():
+    from tandem.trainer.config import overrides_suffix
+
+    assert overrides_suffix([]) == "" and overrides_suffix(["run.dir=x", "logger.log_every=1", "hydra.verbose=1"]) == ""
+    assert overrides_suffix(["stage.steps=500", "optim.lr=1e-3", "run.resume=auto"]) == "-optim.lr=1e-3,stage.steps=500"
+    assert overrides_suffix(["data.path=data/mine"]) == "-data.path=data_mine"
+    assert overrides_suffix(["+model.x=[{a: 1}]"]) == "-+model.x=_a_1_"
+    long_a = overrides_suffix([f"data.path=/very/long/path/{'a' * 100}"])
+    long_b = overrides_suffix([f"data.path=/very/long/path/{'a' * 99}b"])
+    assert len(long_a) <= 96 + 1 and long_a != long_b  # cut, and still apart
