@@ -12,6 +12,7 @@ import pytest
 
 from tandem.data_pipelines import sft_synthetic
 from tandem.data_pipelines.tokenizer import SHIPPED_TOKENIZER_DIR, load_tokenizer
+from tandem.model.checkpoint_io import CheckpointError
 from tandem.trainer.checkpoint import resolve_checkpoint
 from tandem.trainer.checkpoint.export import export_checkpoint
 from tandem.trainer.inference import chat_eval, cli as generate_cli
@@ -57,6 +58,13 @@ def test_checkpoint_and_export_hold_the_run_tokenizer(sft_run, own_tokenizer, tm
     out = export_checkpoint(sft_run / "run", tmp_path / "export")
     assert (out / "tokenizer.json").read_bytes() == (own_tokenizer / "tokenizer.json").read_bytes()
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    export_checkpoint(sft_run / "run", out)  # again into the same folder: the same files, fine
+    # a different tokenizer file already there is never replaced
+    (out / "tokenizer.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(CheckpointError, match="tokenizer.json: differs from the tokenizer file"):
+        export_checkpoint(sft_run / "run", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_generate_and_chat_eval_default_to_the_saved_tokenizer(sft_run, monkeypatch, capsys):

@@ -5,7 +5,8 @@ master weights of a sharded checkpoint, through ``torch.distributed.checkpoint``
 ``model/`` (positioned reads of one safetensors tensor) — cast if asked, and written straight into its place
 in the output files (:func:`~.hf_writer.write_hf_layout`, whose file plan needs only the shapes). The
 directory is assembled beside ``DIR`` and swapped in when complete, with the checkpoint's tokenizer files
-(:mod:`.tokenizer_files`); files of another kind already in ``DIR`` are kept.
+(:mod:`.tokenizer_files`); files of another kind already in ``DIR`` are kept, and a tokenizer file there that
+differs from the checkpoint's stops the export (nothing is written).
 """
 
 from __future__ import annotations
@@ -110,5 +111,9 @@ def export_checkpoint(source: str | Path, dest: str | Path, *, dtype: torch.dtyp
     with staged_directory(dest) as tmp:  # each tensor is one whole piece at offset 0, read when it is written
         write_hf_layout(out_specs, lambda name: [((0,) * dims[name], read(name))], tmp, hf_config_json(config, stored),
                         rank=0, barrier=lambda: None)
-        copy_tokenizer_files(folder, tmp)  # the checkpoint's tokenizer and chat template travel with it
+        for name in copy_tokenizer_files(folder, tmp):  # the checkpoint's tokenizer and chat template travel with it
+            mine = dest / name
+            if mine.is_file() and mine.read_bytes() != (tmp / name).read_bytes():  # never replace the user's file
+                raise CheckpointError(f"{mine}: differs from the tokenizer file saved with {source}; export to "
+                                      f"another directory, or remove it to take the checkpoint's")
     return dest
