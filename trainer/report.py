@@ -13,7 +13,8 @@ the images (base64), so it can be mailed or opened anywhere.
 
 A run resumed from an earlier checkpoint appends the steps it trains again; the report keeps the latest
 record of each step (what the run's history now is). A line that does not parse (a run killed while it
-wrote its last record) is skipped and counted on the page; nothing in the run directories is written to.
+wrote its last record) is skipped and counted on the page; nothing in the run directories is written to but
+the report folder, and an existing folder is written into only if it holds an earlier tandem report.
 """
 
 from __future__ import annotations
@@ -198,6 +199,15 @@ def _summary_rows(runs: list[Run]) -> list[list[str]]:
     return rows
 
 
+#: marks a page (and so its folder) as written by tandem report: only such a folder is written into again
+GENERATOR = '<meta name="generator" content="tandem report">'
+
+
+def _is_report(folder: Path) -> bool:
+    index = folder / "index.html"
+    return index.is_file() and GENERATOR in index.read_text(encoding="utf-8", errors="replace")[:2000]
+
+
 def write_report(paths: list[str | Path], out: str | Path | None = None, title: str = "tandem report") -> Path:
     """PNG per panel and ``index.html`` (images inlined) in ``out`` (default: ``report/`` in the runs' common
     folder, or in the run itself when there is one); returns the page's path."""
@@ -209,6 +219,9 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, title: 
     if out is None:
         out = Path(os.path.commonpath([p.resolve() for p in run_dirs])) / "report"
     out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_report(out))):
+        raise ReportError(f"{out}: exists and is not a tandem report folder (no index.html written by tandem "
+                          f"report); give --out a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     images = []
     for stem, panel_title, ylabel, series in PANELS:
@@ -230,7 +243,7 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, title: 
         for t, p in images)
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>{html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 1.5em; }}

@@ -78,11 +78,16 @@ def test_report_default_folder_and_bad_input(runs, tmp_path, capsys):
     assert report_main([str(single)]) == 0
     assert (single / "report" / "index.html").exists()
     assert str(single / "report" / "index.html") in capsys.readouterr().out
+    assert report_main([str(single)]) == 0  # its own earlier report folder is written again
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "loss.png").write_bytes(b"the user's")
     for args, needle in (([str(tmp_path / "nowhere")], "no such run directory"),
-                         ([str(tmp_path / "single" / "report")], "no metrics.jsonl in it")):
+                         ([str(tmp_path / "single" / "report")], "no metrics.jsonl in it"),
+                         ([str(single), "--out", str(tmp_path / "mine")], "is not a tandem report folder")):
         assert report_main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("tandem report: error: ") and needle in err, err
+    assert (tmp_path / "mine" / "loss.png").read_bytes() == b"the user's"
 
 
 def test_report_renders_in_headless_chromium(report, tmp_path):
