@@ -53,6 +53,7 @@ smoke: setup
 	$(VENV)/bin/tandem generate $(SMOKE_DIR)/sft --prompt "What is 12 + 34?" --greedy --no-think
 	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke_grpo
 	$(PY) -m tandem.trainer.rl.reward_curve $(SMOKE_DIR)/grpo --min-gain 0.15 --min-prompts 64
+	$(VENV)/bin/tandem report $(SMOKE_DIR) --title "make smoke: the whole pipeline"
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

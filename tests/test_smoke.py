@@ -51,3 +51,6 @@ def test_make_smoke_learns(tmp_path):
     assert 0.1 < curve.rewards[0] < 0.8, curve  # partial accuracy from SFT: the format, not the answer
     assert curve.gain >= 0.15, curve
     assert "held-out reward" in res.stdout and "gain +" in res.stdout
+    # it ends with the whole pipeline's report, and says where it is
+    assert f"report: {smoke / 'report' / 'index.html'}" in res.stdout
+    assert {"loss.png", "lr.png", "index.html"} <= {p.name for p in (smoke / "report").iterdir()}

@@ -22,7 +22,7 @@ from tandem.model import HybridConfig
 __all__ = [
     "BlendEntry", "ChatDataConfig", "ConfigError", "ENGINE_CHOICES", "FSDP_PARAM_DTYPES", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "configure_memory",
-    "register_configs", "validate_config", "validate_grpo", "validate_memory", "validate_parallel",
+    "overrides_suffix", "register_configs", "validate_config", "validate_grpo", "validate_memory", "validate_parallel",
 ]
 
 
@@ -242,6 +242,9 @@ class LoggerConfig:
     progress_bar: bool = True
     # Peak FLOP/s of one device for MFU; null = known GPU table on CUDA, no MFU on CPU.
     peak_flops: Optional[float] = None
+    # false: log lines from rank 0 only (other ranks print errors) and no megatron/DeepSpeed/torchao warnings;
+    # true: every rank's lines and every library's warnings (trainer/metrics.py: configure_logging)
+    verbose: bool = False
 
 
 @dataclass
@@ -344,9 +347,48 @@ class RunConfig:
 RunConfig.__annotations__["model"] = ModelConfig
 
 
+#: override keys that do not change what a run trains, so they never change its default directory
+_NOT_IN_RUN_NAME = ("run.", "logger.", "hydra.")
+
+
+def overrides_suffix(overrides: list[str]) -> str:
+    """``-k=v,k2=v2`` of the command-line ``overrides`` that change what is trained (sorted; ``run.*``,
+    ``logger.*`` and ``hydra.*`` left out), for a directory name; ``""`` when there are none.
+
+    Behind the recipes' ``run.dir: runs/<recipe>${tandem.overrides:}``: every command line, and every job of a
+    Hydra multirun, gets its own run directory by default, and the same command line finds its run again
+    (and resumes it). A run of characters other than letters, digits and ``._=,+-`` becomes one ``_``; a
+    long suffix is cut and ends in a hash of the whole.
+    """
+    import hashlib
+    import re
+
+    kept = sorted(o for o in overrides if not o.lstrip("+~").startswith(_NOT_IN_RUN_NAME))
+    if not kept:
+        return ""
+    name = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", ",".join(kept))
+    if len(name) > 96:
+        name = name[:80] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return "-" + name
+
+
+def _overrides_resolver() -> str:
+    """``${tandem.overrides:}``: :func:`overrides_suffix` of this Hydra job's overrides (``""`` outside a job,
+    e.g. when a recipe is composed for inspection or validation)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    return overrides_suffix(list(HydraConfig.get().overrides.task))
+
+
 def register_configs() -> None:
-    """Register the schema so recipes under ``recipes/`` are validated against it."""
+    """Register the schema so recipes under ``recipes/`` are validated against it, and the
+    ``${tandem.overrides:}`` resolver the recipes' run directories use."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("tandem.overrides", _overrides_resolver, replace=True)
 
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,8 +18,42 @@ from tandem.model import HybridConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JsonlSink", "ConsoleSink", "WandbSink", "memory_now_bytes", "memory_peak_bytes", "model_flops_per_token",
-           "peak_flops_per_device"]
+__all__ = ["JsonlSink", "ConsoleSink", "NOISY_LIBRARIES", "WandbSink", "configure_logging", "memory_now_bytes",
+           "memory_peak_bytes", "model_flops_per_token", "peak_flops_per_device"]
+
+#: libraries that log or warn on every run (megatron's index builds, DeepSpeed's accelerator detection and
+#: engine set-up, torchao's deprecations, setuptools' distutils shim imported by DeepSpeed): quiet unless
+#: ``logger.verbose``; their errors still show
+NOISY_LIBRARIES = ("megatron", "deepspeed", "DeepSpeed", "torchao", "_distutils_hack")
+
+
+class _AtLeast(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+def configure_logging(rank: int, verbose: bool = False) -> None:
+    """Quiet by default: log lines from rank 0 only (other ranks print errors), no warnings from
+    :data:`NOISY_LIBRARIES`; ``verbose`` (``logger.verbose=true``) leaves every rank and library as is.
+
+    Levels go on each library's top logger (their module loggers inherit them); a filter as well, because
+    DeepSpeed resets its logger's level when it is imported and logs through that logger directly.
+    """
+    if verbose:
+        return
+    for name in NOISY_LIBRARIES:
+        lib = logging.getLogger(name)
+        lib.setLevel(logging.ERROR)
+        if not any(isinstance(f, _AtLeast) for f in lib.filters):
+            lib.addFilter(_AtLeast(logging.ERROR))
+        warnings.filterwarnings("ignore", module=rf"{name}(\.|$)")
+    if rank != 0:
+        logging.getLogger().setLevel(logging.ERROR)
+        logging.getLogger("tandem").setLevel(logging.ERROR)
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -108,14 +143,23 @@ class JsonlSink:
 
 
 class ConsoleSink:
-    """A tqdm progress bar (loss, lr, tokens/s; ETA from tqdm) or plain log lines when not a TTY."""
+    """A tqdm progress bar (loss, lr, tokens/s; ETA from tqdm) or plain log lines when not a TTY.
+
+    While the bar is up, log records and Python warnings are written through ``tqdm.write`` (tqdm's
+    ``logging_redirect_tqdm``), so they land on lines of their own above the bar, never inside it.
+    """
 
     def __init__(self, total_steps: int, start_step: int, progress_bar: bool):
         self.bar = None
+        self._redirect = None
         if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            logging.captureWarnings(True)
+            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("py.warnings")])
+            self._redirect.__enter__()
         self._last = start_step
 
     def log(self, record: dict) -> None:
@@ -132,6 +176,10 @@ class ConsoleSink:
                   f"{text}{eval_text}", flush=True)
 
     def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            logging.captureWarnings(False)
+            self._redirect = None
         if self.bar is not None:
             self.bar.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -12,11 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 from tandem.model.checkpoint_io import CheckpointError
 from tandem.model.precision import PrecisionError, apply_precision
 
-from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint
+from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint, weights_dir
+from .checkpoint.tokenizer_files import saved_tokenizer
 from .config import ConfigError, build_hybrid_config, configure_memory, validate_config
 from .data import DataError
 from .loop import Trainer
-from .metrics import (ConsoleSink, JsonlSink, WandbSink, memory_now_bytes, model_flops_per_token,
+from .metrics import (ConsoleSink, JsonlSink, WandbSink, configure_logging, memory_now_bytes, model_flops_per_token,
                       peak_flops_per_device)
 from .parallel import ENGINES, ExpertBalancer, build_model, engine_name, init_distributed
 from .optim import build_optimizer, validate_optim
@@ -36,13 +38,28 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"stage.name must be one of {sorted(STAGES)}, got {cfg.stage.name!r}")
 
 
+def _tokenizer_from_init(cfg: DictConfig) -> None:
+    """SFT and GRPO started from ``model.init_from`` read the tokenizer saved with those weights unless
+    ``data.chat.tokenizer`` / ``data.rl.tokenizer`` names one (pretraining's is the one its data was made
+    with, checked against each source's manifest)."""
+    key = {"sft": "chat", "grpo": "rl"}.get(cfg.stage.name)
+    if not key or not cfg.model.init_from or cfg.data[key].tokenizer is not None:
+        return
+    try:
+        folder = weights_dir(cfg.model.init_from)
+    except CheckpointError:
+        return  # reported, naming the path, when the weights are loaded
+    if saved_tokenizer(folder) is not None:
+        cfg.data[key].tokenizer = str(folder)
+
+
 def run(cfg: DictConfig) -> dict:
     """Validate, build (model, stage, optimizer, engine), resume or initialise, then train.
 
     Everything that can fail on bad input (config, data paths, checkpoint shapes) is checked before the
     run directory is written to, so a failed start never touches an existing run.
     """
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builders log every index load
+    configure_logging(int(os.environ.get("RANK", "0")), cfg.logger.verbose)  # rank 0 only, libraries quiet
     validate(cfg)
     info = init_distributed(cfg.parallel)
     run_dir = Path(cfg.run.dir)
@@ -52,6 +69,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"model: {e}") from None
     if cfg.data.cache_dir is None:  # megatron's index caches: in the run, never beside the (maybe read-only) data
         cfg.data.cache_dir = str(run_dir / "data_cache")
+    _tokenizer_from_init(cfg)
     stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size)
     stage.check_model(model_cfg)
 
@@ -65,6 +83,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(str(e)) from None
     optimizer = build_optimizer(model, cfg.optim)
     checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size, async_save=cfg.stage.async_save)
+    checkpoints.tokenizer = getattr(stage, "tokenizer", None)  # saved in every checkpoint's model/
     engine_spec = ENGINES[engine_name(cfg.parallel, info, cfg.stage)]
 
     resume_from = None

@@ -36,6 +36,16 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _sft_file(root: Path) -> str:
+    from tandem.data_pipelines.sft_synthetic import main as sft_synthetic
+
+    sft_synthetic(["--out", str(root / "sft.jsonl"), "--samples", "12", "--seed", "0"])
+    return f"data.chat.train=[{root / 'sft.jsonl'}]"
+
+
+SFT = ["-cn", "smoke_sft", "data.seq_len=64"]
+
+
 def _bad_utf8(root: Path) -> str:
     (root / "bad.txt").write_bytes(b"a first document\n\nthen \xff a stray byte\n")
     return f"data.phase1=[{{path: 'text:{root / 'bad.txt'}', weight: 1.0}}]"
@@ -56,6 +66,11 @@ TRAIN = {
                                 "trainer_state.json"),
     "truncated-optimizer": (["stage.steps=4"], lambda r: _truncate(r / "run" / STEP / "optimizer.pt"), "optimizer.pt"),
     "truncated-rng": (["stage.steps=4"], lambda r: _truncate(r / "run" / STEP / "rng" / "rank_00000.pt"), "rank_00000.pt"),
+    # an SFT recipe resuming a pretraining run, an SFT file that is not there
+    "sft-in-pretrain-dir": ([*SFT, "stage.steps=4", "model.init_from=${run.dir}"], _sft_file,
+                            "checkpoint is from stage 'pretrain', this run is 'sft'"),
+    "sft-missing-file": ([*SFT, "stage.steps=4", "model.init_from=${run.dir}",
+                          "data.chat.train=[/nonexistent/sft.jsonl]"], None, "/nonexistent/sft.jsonl does not exist"),
     # Hydra's composition errors and keys outside the schema
     "unknown-key": (["stage.steps=4", "optim.lrr=1"], None, "Key 'lrr' not in 'OptimConfig'"),
     "wrong-type": (["stage.steps=many"], None, "stage.steps"),
@@ -124,3 +139,35 @@ def test_every_recipe_passes_validation():
 
     for recipe in sorted(RECIPES_DIR.glob("*.yaml")):
         validate(compose_recipe(recipe.stem))
+
+
+def test_options_after_overrides_and_unknown_options(capsys):
+    """Hydra's parser stops with a usage screen when an option follows an override; tandem reorders the
+    command line, and an option nobody knows is one line, exit status 2."""
+    from tandem.trainer.cli import hydra_argv
+
+    assert hydra_argv(["stage.steps=4", "-cn", "smoke", "optim.lr=1e-3"]) == ["-cn", "smoke", "stage.steps=4",
+                                                                             "optim.lr=1e-3"]
+    assert hydra_argv(["-m", "-cn", "smoke", "optim.lr=1e-3,3e-3"]) == ["-m", "-cn", "smoke", "optim.lr=1e-3,3e-3"]
+    with pytest.raises(SystemExit) as e:
+        hydra_argv(["-cn", "smoke", "--bogus", "stage.steps=4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "unknown option --bogus" in err, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["-m", "-cn", "smoke", "stage.steps=4", "optim.lrr=1,2"], "Key 'lrr' not in 'OptimConfig'"),
+    (["-m", "-cn", "smoke", "stage.steps=4,0"], "stage.steps=0: stage.steps must be >= 1, got 0"),
+    (["-m", "-cn", "smoke", "stage.steps=range(0,2)"], "stage.steps=0: stage.steps must be >= 1"),
+])
+def test_multirun_is_checked_job_by_job_before_it_starts(argv, needle, capsys):
+    """Hydra would start the sweep and stop at the bad job with its multi-line message (exit 1); every job's
+    composition and values are checked first (in process: the check writes nothing)."""
+    from tandem.trainer.cli import check_composition
+    from tandem.trainer.config import register_configs
+
+    register_configs()
+    with pytest.raises(SystemExit) as e:
+        check_composition(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err

@@ -4,8 +4,9 @@ One process, one tensor in memory at a time: each tensor is read on its own — 
 master weights of a sharded checkpoint, through ``torch.distributed.checkpoint`` one key per read) or from
 ``model/`` (positioned reads of one safetensors tensor) — cast if asked, and written straight into its place
 in the output files (:func:`~.hf_writer.write_hf_layout`, whose file plan needs only the shapes). The
-directory is assembled beside ``DIR`` and swapped in when complete; files of another kind already in ``DIR``
-(a tokenizer, say) are kept.
+directory is assembled beside ``DIR`` and swapped in when complete, with the checkpoint's tokenizer files
+(:mod:`.tokenizer_files`); files of another kind already in ``DIR`` are kept, and a tokenizer file there that
+differs from the checkpoint's stops the export (nothing is written).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tandem.model.checkpoint_io import CheckpointError, checkpoint_files, open_s
 from .hf_writer import TensorSpec, hf_config_json, write_hf_layout
 from .manager import resolve_checkpoint, weights_dir
 from .sharded import DCP_DIR
+from .tokenizer_files import copy_tokenizer_files
 
 __all__ = ["RELEASE_FP32_SUFFIXES", "export_checkpoint"]
 
@@ -109,4 +111,9 @@ def export_checkpoint(source: str | Path, dest: str | Path, *, dtype: torch.dtyp
     with staged_directory(dest) as tmp:  # each tensor is one whole piece at offset 0, read when it is written
         write_hf_layout(out_specs, lambda name: [((0,) * dims[name], read(name))], tmp, hf_config_json(config, stored),
                         rank=0, barrier=lambda: None)
+        for name in copy_tokenizer_files(folder, tmp):  # the checkpoint's tokenizer and chat template travel with it
+            mine = dest / name
+            if mine.is_file() and mine.read_bytes() != (tmp / name).read_bytes():  # never replace the user's file
+                raise CheckpointError(f"{mine}: differs from the tokenizer file saved with {source}; export to "
+                                      f"another directory, or remove it to take the checkpoint's")
     return dest

@@ -3,7 +3,8 @@
 Layout under ``<run dir>/checkpoints/``::
 
     step_00000100/
-        model/                 HF/NemotronH layout (config.json + safetensors): loadable on its own
+        model/                 HF/NemotronH layout (config.json + safetensors) and the run's tokenizer files
+                               (tokenizer.json, tokenizer_config.json with the chat template): loadable on its own
         optimizer.pt           gathered engines (ddp, zero): optimizer state keyed by parameter name, expert
                                tensors unsharded (loads at any EP size; read with weights_only=True)
         dcp/                   sharded engines (fsdp) instead: model + optimizer tensors, every rank's own
@@ -39,6 +40,7 @@ from tandem.model.checkpoint_io import read_json
 
 from . import sharded
 from .hf_writer import write_released_layout
+from .tokenizer_files import write_tokenizer
 
 
 __all__ = ["CheckpointManager", "exchange_paths", "load_torch_file", "load_weights", "replace_dir",
@@ -130,6 +132,8 @@ class CheckpointManager:
         self._written: dict[str, str] = {}  # step dir → trainer_state JSON, for steps saved by this process
         self._pending = None  # (future, tmp dir, final dir, name, trainer_state JSON) of an in-flight async save
         self._gloo = None
+        #: the run's tokenizer (tandem.data_pipelines.tokenizer.Tokenizer): its files go into every model/
+        self.tokenizer = None
 
     @property
     def latest_file(self) -> Path:
@@ -193,6 +197,7 @@ class CheckpointManager:
             state = engine.sharded_state_dict()
             write_released_layout(state["model"], config, tmp / "model", rank=self.rank, barrier=self._barrier)
             if self.rank == 0:
+                write_tokenizer(self.tokenizer, tmp / "model")
                 (tmp / "trainer_state.json").write_text(state_json)
             if not blocking and self.async_save:
                 future = sharded.async_save(state, tmp, rank=self.rank, process_group=self._async_group())
@@ -204,6 +209,7 @@ class CheckpointManager:
             opt_state = engine.optimizer_state()
             if self.rank == 0:
                 save_state_dict(full, config, tmp / "model")
+                write_tokenizer(self.tokenizer, tmp / "model")
                 torch.save(opt_state, tmp / "optimizer.pt")
                 (tmp / "trainer_state.json").write_text(state_json)
         self._commit(tmp, final, name, state_json)

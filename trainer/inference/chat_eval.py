@@ -28,7 +28,7 @@ from tandem.data_pipelines.chat import render_prompt
 from tandem.data_pipelines.sft_synthetic import answer_of, eval_prompts
 from tandem.data_pipelines.tokenizer import load_tokenizer
 
-from .cli import chat_stop_tokens, load_model
+from .cli import chat_stop_tokens, checkpoint_tokenizer, load_model
 from .engine import GenerationEngine, SamplingParams, ThinkTokens
 
 
@@ -50,7 +50,7 @@ def classify(tokens: list[int], thinking: bool, think: ThinkTokens, im_end: int,
 def evaluate(checkpoint: str | Path, *, prompts: int = 40, seed: int = 10_000, tokenizer: str | None = None,
              max_new_tokens: int = 160, temperature: float = 0.0, max_batch: int = 8, device: str = "cpu") -> dict:
     """Generate for ``prompts`` eval prompts (greedy when ``temperature`` is 0) and score the replies."""
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer or checkpoint_tokenizer(checkpoint))  # default: the one saved with the weights
     think = ThinkTokens.from_tokenizer(tok)
     im_end = tok.token_to_id("<|im_end|>")
     model = load_model(checkpoint, device=device, dtype=torch.float32)

@@ -13,6 +13,7 @@ as ``<think></think>`` + answer (``truncate_history_thinking``), exactly as SFT 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -24,10 +25,11 @@ from tandem.data_pipelines.tokenizer import load_tokenizer
 from tandem.model import HybridLM
 from tandem.model.checkpoint_io import CheckpointError
 from tandem.trainer.checkpoint import weights_dir
+from tandem.trainer.checkpoint.tokenizer_files import saved_tokenizer
 
 from .engine import GenerationEngine, SamplingParams, ThinkTokens
 
-__all__ = ["chat_main", "chat_stop_tokens", "render_generation_prompt", "load_model"]
+__all__ = ["chat_main", "chat_stop_tokens", "checkpoint_tokenizer", "render_generation_prompt", "load_model"]
 
 
 def render_generation_prompt(tok, messages: list[dict], *, think: bool, system: str = "") -> list[int]:
@@ -50,6 +52,12 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
     return HybridLM.from_pretrained(weights_dir(path), dtype=dtype, device=device).eval()
 
 
+def checkpoint_tokenizer(path: str | Path) -> Path | None:
+    """The tokenizer saved with checkpoint ``path`` (its weights folder), or None (the shipped one) for a
+    checkpoint without tokenizer files."""
+    return saved_tokenizer(weights_dir(path))
+
+
 def _split_answer(tok, think: ThinkTokens, tokens: list[int], stop: set[int]) -> tuple[str, str]:
     """(reasoning, answer) texts of generated ``tokens`` (stop token dropped)."""
     if tokens and tokens[-1] in stop:
@@ -62,6 +70,21 @@ def _split_answer(tok, think: ThinkTokens, tokens: list[int], stop: set[int]) ->
 
 #: the ``--dtype`` choices (names of torch dtypes)
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with each option's default where it has one (not for flags or unset options), the
+    description and examples kept as written, and room for the option names."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=28, width=min(100, shutil.get_terminal_size().columns))
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if not flag and action.default not in (None, "", argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,33 +100,46 @@ def _error(message: str) -> int:
 
 def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Returns the exit status: 0, or 2 on bad input (one line on stderr naming the file or option)."""
-    p = _Parser(prog="tandem generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="HF NemotronH directory or tandem run checkpoint")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: the shipped one)")
+    p = _Parser(prog="tandem generate", formatter_class=HelpFormatter,
+                description="Chat with a checkpoint: one reply to --prompt, or a conversation read from stdin\n"
+                            "(one user turn per line; /reset clears it, /quit or EOF ends it).",
+                epilog="examples:\n"
+                       "  tandem generate runs/smoke/sft --prompt 'What is 12 + 34?' --show-reasoning\n"
+                       "  tandem generate runs/smoke/sft --no-think --temperature 0.7 --top-p 0.9   # a REPL\n\n"
+                       "exit status: 0, or 2 on bad input (one line naming the file or option). docs/GENERATION.md")
+    p.add_argument("checkpoint", help="a tandem run dir (its latest checkpoint), checkpoints/ or step_* dir, or an "
+                                      "HF NemotronH directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: the one saved with "
+                                                     "the checkpoint, else the shipped one)")
     p.add_argument("--prompt", default=None, help="one user message; without it, read turns from stdin")
     p.add_argument("--system", default="", help="system prompt (the system block is always emitted)")
-    p.add_argument("--think", dest="think", action="store_true", default=True, help="reasoning ON (default)")
-    p.add_argument("--no-think", dest="think", action="store_false", help="reasoning OFF (<think></think>)")
-    p.add_argument("--thinking-budget", type=int, default=None)
-    p.add_argument("--thinking-grace", type=int, default=500)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--think", dest="think", action="store_true", default=True, help="reasoning ON (the default)")
+    p.add_argument("--no-think", dest="think", action="store_false", help="reasoning OFF (an empty <think></think>)")
+    p.add_argument("--thinking-budget", type=int, default=None, metavar="N",
+                   help="reasoning tokens before </think> is forced at the next newline (none: unlimited)")
+    p.add_argument("--thinking-grace", type=int, default=500, metavar="N",
+                   help="reasoning tokens past the budget without a newline before </think> is forced at once")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="per reply, reasoning included")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--greedy", action="store_true", help="always the most likely token (ignores the sampling options)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (none: random)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights dtype (none: the checkpoint's)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     p.add_argument("--show-reasoning", action="store_true", help="print the reasoning as well as the answer")
     args = p.parse_args(argv)
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
 
     try:
-        tok = load_tokenizer(args.tokenizer)
+        saved = None if args.tokenizer else checkpoint_tokenizer(args.checkpoint)
+        tok = load_tokenizer(args.tokenizer or saved)
         think_ids = ThinkTokens.from_tokenizer(tok)
     except (OSError, ValueError) as e:
         return _error(f"--tokenizer: {e}")
+    except CheckpointError as e:
+        return _error(e)
     stop = chat_stop_tokens(tok)
     try:
         model = load_model(args.checkpoint, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
@@ -112,6 +148,11 @@ def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, std
     if model.config.vocab_size < tok.vocab_size:
         return _error(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}; "
                       f"pass the checkpoint's tokenizer with --tokenizer")
+    if args.tokenizer is None and saved is None and model.config.vocab_size != tok.vocab_size:
+        # an older checkpoint (or a release without tokenizer files): the shipped tokenizer may not be its own
+        print(f"tandem generate: warning: {args.checkpoint} has no tokenizer saved with it; using the shipped one "
+              f"({tok.vocab_size} ids, the model has {model.config.vocab_size}); pass its tokenizer with --tokenizer",
+              file=sys.stderr)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         greedy=args.greedy, seed=args.seed, stop_token_ids=stop, thinking_budget=args.thinking_budget,

@@ -22,7 +22,7 @@ Semantics (also in ``docs/GENERATION.md``):
 - A sampled stop token ends the row and is kept as the last entry of ``tokens``
   (``finish_reason="stop"``, ``stop_token`` = its id); otherwise ``finish_reason="length"`` after
   ``max_new_tokens`` tokens (forced ones included).
-- Thinking budget (NEMOTRON3-FACTS §5): a row is *in reasoning* while its prompt + generated text has an
+- Thinking budget (as the Nemotron 3 Nano model card describes it): a row is *in reasoning* while its prompt + generated text has an
   open ``<think>`` not closed by ``</think>``. ``reasoning_tokens`` counts sampled tokens while in
   reasoning. Once at least ``thinking_budget`` of them were generated, the first one that contains a
   newline ends the reasoning: the engine forces ``</think>`` and a newline token, and sampling continues

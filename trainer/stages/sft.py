@@ -26,6 +26,10 @@ from .base import Stage, check_batch_split
 log = logging.getLogger(__name__)
 
 
+#: a step that holds each packed row this many times or more is warned about
+REPEAT_WARNING = 2.0
+
+
 class SFTStage(Stage):
     name = "sft"
 
@@ -53,20 +57,25 @@ class SFTStage(Stage):
         try:  # schema errors name file:line
             self.train_set = SFTPackedDataset(list(chat.train), part="train" if holdout else "all",
                                               valid_fraction=data.valid_fraction if holdout else 0.0, **common)
-        except ValueError as e:
+        except (OSError, ValueError) as e:  # a missing file, a bad row
             raise DataError(f"data.chat.train: {e}") from None
         self.valid_set = None
         if chat.valid or holdout:
             try:
                 self.valid_set = (SFTPackedDataset(list(chat.valid), **common) if chat.valid else
                                   SFTPackedDataset(list(chat.train), part="valid", valid_fraction=data.valid_fraction, **common))
-            except ValueError as e:
+            except (OSError, ValueError) as e:
                 if chat.valid or "no SFT samples" not in str(e):
                     raise DataError(f"data.chat.valid: {e}") from None
                 log.warning("data.valid_fraction=%s held out no conversation: no evaluation", data.valid_fraction)
         self.collate = Collator(self.tokenizer.eod)
         log.info("SFT data: %d train rows, %d valid rows of %d tokens; train %s", len(self.train_set),
                  len(self.valid_set or ()), data.seq_len, self.train_set.stats.as_dict())
+        repeats = stage.global_batch / len(self.train_set)
+        if repeats >= REPEAT_WARNING:  # few conversations packed into few long rows: every step is the same data
+            log.warning("each step trains on every one of the %d packed rows about %.0f times (stage.global_batch=%d, "
+                        "data.seq_len=%d): lower stage.global_batch or data.seq_len, or give more conversations",
+                        len(self.train_set), repeats, stage.global_batch, data.seq_len)
 
     # ------------------------------------------------------------------------------------------------
     def check_model(self, config) -> None:
