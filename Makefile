@@ -44,8 +44,7 @@ smoke: setup
 	$(VENV)/bin/tandem-preprocess -i $(SMOKE_DIR)/corpus/phase2.jsonl -o $(SMOKE_DIR)/data/phase2 --no-progress
 	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke data=smoke_indexed run.dir=$(SMOKE_DIR)/pretrain
 	$(PY) -m tandem.data_pipelines.sft_synthetic --out $(SMOKE_DIR)/sft/train.jsonl --samples 2000 --seed 0
-	$(PY) -m tandem.data_pipelines.rl_synthetic --kinds max --out $(SMOKE_DIR)/grpo/prompts.jsonl --prompts 2000 --seed 2 \
-		--sft-out $(SMOKE_DIR)/sft/warmup_max.jsonl --sft-samples 2000 --sft-accuracy 0.5
+	$(PY) -m tandem.data_pipelines.rl_synthetic --kinds max --out $(SMOKE_DIR)/grpo/prompts.jsonl --prompts 2000 --seed 2 --sft-out $(SMOKE_DIR)/sft/warmup_max.jsonl --sft-samples 2000 --sft-accuracy 0.5
 	$(PY) -m tandem.data_pipelines.rl_synthetic --kinds max --out $(SMOKE_DIR)/grpo/valid.jsonl --prompts 64 --seed 3
 	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke_sft
 	$(PY) -m tandem.trainer.inference.chat_eval $(SMOKE_DIR)/sft --prompts 40 --out $(SMOKE_DIR)/sft/chat_eval.json --min-well-formed 0.9
