@@ -100,7 +100,12 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
             config = yaml.safe_load((path / "config.yaml").read_text()) or {}
         except Exception:  # the report never fails on a damaged config copy; the metrics are what it plots
             config = {}
-    return Run(path, label or path.name, [by_step[s] for s in sorted(by_step)], skipped, config)
+    records = [by_step[s] for s in sorted(by_step)]
+    start = {k.replace("grpo/initial_", "grpo/", 1): v for k, v in (records[0].items() if records else ())
+             if k.startswith("grpo/initial_")}
+    if start and 0 not in by_step:  # GRPO's held-out reward of the starting weights: the curve's step 0
+        records.insert(0, {"step": 0, "stage": records[0].get("stage"), **start})
+    return Run(path, label or path.name, records, skipped, config)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
