@@ -78,3 +78,19 @@ def test_zero3_refuses_gradient_accumulation(tmp_path):
     with pytest.raises(ConfigError, match="stage.micro_batch=2"):
         DeepSpeedEngine(model, torch.optim.AdamW(model.parameters()), info, ParallelConfig(zero_stage=3), OptimConfig(),
                         StageConfig(global_batch=4, micro_batch=1))
+
+
+def test_cpu_shm_op_is_not_built():
+    """On the CPU accelerator the engine stops DeepSpeed JIT-compiling its shared-memory all-reduce op (90–150 s
+    of C++ on a fresh machine; gloo does the collectives): the patch must reach the module DeepSpeed calls."""
+    import importlib
+
+    from tandem.trainer.parallel.zero import _skip_cpu_shm_op
+
+    module = importlib.import_module("deepspeed.comm.torch")
+    before = module.build_shm_op
+    try:
+        _skip_cpu_shm_op()
+        assert module.build_shm_op() is None and module.build_shm_op is not before
+    finally:
+        module.build_shm_op = before

@@ -80,8 +80,14 @@ def _skip_cpu_shm_op() -> None:
     That op (~90 s of C++ compilation on first start) only speeds up CPU all-reduce within a node; gloo
     already does the collectives here, and GPU runs never build it.
     """
-    import deepspeed.comm.torch as ds_comm_torch
+    import importlib
+
     from deepspeed.accelerator import get_accelerator
+
+    # importlib, not ``import deepspeed.comm.torch as m``: that form binds ``deepspeed.comm``'s attribute
+    # ``torch`` — the torch package itself, which deepspeed.comm imports — and the patch would miss (measured:
+    # the op was still built, 90–150 s on the first ZeRO start of a fresh machine)
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
 
     if get_accelerator().device_name() == "cpu":
         ds_comm_torch.build_shm_op = lambda: None
