@@ -6,7 +6,8 @@ and the comparison maths that turn its verdicts into per-rollout RLHF rewards (d
     j = parse_judgement(judge_completion)     # Judgement(score_1, score_2, ranking, reasoning, error, method)
     r = genrm_reward(j, (4, 2, 2), c1=10, c2=1)                    # the GRPO reward of one judge rollout
 
-**Format.** The judge reads the conversation history, the new user turn and two candidate responses —
+**Format** (the prompt lives with the data, :mod:`tandem.data_pipelines.preferences`, and is re-exported
+here). The judge reads the conversation history, the new user turn and two candidate responses —
 final answers only: reasoning (``reasoning_content``, ``<think>…</think>``) is stripped everywhere, so the
 judge compares what a user would see. It answers with free reasoning, then one JSON object
 ``{"score_1": 1–5, "score_2": 1–5, "ranking": 1–6}`` (ranking 1 = response 1 much better … 3 = response 1
@@ -38,9 +39,13 @@ import ast
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
+
+from tandem.data_pipelines.preferences import (
+    RANKING_RANGE, SCORE_RANGE, final_answer, judge_messages, judge_prompt_text, swap_labels,
+)
 
 __all__ = [
     "SCORE_RANGE", "RANKING_RANGE", "DEFAULT_SCORE", "DEFAULT_RANKING", "Judgement", "ParseCounter",
@@ -49,58 +54,9 @@ __all__ = [
     "comparison_pairs", "rollout_rewards", "shortest_top_bonus", "length_penalty", "PAIRINGS",
 ]
 
-SCORE_RANGE = (1, 5)
-RANKING_RANGE = (1, 6)
 DEFAULT_SCORE = 3.0
 DEFAULT_RANKING = 3.5  # the midpoint: "no preference", so the tie-break adds nothing
 KEYS = ("score_1", "score_2", "ranking")
-
-JUDGE_INSTRUCTIONS = (
-    "You are judging two candidate responses to the last user turn of the conversation below. Think about "
-    "how helpful, correct and concise each one is, then give your verdict as a JSON object on the last line:\n"
-    '{"score_1": <1-5>, "score_2": <1-5>, "ranking": <1-6>}\n'
-    "score_i rates response i from 1 (very poor) to 5 (excellent). ranking compares them: 1 = response 1 is "
-    "much better, 2 = better, 3 = slightly better, 4 = response 2 is slightly better, 5 = better, 6 = much better."
-)
-
-
-# --- the judge prompt ----------------------------------------------------------------------------------
-
-def final_answer(text: str) -> str:
-    """``text`` without its reasoning: what follows the last ``</think>``; an unclosed ``<think>`` block
-    leaves nothing (the response never reached its answer)."""
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[1].strip()
-    if "<think>" in text:
-        return text.split("<think>", 1)[0].strip()
-    return text.strip()
-
-
-def _content(message: Mapping[str, Any]) -> str:
-    content = message.get("content")
-    return final_answer(content if isinstance(content, str) else "")
-
-
-def judge_prompt_text(conversation: Sequence[Mapping[str, Any]], response_1: str, response_2: str) -> str:
-    """The judge's user turn: history, the new user turn, both responses (final answers only), instructions.
-
-    ``conversation`` is chat messages ending with the user turn both responses answer; system messages are
-    shown as context, ``tool`` messages as tool output, and assistant turns lose their reasoning."""
-    if not conversation or conversation[-1].get("role") != "user":
-        raise ValueError("a GenRM conversation must end with the user turn the two responses answer")
-    names = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
-    history = [f"{names.get(m.get('role'), str(m.get('role')))}: {_content(m)}" for m in conversation[:-1]]
-    parts = [JUDGE_INSTRUCTIONS, ""]
-    if history:
-        parts += ["[Conversation history]", *history, ""]
-    parts += ["[User turn]", _content(conversation[-1]), "", "[Response 1]", final_answer(response_1), "",
-              "[Response 2]", final_answer(response_2)]
-    return "\n".join(parts)
-
-
-def judge_messages(conversation: Sequence[Mapping[str, Any]], response_1: str, response_2: str) -> list[dict]:
-    """The judge's chat input (one user turn); render it with ``data_pipelines.chat.render_prompt``."""
-    return [{"role": "user", "content": judge_prompt_text(conversation, response_1, response_2)}]
 
 
 # --- parsing ---------------------------------------------------------------------------------------------
@@ -248,11 +204,6 @@ def with_default(j: Judgement) -> tuple[float, float, float]:
     if j.ok:
         return j.score_1, j.score_2, j.ranking
     return DEFAULT_SCORE, DEFAULT_SCORE, DEFAULT_RANKING
-
-
-def swap_labels(score_1: float, score_2: float, ranking: float) -> tuple[float, float, float]:
-    """The labels of the same pair shown in the other order (ranking mirrored: 1 ↔ 6, 2 ↔ 5, 3 ↔ 4)."""
-    return score_2, score_1, 7 - ranking
 
 
 def prefers(ranking: float) -> int:
