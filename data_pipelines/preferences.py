@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .readers import MISSING, check_text, iter_records
-from .rl_prompts import _check_messages, _present
+from .rl_prompts import rl_prompt_schema
 
 __all__ = [
     "SCORE_RANGE", "RANKING_RANGE", "JUDGE_INSTRUCTIONS", "final_answer", "judge_prompt_text", "judge_messages",
@@ -117,6 +117,14 @@ def ranking_from_scores(score_1: int, score_2: int) -> int:
 
 # --- schema and readers --------------------------------------------------------------------------------
 
+_rl_row = rl_prompt_schema(default_task="genrm")  # its checks of 'messages' (roles, text) are the ones used here
+
+
+def _present(row: dict, key: str) -> bool:
+    # Parquet / HF tables have every column in every row; a null there means "absent"
+    return row.get(key, MISSING) not in (MISSING, None)
+
+
 def _int_in(row: dict, key: str, lo: int, hi: int) -> str | None:
     if not _present(row, key):
         return f"missing field {key!r}"
@@ -134,7 +142,7 @@ def preference_schema():
     def check(row: dict) -> str | None:
         if not _present(row, "messages"):
             return "missing field 'messages' (the conversation, ending with the user turn both responses answer)"
-        msg = _check_messages(row["messages"])
+        msg = _rl_row({"messages": row["messages"], "answer": ""})
         if msg:
             return msg
         if row["messages"][-1]["role"] != "user":

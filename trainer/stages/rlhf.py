@@ -33,6 +33,7 @@ the fraction whose two verdicts prefer the same rollout).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import torch
@@ -48,13 +49,19 @@ from ..rl.genrm import (
     ParseCounter, comparison_pairs, length_penalty, parse_judgement, rollout_rewards, shortest_top_bonus,
     swap_consistent, with_default,
 )
-from .grpo import GRPOStage, _seed
+from .grpo import GRPOStage
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RLHFStage", "load_judge"]
 
-_JUDGE = 1 << 41  # seed offset of judge sampling (never a rollout's)
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit judge-sampling seed from integers, stable across processes (its own hash prefix, so it never
+    equals a rollout's seed)."""
+    h = hashlib.blake2b(("judge:" + ",".join(str(int(p)) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
 
 
 def load_judge(source: str, device: torch.device):
@@ -133,7 +140,7 @@ class RLHFStage(GRPOStage):
             p = self.train[pidx]
             conversation = p.messages if p.messages is not None else [{"role": "user", "content": p.prompt}]
             answers = [final_answer(self._completion_text(p, r.tokens)) for r in group]
-            a, c, k, n_retry = self.judge_group(conversation, answers, _seed(self.stage.seed, _JUDGE, b, slot), counter)
+            a, c, k, n_retry = self.judge_group(conversation, answers, _seed(self.stage.seed, b, slot), counter)
             s1[n], s2[n], rk[n] = a, c, k
             retried += n_retry
         r = self.r
