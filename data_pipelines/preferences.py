@@ -3,7 +3,8 @@ rows (with position-swap augmentation), and a synthetic, checkable preference se
 
     python -m tandem.data_pipelines.preferences --synthetic 2000 --seed 0 --out prefs.jsonl
     python -m tandem.data_pipelines.preferences --in prefs.jsonl --judge-out judge.jsonl   # RL prompts, task genrm
-    python -m tandem.data_pipelines.preferences --synthetic 2000 --out prefs.jsonl --judge-out judge.jsonl
+    python -m tandem.data_pipelines.preferences --synthetic 2000 --out prefs.jsonl --judge-out judge.jsonl \
+        [--sft-out warmup.jsonl --sft-accuracy 0.5]          # + verdict-format SFT warm-up conversations
 
 Row schema (JSONL line / Parquet row / HF dataset row; sources as in :mod:`.readers`)::
 
@@ -48,7 +49,7 @@ from .rl_prompts import rl_prompt_schema
 __all__ = [
     "SCORE_RANGE", "RANKING_RANGE", "JUDGE_INSTRUCTIONS", "final_answer", "judge_prompt_text", "judge_messages",
     "swap_labels", "ranking_from_scores", "preference_schema", "iter_preferences", "load_preferences",
-    "judge_rows", "synthetic_preferences", "STYLES", "main",
+    "judge_rows", "synthetic_preferences", "STYLES", "main", "verdict_text", "warmup_conversations",
 ]
 
 SCORE_RANGE = (1, 5)
@@ -247,6 +248,29 @@ def synthetic_preferences(n: int, seed: int = 0, kinds=("max", "copy"), history_
     return rows
 
 
+def verdict_text(score_1: int, score_2: int, ranking: int) -> str:
+    """The judge's JSON verdict as the format asks for it."""
+    return json.dumps({"score_1": int(score_1), "score_2": int(score_2), "ranking": int(ranking)})
+
+
+def warmup_conversations(prefs: Sequence[Mapping[str, Any]], accuracy: float = 0.5, seed: int = 0,
+                         swap: bool = True) -> list[dict]:
+    """SFT conversations (the :mod:`.sft` schema, reasoning OFF) that teach a small judge the verdict format:
+    each judge prompt of :func:`judge_rows` answered with its labels in a fraction ``accuracy`` of the rows
+    and with the mirrored verdict (the other response preferred) otherwise — the model learns the format but
+    not which response is better, the room GenRM training has to improve agreement."""
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
+    rng = random.Random(seed)
+    out = []
+    for row in judge_rows(prefs, swap=swap):
+        s1, s2, rank = row["answer"]
+        verdict = (s1, s2, rank) if rng.random() < accuracy else swap_labels(s1, s2, rank)
+        out.append({"messages": row["messages"] + [{"role": "assistant", "content": verdict_text(*verdict)}],
+                    "enable_thinking": False})
+    return out
+
+
 def _write(path, rows) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,6 +290,8 @@ def main(argv=None) -> None:
                     help="preference rows to convert (JSONL / Parquet / HF dataset; repeatable)")
     ap.add_argument("--judge-out", help="write the GenRM RL prompt rows (task genrm) here")
     ap.add_argument("--no-swap", action="store_true", help="do not add the position-swapped copy of each pair")
+    ap.add_argument("--sft-out", help="also write verdict-format SFT warm-up conversations of the rows here")
+    ap.add_argument("--sft-accuracy", type=float, default=0.5, help="share of warm-up verdicts that match the labels")
     args = ap.parse_args(argv)
     if (args.synthetic is None) == (not args.inputs):
         raise SystemExit("preferences: give exactly one of --synthetic N and --in PATH")
@@ -276,14 +302,18 @@ def main(argv=None) -> None:
         prefs = synthetic_preferences(args.synthetic, args.seed, kinds)
         print(_write(args.out, prefs))
     else:
-        if not args.judge_out:
-            raise SystemExit("preferences: --in needs --judge-out")
+        if not args.judge_out and not args.sft_out:
+            raise SystemExit("preferences: --in needs --judge-out and/or --sft-out")
         try:
             prefs = load_preferences(args.inputs)
         except ValueError as e:
             raise SystemExit(f"preferences: {e}") from None
     if args.judge_out:
         print(_write(args.judge_out, judge_rows(prefs, swap=not args.no_swap)))
+    if args.sft_out:
+        if not 0.0 <= args.sft_accuracy <= 1.0:
+            raise SystemExit(f"preferences: --sft-accuracy must be in [0, 1], got {args.sft_accuracy}")
+        print(_write(args.sft_out, warmup_conversations(prefs, args.sft_accuracy, args.seed + 1, swap=not args.no_swap)))
 
 
 if __name__ == "__main__":

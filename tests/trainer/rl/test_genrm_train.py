@@ -123,3 +123,53 @@ def test_bad_preference_rows_name_file_line_and_key(tmp_path, change, message):
     with pytest.raises(BadRecordError) as e:
         load_preferences(path)
     assert str(e.value).startswith(f"{path}:2") and message in str(e.value)
+
+
+def test_warmup_conversations_teach_the_format_at_the_given_accuracy():
+    from tandem.data_pipelines.preferences import warmup_conversations
+    from tandem.data_pipelines.sft import validate_conversation
+
+    prefs = synthetic_preferences(30, seed=2)
+    rows = judge_rows(prefs)
+    for acc in (1.0, 0.0):
+        convs = warmup_conversations(prefs, accuracy=acc, seed=0)
+        assert len(convs) == 60 and all(c["enable_thinking"] is False for c in convs)
+        for c, r in zip(convs, rows):
+            assert c["messages"][:-1] == r["messages"]
+            validate_conversation(c)  # the SFT schema
+            j = parse_judgement(c["messages"][-1]["content"])
+            s1, s2, rank = r["answer"]
+            assert (j.score_1, j.score_2, j.ranking) == ((s1, s2, rank) if acc else (s2, s1, 7 - rank))
+    half = warmup_conversations(prefs, accuracy=0.5, seed=0)
+    right = sum(parse_judgement(c["messages"][-1]["content"]).ranking == r["answer"][2] for c, r in zip(half, rows))
+    assert 15 <= right <= 45
+    with pytest.raises(ValueError, match="accuracy"):
+        warmup_conversations(prefs, accuracy=2)
+
+
+def test_judge_metrics_by_hand():
+    from tandem.trainer.rl.judge_eval import judge_metrics
+
+    prefs = [{**GOOD, "id": "a"}, {**GOOD, "id": "b", "score_1": 1, "score_2": 5, "ranking": 6}]
+    rows = judge_rows(prefs)  # a, a swapped (2, 4, 5), b (1, 5, 6), b swapped (5, 1, 1)
+    outputs = [V.format(4, 2, 2), V.format(2, 4, 5),      # a: right both ways
+               V.format(4, 2, 2), "no verdict"]            # b: wrong, then a format error
+    m = judge_metrics(rows, outputs)
+    assert m["pairs"] == 2 and m["agreement"] == 0.5 and m["swap_consistency"] == 0.5
+    assert m["format_error_frac"] == 0.25 and m["reward_mean"] == (0 + 0 - (3 + 3 + 4) - 23) / 4
+    with pytest.raises(ValueError, match="two orders"):
+        judge_metrics(rows[:3], outputs[:3])
+
+
+def test_judge_eval_cli_on_a_tiny_checkpoint(tmp_path, capsys):
+    from tandem.model import HybridConfig, HybridLM
+    from tandem.trainer.rl.judge_eval import main as eval_main
+
+    HybridLM(HybridConfig.preset("tiny"), init_seed=0).save_pretrained(tmp_path / "judge")
+    prefs = tmp_path / "p.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in synthetic_preferences(2, seed=0)))
+    eval_main(["--judge", str(tmp_path / "judge"), "--prefs", str(prefs), "--max-new-tokens", "4",
+               "--out", str(tmp_path / "m.json")])
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["pairs"] == 2 and m["judgements"] == 4 and 0 <= m["agreement"] <= 1
+    assert json.loads(capsys.readouterr().out) == m
