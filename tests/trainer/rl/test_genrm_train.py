@@ -167,8 +167,8 @@ def test_judge_eval_cli_on_a_tiny_checkpoint(tmp_path, capsys):
 
     HybridLM(HybridConfig.preset("tiny"), init_seed=0).save_pretrained(tmp_path / "judge")
     prefs = tmp_path / "p.jsonl"
-    prefs.write_text("".join(json.dumps(r) + "\n" for r in synthetic_preferences(2, seed=0)))
-    eval_main(["--judge", str(tmp_path / "judge"), "--prefs", str(prefs), "--max-new-tokens", "4",
+    prefs.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "ranking": 5}) + "\n")
+    eval_main(["--judge", str(tmp_path / "judge"), "--prefs", str(prefs), "--max-new-tokens", "2",
                "--out", str(tmp_path / "m.json")])
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["pairs"] == 2 and m["judgements"] == 4 and 0 <= m["agreement"] <= 1
