@@ -105,3 +105,19 @@ def test_real_tiny_judge_loads_and_judges_all_pairs(files):
     # an untrained judge rarely writes a verdict: every failure is counted and scores the neutral 3
     fails = m["rlhf/judge_format_error_frac"]
     assert 0 <= fails <= 1 and (fails < 1 or stage.last_rewards.eq(3.0).all())
+
+
+def test_judge_seeds_name_the_global_slot_not_the_rank_share(files):
+    """A group's judge sampling depends on (seed, batch, global slot, attempt) only: the same whichever other
+    groups share the rank (so 2 ranks judge like 1) and the same on a rerun (resume)."""
+    stage = _stage(files)
+    V = '{"score_1": 4, "score_2": 2, "ranking": 2}'
+    group = [GenerationResult([1], stage.tokenizer.encode("The answer is 3.")) for _ in range(2)]
+    alone = ScriptedJudge(stage.tokenizer, [[V, V]])
+    stage.judge_engine = alone
+    r_alone, _ = stage.score_groups(7, [(5, 0)], [group])
+    shared = ScriptedJudge(stage.tokenizer, [[V, V], [V, V]])
+    stage.judge_engine = shared
+    r_shared, _ = stage.score_groups(7, [(4, 1), (5, 0)], [group, group])
+    assert shared.calls[1] == alone.calls[0] and shared.calls[0] != alone.calls[0]
+    assert r_shared[1].tolist() == r_alone[0].tolist() == [3.0, 3.0]  # (4 + 2) / 2 for both rollouts
