@@ -20,9 +20,9 @@ from typing import Any, Dict, List, Optional
 from tandem.model import HybridConfig
 
 __all__ = [
-    "BlendEntry", "ChatDataConfig", "ConfigError", "ENGINE_CHOICES", "FSDP_PARAM_DTYPES", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "BlendEntry", "ChatDataConfig", "ConfigError", "ENGINE_CHOICES", "FSDP_PARAM_DTYPES", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "RLHFConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "configure_memory",
-    "overrides_suffix", "register_configs", "validate_config", "validate_grpo", "validate_memory", "validate_parallel",
+    "overrides_suffix", "register_configs", "validate_config", "validate_grpo", "validate_memory", "validate_rlhf", "validate_parallel",
 ]
 
 
@@ -303,6 +303,25 @@ class GRPOConfig:
 
 
 @dataclass
+class RLHFConfig:
+    """RLHF (stage.name=rlhf; docs/RLHF.md): GRPO (``stage.grpo``) whose rewards come from a frozen GenRM judge
+    comparing the rollouts of each group in pairs."""
+
+    judge: Optional[str] = None  # the judge's weights: a tandem run / checkpoint or an HF NemotronH folder (required)
+    pairing: str = "circular"  # circular: (i, i+1 mod G), G comparisons per group | all: G(G-1)/2 comparisons
+    judge_samples: int = 1  # judge generations per pair (their scores all enter the means)
+    retries: int = 1  # re-sample a judgement that does not parse this many times, then use score 3 / ranking 3.5
+    judge_max_new_tokens: int = 256  # the judge's reasoning + JSON verdict
+    judge_temperature: float = 1.0
+    judge_greedy: bool = False  # greedy judging (retries then repeat the same output: set retries=0)
+    judge_enable_thinking: bool = True  # the judge reasons before its verdict
+    judge_batch: int = 16  # judge prompts generated together (rows of the judge's generation engine)
+    tie_break: bool = True  # equal scores: adj = 3.5 - ranking, score_1 += adj, score_2 -= adj
+    shortest_top_bonus: float = 0.0  # added to the shortest of each group's top-reward rollouts (0 = off)
+    length_penalty: float = 0.0  # zero-centred: reward -= c * (length - group mean) / group mean (0 = off)
+
+
+@dataclass
 class StageConfig:
     name: str = "pretrain"
     steps: int = 100
@@ -317,7 +336,8 @@ class StageConfig:
     async_save: bool = False
     nan_tolerance: int = 5  # abort after this many consecutive non-finite steps
     seed: int = 0
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # read by stage.name=grpo only
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # read by stage.name=grpo and rlhf
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)  # read by stage.name=rlhf only
 
 
 @dataclass
@@ -433,6 +453,7 @@ def validate_config(cfg: Any) -> None:
     validate_memory(cfg)
     validate_parallel(cfg.parallel)
     validate_grpo(cfg.stage.grpo)
+    validate_rlhf(cfg.stage.rlhf, required=cfg.stage.name == "rlhf")
 
 
 def validate_memory(cfg: Any) -> None:
@@ -524,6 +545,27 @@ def validate_grpo(g: Any) -> None:
             bad(f"environments.{i}.thinking_budget", "must be >= 0 or null", e.thinking_budget)
         if e.max_turns < 1:
             bad(f"environments.{i}.max_turns", "must be >= 1", e.max_turns)
+
+
+def validate_rlhf(r: Any, required: bool = False) -> None:
+    """Range and choice checks of ``stage.rlhf`` (ConfigError naming the key); ``required``: the judge must be named."""
+    from .rl.genrm import PAIRINGS
+
+    def bad(key: str, why: str, value: Any):
+        raise ConfigError(f"stage.rlhf.{key} {why}, got {value!r}")
+
+    if required and not r.judge:
+        bad("judge", "must name the GenRM judge (a tandem run / checkpoint or an HF NemotronH folder)", r.judge)
+    if r.pairing not in PAIRINGS:
+        bad("pairing", f"must be one of {list(PAIRINGS)}", r.pairing)
+    for key, least in (("judge_samples", 1), ("retries", 0), ("judge_max_new_tokens", 1), ("judge_batch", 1)):
+        if r[key] < least:
+            bad(key, f"must be >= {least}", r[key])
+    if not r.judge_temperature > 0:
+        bad("judge_temperature", "must be > 0", r.judge_temperature)
+    for key in ("shortest_top_bonus", "length_penalty"):
+        if not r[key] >= 0:
+            bad(key, "must be >= 0", r[key])
 
 
 def _keys_outside_schema(node: Any, prefix: str = ""):

@@ -443,7 +443,7 @@ def layout_from_config(cfg, cluster: Cluster) -> Layout:
     if engine == "zero" or (engine == "auto" and zero):
         engine = f"zero{zero}"
     elif engine == "auto":
-        engine = "fsdp" if cluster.device == "cuda" and cluster.world > 1 and cfg.stage.name != "grpo" else "ddp"
+        engine = "fsdp" if cluster.device == "cuda" and cluster.world > 1 and cfg.stage.name not in ("grpo", "rlhf") else "ddp"
     spec = cfg.model.get("activation_checkpointing", None)
     spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
     return Layout(engine, int(cfg.parallel.ep), activation_checkpointing_kinds(spec))

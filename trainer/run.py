@@ -42,7 +42,7 @@ def _tokenizer_from_init(cfg: DictConfig) -> None:
     """SFT and GRPO started from ``model.init_from`` read the tokenizer saved with those weights unless
     ``data.chat.tokenizer`` / ``data.rl.tokenizer`` names one (pretraining's is the one its data was made
     with, checked against each source's manifest)."""
-    key = {"sft": "chat", "grpo": "rl"}.get(cfg.stage.name)
+    key = {"sft": "chat", "grpo": "rl", "rlhf": "rl"}.get(cfg.stage.name)
     if not key or not cfg.model.init_from or cfg.data[key].tokenizer is not None:
         return
     try:

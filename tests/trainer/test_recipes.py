@@ -42,17 +42,18 @@ def test_recipe_composes_and_builds_on_meta(name, release_dir):
         overrides.append(f"model.init_from={release_dir}")
     if cfg.stage.name == "sft" and not cfg.data.chat.train:
         overrides.append("data.chat.train=[/data/sft.jsonl]")
-    if cfg.stage.name == "grpo" and not cfg.data.rl.train:
+    if cfg.stage.name in ("grpo", "rlhf") and not cfg.data.rl.train:
         overrides.append("data.rl.train=[/data/rl.jsonl]")
     if overrides:
         cfg = compose_recipe(name, overrides)
     OmegaConf.to_yaml(cfg, resolve=True)  # every interpolation resolves
     model = HybridLM(build_hybrid_config(cfg.model), device="meta")
     assert all(p.is_meta for p in model.parameters())
-    assert cfg.stage.global_batch % cfg.stage.micro_batch == 0
+    if cfg.stage.name not in ("grpo", "rlhf"):  # their batch is P × G rollouts; global_batch is not read
+        assert cfg.stage.global_batch % cfg.stage.micro_batch == 0
     if cfg.stage.name == "pretrain":
         assert cfg.data.phase1
-    elif cfg.stage.name == "grpo":
+    elif cfg.stage.name in ("grpo", "rlhf"):
         validate(cfg)
         assert cfg.data.rl.train and cfg.stage.grpo.prompts_per_step >= 1 and cfg.parallel.ep == 1
     else:

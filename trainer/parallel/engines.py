@@ -97,7 +97,7 @@ def _build_zero(model, optimizer, info: DistInfo, parallel, optim, stage):
 def _generates(stage) -> bool:
     """Stages that generate during training (GRPO rollouts): each rank runs a data-dependent number of
     forwards, which an engine gathering weights in every forward cannot follow."""
-    return stage is not None and getattr(stage, "name", None) == "grpo"
+    return stage is not None and getattr(stage, "name", None) in ("grpo", "rlhf")
 
 
 @register_engine("fsdp", sharded_checkpoints=True,

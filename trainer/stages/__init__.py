@@ -3,8 +3,9 @@
 from .base import LossOutput, Stage, token_cross_entropy
 from .grpo import GRPOStage
 from .pretrain import PretrainStage
+from .rlhf import RLHFStage
 from .sft import SFTStage
 
-STAGES = {"pretrain": PretrainStage, "sft": SFTStage, "grpo": GRPOStage}
+STAGES = {"pretrain": PretrainStage, "sft": SFTStage, "grpo": GRPOStage, "rlhf": RLHFStage}
 
-__all__ = ["STAGES", "GRPOStage", "LossOutput", "PretrainStage", "SFTStage", "Stage", "token_cross_entropy"]
+__all__ = ["STAGES", "GRPOStage", "LossOutput", "PretrainStage", "RLHFStage", "SFTStage", "Stage", "token_cross_entropy"]

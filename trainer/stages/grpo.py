@@ -10,7 +10,8 @@
    call per group, ``max_batch = G``), sampling seeded by ``(stage.seed, step, slot)``. The seed names the
    global slot, not the rank, so the rollouts are a pure function of (weights, seeds, step) whatever the
    number of ranks: 2 ranks train exactly like 1, and a resumed run regenerates the same rollouts.
-3. **Rewards** through the environment dispatcher (:func:`score_batch`), **advantages** per group
+3. **Rewards** of whole groups from :meth:`GRPOStage.score_groups` (here: each rollout through the environment
+   dispatcher, :func:`score_batch`; the ``rlhf`` stage overrides it with a judge), **advantages** per group
    (:func:`compute_advantages`: estimator, clip, overlong filtering).
 4. **Packing.** Each rollout is one sequence ``prompt + completion``; the rank's sequences are packed
    first-fit-decreasing into rows of ``data.seq_len`` tokens with ``seq_idx`` (padding is its own
@@ -56,7 +57,7 @@ from ..config import ConfigError, DataConfig, StageConfig
 from ..data import DataError
 from ..inference.engine import GenerationEngine, SamplingParams, ThinkTokens
 from ..rl.advantages import GroupAdvantages, advantage_metrics, compute_advantages, group_std
-from ..rl.environments import ENVIRONMENTS, score_batch
+from ..rl.environments import ENVIRONMENTS, DispatchStats, score_batch
 from ..rl.losses import PolicyLossConfig, policy_loss, target_tokens
 from ..rl.multiturn import rollout_episodes
 from .base import LossOutput, Stage
@@ -362,13 +363,9 @@ class GRPOStage(Stage):
             results = [self._generate([self.train_ids[pidx]] * G, self._params(self.train[pidx].task, self._slot_seed(b, slot)),
                                       [self.train[pidx]] * G) for slot, pidx in mine]
             t1 = time.perf_counter()
-            pairs = [(self.train[pidx].as_sample(), self._completion_text(self.train[pidx], r.tokens))
-                     for (_, pidx), group in zip(mine, results) for r in group]
-            verdicts, dstats = score_batch(pairs, envs=self.envs, timeout_s=g.score_timeout_s,
-                                           max_workers=g.score_workers, backend=g.score_backend)
+            rewards, dstats = self.score_groups(b, mine, results)
             t_gen, t_score = t_gen + (t1 - t0), t_score + (time.perf_counter() - t1)
             dstats_all.append(dstats)
-            rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32).view(L, G)
             groups += [(rnd, slot, pidx, res) for (slot, pidx), res in zip(mine, results)]
             verdict_rows.append(rewards)
             if not g.dynamic_sampling_rounds:
@@ -444,6 +441,18 @@ class GRPOStage(Stage):
         if first_errors:
             log.warning("rollout batch %d: %d verifier errors, %d timeouts; first: %s", b, errors, timeouts, first_errors[0])
         return {"batch": b, "minibatches": minibatches}
+
+    def score_groups(self, b: int, slots: list[tuple[int, int]], results: list[list]) -> tuple[torch.Tensor, DispatchStats]:
+        """Rewards ``[len(slots), G]`` (float32) of whole groups: ``slots`` are ``(global slot, prompt index)``
+        of rollout batch ``b``, ``results[i]`` the G rollouts of slot ``i``. GRPO scores each rollout on its
+        own with its environment; a subclass may score a group at once (RLHF: a judge compares the group's
+        rollouts in pairs, trainer/stages/rlhf.py)."""
+        g = self.g
+        pairs = [(self.train[pidx].as_sample(), self._completion_text(self.train[pidx], r.tokens))
+                 for (_, pidx), group in zip(slots, results) for r in group]
+        verdicts, dstats = score_batch(pairs, envs=self.envs, timeout_s=g.score_timeout_s,
+                                       max_workers=g.score_workers, backend=g.score_backend)
+        return torch.tensor([v.reward for v in verdicts], dtype=torch.float32).view(len(slots), g.generations_per_prompt), dstats
 
     def _slot_seed(self, b: int, slot: int) -> int:
         return _seed(self.stage.seed, b, slot)

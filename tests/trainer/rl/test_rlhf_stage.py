@@ -1,0 +1,123 @@
+"""The rlhf stage: GRPO with the group-level scoring hook replaced by a frozen judge comparing rollouts in
+pairs — scripted verdicts (retries, defaults, tie-break, means, swap consistency) and a real tiny judge
+loaded from a checkpoint folder; config errors."""
+
+import json
+
+import pytest
+import torch
+
+from tandem.data_pipelines import rl_synthetic
+from tandem.model import HybridConfig, HybridLM
+from tandem.trainer.config import ConfigError
+from tandem.trainer.inference.engine import GenerationResult
+from tandem.trainer.parallel import DistInfo
+from tandem.trainer.rl.genrm import comparison_pairs, rollout_rewards
+from tandem.trainer.run import validate
+from tandem.trainer.stages import STAGES, RLHFStage
+
+from ..conftest import compose_recipe
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rlhf")
+    (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rl_synthetic.prompts(20, seed=0, kinds=("max",))))
+    torch.manual_seed(1)
+    HybridLM(HybridConfig.preset("tiny"), init_seed=1).save_pretrained(d / "judge")
+    return d
+
+
+def _cfg(files, *extra):
+    return compose_recipe("rlhf", ["model.preset=tiny", "model.init_from=null", f"data.rl.train=[{files / 'prompts.jsonl'}]",
+                                   "data.rl.valid=[]", f"stage.rlhf.judge={files / 'judge'}", "stage.eval_batches=0",
+                                   "stage.grpo.prompts_per_step=2", "stage.grpo.generations_per_prompt=2",
+                                   "stage.grpo.max_new_tokens=4", "stage.rlhf.judge_max_new_tokens=6", *extra])
+
+
+def _stage(files, *extra):
+    cfg = _cfg(files, *extra)
+    validate(cfg)
+    stage = RLHFStage(cfg.data, cfg.stage)
+    torch.manual_seed(0)
+    stage.bind(HybridLM(HybridConfig.preset("tiny")), CPU)
+    return stage
+
+
+class ScriptedJudge:
+    """Answers judge prompts from a script: call c gets outputs[c] (one text per prompt)."""
+
+    def __init__(self, tokenizer, outputs):
+        self.tok, self.outputs, self.calls = tokenizer, list(outputs), []
+
+    def generate(self, prompts, params):
+        self.calls.append((len(prompts), params.seed))
+        texts = self.outputs.pop(0)
+        assert len(texts) == len(prompts)
+        return [GenerationResult(p, self.tok.encode(t)) for p, t in zip(prompts, texts)]
+
+
+def test_registered_and_config_errors(files):
+    assert STAGES["rlhf"] is RLHFStage
+    with pytest.raises(ConfigError, match="stage.rlhf.judge must name"):
+        validate(_cfg(files, "stage.rlhf.judge=null"))
+    with pytest.raises(ConfigError, match="stage.rlhf.pairing must be one of"):
+        validate(_cfg(files, "stage.rlhf.pairing=ring"))
+    with pytest.raises(ConfigError, match="stage.rlhf.judge_samples must be >= 1"):
+        validate(_cfg(files, "stage.rlhf.judge_samples=0"))
+    with pytest.raises(ConfigError, match="stage.rlhf.length_penalty must be >= 0"):
+        validate(_cfg(files, "stage.rlhf.length_penalty=-1"))
+
+
+def test_scripted_verdicts_become_rollout_rewards(files):
+    stage = _stage(files)
+    V = '{{"score_1": {}, "score_2": {}, "ranking": {}}}'
+    # G = 2 circular: (0, 1) then (1, 0) per group; group 0 parses at once, group 1 needs a retry of one
+    # verdict, and that retry fails again (→ default 3 / 3.5)
+    judge = ScriptedJudge(stage.tokenizer, [
+        [V.format(5, 2, 1), V.format(2, 5, 6)],               # group 0: consistent, rollout 0 preferred
+        [V.format(3, 3, 2), "no verdict"],                    # group 1, attempt 0
+        ["still nothing"],                                    # group 1, attempt 1 (the retry)
+    ])
+    stage.judge_engine = judge
+    stage.batches_for_step(0)
+    m = stage.after_step(0, True)
+    want = rollout_rewards(torch.tensor([[5.0, 2.0], [3.0, 3.0]]), torch.tensor([[2.0, 5.0], [3.0, 3.0]]),
+                           torch.tensor([[1.0, 6.0], [2.0, 3.5]]), comparison_pairs(2, "circular"), 2)
+    assert want.tolist() == [[5.0, 2.0], [(4.5 + 3) / 2, (1.5 + 3) / 2]]
+    assert stage.last_rewards.tolist() == want.float().tolist()
+    assert [n for n, _ in judge.calls] == [2, 2, 1] and len({s for _, s in judge.calls}) == 3
+    assert m["rlhf/judge_format_error_frac"] == 0.25 and m["rlhf/judge_retry_frac"] == 0.25
+    assert m["rlhf/comparisons"] == 4.0 and m["rlhf/swap_consistency"] == 0.5  # group 1's default prefers nothing
+    assert m["rlhf/judged_score_mean"] == pytest.approx(float(want.mean()))
+    assert m["grpo/reward_mean"] == pytest.approx(float(want.mean()))
+
+
+def test_real_tiny_judge_loads_and_judges_all_pairs(files):
+    stage = _stage(files, "stage.grpo.generations_per_prompt=3", "stage.rlhf.pairing=all", "stage.rlhf.retries=0")
+    assert isinstance(stage.judge, HybridLM) and not any(p.requires_grad for p in stage.judge.parameters())
+    stage.batches_for_step(0)
+    m = stage.after_step(0, True)
+    assert m["rlhf/comparisons"] == 2 * 3  # 2 groups × 3 pairs
+    assert stage.last_rewards.shape == (2, 3) and torch.isfinite(stage.last_rewards).all()
+    # an untrained judge rarely writes a verdict: every failure is counted and scores the neutral 3
+    fails = m["rlhf/judge_format_error_frac"]
+    assert 0 <= fails <= 1 and (fails < 1 or stage.last_rewards.eq(3.0).all())
+
+
+def test_judge_seeds_name_the_global_slot_not_the_rank_share(files):
+    """A group's judge sampling depends on (seed, batch, global slot, attempt) only: the same whichever other
+    groups share the rank (so 2 ranks judge like 1) and the same on a rerun (resume)."""
+    stage = _stage(files)
+    V = '{"score_1": 4, "score_2": 2, "ranking": 2}'
+    group = [GenerationResult([1], stage.tokenizer.encode("The answer is 3.")) for _ in range(2)]
+    alone = ScriptedJudge(stage.tokenizer, [[V, V]])
+    stage.judge_engine = alone
+    r_alone, _ = stage.score_groups(7, [(5, 0)], [group])
+    shared = ScriptedJudge(stage.tokenizer, [[V, V], [V, V]])
+    stage.judge_engine = shared
+    r_shared, _ = stage.score_groups(7, [(4, 1), (5, 0)], [group, group])
+    assert shared.calls[1] == alone.calls[0] and shared.calls[0] != alone.calls[0]
+    assert r_shared[1].tolist() == r_alone[0].tolist() == [3.0, 3.0]  # (4 + 2) / 2 for both rollouts

@@ -1,0 +1,169 @@
+"""RLHF: GRPO whose rewards come from a frozen GenRM judge comparing each group's rollouts in pairs.
+
+Everything of :class:`GRPOStage` (prompts, rollouts, advantages, packing, loss, resume) is unchanged; only
+the group-level scoring hook :meth:`GRPOStage.score_groups` is replaced:
+
+1. the G rollouts of a prompt are paired (``stage.rlhf.pairing``: circular ``(i, i+1 mod G)`` or all pairs,
+   :func:`tandem.trainer.rl.genrm.comparison_pairs`), each pair ``judge_samples`` times;
+2. each pair becomes a judge prompt — the prompt's conversation + the two completions' final answers
+   (reasoning stripped) — rendered through the chat template with the policy's tokenizer;
+3. the judge generates its verdicts with the same :class:`GenerationEngine` (one call per group, the
+   group's comparisons batched, ``judge_batch`` rows at once), sampling seeded by ``(stage.seed, batch,
+   global slot, attempt)`` so judging, like the rollouts, does not depend on the number of ranks and a
+   resumed run judges identically; verdicts that do not parse are re-sampled up to ``retries`` times, then
+   take the counted default (score 3, ranking 3.5);
+4. :func:`rollout_rewards`: tie-break ``adj = 3.5 − ranking`` on equal scores, each rollout's reward = the
+   mean of its comparison scores; then the optional group shaping (``shortest_top_bonus``,
+   ``length_penalty``, on completion token counts); then GRPO's ordinary advantage.
+
+The held-out evaluation is GRPO's: each held-out prompt's own environment (e.g. ``math``) scores one
+rollout, so ``grpo/val_reward`` measures the policy independently of the judge.
+
+**The judge** (``stage.rlhf.judge``): a tandem run / checkpoint or an HF NemotronH folder, loaded with
+:meth:`HybridLM.from_pretrained` on this rank's device, frozen, eval mode; it must share the policy's
+tokenizer (its vocabulary is checked). Each rank holds a whole copy of it: right for one machine and small
+judges, not for a 30B judge beside a 30B policy on every GPU — there the judge belongs in its own servers
+(an HTTP judge in NeMo Gym's form), which this stage does not have yet (docs/RLHF.md).
+
+Metrics (over all ranks' groups; with dynamic sampling, of the last round): ``rlhf/judged_score_mean`` (before shaping),
+``rlhf/judge_format_error_frac`` (after retries), ``rlhf/judge_retry_frac``, ``rlhf/comparisons``,
+``rlhf/tie_frac``, ``rlhf/swap_consistency`` (circular pairing with G = 2 compares each pair in both orders:
+the fraction whose two verdicts prefer the same rollout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import torch
+
+from tandem.data_pipelines.chat import render_prompt
+from tandem.data_pipelines.preferences import final_answer, judge_messages
+from tandem.model.checkpoint import CheckpointError
+
+from ..config import ConfigError, DataConfig, StageConfig, validate_rlhf
+from ..inference.engine import GenerationEngine, SamplingParams
+from ..rl.environments import DispatchStats
+from ..rl.genrm import (
+    ParseCounter, comparison_pairs, length_penalty, parse_judgement, rollout_rewards, shortest_top_bonus,
+    swap_consistent, with_default,
+)
+from .grpo import GRPOStage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RLHFStage", "load_judge"]
+
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit judge-sampling seed from integers, stable across processes (its own hash prefix, so it never
+    equals a rollout's seed)."""
+    h = hashlib.blake2b(("judge:" + ",".join(str(int(p)) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+def load_judge(source: str, device: torch.device):
+    """The frozen judge: a tandem run / checkpoint or an HF NemotronH folder (CheckpointError naming it)."""
+    from tandem.model import HybridLM
+
+    from ..checkpoint.manager import weights_dir
+
+    folder = weights_dir(source)
+    try:
+        judge = HybridLM.from_pretrained(folder, device=device)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"stage.rlhf.judge={source}: cannot load the judge from {folder}: {e}") from None
+    return judge.eval().requires_grad_(False)
+
+
+class RLHFStage(GRPOStage):
+    name = "rlhf"
+
+    def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1):
+        validate_rlhf(stage.rlhf, required=True)
+        super().__init__(data, stage, rank, world_size)
+        self.r = stage.rlhf
+        self.judge = self.judge_engine = None
+        self.pairs = comparison_pairs(self.g.generations_per_prompt, self.r.pairing).repeat_interleave(
+            self.r.judge_samples, dim=0)  # [K·S, 2]: each pair judge_samples times, adjacent
+
+    def bind(self, model, info, precision: str = "auto") -> None:
+        super().bind(model, info, precision)
+        self.judge = load_judge(self.r.judge, info.device)
+        if self.judge.config.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(f"stage.rlhf.judge={self.r.judge}: its vocabulary ({self.judge.config.vocab_size}) is "
+                              f"smaller than the policy tokenizer's ({self.tokenizer.vocab_size}); the judge must "
+                              f"share the policy's tokenizer")
+        self.judge_engine = GenerationEngine(self.judge, max_batch=self.r.judge_batch)
+
+    def _judge_params(self, seed: int) -> SamplingParams:
+        r = self.r
+        return SamplingParams(max_new_tokens=r.judge_max_new_tokens, temperature=r.judge_temperature,
+                              greedy=r.judge_greedy, seed=seed, stop_token_ids=self.stop_ids)
+
+    def _judge_text(self, tokens: list[int]) -> str:
+        if tokens and tokens[-1] in self.stop_ids:
+            tokens = tokens[:-1]
+        return ("<think>\n" if self.r.judge_enable_thinking else "<think></think>") + self.tokenizer.decode(tokens)
+
+    def judge_group(self, conversation: list[dict], answers: list[str], seed: int, counter: ParseCounter):
+        """Verdicts ``(score_1, score_2, ranking)`` tensors ``[K·S]`` of one group's comparisons, and how many
+        judgements were re-sampled."""
+        prompts = [render_prompt(judge_messages(conversation, answers[i], answers[j]), self.tokenizer,
+                                 enable_thinking=self.r.judge_enable_thinking) for i, j in self.pairs.tolist()]
+        verdicts = [None] * len(prompts)
+        todo, retried = list(range(len(prompts))), 0
+        for attempt in range(1 + self.r.retries):
+            results = self.judge_engine.generate([prompts[k] for k in todo], self._judge_params(_seed(seed, attempt)))
+            failed = []
+            for k, res in zip(todo, results):
+                j = parse_judgement(self._judge_text(res.tokens))
+                verdicts[k] = j
+                if not j.ok:
+                    failed.append(k)
+            if not failed or attempt == self.r.retries:
+                break
+            retried += len(failed)
+            todo = failed
+        for j in verdicts:
+            counter.add(j)
+        values = torch.tensor([with_default(j) for j in verdicts], dtype=torch.float64)
+        return values[:, 0], values[:, 1], values[:, 2], retried
+
+    def score_groups(self, b, slots, results):
+        G, N = self.g.generations_per_prompt, len(slots)
+        counter, retried = ParseCounter(), 0
+        s1, s2, rk = (torch.zeros(N, len(self.pairs), dtype=torch.float64) for _ in range(3))
+        for n, ((slot, pidx), group) in enumerate(zip(slots, results)):
+            p = self.train[pidx]
+            conversation = p.messages if p.messages is not None else [{"role": "user", "content": p.prompt}]
+            answers = [final_answer(self._completion_text(p, r.tokens)) for r in group]
+            a, c, k, n_retry = self.judge_group(conversation, answers, _seed(self.stage.seed, b, slot), counter)
+            s1[n], s2[n], rk[n] = a, c, k
+            retried += n_retry
+        r = self.r
+        rewards = rollout_rewards(s1, s2, rk, self.pairs, G, tie_break=r.tie_break)
+        judged = rewards.clone()
+        lengths = torch.tensor([[len(x.tokens) for x in group] for group in results], dtype=torch.float64)
+        if r.shortest_top_bonus > 0:
+            rewards = shortest_top_bonus(rewards, lengths, r.shortest_top_bonus)
+        if r.length_penalty > 0:
+            rewards = length_penalty(rewards, lengths, r.length_penalty)
+        cons = []
+        if r.pairing == "circular" and G == 2:  # (0, 1) and (1, 0): one pair in both orders
+            cons = [swap_consistent(float(rk[n, i]), float(rk[n, i + r.judge_samples]))
+                    for n in range(N) for i in range(r.judge_samples)]
+        # summed over ranks (every rank scores the same number of rounds, so this collective is matched)
+        t = self._all_reduce(torch.tensor([float(judged.sum()), float(judged.numel()), counter.errors, counter.total,
+                                           retried, float((s1 == s2).sum()), sum(cons), len(cons)], dtype=torch.float64))
+        metrics = {"rlhf/judged_score_mean": float(t[0] / t[1].clamp(min=1)),
+                   "rlhf/judge_format_error_frac": float(t[2] / t[3].clamp(min=1)),
+                   "rlhf/judge_retry_frac": float(t[4] / t[3].clamp(min=1)), "rlhf/comparisons": float(t[3]),
+                   "rlhf/tie_frac": float(t[5] / t[3].clamp(min=1))}
+        if cons:
+            metrics["rlhf/swap_consistency"] = float(t[6] / t[7])
+        self._pending.update(metrics)
+        stats = DispatchStats(calls=N * G, ok=N * G)
+        return rewards.float(), stats
