@@ -342,11 +342,6 @@ class GRPOStage(Stage):
         self._served = step
         return self._cache["minibatches"][j % g.minibatches]
 
-    def _draw(self, b: int, rnd: int) -> list[int]:
-        """Global prompt indices of round ``rnd`` of rollout batch ``b`` (round 0: :meth:`prompts_for_step`;
-        later rounds are dynamic sampling's refills, drawn the same way from their own seed)."""
-        return self.prompts_for_step(b) if rnd == 0 else self.prompts_for_step(b, rnd)
-
     def _rollout_batch(self, b: int) -> dict:
         """Generate, score and pack rollout batch ``b`` (collective: every rank runs the same rounds)."""
         g, G, P = self.g, self.g.generations_per_prompt, self.g.prompts_per_step
@@ -358,7 +353,8 @@ class GRPOStage(Stage):
         dstats_all = []
         for rnd in range(1 + g.dynamic_sampling_rounds):
             t0 = time.perf_counter()
-            slots = self._draw(b, rnd)
+            # round > 0: dynamic sampling's refill, drawn from its own seed
+            slots = self.prompts_for_step(b) if rnd == 0 else self.prompts_for_step(b, rnd)
             mine = [(rnd * P + i, slots[i]) for i in range(first, first + L)]
             results = [self._generate([self.train_ids[pidx]] * G, self._params(self.train[pidx].task, self._slot_seed(b, slot)),
                                       [self.train[pidx]] * G) for slot, pidx in mine]
@@ -388,7 +384,8 @@ class GRPOStage(Stage):
             position[order.sort().values] = torch.arange(P)  # rank of each selected group in global order
         else:
             position = torch.arange(P)
-        local_pos = [int(position[slot]) for _, slot, _, _ in groups]  # -1: not trained
+        positions = position.tolist()  # one host copy, not one per group
+        local_pos = [positions[slot] for _, slot, _, _ in groups]  # -1: not trained
         advantages, keep = adv.advantages.tolist(), adv.loss_mask.tolist()  # one host copy, not one per rollout
         mbs: list[list[Rollout]] = [[] for _ in range(g.minibatches)]
         for i, (_, _, _, grp) in enumerate(groups):
