@@ -150,13 +150,23 @@ def run(cfg: DictConfig) -> dict:
         for sink in sinks:
             sink.close()
     if info.is_main:
-        first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-        summary = f"loss {first['loss']:.3f} (step {first['step']}) → {record.get('loss', float('nan')):.3f}"
-        if "val_loss" in record:
-            summary += f", val_loss {record['val_loss']:.3f}"
+        summary = headline_summary(run_dir / "metrics.jsonl", stage.headline)
         print(f"done: {trainer.state.step} steps; {summary}\n  metrics:    {run_dir / 'metrics.jsonl'}\n"
               f"  checkpoint: {checkpoints.latest()}", flush=True)
     return record
 
 
-__all__ = ["run", "validate", "USER_ERRORS"]
+def headline_summary(metrics_path: Path, keys) -> str:
+    """``key first (step s) → last (step t)`` for each of ``keys`` recorded in ``metrics_path`` (a resumed run
+    reports from the first record of the whole run, not of this start)."""
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    parts = []
+    for key in keys:
+        seen = [r for r in records if isinstance(r.get(key), (int, float))]
+        if seen:
+            a, b = seen[0], seen[-1]
+            parts.append(f"{key} {a[key]:.3f} (step {a['step']}) → {b[key]:.3f} (step {b['step']})")
+    return ", ".join(parts) or "no metrics recorded"
+
+
+__all__ = ["run", "validate", "headline_summary", "USER_ERRORS"]

@@ -62,6 +62,8 @@ class Stage(abc.ABC):
     name: str = "stage"
     #: ``LossOutput.metrics`` names the loop reduces with max over micro-batches and ranks (others: token sums)
     max_metrics: frozenset = frozenset()
+    #: the record keys the end-of-run line reports, first recorded value → last (``tandem`` prints it)
+    headline: tuple[str, ...] = ("loss", "val_loss")
 
     def bind(self, model: torch.nn.Module, info, precision: str = "auto") -> None:
         """Called by ``run`` once with the built model (final weights), its ``DistInfo`` and

@@ -145,6 +145,7 @@ def model_logprobs(model, input_ids, seq_idx, labels, temperature: float, entrop
 class GRPOStage(Stage):
     name = "grpo"
     max_metrics = frozenset({"grpo/ratio_max"})
+    headline = ("grpo/reward_mean", "grpo/val_reward")  # the loss is a surrogate, not the thing to watch
 
     def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1):
         g = stage.grpo
