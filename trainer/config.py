@@ -315,6 +315,7 @@ class RLHFConfig:
     judge_temperature: float = 1.0
     judge_greedy: bool = False  # greedy judging (retries then repeat the same output: set retries=0)
     judge_enable_thinking: bool = True  # the judge reasons before its verdict
+    judge_instructions: str = "full"  # the judging instructions (preferences.JUDGE_TEMPLATES) the judge was trained on
     judge_batch: int = 16  # judge prompts generated together (rows of the judge's generation engine)
     tie_break: bool = True  # equal scores: adj = 3.5 - ranking, score_1 += adj, score_2 -= adj
     shortest_top_bonus: float = 0.0  # added to the shortest of each group's top-reward rollouts (0 = off)
@@ -558,6 +559,10 @@ def validate_rlhf(r: Any, required: bool = False) -> None:
         bad("judge", "must name the GenRM judge (a tandem run / checkpoint or an HF NemotronH folder)", r.judge)
     if r.pairing not in PAIRINGS:
         bad("pairing", f"must be one of {list(PAIRINGS)}", r.pairing)
+    from tandem.data_pipelines.preferences import JUDGE_TEMPLATES
+
+    if r.judge_instructions not in JUDGE_TEMPLATES:
+        bad("judge_instructions", f"must be one of {sorted(JUDGE_TEMPLATES)}", r.judge_instructions)
     for key, least in (("judge_samples", 1), ("retries", 0), ("judge_max_new_tokens", 1), ("judge_batch", 1)):
         if r[key] < least:
             bad(key, f"must be >= {least}", r[key])
