@@ -68,8 +68,7 @@ JUDGE_INSTRUCTIONS = (
 #: is their training cost (the smoke judge). A judge is trained and used with the same template.
 JUDGE_TEMPLATES = {
     "full": JUDGE_INSTRUCTIONS,
-    "compact": 'Judge both responses. Reply {"score_1": 1-5, "score_2": 1-5, "ranking": 1-6}; ranking 1-3 = '
-               'response 1 better, 4-6 = response 2 better.',
+    "compact": "Reply JSON: score_1, score_2 (1-5), ranking (1-6; 1-3 = response 1 better).",
 }
 
 
@@ -225,15 +224,15 @@ def judge_rows(prefs: Sequence[Mapping[str, Any]], swap: bool = True, task: str 
 STYLES = {"correct_concise": (True, True, 5), "correct_rambling": (True, False, 3),
           "wrong_concise": (False, True, 2), "wrong_rambling": (False, False, 1)}
 
-_RAMBLE = ("Let me think about this question step by step before answering it properly and carefully.",
-           "This is an interesting question, and there are several things worth considering here first.",
-           "Before I answer, I want to restate the question in my own words and check it twice.")
+#: filler a rambling response opens with (two of these) and closes with "I hope this helps." — short, so the
+#: judge prompts stay cheap for the tiny smoke judge, and still several times the concise answer's length
+_RAMBLE = ("Let me think step by step.", "What an interesting question.", "Let me restate it and check twice.")
 
 
 def _response(rng: random.Random, value: str, concise: bool, reasoning: bool) -> str:
     text = f"The answer is {value}."
     if not concise:
-        text = " ".join(rng.sample(_RAMBLE, 2)) + " " + text + " I hope this long explanation helps you."
+        text = " ".join(rng.sample(_RAMBLE, 2)) + " " + text + " I hope this helps."
     if reasoning:
         text = f"<think>I should check {value} again.</think>" + text
     return text
