@@ -45,6 +45,7 @@ from typing import Any, Mapping, Sequence
 
 from .readers import MISSING, check_text, iter_records
 from .rl_prompts import rl_prompt_schema
+from .rl_synthetic import ramble
 
 __all__ = [
     "SCORE_RANGE", "RANKING_RANGE", "JUDGE_INSTRUCTIONS", "JUDGE_TEMPLATES", "final_answer", "judge_prompt_text", "judge_messages",
@@ -224,15 +225,12 @@ def judge_rows(prefs: Sequence[Mapping[str, Any]], swap: bool = True, task: str 
 STYLES = {"correct_concise": (True, True, 5), "correct_rambling": (True, False, 3),
           "wrong_concise": (False, True, 2), "wrong_rambling": (False, False, 1)}
 
-#: filler a rambling response opens with (two of these) and closes with "I hope this helps." — short, so the
-#: judge prompts stay cheap for the tiny smoke judge, and still several times the concise answer's length
-_RAMBLE = ("Let me think step by step.", "What an interesting question.", "Let me restate it and check twice.")
 
 
 def _response(rng: random.Random, value: str, concise: bool, reasoning: bool) -> str:
     text = f"The answer is {value}."
     if not concise:
-        text = " ".join(rng.sample(_RAMBLE, 2)) + " " + text + " I hope this helps."
+        text = ramble(rng, text)  # the filler rl_synthetic's warm-up uses: short, so judge prompts stay cheap
     if reasoning:
         text = f"<think>I should check {value} again.</think>" + text
     return text
