@@ -534,6 +534,9 @@ class GRPOStage(Stage):
             return {}
         G = self.g.generations_per_prompt
         sums = torch.zeros(2 * (len(self.tasks) + 1), dtype=torch.float64)
+        # the environments' declared components: (task, name) → a (sum, count) slot, the same layout on every rank
+        comp_keys = [(t, n) for t in self.tasks for n in getattr(self.envs[t], "components", ())]
+        comps = torch.zeros(2 * len(comp_keys), dtype=torch.float64)
         for c, start in enumerate(range(0, len(self.valid), G)):
             if c % self.world_size != self.rank:
                 continue
@@ -554,11 +557,19 @@ class GRPOStage(Stage):
                     sums[1] += 1
                     sums[2 + 2 * e] += v.reward
                     sums[3 + 2 * e] += 1
+                    for k, (kt, name) in enumerate(comp_keys):
+                        if kt == t and name in v.components:
+                            comps[2 * k] += float(v.components[name])
+                            comps[2 * k + 1] += 1
         sums = self._all_reduce(sums)
+        comps = self._all_reduce(comps) if comp_keys else comps
         out = {"grpo/val_reward": float(sums[0] / sums[1].clamp(min=1)), "grpo/val_prompts": float(sums[1])}
         for e, t in enumerate(self.tasks):
             if sums[3 + 2 * e] > 0:
                 out[f"grpo/val_reward/{t}"] = float(sums[2 + 2 * e] / sums[3 + 2 * e])
+        for k, (t, name) in enumerate(comp_keys):
+            if comps[2 * k + 1] > 0:
+                out[f"grpo/val/{t}/{name}"] = float(comps[2 * k] / comps[2 * k + 1])
         return out
 
     def step_info(self, step: int) -> dict:

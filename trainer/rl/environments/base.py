@@ -81,6 +81,9 @@ class Environment(abc.ABC):
     prefers ``averify`` when a subclass defines it); instances must be picklable for the process backend."""
 
     name: str = "environment"
+    #: names of :attr:`Verdict.components` the GRPO stage averages over its held-out rollouts and records as
+    #: ``grpo/val/<task>/<name>`` (a verdict without one is left out of that mean)
+    components: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         # refuse at class definition an environment that could never score (it would only count errors)
