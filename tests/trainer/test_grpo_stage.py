@@ -236,6 +236,7 @@ def test_held_out_metrics_average_the_declared_components(tmp_path):
     assert m["grpo/val_prompts"] == 40
     assert m[f"grpo/val/{COMP}/has_e"] == m["grpo/val_reward"] and 0 < m["grpo/val_reward"] < 1, m
     assert f"grpo/val/{COMP}/long" in m and f"grpo/val/{COMP}/ignored" not in m
+    assert 1 <= m["grpo/val_response_length"] <= 8  # generated tokens per held-out rollout (max_new_tokens 8)
     (tmp_path / "metrics.jsonl").write_text(
         json.dumps({"step": 1, "grpo/initial_val_reward": 0.5, f"grpo/initial_val/{COMP}/has_e": 0.25,
                     "grpo/initial_val_prompts": 40}) + "\n"
@@ -245,6 +246,8 @@ def test_held_out_metrics_average_the_declared_components(tmp_path):
     assert curve_main([str(tmp_path), "--metric", f"val/{COMP}/has_e", "--min-gain", "0.2"]) == 0
     assert curve_main([str(tmp_path), "--metric", f"val/{COMP}/has_e", "--min-gain", "0.3"]) == 1
     assert curve_main([str(tmp_path), "--metric", "val/nothing/x"]) == 2
+    assert curve_main([str(tmp_path), "--metric", f"val/{COMP}/has_e", "--max-gain", "0.3"]) == 0
+    assert curve_main([str(tmp_path), "--metric", f"val/{COMP}/has_e", "--max-gain", "0.2"]) == 1
 
 
 def test_config_errors_name_the_key(prompts, tmp_path):

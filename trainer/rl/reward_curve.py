@@ -13,6 +13,7 @@ directory has no such records (not a GRPO run with evaluation, or not started).
 component averaged over the held-out rollouts, e.g. the GenRM judge's agreement with the labels::
 
     python -m tandem.trainer.rl.reward_curve runs/smoke/genrm --metric val/genrm/agree --min-gain 0.1
+    python -m tandem.trainer.rl.reward_curve runs/smoke/rlhf --metric val_response_length --max-gain -4
 
 The figures are the run's own measurements, not recomputed: each evaluation scores every held-out prompt once
 with the same seeds (docs/RL.md, "Metrics"), so the curve compares weights, not sampling luck.
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--min-gain", type=float, default=None, help="exit 1 when last − start is below this")
+    ap.add_argument("--max-gain", type=float, default=None,
+                    help="exit 1 when last − start is above this (a series that must fall: --max-gain -5)")
     ap.add_argument("--min-prompts", type=int, default=1, help="exit 1 when an evaluation scored fewer prompts")
     ap.add_argument("--metric", default="val_reward",
                     help="the held-out series: val_reward (default) or val/<task>/<component>, e.g. val/genrm/agree")
@@ -106,6 +109,10 @@ def main(argv=None) -> int:
         return 1
     if args.min_gain is not None and curve.gain < args.min_gain:
         print(f"reward_curve: held-out {name} gain {curve.gain:+.3f} is below --min-gain {args.min_gain}",
+              file=sys.stderr)
+        return 1
+    if args.max_gain is not None and curve.gain > args.max_gain:
+        print(f"reward_curve: held-out {name} change {curve.gain:+.3f} is above --max-gain {args.max_gain}",
               file=sys.stderr)
         return 1
     return 0

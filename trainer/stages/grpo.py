@@ -537,6 +537,7 @@ class GRPOStage(Stage):
         # the environments' declared components: (task, name) → a (sum, count) slot, the same layout on every rank
         comp_keys = [(t, n) for t in self.tasks for n in getattr(self.envs[t], "components", ())]
         comps = torch.zeros(2 * len(comp_keys), dtype=torch.float64)
+        length = torch.zeros(1, dtype=torch.float64)  # generated tokens over all held-out rollouts
         for c, start in enumerate(range(0, len(self.valid), G)):
             if c % self.world_size != self.rank:
                 continue
@@ -549,6 +550,7 @@ class GRPOStage(Stage):
                                      self._params(t, _seed(self.stage.seed, _EVAL, c), greedy=self.g.eval_greedy),
                                      [self.valid[i] for i in ids])
                 pairs = [(self.valid[i].as_sample(), self._completion_text(self.valid[i], r.tokens)) for i, r in zip(ids, res)]
+                length += sum(len(r.tokens) for r in res)
                 verdicts, _ = score_batch(pairs, envs=self.envs, timeout_s=self.g.score_timeout_s,
                                           max_workers=self.g.score_workers, backend=self.g.score_backend)
                 e = self.tasks.index(t)
@@ -561,9 +563,12 @@ class GRPOStage(Stage):
                         if kt == t and name in v.components:
                             comps[2 * k] += float(v.components[name])
                             comps[2 * k + 1] += 1
-        sums = self._all_reduce(sums)
+        sums = self._all_reduce(torch.cat([sums, length]))
+        sums, length = sums[:-1], sums[-1]
         comps = self._all_reduce(comps) if comp_keys else comps
-        out = {"grpo/val_reward": float(sums[0] / sums[1].clamp(min=1)), "grpo/val_prompts": float(sums[1])}
+        out = {"grpo/val_reward": float(sums[0] / sums[1].clamp(min=1)), "grpo/val_prompts": float(sums[1]),
+               # the style a reward can move (RLHF against a judge that prefers concise answers), judge-free
+               "grpo/val_response_length": float(length / sums[1].clamp(min=1))}
         for e, t in enumerate(self.tasks):
             if sums[3 + 2 * e] > 0:
                 out[f"grpo/val_reward/{t}"] = float(sums[2 + 2 * e] / sums[3 + 2 * e])
