@@ -183,7 +183,7 @@ class Mamba2Mixer(nn.Module):
         corr = torch.einsum("btgn,bgkpn->btgkp", C.reshape(2 * b, tc, g, n).float(), H_in)
         corr = corr.reshape(2 * b, tc, h, p) * decay_in[..., None]
         y = (y.float() + corr).to(x.dtype)
-        y = y.view(2, b, tc, self.d_inner).transpose(0, 1).reshape(b, t, self.d_inner)
+        y = y.reshape(2, b, tc, self.d_inner).transpose(0, 1).reshape(b, t, self.d_inner)
         y = self.norm(y, z)
         return self.out_proj(y.to(hidden.dtype))
 

@@ -195,6 +195,8 @@ class ParallelConfig:
     # The data-parallel size is derived: world_size / (tp * cp * ep-shards). TP/CP/EP and ZeRO arrive with
     # the MoE/EP issue; the engine registry (tandem.trainer.parallel.engines) is where they plug in.
     tp: int = 1
+    # context parallelism: every row split over cp ranks (load-balanced causal split; data.seq_len must be a
+    # multiple of 2·cp); the cp ranks of a data-parallel replica read the same rows (trainer/parallel/context.py)
     cp: int = 1
     ep: int = 1
     zero_stage: int = 0
@@ -491,6 +493,8 @@ def validate_parallel(p: Any) -> None:
                           f"set parallel.zero_stage=0 or parallel.engine=zero")
     if p.engine == "zero" and p.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.engine=zero needs parallel.zero_stage 1, 2 or 3, got {p.zero_stage}")
+    if p.cp < 1:
+        raise ConfigError(f"parallel.cp must be >= 1, got {p.cp}")
 
 
 def validate_grpo(g: Any) -> None:

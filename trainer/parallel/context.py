@@ -35,7 +35,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["ContextParallel", "apply_context_parallel", "remove_context_parallel"]
+__all__ = ["ContextParallel", "apply_context_parallel", "check_context_parallel", "remove_context_parallel",
+           "shard_batch", "shard_stage_batches"]
+
+#: stages whose rows are fixed-length token windows the CP split applies to (GRPO/RLHF generate)
+CP_STAGES = ("pretrain", "sft", "cpt")
 
 
 class _AllGather(torch.autograd.Function):
@@ -145,3 +149,54 @@ def remove_context_parallel(model: nn.Module) -> None:
     for m in model.modules():
         if getattr(m, "cp", None) is not None:
             m.cp = None
+
+
+# -- trainer side ------------------------------------------------------------------------------------
+def check_context_parallel(cfg, model_cfg) -> None:
+    """Refuse (``ConfigError`` naming the key) what ``parallel.cp > 1`` cannot train exactly."""
+    from tandem.trainer.config import ConfigError
+
+    cp = cfg.parallel.cp
+    if cp < 1:
+        raise ConfigError(f"parallel.cp must be >= 1, got {cp}")
+    if cp == 1:
+        return
+    if cfg.stage.name not in CP_STAGES:
+        raise ConfigError(f"parallel.cp={cp} with stage.name={cfg.stage.name}: context parallelism trains fixed-length "
+                          f"rows ({', '.join(CP_STAGES)}); a generating stage needs parallel.cp=1")
+    seq = cfg.data.seq_len
+    if seq % (2 * cp):
+        raise ConfigError(f"data.seq_len={seq} must be divisible by 2 × parallel.cp = {2 * cp} (each CP rank holds two "
+                          f"equal chunks of every row)")
+    k1 = model_cfg.conv_kernel - 1
+    if "M" in model_cfg.hybrid_override_pattern and seq // (2 * cp) < k1:
+        raise ConfigError(f"data.seq_len={seq} with parallel.cp={cp}: chunks of {seq // (2 * cp)} tokens are shorter "
+                          f"than the Mamba conv window ({k1}); lower parallel.cp")
+    if model_cfg.moe_aux_loss_coeff > 0:
+        # the sequence-wise balance loss needs each sequence's whole routing statistics; under CP a rank
+        # sees only its slice (the z-loss and the bias update are per token and stay exact)
+        raise ConfigError(f"parallel.cp={cp} with model.moe_aux_loss_coeff={model_cfg.moe_aux_loss_coeff}: the "
+                          f"sequence-wise balance loss is not context-parallel yet; set model.moe_aux_loss_coeff=0 "
+                          f"(aux-loss-free balancing, optim.expert_bias_update_rate, is exact under CP)")
+
+
+def shard_batch(batch: dict, cp: ContextParallel) -> dict:
+    """Every per-token tensor of a batch (``[B, T, ...]``: inputs, labels, ``seq_idx``, loss mask, ``valid``)
+    → this rank's load-balanced slice; per-row tensors (``[B]``) stay whole."""
+    from tandem.trainer.data import DataError
+
+    t = batch["input_ids"].shape[1]
+    if t % (2 * cp.size):
+        raise DataError(f"a batch of {t}-token rows cannot be split over parallel.cp={cp.size} (needs a multiple of "
+                        f"{2 * cp.size}; rows are data.seq_len long)")
+    return {k: cp.shard(v, 1) if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == t else v
+            for k, v in batch.items()}
+
+
+def shard_stage_batches(stage, cp: ContextParallel) -> None:
+    """Make a stage yield this CP rank's slices: its ``batches_for_step`` / ``eval_batches`` are wrapped on
+    the instance, so every count the loop takes (target and input tokens) is of local tokens and their
+    all-reduced sums over DP × CP are the global ones (each token is on exactly one rank)."""
+    rows_for_step, eval_rows = stage.batches_for_step, stage.eval_batches
+    stage.batches_for_step = lambda step: [shard_batch(b, cp) for b in rows_for_step(step)]
+    stage.eval_batches = lambda: (shard_batch(b, cp) for b in eval_rows())
