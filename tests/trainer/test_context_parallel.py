@@ -60,3 +60,69 @@ def test_load_balanced_split_covers_every_token_once():
         assert torch.equal(_FakeGroupCP(3, r).positions(8), pieces[r][0])
     with pytest.raises(ValueError, match="divisible by 2 × parallel.cp = 6"):
         _FakeGroupCP(3, 0).shard(torch.arange(20)[None])
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _weights(ckpt):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((ckpt / "model").glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.slow
+def test_cp2_training_equals_single_process_and_resumes_at_cp1(tmp_path):
+    """``parallel=cp2`` (2 gloo processes, the smoke model: Mamba + attention + MoE, packed documents)
+    trains step for step like one process — loss (the global token mean), gradient norm, token counts —
+    writes the same checkpoint, and one process resumes that checkpoint with the same next steps."""
+    from .conftest import TINY_RUN, run_cli
+
+    args = [*TINY_RUN, "stage.steps=4", "stage.save_every=2"]
+    cp = _torchrun("-m", "tandem.trainer.cli", "-cn", "smoke", "parallel=cp2", *args, f"run.dir={tmp_path / 'cp2'}")
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    single = run_cli("-cn", "smoke", *args, f"run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = _records(tmp_path / "cp2" / "metrics.jsonl"), _records(tmp_path / "single" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * y["loss"], (a, b)
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * y["grad_norm"], (a, b)
+        assert (x["target_tokens"], x["tokens"]) == (y["target_tokens"], y["tokens"])  # counts reduced over CP
+        assert x["moe/max_load"] == y["moe/max_load"]  # expert-bias updates from the global counts
+    assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) <= 1e-5 * b[-1]["val_loss"]
+    step2 = "checkpoints/step_00000002"
+    wa, wb = _weights(tmp_path / "cp2" / step2), _weights(tmp_path / "single" / step2)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        # AdamW divides by √v: a weight whose gradient is ~0 moves by up to lr on fp32 summation-order noise,
+        # so the bound is a fraction of one step's update (lr 1.5e-3 here), not of the weight
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-4, msg=k)
+    resumed = run_cli("-cn", "smoke", *args, f"run.dir={tmp_path / 'resumed'}", f"run.resume={tmp_path / 'cp2' / step2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    c = _records(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in c] == [3, 4]
+    for x, y in zip(c, b[2:]):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * y["loss"], (c, b)
+
+
+def test_cp_refusals_name_the_key(tiny_cfg):
+    from tandem.trainer.config import ConfigError, build_hybrid_config
+    from tandem.trainer.parallel.context import check_context_parallel
+
+    def refused(*overrides):
+        cfg = tiny_cfg(*overrides)
+        with pytest.raises(ConfigError) as e:
+            check_context_parallel(cfg, build_hybrid_config(cfg.model))
+        return str(e.value)
+
+    assert "data.seq_len=30 must be divisible by 2 × parallel.cp = 4" in refused("parallel.cp=2", "data.seq_len=30")
+    assert "shorter than the Mamba conv window" in refused("parallel.cp=8", "data.seq_len=32")
+    assert "model.moe_aux_loss_coeff" in refused("parallel.cp=2", "+model.moe_aux_loss_coeff=0.01")
+    assert "parallel.cp must be >= 1" in refused("parallel.cp=0")
+    cfg = tiny_cfg("parallel.cp=2")
+    check_context_parallel(cfg, build_hybrid_config(cfg.model))  # accepted
