@@ -246,8 +246,8 @@ def context_parallel_attention(q, k, v, docs: PackedDocuments, *, scale: float, 
     a document inside a local chunk attends to the document from its first token (possibly on another
     rank) up to the piece's own last query: SDPA with a lower-right causal bias
     (``torch.nn.attention.bias.causal_lower_right``), which on CUDA runs the flash / memory-efficient
-    kernels without a mask; on CPU torch materialises that piece's [queries, keys] boolean (at most
-    T/2N × T for one document; the CPU path is for tests and small runs). A piece starting its
+    kernels without a mask; on CPU that piece's [queries, keys] boolean is built (what ``CausalBias``
+    would materialise there; at most T/2N × T for one document — the CPU path is for tests and small runs). A piece starting its
     document is plain causal SDPA. There are no positions to fix: the attention layers have no RoPE.
 
     Dropout, if on, draws a different pattern than the single-rank path (the calls differ), so CP runs
@@ -266,8 +266,12 @@ def context_parallel_attention(q, k, v, docs: PackedDocuments, *, scale: float, 
             o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, dropout_p=dropout_p, scale=scale,
                                                enable_gqa=True)
         else:
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal_lower_right(nq, nk), dropout_p=dropout_p,
-                                               scale=scale, enable_gqa=True)
+            if q.is_cuda:  # flash / memory-efficient kernels take the lower-right causal bias without a mask
+                mask = causal_lower_right(nq, nk)
+            else:  # CPU: what CausalBias would materialise anyway, without the tensor subclass
+                mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                               enable_gqa=True)
         rows[row].append(o)
     return torch.cat([torch.cat(parts, dim=2) if len(parts) > 1 else parts[0] for parts in rows], dim=0)
 

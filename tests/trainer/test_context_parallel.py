@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from tandem.model import HybridConfig
 from tandem.trainer.parallel.context import ContextParallel
 
 from .conftest import REPO
@@ -126,3 +127,35 @@ def test_cp_refusals_name_the_key(tiny_cfg):
     assert "parallel.cp must be >= 1" in refused("parallel.cp=0")
     cfg = tiny_cfg("parallel.cp=2")
     check_context_parallel(cfg, build_hybrid_config(cfg.model))  # accepted
+
+
+class _LoopbackCP(_FakeGroupCP):
+    """CP = 2 layout whose "gather" repeats this rank's chunks: real shapes without a process group."""
+
+    def gather_chunks(self, x):
+        return torch.cat([x, x.flip(0)], dim=0)
+
+
+def test_planner_counts_the_gathered_kv_per_rank():
+    """``tandem plan`` at cp = 2: every block is probed at half the tokens, and the attention layers add
+    the gathered K/V — checked against MemTracker on a real attention block running the CP path (with a
+    loopback gather), within 10%; the peak per rank falls."""
+    from tandem.model.hybrid import HybridBlock
+    from tandem.trainer.plan import Cluster, Layout, _run_tracked, plan
+
+    cfg = HybridConfig.preset("tiny", hybrid_override_pattern="M*", hidden_size=128, num_key_value_heads=4,
+                              num_attention_heads=4, head_dim=32)
+    rows, t = 2, 512
+    cluster = Cluster(1, 2, 80, "cpu")
+    one = plan(cfg, cluster, Layout("ddp", 1), tokens=rows * t, batch_rows=rows)
+    two = plan(cfg, cluster, Layout("ddp", 1, cp=2), tokens=rows * t, batch_rows=rows)
+    assert two.tokens == rows * t // 2 and two.peak < one.peak
+    assert two.activations_by_kind["mamba"] < 0.6 * one.activations_by_kind["mamba"]
+
+    torch.manual_seed(0)
+    block = HybridBlock(cfg, 1).train()
+    block.mixer.cp = _LoopbackCP(2, 1)  # rank 1: chunks 1 and 2, the largest masks on CPU
+    real_kept, _ = _run_tracked(block, lambda: (torch.randn(rows, t // 2, cfg.hidden_size, requires_grad=True),),
+                                lambda y: y.float().square().mean(), torch.float32, False)
+    planned = two.activations_by_kind["attention"]
+    assert abs(planned - real_kept) <= 0.10 * real_kept, (planned, real_kept)
