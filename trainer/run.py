@@ -81,7 +81,7 @@ def run(cfg: DictConfig) -> dict:
 
     torch.manual_seed(cfg.stage.seed + info.rank)
     memory_base = memory_now_bytes(info.device)  # the runtime alone: what the planner's figures come on top of
-    model = build_model(model_cfg, info, init_seed=cfg.model.init_seed)  # only this rank's experts are allocated
+    model = build_model(model_cfg, info, init_seed=cfg.model.init_seed, cp_attention=cfg.parallel.cp_attention)  # only this rank's experts are allocated
     configure_memory(model, cfg.model)  # activation checkpointing per layer kind, loss chunk size
     try:
         model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged

@@ -120,6 +120,42 @@ def model_check(cfg, cp_group, ep_group=None) -> dict:
             "grads": worst / scale, "local_experts": local_experts[0], "cp_rank": cp.rank}
 
 
+def te_check(out_path):
+    """GPU-only (2 CUDA devices, Transformer Engine): TE's CP attention equals the SDPA CP path and the
+    single-rank result on one-document rows, forward and backward, bf16."""
+    from tandem.trainer.parallel.context import ContextParallel
+
+    dist.init_process_group("nccl")
+    rank = dist.get_rank()
+    torch.cuda.set_device(rank)
+    cfg = HybridConfig.preset("tiny", hybrid_override_pattern="*", num_attention_heads=8, num_key_value_heads=2,
+                              head_dim=64, hidden_size=256)
+    torch.manual_seed(0)
+    ref = Attention(cfg, 0).cuda().to(torch.bfloat16)
+    b, t = 2, 1024
+    x = torch.randn(b, t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn_like(x)
+    out_ref = ref(x)
+    (out_ref.float() * w).sum().backward()
+    results = {}
+    for mode in ("sdpa", "te"):
+        mod = copy.deepcopy(ref)
+        mod.zero_grad()
+        cp = ContextParallel(dist.group.WORLD, attention=mode)
+        mod.cp = cp
+        x_loc = cp.shard(x.detach(), 1).requires_grad_(True)
+        out = mod(x_loc)
+        (out.float() * cp.shard(w, 1)).sum().backward()
+        results[mode] = {"out": rel(out, cp.shard(out_ref, 1)), "input_grad": rel(x_loc.grad, cp.shard(x.grad, 1)),
+                         "used_te": bool(cp._te_modules)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(gathered, f, indent=1)
+    dist.destroy_process_group()
+
+
 def main(out_path):
     dist.init_process_group("gloo")
     torch.set_default_dtype(torch.float32)
@@ -140,4 +176,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    te_check(sys.argv[1]) if sys.argv[2:] == ["te"] else main(sys.argv[1])

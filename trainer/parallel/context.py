@@ -76,11 +76,15 @@ class ContextParallel:
     ``size``/``rank``: its size ``N`` and this rank's index; ``chunk_ids`` = ``(r, 2N−1−r)``.
     """
 
-    def __init__(self, group):
+    def __init__(self, group, attention: str = "sdpa"):
+        if attention not in CP_ATTENTION:
+            raise ValueError(f"context-parallel attention must be one of {CP_ATTENTION}, got {attention!r}")
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.chunk_ids = (self.rank, 2 * self.size - 1 - self.rank)
+        self.attention = attention
+        self._te_modules: dict = {}
 
     def __repr__(self) -> str:
         return f"ContextParallel(size={self.size}, rank={self.rank}, chunks={self.chunk_ids})"
@@ -123,7 +127,7 @@ class ContextParallel:
         return torch.cat(chunks.unbind(0), dim=dim)
 
 
-def apply_context_parallel(model: nn.Module, group) -> ContextParallel:
+def apply_context_parallel(model: nn.Module, group, attention: str = "sdpa") -> ContextParallel:
     """Install one :class:`ContextParallel` on the backbone and every attention / Mamba-2 mixer.
 
     Nothing else changes: MLP, MoE, norms, embeddings and the loss are per token. The model's parameters
@@ -133,7 +137,7 @@ def apply_context_parallel(model: nn.Module, group) -> ContextParallel:
     from tandem.model.hybrid import HybridBackbone
     from tandem.model.mamba2 import Mamba2Mixer
 
-    cp = ContextParallel(group)
+    cp = ContextParallel(group, attention)
     found = False
     for m in model.modules():
         if isinstance(m, (HybridBackbone, Attention, Mamba2Mixer)):
@@ -149,6 +153,42 @@ def remove_context_parallel(model: nn.Module) -> None:
     for m in model.modules():
         if getattr(m, "cp", None) is not None:
             m.cp = None
+
+
+    # -- Transformer Engine (GPU-only) ---------------------------------------------------------------
+    def te_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float):
+        """Transformer Engine's context-parallel causal attention, or None where it does not apply.
+
+        **GPU-only** (CUDA tensors, ``transformer_engine`` importable — imported here, lazily), and only when
+        chosen (``parallel.cp_attention=te``; default ``sdpa``: this path has not been run on a GPU by this
+        work). TE's ``DotProductAttention`` with ``qkv_format="bshd"``, ``attn_mask_type="causal"`` and
+        ``cp_comm_type="all_gather"`` expects exactly this module's layout (chunks r and 2N−1−r of every
+        row), so it takes the local q/k/v as they are and runs its fused kernels on them. TE's packed
+        (``thd``) CP format splits every *document* into 2N chunks instead of the row, which is not this
+        layout, so the caller uses it only for rows holding one document each. ``q`` [B, H, T/N, D],
+        ``k, v`` [B, Hkv, T/N, D] → [B, H, T/N, D].
+        """
+        if self.attention != "te" or not q.is_cuda:
+            return None
+        try:
+            from transformer_engine.pytorch import DotProductAttention
+        except ImportError:
+            return None
+        b, h, t, d = q.shape
+        key = (h, k.shape[1], d, float(scale))
+        if key not in self._te_modules:
+            mod = DotProductAttention(h, d, num_gqa_groups=k.shape[1], attention_dropout=0.0, qkv_format="bshd",
+                                      attn_mask_type="causal", softmax_scale=scale)
+            mod.set_context_parallel_group(self.group, dist.get_process_group_ranks(self.group), torch.cuda.Stream(),
+                                           cp_comm_type="all_gather")
+            self._te_modules[key] = mod
+        out = self._te_modules[key](*(x.transpose(1, 2).contiguous() for x in (q, k, v)))  # [B, T/N, H·D]
+        return out.view(b, t, h, d).transpose(1, 2)
+
+
+#: ``parallel.cp_attention`` values: ``sdpa`` (all-gathered K/V, per-document SDPA; every device) or ``te``
+#: (Transformer Engine's CP attention on CUDA for one-document rows, else sdpa)
+CP_ATTENTION = ("sdpa", "te")
 
 
 # -- trainer side ------------------------------------------------------------------------------------

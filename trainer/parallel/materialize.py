@@ -22,7 +22,7 @@ from .expert import apply_expert_parallel, shard_experts
 __all__ = ["build_model"]
 
 
-def build_model(config: HybridConfig, info: DistInfo, *, init_seed: int | None) -> HybridLM:
+def build_model(config: HybridConfig, info: DistInfo, *, init_seed: int | None, cp_attention: str = "sdpa") -> HybridLM:
     """The model this rank trains: its experts only under expert parallelism, initialised from ``init_seed``.
 
     ``init_seed=None`` draws a seed from the global RNG (then identical on every rank only if the global
@@ -40,5 +40,5 @@ def build_model(config: HybridConfig, info: DistInfo, *, init_seed: int | None) 
     if info.ep > 1:
         apply_expert_parallel(model, info.ep_group)  # marks expert parameters, installs the all-to-all
     if info.cp > 1:
-        apply_context_parallel(model, info.cp_group)  # K/V gathers and Mamba state passing over the CP group
+        apply_context_parallel(model, info.cp_group, cp_attention)  # K/V gathers and Mamba state passing over the CP group
     return model
