@@ -5,8 +5,8 @@ path on its load-balanced slice; parameter gradients are summed over the two ran
 covers its own tokens) and compared with the reference. Packed documents cross the rank boundaries (and
 the chunk boundaries inside a rank), one starts exactly at a chunk boundary, one is a single token.
 
-Checks: attention alone, Mamba-2 alone, the whole model (Mamba + attention + MoE, per-token loss), and the
-whole model with EP = 2 over the same two ranks (CP × EP). Writes a JSON verdict to argv[1] from rank 0.
+Checks: attention alone, Mamba-2 alone, the whole model (Mamba + attention + MoE, per-token loss), the
+whole model with EP = 2 over the same two ranks (CP × EP), and with every block activation-checkpointed. Writes a JSON verdict to argv[1] from rank 0.
 """
 
 import copy
@@ -84,10 +84,12 @@ def apply_context_parallel_to(module, group):
     return cp
 
 
-def model_check(cfg, cp_group, ep_group=None) -> dict:
+def model_check(cfg, cp_group, ep_group=None, checkpointing=False) -> dict:
     ref = HybridLM(cfg, init_seed=0).train()
     model = copy.deepcopy(ref)
     cp = apply_context_parallel(model, cp_group)
+    if checkpointing:  # the backward recomputes every block, and with it the K/V and state gathers
+        model.set_activation_checkpointing("all")
     if ep_group is not None:
         apply_expert_parallel(model, ep_group)
     b = 2
@@ -166,6 +168,7 @@ def main(out_path):
         "mamba": mixer_check("mamba", cfg, group),
         "model": model_check(cfg, group),
         "model_ep2": model_check(cfg, group, ep_group=group),
+        "model_checkpointed": model_check(cfg, group, checkpointing=True),
     }
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)

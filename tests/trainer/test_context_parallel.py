@@ -38,7 +38,7 @@ def test_cp2_forward_backward_equals_single_process(tmp_path):
         for check in ("attention", "mamba"):
             for key in ("out", "input_grad", "grads"):
                 assert r[check][key] <= TOL, (check, key, r[check])
-        for check in ("model", "model_ep2"):
+        for check in ("model", "model_ep2", "model_checkpointed"):
             for key in ("loss", "logits", "grads"):
                 assert r[check][key] <= TOL, (check, key, r[check])
         assert r["model"]["local_experts"] == 8 and r["model_ep2"]["local_experts"] == 4
