@@ -79,11 +79,15 @@ def child(args) -> None:
     peak = _status_kb("VmHWM")
     out = {"rank": int(os.environ.get("RANK", "0")), "peak_over_step_gb": (peak - before) * 1024 / 1e9,
            "peak_gb": peak * 1024 / 1e9, "loss_sum": loss.item()}
-    print("RESULT " + json.dumps(out), flush=True)
+    with open(os.path.join(args.out, f"rank{out['rank']}.json"), "w") as f:  # (stdout lines of ranks interleave)
+        json.dump(out, f)
 
 
 def launch(cp: int, args) -> list[dict]:
-    script = [os.path.abspath(__file__), "--child", "--tokens", str(args.tokens), "--ac", args.ac]
+    import tempfile
+
+    out = tempfile.mkdtemp(prefix=f"cp{cp}-")
+    script = [os.path.abspath(__file__), "--child", "--tokens", str(args.tokens), "--ac", args.ac, "--out", out]
     if cp == 1:
         cmd = [sys.executable, *script]
     else:
@@ -91,7 +95,11 @@ def launch(cp: int, args) -> list[dict]:
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if res.returncode:
         raise SystemExit(f"CP={cp} failed:\n{res.stderr[-3000:]}")
-    return [json.loads(line.split("RESULT ", 1)[1]) for line in res.stdout.splitlines() if "RESULT " in line]
+    results = []
+    for r in range(cp):
+        with open(os.path.join(out, f"rank{r}.json")) as f:
+            results.append(json.load(f))
+    return results
 
 
 def main() -> None:
@@ -100,6 +108,7 @@ def main() -> None:
     p.add_argument("--ac", default="all", help="activation checkpointing: all | none | a layer kind")
     p.add_argument("--cp", type=int, nargs="+", default=[1, 2])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)

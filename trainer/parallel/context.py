@@ -86,6 +86,9 @@ class ContextParallel:
         self.attention = attention
         self._te_modules: dict = {}
 
+    def __deepcopy__(self, memo):
+        return self  # a handle on process groups: a copied model shares its CP group
+
     def __repr__(self) -> str:
         return f"ContextParallel(size={self.size}, rank={self.rank}, chunks={self.chunk_ids})"
 
