@@ -476,12 +476,12 @@ def layout_from_config(cfg, cluster: Cluster) -> Layout:
 
 def candidate_layouts(base: Layout, world: int, seq_len: int | None = None) -> list[Layout]:
     """The layouts worth comparing: the recipe's, then each engine at the recipe's EP and CP, then other
-    EP sizes, full activation checkpointing, and larger context parallelism (2/4/8 where ``seq_len`` splits)."""
+    EP sizes, full activation checkpointing, and larger context parallelism (2/4/8/16 where ``seq_len`` splits)."""
     seen, out = set(), []
     ep_options = sorted({base.ep, *(e for e in (1, 2, 4, 8) if world % e == 0)})
     ac, cp = base.activation_checkpointing, base.cp
     # only larger CP sizes: they are what lowers activations (and probing shorter slices is quick)
-    cp_options = [c for c in (2, 4, 8) if c > cp and world % c == 0 and seq_len is not None and seq_len % (2 * c) == 0]
+    cp_options = [c for c in (2, 4, 8, 16) if c > cp and world % c == 0 and seq_len is not None and seq_len % (2 * c) == 0]
     for layout in [base] + [Layout(e, base.ep, ac, cp) for e in ("ddp", "zero1", "zero2", "zero3", "fsdp")] \
             + [Layout(base.engine, ep, ac, cp) for ep in ep_options] \
             + [Layout(base.engine, base.ep, frozenset(KINDS.values()), cp)] \
@@ -558,7 +558,8 @@ def plan_main(argv: list[str]) -> int:
     if cluster.world % base.ep:
         fail(f"parallel.ep={base.ep} does not divide {cluster.world} ranks ({args.nodes} nodes × {args.gpus_per_node})")
     tokens = int(cfg.stage.micro_batch) * int(cfg.data.seq_len)
-    accumulating = int(cfg.stage.global_batch) > int(cfg.stage.micro_batch) * cluster.world
+    # data-parallel replicas: world / cp (the CP ranks of a replica share its rows)
+    accumulating = int(cfg.stage.global_batch) > int(cfg.stage.micro_batch) * cluster.world // base.cp
     kwargs = dict(tokens=tokens, batch_rows=int(cfg.stage.micro_batch), precision=str(cfg.precision.name),
                   accumulating=accumulating)
     print(f"{args.config_name}: {model_cfg.hybrid_override_pattern[:40]}{'…' if len(model_cfg.hybrid_override_pattern) > 40 else ''} "
