@@ -164,3 +164,16 @@ def test_te_cp_attention_matches_sdpa_path(tmp_path):
         assert r["te"]["used_te"] and not r["sdpa"]["used_te"]
         for mode in ("sdpa", "te"):
             assert r[mode]["out"] <= 2e-2 and r[mode]["input_grad"] <= 2e-2, r
+
+
+def test_deepspeed_accumulation_follows_the_data_parallel_size():
+    """ZeRO under CP: each CP slice is one of DeepSpeed's samples, so a CP group of 2 on 2 ranks (one
+    replica) accumulates all of a step's micro-batches (checked by hand against one process: equal)."""
+    from tandem.trainer.config import OptimConfig, ParallelConfig, StageConfig
+    from tandem.trainer.parallel.zero import deepspeed_config
+
+    stage = StageConfig(global_batch=4, micro_batch=2)
+    plain = deepspeed_config(ParallelConfig(zero_stage=1), OptimConfig(), stage, world_size=2)
+    cp = deepspeed_config(ParallelConfig(zero_stage=1, cp=2), OptimConfig(), stage, world_size=2, cp=2)
+    assert (plain["gradient_accumulation_steps"], plain["train_batch_size"]) == (1, 4)
+    assert (cp["gradient_accumulation_steps"], cp["train_batch_size"]) == (2, 8)
