@@ -195,7 +195,12 @@ class ParallelConfig:
     # The data-parallel size is derived: world_size / (tp * cp * ep-shards). TP/CP/EP and ZeRO arrive with
     # the MoE/EP issue; the engine registry (tandem.trainer.parallel.engines) is where they plug in.
     tp: int = 1
+    # context parallelism: every row split over cp ranks (load-balanced causal split; data.seq_len must be a
+    # multiple of 2·cp); the cp ranks of a data-parallel replica read the same rows (trainer/parallel/context.py)
     cp: int = 1
+    # attention under cp > 1: sdpa (all-gathered K/V, per-document SDPA) | te (Transformer Engine's CP
+    # attention on CUDA for rows of one document; GPU-only, falls back to sdpa elsewhere)
+    cp_attention: str = "sdpa"
     ep: int = 1
     zero_stage: int = 0
     # auto: zero when zero_stage > 0, else fsdp on CUDA with more than one process, else ddp | ddp (replicated
@@ -492,6 +497,10 @@ def validate_parallel(p: Any) -> None:
                           f"set parallel.zero_stage=0 or parallel.engine=zero")
     if p.engine == "zero" and p.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.engine=zero needs parallel.zero_stage 1, 2 or 3, got {p.zero_stage}")
+    if p.cp < 1:
+        raise ConfigError(f"parallel.cp must be >= 1, got {p.cp}")
+    if p.cp_attention not in ("sdpa", "te"):
+        raise ConfigError(f"parallel.cp_attention must be sdpa or te, got {p.cp_attention!r}")
 
 
 def validate_grpo(g: Any) -> None:

@@ -21,6 +21,7 @@ from .loop import Trainer
 from .metrics import (ConsoleSink, JsonlSink, WandbSink, configure_logging, memory_now_bytes, model_flops_per_token,
                       peak_flops_per_device)
 from .parallel import ENGINES, ExpertBalancer, build_model, engine_name, init_distributed
+from .parallel.context import ContextParallel, check_context_parallel, shard_stage_batches
 from .optim import build_optimizer, validate_optim
 from .stages import STAGES
 
@@ -70,12 +71,17 @@ def run(cfg: DictConfig) -> dict:
     if cfg.data.cache_dir is None:  # megatron's index caches: in the run, never beside the (maybe read-only) data
         cfg.data.cache_dir = str(run_dir / "data_cache")
     _tokenizer_from_init(cfg)
-    stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size)
+    check_context_parallel(cfg, model_cfg)
+    # data-parallel replicas read different rows; the CP ranks of one replica read the same rows and each
+    # trains on its load-balanced slice of them (trainer/parallel/context.py)
+    stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.dp_rank, info.dp_size)
     stage.check_model(model_cfg)
+    if info.cp > 1:
+        shard_stage_batches(stage, ContextParallel(info.cp_group))
 
     torch.manual_seed(cfg.stage.seed + info.rank)
     memory_base = memory_now_bytes(info.device)  # the runtime alone: what the planner's figures come on top of
-    model = build_model(model_cfg, info, init_seed=cfg.model.init_seed)  # only this rank's experts are allocated
+    model = build_model(model_cfg, info, init_seed=cfg.model.init_seed, cp_attention=cfg.parallel.cp_attention)  # only this rank's experts are allocated
     configure_memory(model, cfg.model)  # activation checkpointing per layer kind, loss chunk size
     try:
         model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
