@@ -99,9 +99,17 @@ def model_check(cfg, cp_group, ep_group=None, checkpointing=False) -> dict:
     labels[0, :3] = -100
     seq = seq_idx_of(b)
     loss_ref = ref(ids, seq, labels=labels)
-    loss_ref.sum().backward()
+    weight = float((labels >= 0).sum())  # the micro-batch's target tokens weight its aux losses (token_cross_entropy)
+    aux_ref = ref.aux_loss()
+    (loss_ref.sum() + (aux_ref * weight if aux_ref is not None else 0.0)).backward()
     loss = model(cp.shard(ids), cp.shard(seq), labels=cp.shard(labels))
-    loss.sum().backward()
+    aux = model.aux_loss()  # this rank's share of the micro-batch's aux losses
+    (loss.sum() + (aux * weight if aux is not None else 0.0)).backward()
+    aux_error = 0.0
+    if aux_ref is not None:
+        total = aux.detach().clone()
+        dist.all_reduce(total)
+        aux_error = abs(total.item() - aux_ref.item()) / abs(aux_ref.item())
     worst, scale = 0.0, 0.0
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
@@ -119,7 +127,7 @@ def model_check(cfg, cp_group, ep_group=None, checkpointing=False) -> dict:
     logits = model(cp.shard(ids), cp.shard(seq)).detach()
     local_experts = [m.num_experts for m in model.modules() if hasattr(m, "expert_offset")]
     return {"loss": rel(loss, cp.shard(loss_ref)), "logits": rel(logits, cp.shard(logits_ref)),
-            "grads": worst / scale, "local_experts": local_experts[0], "cp_rank": cp.rank}
+            "grads": worst / scale, "aux": aux_error, "local_experts": local_experts[0], "cp_rank": cp.rank}
 
 
 def te_check(out_path):
@@ -169,6 +177,10 @@ def main(out_path):
         "model": model_check(cfg, group),
         "model_ep2": model_check(cfg, group, ep_group=group),
         "model_checkpointed": model_check(cfg, group, checkpointing=True),
+        # DeepSeek-V3's sequence-wise balance loss and the z-loss: per-sequence statistics over the CP group
+        "model_aux": model_check(HybridConfig.preset("tiny", hybrid_override_pattern="M*EM", chunk_size=8,
+                                                     moe_aux_loss_coeff=0.5, moe_z_loss_coeff=0.1), group,
+                                 checkpointing=True),
     }
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)

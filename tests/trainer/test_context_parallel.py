@@ -38,8 +38,8 @@ def test_cp2_forward_backward_equals_single_process(tmp_path):
         for check in ("attention", "mamba"):
             for key in ("out", "input_grad", "grads"):
                 assert r[check][key] <= TOL, (check, key, r[check])
-        for check in ("model", "model_ep2", "model_checkpointed"):
-            for key in ("loss", "logits", "grads"):
+        for check in ("model", "model_ep2", "model_checkpointed", "model_aux"):
+            for key in ("loss", "logits", "grads", "aux"):
                 assert r[check][key] <= TOL, (check, key, r[check])
         assert r["model"]["local_experts"] == 8 and r["model_ep2"]["local_experts"] == 4
 
@@ -69,7 +69,8 @@ def _records(path):
 
 @pytest.mark.slow
 def test_cp2_training_equals_single_process_and_resumes_at_cp1(tmp_path):
-    """``parallel=cp2`` (2 gloo processes, the smoke model: Mamba + attention + MoE, packed documents)
+    """``parallel=cp2`` (2 gloo processes, the smoke model: Mamba + attention + MoE with its balance and z
+    losses, packed documents)
     trains 4 steps and saves at step 2; one process resumes that checkpoint and its steps 3–4 equal the
     CP run's — loss (the global token mean), gradient norm, token counts, expert loads, validation loss.
     Same weights, same rows: the CP wiring (rows per replica, slices, count reduction, DP × CP gradient
@@ -78,7 +79,9 @@ def test_cp2_training_equals_single_process_and_resumes_at_cp1(tmp_path):
     check, and the forward/backward test above covers the step from the initial weights.)"""
     from .conftest import TINY_RUN, run_cli
 
-    args = [*TINY_RUN, "stage.steps=4", "stage.save_every=2"]
+    # with both MoE aux losses on: their per-sequence statistics span the CP group (shares weighted by the
+    # whole micro-batch's target tokens)
+    args = [*TINY_RUN, "stage.steps=4", "stage.save_every=2", "model.moe_aux_loss_coeff=0.01", "model.moe_z_loss_coeff=0.001"]
     cp = _torchrun("-m", "tandem.trainer.cli", "-cn", "smoke", "parallel=cp2", *args, f"run.dir={tmp_path / 'cp2'}")
     assert cp.returncode == 0, cp.stderr[-3000:]
     step2 = tmp_path / "cp2" / "checkpoints" / "step_00000002"
@@ -94,6 +97,15 @@ def test_cp2_training_equals_single_process_and_resumes_at_cp1(tmp_path):
     assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) <= 1e-5 * b[-1]["val_loss"]
 
 
+def test_te_attention_is_a_method_that_declines_off_gpu():
+    """The TE path is reached as ``docs.context.te_attention`` on CUDA; off CUDA (or when not chosen) it
+    declines so the SDPA path runs."""
+    cp = _FakeGroupCP(2, 0)
+    cp.attention = "te"
+    q = torch.randn(1, 2, 4, 8)
+    assert cp.te_attention(q, q, q, scale=1.0) is None
+
+
 def test_cp_refusals_name_the_key(tiny_cfg):
     from tandem.trainer.config import ConfigError, build_hybrid_config
     from tandem.trainer.parallel.context import check_context_parallel
@@ -106,7 +118,6 @@ def test_cp_refusals_name_the_key(tiny_cfg):
 
     assert "data.seq_len=30 must be divisible by 2 × parallel.cp = 4" in refused("parallel.cp=2", "data.seq_len=30")
     assert "shorter than the Mamba conv window" in refused("parallel.cp=8", "data.seq_len=32")
-    assert "model.moe_aux_loss_coeff" in refused("parallel.cp=2", "+model.moe_aux_loss_coeff=0.01")
     assert "parallel.cp must be >= 1" in refused("parallel.cp=0")
     cfg = tiny_cfg("parallel.cp=2")
     check_context_parallel(cfg, build_hybrid_config(cfg.model))  # accepted

@@ -38,6 +38,9 @@ from torch import nn
 __all__ = ["ContextParallel", "apply_context_parallel", "check_context_parallel", "remove_context_parallel",
            "shard_batch", "shard_stage_batches"]
 
+#: the batch key holding a CP-sharded micro-batch's target tokens before the split (the aux-loss weight)
+AUX_WEIGHT_KEY = "aux_weight_tokens"
+
 #: stages whose rows are fixed-length token windows the CP split applies to (GRPO/RLHF generate)
 CP_STAGES = ("pretrain", "sft", "cpt")
 
@@ -129,34 +132,11 @@ class ContextParallel:
         chunks = self.gather_chunks(torch.stack(x.chunk(2, dim=dim), dim=0))  # [2N, ..., T/2N, ...]
         return torch.cat(chunks.unbind(0), dim=dim)
 
-
-def apply_context_parallel(model: nn.Module, group, attention: str = "sdpa") -> ContextParallel:
-    """Install one :class:`ContextParallel` on the backbone and every attention / Mamba-2 mixer.
-
-    Nothing else changes: MLP, MoE, norms, embeddings and the loss are per token. The model's parameters
-    are untouched (every CP rank holds the same ones; gradients are reduced over DP × CP by the engine).
-    """
-    from tandem.model.attention import Attention
-    from tandem.model.hybrid import HybridBackbone
-    from tandem.model.mamba2 import Mamba2Mixer
-
-    cp = ContextParallel(group, attention)
-    found = False
-    for m in model.modules():
-        if isinstance(m, (HybridBackbone, Attention, Mamba2Mixer)):
-            m.cp = cp
-            found = found or isinstance(m, HybridBackbone)
-    if not found:
-        raise ValueError("context parallelism needs a HybridLM (no HybridBackbone found in the model)")
-    return cp
-
-
-def remove_context_parallel(model: nn.Module) -> None:
-    """Back to the single-rank path (e.g. for generation on one rank)."""
-    for m in model.modules():
-        if getattr(m, "cp", None) is not None:
-            m.cp = None
-
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ of ``x`` over the CP group, without gradient (the MoE balance loss's per-row expert counts)."""
+        out = x.detach().clone()
+        dist.all_reduce(out, group=self.group)
+        return out
 
     # -- Transformer Engine (GPU-only) ---------------------------------------------------------------
     def te_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float):
@@ -189,6 +169,36 @@ def remove_context_parallel(model: nn.Module) -> None:
         return out.view(b, t, h, d).transpose(1, 2)
 
 
+def apply_context_parallel(model: nn.Module, group, attention: str = "sdpa") -> ContextParallel:
+    """Install one :class:`ContextParallel` on the backbone, every attention / Mamba-2 mixer and every MoE
+    (whose per-sequence balance loss sums its routing counts over the CP group).
+
+    Nothing else changes: MLP, expert routing, norms, embeddings and the loss are per token. The model's parameters
+    are untouched (every CP rank holds the same ones; gradients are reduced over DP × CP by the engine).
+    """
+    from tandem.model.attention import Attention
+    from tandem.model.hybrid import HybridBackbone
+    from tandem.model.mamba2 import Mamba2Mixer
+    from tandem.model.moe import MoE
+
+    cp = ContextParallel(group, attention)
+    found = False
+    for m in model.modules():
+        if isinstance(m, (HybridBackbone, Attention, Mamba2Mixer, MoE)):
+            m.cp = cp
+            found = found or isinstance(m, HybridBackbone)
+    if not found:
+        raise ValueError("context parallelism needs a HybridLM (no HybridBackbone found in the model)")
+    return cp
+
+
+def remove_context_parallel(model: nn.Module) -> None:
+    """Back to the single-rank path (e.g. for generation on one rank)."""
+    for m in model.modules():
+        if getattr(m, "cp", None) is not None:
+            m.cp = None
+
+
 #: ``parallel.cp_attention`` values: ``sdpa`` (all-gathered K/V, per-document SDPA; every device) or ``te``
 #: (Transformer Engine's CP attention on CUDA for one-document rows, else sdpa)
 CP_ATTENTION = ("sdpa", "te")
@@ -215,12 +225,6 @@ def check_context_parallel(cfg, model_cfg) -> None:
     if "M" in model_cfg.hybrid_override_pattern and seq // (2 * cp) < k1:
         raise ConfigError(f"data.seq_len={seq} with parallel.cp={cp}: chunks of {seq // (2 * cp)} tokens are shorter "
                           f"than the Mamba conv window ({k1}); lower parallel.cp")
-    if model_cfg.moe_aux_loss_coeff > 0:
-        # the sequence-wise balance loss needs each sequence's whole routing statistics; under CP a rank
-        # sees only its slice (the z-loss and the bias update are per token and stay exact)
-        raise ConfigError(f"parallel.cp={cp} with model.moe_aux_loss_coeff={model_cfg.moe_aux_loss_coeff}: the "
-                          f"sequence-wise balance loss is not context-parallel yet; set model.moe_aux_loss_coeff=0 "
-                          f"(aux-loss-free balancing, optim.expert_bias_update_rate, is exact under CP)")
 
 
 def shard_batch(batch: dict, cp: ContextParallel) -> dict:
@@ -232,8 +236,13 @@ def shard_batch(batch: dict, cp: ContextParallel) -> dict:
     if t % (2 * cp.size):
         raise DataError(f"a batch of {t}-token rows cannot be split over parallel.cp={cp.size} (needs a multiple of "
                         f"{2 * cp.size}; rows are data.seq_len long)")
-    return {k: cp.shard(v, 1) if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == t else v
-            for k, v in batch.items()}
+    out = {k: cp.shard(v, 1) if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == t else v
+           for k, v in batch.items()}
+    if "loss_mask" in batch:
+        # the MoE aux losses are per micro-batch means whose shares sum over the CP group; each share is
+        # weighted by the whole micro-batch's target tokens (token_cross_entropy), as on one rank
+        out[AUX_WEIGHT_KEY] = batch["loss_mask"].sum()
+    return out
 
 
 def shard_stage_batches(stage, cp: ContextParallel) -> None:
