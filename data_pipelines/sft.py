@@ -29,9 +29,9 @@ row (padding at the end gets its own index), ``position_ids`` restart at 0 for e
 from __future__ import annotations
 
 import hashlib
-
 import json
 import logging
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -347,17 +347,21 @@ class SFTPackedDataset:
         order = list(range(len(lengths)))
         rng.shuffle(order)
         bins = first_fit_decreasing([int(lengths[k]) for k in order], self.seq_len)
-        self._rows = [[order[k] for k in b] for b in bins]
-        rng.shuffle(self._rows)
+        rows = [[order[k] for k in b] for b in bins]
+        rng.shuffle(rows)
+        # rows as two flat arrays (sample ids, row offsets): no per-row Python list kept, and the same
+        # layout memory-maps from a saved copy (:meth:`save` / :meth:`load`)
+        self._row_offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        self._row_samples = np.fromiter((k for r in rows for k in r), dtype=np.int64, count=int(self._row_offsets[-1]))
 
         self.stats.samples = len(lengths)
-        self.stats.rows = len(self._rows)
+        self.stats.rows = len(rows)
         self.stats.tokens = int(lengths.sum())
         starts = np.zeros(len(self._mask), dtype=bool)
         starts[self._offsets[:-1]] = True
         self.stats.target_tokens = int(self._mask[~starts].sum())  # a sample's first token is never a label
         digest = hashlib.sha256()
-        for row in self._rows:
+        for row in rows:
             for k in row:
                 digest.update(self._ids[self._offsets[k]:self._offsets[k + 1]].tobytes())
                 digest.update(self._mask[self._offsets[k]:self._offsets[k + 1]].tobytes())
@@ -365,8 +369,55 @@ class SFTPackedDataset:
         self.fingerprint = digest.hexdigest()[:16]
         log.info("SFT data %s (%s): %s", path_or_paths, part, self.stats.as_dict())
 
+    # -- a built dataset on disk: built once, memory-mapped by every process that reads it -------------
+    _ARRAYS = ("ids", "mask", "offsets", "row_samples", "row_offsets")
+
+    def save(self, directory) -> Path:
+        """Write the built dataset to ``directory`` (``.npy`` arrays + ``meta.json``), atomically: it is
+        written beside the target and renamed into place; if another process got there first, its (equal)
+        copy is kept."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+        tmp.mkdir()
+        for name in self._ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(self, f"_{name}"))
+        meta = {"seq_len": self.seq_len, "pad_id": self.pad_id, "fingerprint": self.fingerprint,
+                "stats": asdict(self.stats)}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # already there (another node or rank wrote the same build)
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (directory / "meta.json").is_file():
+                raise
+        return directory
+
+    @classmethod
+    def load(cls, directory) -> "SFTPackedDataset":
+        """A dataset :meth:`save` wrote, its arrays memory-mapped (read-only, shared through the page cache
+        by every process of a node that loads it) — nothing is tokenised again."""
+        directory = Path(directory)
+        meta = json.loads((directory / "meta.json").read_text())
+        self = cls.__new__(cls)
+        self.seq_len, self.pad_id, self.fingerprint = int(meta["seq_len"]), int(meta["pad_id"]), meta["fingerprint"]
+        stats = dict(meta["stats"])
+        stats["bad"] = [tuple(b) for b in stats.get("bad", [])]
+        self.stats = SFTStats(**stats)
+        for name in cls._ARRAYS:
+            setattr(self, f"_{name}", np.load(directory / f"{name}.npy", mmap_mode="r"))
+        return self
+
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._row_offsets) - 1
+
+    def _row(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} out of range for {len(self)} rows")
+        i = i % len(self)
+        return self._row_samples[self._row_offsets[i]:self._row_offsets[i + 1]]
 
     def sample(self, k: int) -> dict[str, list[int]]:
         """Rendered sample ``k`` (before packing): ``input_ids`` and the render ``loss_mask``."""
@@ -375,7 +426,7 @@ class SFTPackedDataset:
 
     def row_samples(self, i: int) -> list[int]:
         """Indices (for ``sample``) of the samples packed into row ``i``, in row order."""
-        return list(self._rows[i])
+        return [int(k) for k in self._row(i)]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         T = self.seq_len
@@ -385,7 +436,8 @@ class SFTPackedDataset:
         sidx = np.empty(T, dtype=np.int64)
         pos_ids = np.empty(T, dtype=np.int64)
         pos = 0
-        for d, k in enumerate(self._rows[i]):
+        row = self._row(i)
+        for d, k in enumerate(row.tolist()):
             a, b = self._offsets[k], self._offsets[k + 1]
             n = b - a
             ids, m = self._ids[a:b], self._mask[a:b]
@@ -397,11 +449,33 @@ class SFTPackedDataset:
             sidx[pos:pos + n] = d
             pos_ids[pos:pos + n] = np.arange(n)
             pos += n
-        sidx[pos:] = len(self._rows[i])  # padding is its own document: it never shares state with real ones
+        sidx[pos:] = len(row)  # padding is its own document: it never shares state with real ones
         pos_ids[pos:] = np.arange(T - pos)
         valid = np.zeros(T, dtype=bool)
         valid[:pos] = True
         return {"input_ids": torch.from_numpy(inp), "labels": torch.from_numpy(lab),
                 "loss_mask": torch.from_numpy(lmask), "seq_idx": torch.from_numpy(sidx),
                 "position_ids": torch.from_numpy(pos_ids), "valid": torch.from_numpy(valid),
-                "num_docs": len(self._rows[i])}
+                "num_docs": len(row)}
+
+
+def sft_cache_key(path_or_paths, tokenizer, **options) -> str:
+    """A digest naming one build of :class:`SFTPackedDataset`: the sources (resolved paths with each file's
+    size and modification time; ``hf:`` names as given), the tokenizer (source and vocabulary size) and every
+    option that shapes the rows. A changed file or option gives another key, so a stale build is never read."""
+    paths = [path_or_paths] if isinstance(path_or_paths, (str, Path)) else list(path_or_paths)
+    digest = hashlib.sha256()
+    for p in paths:
+        text = str(p)
+        if text.startswith("hf:"):
+            digest.update(text.encode())
+            continue
+        root = Path(text).resolve()
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for f in files:
+            st = f.stat() if f.exists() else None
+            digest.update(f"{f}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}".encode())
+    tok = f"{getattr(tokenizer, 'source', tokenizer)}|{getattr(tokenizer, 'vocab_size', '')}"
+    digest.update(tok.encode())
+    digest.update(json.dumps(options, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:20]

@@ -42,6 +42,13 @@ class Preempted(SystemExit):
         self.checkpoint = checkpoint
 
 
+def check_stage_name(saved: str | None, stage: str) -> None:
+    """A run resumes only a checkpoint of its own stage (ConfigError otherwise); ``saved`` None: unknown."""
+    if saved is not None and saved != stage:
+        raise ConfigError(f"checkpoint is from stage {saved!r}, this run is {stage!r}; "
+                          f"start the new stage from its weights with model.init_from=<checkpoint> instead")
+
+
 @dataclass
 class TrainerState:
     step: int = 0  # optimizer steps done (including skipped non-finite ones)
@@ -265,11 +272,7 @@ class Trainer:
         """Continue from a checkpoint's trainer state (``source``: its path, for messages). Refuses
         (ConfigError) a run whose :meth:`schedule` differs from the checkpoint's, naming every difference,
         unless ``run.extend`` allows a changed ``stage.steps``; runs before anything is written."""
-        if trainer_state["stage"] != self.stage.name:
-            raise ConfigError(
-                f"checkpoint is from stage {trainer_state['stage']!r}, this run is {self.stage.name!r}; "
-                f"start the new stage from its weights with model.init_from=<checkpoint> instead"
-            )
+        check_stage_name(trainer_state["stage"], self.stage.name)
         self.state = TrainerState(
             step=trainer_state["step"], tokens=trainer_state["tokens"], target_tokens=trainer_state.get("target_tokens", 0),
             nan_skipped=trainer_state["nan_skipped"],

@@ -17,7 +17,7 @@ from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint, wei
 from .checkpoint.tokenizer_files import saved_tokenizer
 from .config import ConfigError, build_hybrid_config, configure_memory, validate_config
 from .data import DataError
-from .loop import Trainer
+from .loop import Trainer, check_stage_name
 from .metrics import (ConsoleSink, JsonlSink, WandbSink, configure_logging, memory_now_bytes, model_flops_per_token,
                       peak_flops_per_device)
 from .parallel import ENGINES, ExpertBalancer, build_model, engine_name, init_distributed
@@ -72,6 +72,19 @@ def run(cfg: DictConfig) -> dict:
         cfg.data.cache_dir = str(run_dir / "data_cache")
     _tokenizer_from_init(cfg)
     check_context_parallel(cfg, model_cfg)
+    # which checkpoint this run continues, and that it is one of this stage's: decided before any data is
+    # built (building writes caches under the run dir) — a refused start leaves the run dir as it was
+    checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size, async_save=cfg.stage.async_save)
+    resume_from = None
+    if cfg.run.resume == "auto":
+        resume_from = checkpoints.latest()
+    elif cfg.run.resume == "never":
+        if checkpoints.latest_file.exists():
+            raise ConfigError(f"run.resume=never but {run_dir} already has checkpoints; choose a new run.dir or run.resume=auto")
+    else:
+        resume_from = resolve_checkpoint(cfg.run.resume)
+    if resume_from is not None:
+        check_stage_name(_saved_stage(resume_from), cfg.stage.name)
     # data-parallel replicas read different rows; the CP ranks of one replica read the same rows and each
     # trains on its load-balanced slice of them (trainer/parallel/context.py)
     stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.dp_rank, info.dp_size)
@@ -88,18 +101,8 @@ def run(cfg: DictConfig) -> dict:
     except PrecisionError as e:
         raise ConfigError(str(e)) from None
     optimizer = build_optimizer(model, cfg.optim)
-    checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size, async_save=cfg.stage.async_save)
     checkpoints.tokenizer = getattr(stage, "tokenizer", None)  # saved in every checkpoint's model/
     engine_spec = ENGINES[engine_name(cfg.parallel, info, cfg.stage)]
-
-    resume_from = None
-    if cfg.run.resume == "auto":
-        resume_from = checkpoints.latest()
-    elif cfg.run.resume == "never":
-        if checkpoints.latest_file.exists():
-            raise ConfigError(f"run.resume=never but {run_dir} already has checkpoints; choose a new run.dir or run.resume=auto")
-    else:
-        resume_from = resolve_checkpoint(cfg.run.resume)
 
     trainer = Trainer(cfg, model, stage, None, info, checkpoints)
     trainer.memory_base = memory_base
@@ -160,6 +163,14 @@ def run(cfg: DictConfig) -> dict:
         print(f"done: {trainer.state.step} steps; {summary}\n  metrics:    {run_dir / 'metrics.jsonl'}\n"
               f"  checkpoint: {checkpoints.latest()}", flush=True)
     return record
+
+
+def _saved_stage(checkpoint: Path) -> str | None:
+    """The stage name in a checkpoint's trainer state (None where it cannot be read: the full load reports it)."""
+    try:
+        return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def headline_summary(metrics_path: Path, keys) -> str:

@@ -160,3 +160,38 @@ def test_step_rows_are_consecutive_slices_of_per_epoch_permutations(conversation
         steps = range(0, (5 * n) // gb)
         assert [stage.rows_for_step(s) for s in steps] == [flat[s * gb:(s + 1) * gb] for s in steps]
         assert len(stage._orders) <= 2  # noqa: SLF001 — the cache holds the two most recent epochs only
+
+
+def test_packed_rows_are_built_once_and_memory_mapped(conversations, tmp_path):
+    """With a cache dir the packed rows are built once into it and loaded memory-mapped: the same rows,
+    stats and fingerprint as a build in memory; a second stage reads the copy (no tokenising: the source
+    is not even opened again), and a changed file gets a new build."""
+    import shutil
+
+    import numpy as np
+
+    from tandem.data_pipelines.sft import SFTPackedDataset
+
+    src = tmp_path / "train.jsonl"
+    shutil.copy(conversations, src)
+    plain = _stage(src)
+    cached = _stage(src, **{"data.cache_dir": tmp_path / "cache"})
+    builds = sorted(p.name for p in (tmp_path / "cache" / "sft").iterdir())
+    assert [b.split("-")[0] for b in builds] == ["heldout", "train"]
+    for a, b in ((plain.train_set, cached.train_set), (plain.valid_set, cached.valid_set)):
+        assert isinstance(b._ids, np.memmap) and a.fingerprint == b.fingerprint and len(a) == len(b)  # noqa: SLF001
+        assert a.stats.as_dict() == b.stats.as_dict()
+        for i in range(len(a)):
+            assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(a[i].values(), b[i].values()))
+    calls = []
+    real_init = SFTPackedDataset.__init__
+    SFTPackedDataset.__init__ = lambda self, *a, **k: calls.append(a) or real_init(self, *a, **k)
+    try:
+        again = _stage(src, **{"data.cache_dir": tmp_path / "cache"})
+        assert calls == [] and again.train_set.fingerprint == plain.train_set.fingerprint
+        with src.open("a") as f:  # a changed source is rebuilt, under a new key
+            f.write(src.read_text().splitlines()[0] + "\n")
+        _stage(src, **{"data.cache_dir": tmp_path / "cache"})
+        assert len(calls) == 2 and len(list((tmp_path / "cache" / "sft").iterdir())) == 4
+    finally:
+        SFTPackedDataset.__init__ = real_init

@@ -69,8 +69,10 @@ TRAIN = {
     # an SFT recipe resuming a pretraining run, an SFT file that is not there
     "sft-in-pretrain-dir": ([*SFT, "stage.steps=4", "model.init_from=${run.dir}"], _sft_file,
                             "checkpoint is from stage 'pretrain', this run is 'sft'"),
-    "sft-missing-file": ([*SFT, "stage.steps=4", "model.init_from=${run.dir}",
-                          "data.chat.train=[/nonexistent/sft.jsonl]"], None, "/nonexistent/sft.jsonl does not exist"),
+    # (its own run dir, from the pretraining run's weights: a pretraining dir is refused before its data)
+    "sft-missing-file": ([*SFT, "stage.steps=4", "data.chat.train=[/nonexistent/sft.jsonl]"],
+                         lambda r: [f"run.dir={r / 'sft'}", f"model.init_from={r / 'run'}"],
+                         "/nonexistent/sft.jsonl does not exist"),
     # Hydra's composition errors and keys outside the schema
     "unknown-key": (["stage.steps=4", "optim.lrr=1"], None, "Key 'lrr' not in 'OptimConfig'"),
     "wrong-type": (["stage.steps=many"], None, "stage.steps"),
@@ -92,9 +94,10 @@ def _check(res, root: Path, before: dict, needle: str, prog: str) -> None:
 def test_train_bad_input_is_one_line_and_changes_nothing(finished_run, tmp_path, case):
     args, damage, needle = TRAIN[case]
     shutil.copytree(finished_run, tmp_path / "run")
-    extra = damage(tmp_path) if damage else None
+    extra = (damage(tmp_path) if damage else None) or []  # a damage may name extra arguments
+    extra = [extra] if isinstance(extra, str) else extra
     before = _hashes(tmp_path)
-    res = run_cli(*BASE, f"run.dir={tmp_path / 'run'}", *args, *([extra] if extra else []))
+    res = run_cli(*BASE, f"run.dir={tmp_path / 'run'}", *args, *extra)
     _check(res, tmp_path, before, needle, "tandem")
 
 

@@ -2,6 +2,13 @@
 on assistant tokens), several conversations packed per row with ``seq_idx`` (first-fit-decreasing), and
 the loop's usual normalisation by the global count of target tokens.
 
+**Built once.** With ``data.cache_dir`` (the run does set it: ``<run dir>/data_cache``) the packed rows are
+tokenised by one process per node (local rank 0) into ``<cache_dir>/sft/<part>-<key>/`` — the key digests
+the files (path, size, mtime), the tokenizer and every option that shapes the rows — and every rank then
+memory-maps that copy: nothing is tokenised twice, a resume reuses it, and a node's ranks share one copy in
+the page cache instead of each holding its own. A bad row found by the builder stops every rank with the
+same error (the verdict is exchanged before anyone reads the copy).
+
 The packed rows are a fixed, deterministic list (:class:`tandem.data_pipelines.sft.SFTPackedDataset`); the
 order of each epoch is a seeded permutation, and step ``s`` takes rows ``[s·B, (s+1)·B)`` of the
 concatenated epochs (rank ``r`` its slice). The position is a function of the step alone, so resume is
@@ -11,12 +18,15 @@ exact without any data state beyond a fingerprint that detects changed data on r
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from tandem.data_pipelines.chat import TRAIN_ON
 from tandem.data_pipelines.packing import Collator
-from tandem.data_pipelines.sft import OVERLONG, SFTPackedDataset
+from tandem.data_pipelines.sft import OVERLONG, SFTPackedDataset, sft_cache_key
 from tandem.data_pipelines.tokenizer import load_tokenizer
 
 from ..config import DataConfig, StageConfig
@@ -24,6 +34,29 @@ from ..data import DataError
 from .base import Stage, check_batch_split
 
 log = logging.getLogger(__name__)
+
+
+def shared_sft_dataset(cache_dir, name: str, paths, **kwargs) -> SFTPackedDataset:
+    """``SFTPackedDataset(paths, **kwargs)`` built once per node and memory-mapped by every rank (module doc);
+    without ``cache_dir`` built here, in memory. Errors (``ValueError``/``OSError``) are raised on every rank
+    alike, as ``ValueError`` with the builder's message."""
+    if cache_dir is None:
+        return SFTPackedDataset(paths, **kwargs)
+    opts = {k: v for k, v in kwargs.items() if k != "tokenizer"}
+    where = Path(cache_dir) / "sft" / f"{name}-{sft_cache_key(paths, kwargs.get('tokenizer'), **opts)}"
+    error = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (where / "meta.json").is_file():
+        try:
+            SFTPackedDataset(paths, **kwargs).save(where)
+        except (OSError, ValueError) as e:
+            error = str(e)
+    if dist.is_available() and dist.is_initialized():
+        verdicts = [None] * dist.get_world_size()
+        dist.all_gather_object(verdicts, error)  # also the barrier: every builder has finished writing
+        error = next((v for v in verdicts if v is not None), None)
+    if error is not None:
+        raise ValueError(error)
+    return SFTPackedDataset.load(where)
 
 
 #: a step that holds each packed row this many times or more is warned about
@@ -54,16 +87,19 @@ class SFTStage(Stage):
             enable_thinking=chat.enable_thinking, seed=data.seed,
         )
         holdout = not chat.valid and data.valid_fraction > 0
+        cache = data.cache_dir
         try:  # schema errors name file:line
-            self.train_set = SFTPackedDataset(list(chat.train), part="train" if holdout else "all",
-                                              valid_fraction=data.valid_fraction if holdout else 0.0, **common)
+            part = "train" if holdout else "all"
+            self.train_set = shared_sft_dataset(cache, part, list(chat.train), part=part,
+                                                valid_fraction=data.valid_fraction if holdout else 0.0, **common)
         except (OSError, ValueError) as e:  # a missing file, a bad row
             raise DataError(f"data.chat.train: {e}") from None
         self.valid_set = None
         if chat.valid or holdout:
             try:
-                self.valid_set = (SFTPackedDataset(list(chat.valid), **common) if chat.valid else
-                                  SFTPackedDataset(list(chat.train), part="valid", valid_fraction=data.valid_fraction, **common))
+                self.valid_set = (shared_sft_dataset(cache, "valid", list(chat.valid), **common) if chat.valid else
+                                  shared_sft_dataset(cache, "heldout", list(chat.train), part="valid",
+                                                     valid_fraction=data.valid_fraction, **common))
             except (OSError, ValueError) as e:
                 if chat.valid or "no SFT samples" not in str(e):
                     raise DataError(f"data.chat.valid: {e}") from None
