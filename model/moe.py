@@ -5,8 +5,10 @@
   gradients) but *weighted* by the unbiased scores, normalised to sum 1, times ``routed_scaling_factor``.
 - a *dispatcher* (:class:`LocalDispatcher`: :func:`permute_tokens` / :func:`unpermute_tokens`) sorts
   token copies by expert and back (dropless). Expert parallelism installs an all-to-all dispatcher (in
-  ``trainer/``) without touching the maths. Permutation is one gather and one scatter-add: memory-bound
-  index ops that torch runs as single kernels, so no custom kernel is needed for them.
+  ``trainer/``) without touching the maths. Both directions are row gathers (:class:`_GatherRows`) whose
+  backward is the gather by the inverse permutation, so neither the forward nor the backward scatter-adds
+  (``index_add`` / ``index_put(accumulate=True)`` serialise on CPU); routing counts are a ``scatter_add``
+  of ones into ``E`` slots, not ``bincount`` (data-dependent size: a graph break under ``torch.compile``).
 - :class:`GroupedExperts`: all routed experts' weights as 3-D tensors ``up_proj [E, I, H]`` and
   ``down_proj [E, H, I]``; they see ``(tokens sorted by expert, tokens_per_expert)``.
 - a shared expert (a plain :class:`~tandem.model.mlp.MLP`), added unscaled.
@@ -99,6 +101,36 @@ class TopKRouter(nn.Module):
         return RouterOutput(logits, scores, idx, weights)
 
 
+def count_per_expert(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``bincount(flat_idx, minlength=num_experts)`` with a static size (int64 [E]; ids must be < E)."""
+    return flat_idx.new_zeros(num_experts).scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
+
+
+class _GatherRows(torch.autograd.Function):
+    """``out = x[index]`` where every row of ``x`` is used exactly ``k`` times, ``index`` sorted so that
+    ``inverse[r·k + s]`` is the output row of the ``s``-th copy of row ``r``. The backward is then
+    ``grad[inverse].view(R, k, H).sum(1)``: a gather and a small reduction instead of the scatter-add
+    autograd emits for ``x[index]``. ``k = 1`` is a plain permutation (``inverse`` its inverse)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        g = grad[inverse]
+        if ctx.k > 1:
+            g = g.view(-1, ctx.k, grad.shape[-1]).sum(1)
+        return g, None, None, None
+
+
+def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
 def permute_tokens(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
     """Copy each token once per chosen expert and sort the copies by expert (stable).
 
@@ -108,17 +140,18 @@ def permute_tokens(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
     k = topk_idx.shape[1]
     flat = topk_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    x_sorted = x[order // k]
-    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
-    return x_sorted, order, tokens_per_expert
+    x_sorted = _GatherRows.apply(x, order // k, _inverse_permutation(order), k)
+    return x_sorted, order, count_per_expert(flat, num_experts)
 
 
 def unpermute_tokens(y_sorted: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int):
     """Weight each expert output by its routing weight and sum the copies back per token (in fp32)."""
-    k = topk_weights.shape[1]
-    w = topk_weights.reshape(-1)[order].float()
-    out = torch.zeros(num_tokens, y_sorted.shape[-1], dtype=torch.float32, device=y_sorted.device)
-    return out.index_add_(0, order // k, y_sorted.float() * w[:, None])
+    n, k = topk_weights.shape
+    if n != num_tokens or order.numel() != n * k:
+        raise ValueError(f"unpermute_tokens: {order.numel()} sorted rows for {num_tokens} tokens × top-{k} "
+                         f"(topk_weights {tuple(topk_weights.shape)})")
+    y_tok = _GatherRows.apply(y_sorted.float(), _inverse_permutation(order), order, 1)  # [N·k, H], token-major
+    return (y_tok.view(n, k, -1) * topk_weights.float()[:, :, None]).sum(1)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -134,10 +167,12 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` runs on ``x``: CPU any dtype in eager; bf16 only under ``torch.compile`` (the
+    compiled grouped_mm checks for bf16 inputs) and on CUDA (SM ≥ 9.0)."""
     if not hasattr(F, "grouped_mm"):
         return False
     if x.device.type == "cpu":
-        return True
+        return x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
@@ -286,7 +321,7 @@ class MoE(nn.Module):
         if self.training:
             if record:
                 with torch.no_grad():
-                    self.tokens_per_expert_acc += torch.bincount(routing.topk_idx.reshape(-1), minlength=self.num_experts).double()
+                    self.tokens_per_expert_acc += count_per_expert(routing.topk_idx.reshape(-1), self.num_experts).double()
             if self.aux_loss_coeff > 0 or self.z_loss_coeff > 0:
                 batch = shape[0] if len(shape) == 3 else 1
                 aux = routing.logits.new_zeros(())
