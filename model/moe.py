@@ -166,13 +166,57 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+@torch.library.custom_op("tandem::cpu_grouped_mm", mutates_args=())
+def _cpu_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Eager ``F.grouped_mm(x, w, offs=offs)`` as one opaque op for ``torch.compile`` (CPU, non-bf16): the
+    compiled grouped_mm accepts only bf16, and the per-expert loop needs the counts on the host (a graph
+    break), so under compile fp32 runs the eager CPU kernel inside the graph instead."""
+    return F.grouped_mm(x, w, offs=offs)
+
+
+@_cpu_grouped_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("tandem::cpu_grouped_mm_backward", mutates_args=())
+def _cpu_grouped_mm_backward(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dx = grad @ w_eᵀ`` per group, ``dw_e = x_eᵀ @ grad_e`` (grouped_mm's 2-D × 2-D form, offsets on K)."""
+    grad = grad.contiguous()
+    return F.grouped_mm(grad, w.transpose(-2, -1), offs=offs), F.grouped_mm(x.t(), grad, offs=offs)
+
+
+@_cpu_grouped_mm_backward.register_fake
+def _(x, w, offs, grad):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _cpu_grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _cpu_grouped_mm_bwd(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    dx, dw = _cpu_grouped_mm_backward(x, w, offs, grad)
+    return dx, dw, None
+
+
+_cpu_grouped_mm.register_autograd(_cpu_grouped_mm_bwd, setup_context=_cpu_grouped_mm_setup)
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype != torch.bfloat16:
+        return _cpu_grouped_mm(x, w, offs)
+    return F.grouped_mm(x, w, offs=offs)
+
+
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    """Whether ``F.grouped_mm`` runs on ``x``: CPU any dtype in eager; bf16 only under ``torch.compile`` (the
-    compiled grouped_mm checks for bf16 inputs) and on CUDA (SM ≥ 9.0)."""
+    """Whether the grouped path runs on ``x``: CPU any dtype (under ``torch.compile`` fp32 goes through the
+    opaque :func:`_cpu_grouped_mm`, never the compiled grouped_mm, which needs bf16); CUDA bf16 on SM ≥ 9.0."""
     if not hasattr(F, "grouped_mm"):
         return False
     if x.device.type == "cpu":
-        return x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+        return True
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
@@ -223,9 +267,9 @@ class GroupedExperts(nn.Module):
 
     def _forward_grouped(self, x_sorted, tokens_per_expert):
         offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
-        h = F.grouped_mm(x_sorted, self.up_proj.transpose(-2, -1), offs=offs)
+        h = _grouped_mm(x_sorted, self.up_proj.transpose(-2, -1), offs)
         h = self.act_fn(_ContiguousGrad.apply(h))
-        return _ContiguousGrad.apply(F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offs))
+        return _ContiguousGrad.apply(_grouped_mm(h, self.down_proj.transpose(-2, -1), offs))
 
     def forward_loop(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         counts = tokens_per_expert.tolist()

@@ -15,7 +15,7 @@ from tandem.model.precision import PrecisionError, apply_precision
 
 from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint, weights_dir
 from .checkpoint.tokenizer_files import saved_tokenizer
-from .config import ConfigError, build_hybrid_config, configure_memory, validate_config
+from .config import ConfigError, build_hybrid_config, configure_compile, configure_memory, validate_config
 from .data import DataError
 from .loop import Trainer
 from .metrics import (ConsoleSink, JsonlSink, WandbSink, configure_logging, memory_now_bytes, model_flops_per_token,
@@ -81,6 +81,7 @@ def run(cfg: DictConfig) -> dict:
         model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
     except PrecisionError as e:
         raise ConfigError(str(e)) from None
+    configure_compile(model, cfg.model)  # model.compile: each block's training body through torch.compile
     optimizer = build_optimizer(model, cfg.optim)
     checkpoints = CheckpointManager(run_dir, cfg.stage.keep_last, info.rank, info.world_size, async_save=cfg.stage.async_save)
     checkpoints.tokenizer = getattr(stage, "tokenizer", None)  # saved in every checkpoint's model/

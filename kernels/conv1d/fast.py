@@ -64,7 +64,7 @@ class _CausalConv1dFn(torch.autograd.Function):
         dw = torch.empty(K, d, dtype=pre.dtype, device=pre.device)
         dxp = torch.empty_like(xp)
         dxp[:, : K - 1] = 0
-        torch.mul(dpre, wt[K - 1], out=dxp[:, K - 1:])
+        dxp[:, K - 1:] = dpre * wt[K - 1]
         dw[K - 1] = (dpre * xp[:, K - 1:]).sum((0, 1))
         for i in range(K - 1):
             dpre_i = dpre if masks is None else dpre * masks[i]

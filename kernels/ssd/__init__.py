@@ -40,7 +40,7 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
         raise ValueError(f"unknown SSD implementation {impl!r}; expected one of {IMPLS}")
     dev_type = torch.device(device).type
     concrete = ("triton" if dev_type == "cuda" else "torch") if impl == "auto" else impl
-    if (impl, dev_type) not in _logged:
+    if (impl, dev_type) not in _logged and not torch.compiler.is_compiling():  # logging breaks a compiled graph
         _logged.add((impl, dev_type))
         logger.info("SSD scan: impl=%r on %s -> %s", impl, dev_type, concrete)
     return concrete
