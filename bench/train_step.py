@@ -1,7 +1,8 @@
 """One training step (forward + backward of the mean next-token loss): tandem vs transformers' NemotronH.
 
     python bench/train_step.py                       # fp32 + bf16 autocast, eager, 5 interleaved repeats
-    python bench/train_step.py --compile             # + torch.compile of both models' forward
+    python bench/train_step.py --compile             # + compiled: tandem's model.compile (each block body),
+                                                     #   transformers' whole model through torch.compile
     python bench/train_step.py --profile tandem      # the top ops of one tandem step (torch.profiler)
 
 The model is the issue's configuration: hybrid MoE ``MEM*EM`` (3 Mamba-2, 2 MoE, 1 attention), hidden 256,
@@ -142,12 +143,22 @@ def main() -> None:
         for side in args.sides.split(","):
             model = ours if side == "tandem" else theirs
             if mode == "compiled":
-                cmodel = torch.compile(model)
-                if side == "tandem":
-                    def loss(m=cmodel):
+                if side == "tandem":  # what model.compile=true does: each block's body compiled (same weights)
+                    import copy
+
+                    from omegaconf import OmegaConf
+
+                    from tandem.trainer.config import configure_compile
+
+                    model = copy.deepcopy(ours)
+                    configure_compile(model, OmegaConf.create({"compile": True}))
+
+                    def loss(m=model):
                         logits = m(ids[:, :-1])
                         return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
                 else:
+                    cmodel = torch.compile(model)
+
                     def loss(m=cmodel):
                         logits = m(input_ids=ids[:, :-1], use_cache=False).logits
                         return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
