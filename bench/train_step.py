@@ -62,14 +62,21 @@ def build(args):
     return ours.train(), theirs.train()
 
 
-def loss_fns(ours, theirs, ids):
+def loss_fns(ours, theirs, ids, own_loss: bool = False):
+    """Mean next-token cross-entropy. Default: both sides return full logits and the same ``F.cross_entropy``
+    (identical loss work); ``own_loss``: each side's training loss path — tandem's chunked linear + CE
+    (``labels=``, never the [B, T, V] logits), transformers' ``labels=`` loss."""
     inputs, labels = ids[:, :-1], ids[:, 1:]
 
     def tandem():
+        if own_loss:
+            return ours(inputs, labels=labels).mean()
         logits = ours(inputs)
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
     def hf():
+        if own_loss:
+            return theirs(input_ids=ids, labels=ids, use_cache=False).loss  # shifts the labels itself
         logits = theirs(input_ids=inputs, use_cache=False).logits
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
@@ -115,6 +122,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd forwards")
     p.add_argument("--only-compiled", action="store_true")
     p.add_argument("--sides", default="tandem,transformers")
+    p.add_argument("--own-loss", action="store_true", help="each side's own training loss path (see loss_fns)")
     p.add_argument("--profile", choices=["tandem", "transformers"], default=None)
     p.add_argument("--profile-rows", type=int, default=30)
     args = p.parse_args()
@@ -125,7 +133,7 @@ def main() -> None:
     ours, theirs = build(args)
     torch.manual_seed(1)
     ids = torch.randint(3, args.vocab, (args.batch, args.seq + 1))
-    tandem_loss, hf_loss = loss_fns(ours, theirs, ids)
+    tandem_loss, hf_loss = loss_fns(ours, theirs, ids, args.own_loss)
     with torch.no_grad():
         a, b = tandem_loss().item(), hf_loss().item()
     print(f"loss tandem {a:.6f} transformers {b:.6f} (|Δ| {abs(a - b):.2e})")
@@ -152,16 +160,9 @@ def main() -> None:
 
                     model = copy.deepcopy(ours)
                     configure_compile(model, OmegaConf.create({"compile": True}))
-
-                    def loss(m=model):
-                        logits = m(ids[:, :-1])
-                        return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                    loss = loss_fns(model, None, ids, args.own_loss)[0]
                 else:
-                    cmodel = torch.compile(model)
-
-                    def loss(m=cmodel):
-                        logits = m(input_ids=ids[:, :-1], use_cache=False).logits
-                        return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                    loss = loss_fns(None, torch.compile(model), ids, args.own_loss)[1]
             else:
                 loss = tandem_loss if side == "tandem" else hf_loss
             for name in args.dtypes.split(","):
