@@ -168,6 +168,16 @@ def main() -> None:
             for name in args.dtypes.split(","):
                 kinds[(side, name, mode)] = step_fn(model, loss, dtypes[name])
 
+    # The GEMM floor: the model's training FLOPs (model_flops_per_token: every matmul, fwd + bwd) at the fp32
+    # matmul rate measured here, in the same rounds, on the largest GEMM of the step (the lm_head). Both
+    # sides run these same GEMMs, so no implementation of the rest can make a step faster than this.
+    from tandem.trainer.metrics import model_flops_per_token
+
+    step_flops = model_flops_per_token(ours.config, args.seq) * args.batch * args.seq
+    a_mat, b_mat = torch.randn(args.batch * args.seq, args.hidden), torch.randn(args.hidden, args.vocab)
+    gemm_flops = 2 * a_mat.shape[0] * args.hidden * args.vocab
+    kinds[("gemm", "fp32", "floor")] = lambda: a_mat @ b_mat
+
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x seq {args.seq}, "
           f"pattern {args.pattern}, hidden {args.hidden}, {args.experts} experts top-{args.top_k}, vocab {args.vocab}; "
           f"{sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M parameters; load average before {os.getloadavg()}",
@@ -186,7 +196,12 @@ def main() -> None:
                 continue
             if r >= args.warmup:
                 times[k].append(time.perf_counter() - t0)
+            print(f"  round {r} {'/'.join(k)}: {(time.perf_counter() - t0) * 1e3:.0f} ms"
+                  f"{' (warm-up)' if r < args.warmup else ''}", flush=True)
     print(f"load average after {os.getloadavg()}")
+    rate = gemm_flops / statistics.median(times[("gemm", "fp32", "floor")])
+    print(f"fp32 matmul rate {rate / 1e9:.0f} GFLOP/s ({args.batch * args.seq}x{args.hidden} @ {args.hidden}x{args.vocab}); "
+          f"model {step_flops / 1e9:.0f} GFLOP per step -> GEMM floor {step_flops / rate * 1e3:.0f} ms")
     print("| precision | mode | tandem ms | transformers ms | transformers / tandem |")
     print("|---|---|---|---|---|")
     for mode in modes:
