@@ -183,7 +183,13 @@ def _(x, w, offs):
 def _cpu_grouped_mm_backward(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``dx = grad @ w_eᵀ`` per group, ``dw_e = x_eᵀ @ grad_e`` (grouped_mm's 2-D × 2-D form, offsets on K)."""
     grad = grad.contiguous()
-    return F.grouped_mm(grad, w.transpose(-2, -1), offs=offs), F.grouped_mm(x.t(), grad, offs=offs)
+    return (_strided_like(x, F.grouped_mm(grad, w.transpose(-2, -1), offs=offs)),
+            _strided_like(w, F.grouped_mm(x.t(), grad, offs=offs)))
+
+
+def _strided_like(ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``ref``'s memory layout (a gradient laid out like its input, as the fake kernel promises)."""
+    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
 
 
 @_cpu_grouped_mm_backward.register_fake

@@ -3,7 +3,7 @@ gradients), and routing counts equal bincount."""
 
 import torch
 
-from tandem.model.moe import count_per_expert, permute_tokens, unpermute_tokens
+from tandem.model.moe import _cpu_grouped_mm, _cpu_grouped_mm_backward, count_per_expert, permute_tokens, unpermute_tokens
 
 
 def _reference(x, topk_idx, w, num_experts):
@@ -35,3 +35,21 @@ def test_permutation_equals_index_add_reference():
 def test_count_per_expert_equals_bincount_with_empty_experts():
     idx = torch.tensor([3, 3, 0, 5, 3])
     assert torch.equal(count_per_expert(idx, 8), torch.bincount(idx, minlength=8))
+
+
+def test_opaque_cpu_grouped_mm_ops_match_their_fake_kernels_and_autograd():
+    """The ops fp32 takes under torch.compile: fake shapes/strides and gradients as the real kernel's
+    (torch.library.opcheck), with the weight passed transposed as the experts pass it."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(3, 12, 8).transpose(-2, -1).requires_grad_()
+    offs = torch.tensor([3, 3, 10], dtype=torch.int32)
+    torch.library.opcheck(_cpu_grouped_mm, (x, w, offs))
+    torch.library.opcheck(_cpu_grouped_mm_backward, (x.detach(), w.detach(), offs, torch.randn(10, 12)))
+    y = _cpu_grouped_mm(x, w, offs)
+    g = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, [x, w], g)
+    rows = [slice(0, 3), slice(3, 3), slice(3, 10)]
+    for e, r in enumerate(rows):  # per expert by hand
+        torch.testing.assert_close(dx[r], g[r] @ w[e].detach().T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dw[e], x[r].detach().T @ g[r], atol=1e-5, rtol=1e-5)
