@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import _activation
+from .reference import activation_fn
 
 __all__ = ["causal_conv1d_fast"]
 
@@ -85,7 +85,7 @@ def causal_conv1d_fast(
     return_final_states: bool = False,
 ):
     """Arguments, shapes and results exactly as :func:`~tandem.kernels.conv1d.reference.causal_conv1d_ref`."""
-    _activation(activation)  # validates the name; every accepted activation is the identity or SiLU
+    activation_fn(activation)  # validates the name; every accepted activation is the identity or SiLU
     if x.dim() != 3:
         raise ValueError(f"x must be [batch, seqlen, channels], got shape {tuple(x.shape)}")
     b, l, d = x.shape

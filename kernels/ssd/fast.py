@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import _add_skip, check_inputs, process_dt
+from .reference import add_skip, check_inputs, process_dt
 
 __all__ = ["ssd_chunk_scan_fast"]
 
@@ -176,6 +176,6 @@ def _scan(x, dt, A, B, C, Q, D, dt_bias, dt_softplus, dt_limit, seq_idx, initial
 
     y = Y_diag.view(b, c, g, hg, Q, p).permute(0, 1, 4, 2, 3, 5) + Y_off.permute(0, 1, 3, 2, 4, 5)  # [b, c, Q, g, hg, p]
     y = y.reshape(b, c * Q, h, p)[:, :l]
-    y = _add_skip(y, x, D).to(x.dtype)
+    y = add_skip(y, x, D).to(x.dtype)
     final = S.view(b, g, n, hg, p).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
     return y, final

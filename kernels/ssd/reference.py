@@ -87,7 +87,7 @@ def check_inputs(x, dt, A, B, C, seq_idx, initial_states):
     return b, l, h, p, g, n
 
 
-def _add_skip(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
+def add_skip(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
     if D is None:
         return y
     D = D.float()
@@ -199,7 +199,7 @@ def ssd_chunk_scan_ref(
     Y_off = torch.einsum("bcihn,bchpn,bchi->bcihp", C_c, S_in, decay_in)
 
     y = (Y_diag + Y_off).reshape(b, c * Q, h, p)[:, :l]
-    y = _add_skip(y, x, D).to(x.dtype)
+    y = add_skip(y, x, D).to(x.dtype)
     return (y, final_states) if return_final_states else y
 
 
@@ -233,5 +233,5 @@ def ssd_sequential_ref(
         S = decay[:, :, None, None] * S + (dt[:, t, :, None, None] * xf[:, t, :, :, None]) * Bh[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", S, Ch[:, t]))
     y = torch.stack(ys, dim=1)
-    y = _add_skip(y, x, D).to(x.dtype)
+    y = add_skip(y, x, D).to(x.dtype)
     return (y, S) if return_final_states else y
