@@ -5,8 +5,10 @@
   gradients) but *weighted* by the unbiased scores, normalised to sum 1, times ``routed_scaling_factor``.
 - a *dispatcher* (:class:`LocalDispatcher`: :func:`permute_tokens` / :func:`unpermute_tokens`) sorts
   token copies by expert and back (dropless). Expert parallelism installs an all-to-all dispatcher (in
-  ``trainer/``) without touching the maths. Permutation is one gather and one scatter-add: memory-bound
-  index ops that torch runs as single kernels, so no custom kernel is needed for them.
+  ``trainer/``) without touching the maths. Both directions are row gathers (:class:`_GatherRows`) whose
+  backward is the gather by the inverse permutation, so neither the forward nor the backward scatter-adds
+  (``index_add`` / ``index_put(accumulate=True)`` serialise on CPU); routing counts are a ``scatter_add``
+  of ones into ``E`` slots, not ``bincount`` (data-dependent size: a graph break under ``torch.compile``).
 - :class:`GroupedExperts`: all routed experts' weights as 3-D tensors ``up_proj [E, I, H]`` and
   ``down_proj [E, H, I]``; they see ``(tokens sorted by expert, tokens_per_expert)``.
 - a shared expert (a plain :class:`~tandem.model.mlp.MLP`), added unscaled.
@@ -99,6 +101,36 @@ class TopKRouter(nn.Module):
         return RouterOutput(logits, scores, idx, weights)
 
 
+def count_per_expert(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``bincount(flat_idx, minlength=num_experts)`` with a static size (int64 [E]; ids must be < E)."""
+    return flat_idx.new_zeros(num_experts).scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
+
+
+class _GatherRows(torch.autograd.Function):
+    """``out = x[index]`` where every row of ``x`` is used exactly ``k`` times, ``index`` sorted so that
+    ``inverse[r·k + s]`` is the output row of the ``s``-th copy of row ``r``. The backward is then
+    ``grad[inverse].view(R, k, H).sum(1)``: a gather and a small reduction instead of the scatter-add
+    autograd emits for ``x[index]``. ``k = 1`` is a plain permutation (``inverse`` its inverse)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        g = grad[inverse]
+        if ctx.k > 1:
+            g = g.view(-1, ctx.k, grad.shape[-1]).sum(1)
+        return g, None, None, None
+
+
+def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
 def permute_tokens(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
     """Copy each token once per chosen expert and sort the copies by expert (stable).
 
@@ -108,17 +140,18 @@ def permute_tokens(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
     k = topk_idx.shape[1]
     flat = topk_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    x_sorted = x[order // k]
-    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
-    return x_sorted, order, tokens_per_expert
+    x_sorted = _GatherRows.apply(x, order // k, _inverse_permutation(order), k)
+    return x_sorted, order, count_per_expert(flat, num_experts)
 
 
 def unpermute_tokens(y_sorted: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int):
     """Weight each expert output by its routing weight and sum the copies back per token (in fp32)."""
-    k = topk_weights.shape[1]
-    w = topk_weights.reshape(-1)[order].float()
-    out = torch.zeros(num_tokens, y_sorted.shape[-1], dtype=torch.float32, device=y_sorted.device)
-    return out.index_add_(0, order // k, y_sorted.float() * w[:, None])
+    n, k = topk_weights.shape
+    if n != num_tokens or order.numel() != n * k:
+        raise ValueError(f"unpermute_tokens: {order.numel()} sorted rows for {num_tokens} tokens × top-{k} "
+                         f"(topk_weights {tuple(topk_weights.shape)})")
+    y_tok = _GatherRows.apply(y_sorted.float(), _inverse_permutation(order), order, 1)  # [N·k, H], token-major
+    return (y_tok.view(n, k, -1) * topk_weights.float()[:, :, None]).sum(1)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -133,7 +166,59 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+@torch.library.custom_op("tandem::cpu_grouped_mm", mutates_args=())
+def _cpu_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Eager ``F.grouped_mm(x, w, offs=offs)`` as one opaque op for ``torch.compile`` (CPU, non-bf16): the
+    compiled grouped_mm accepts only bf16, and the per-expert loop needs the counts on the host (a graph
+    break), so under compile fp32 runs the eager CPU kernel inside the graph instead."""
+    return F.grouped_mm(x, w, offs=offs)
+
+
+@_cpu_grouped_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("tandem::cpu_grouped_mm_backward", mutates_args=())
+def _cpu_grouped_mm_backward(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dx = grad @ w_eᵀ`` per group, ``dw_e = x_eᵀ @ grad_e`` (grouped_mm's 2-D × 2-D form, offsets on K)."""
+    grad = grad.contiguous()
+    return (_strided_like(x, F.grouped_mm(grad, w.transpose(-2, -1), offs=offs)),
+            _strided_like(w, F.grouped_mm(x.t(), grad, offs=offs)))
+
+
+def _strided_like(ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``ref``'s memory layout (a gradient laid out like its input, as the fake kernel promises)."""
+    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
+
+
+@_cpu_grouped_mm_backward.register_fake
+def _(x, w, offs, grad):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _cpu_grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _cpu_grouped_mm_bwd(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    dx, dw = _cpu_grouped_mm_backward(x, w, offs, grad)
+    return dx, dw, None
+
+
+_cpu_grouped_mm.register_autograd(_cpu_grouped_mm_bwd, setup_context=_cpu_grouped_mm_setup)
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype != torch.bfloat16:
+        return _cpu_grouped_mm(x, w, offs)
+    return F.grouped_mm(x, w, offs=offs)
+
+
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether the grouped path runs on ``x``: CPU any dtype (under ``torch.compile`` fp32 goes through the
+    opaque :func:`_cpu_grouped_mm`, never the compiled grouped_mm, which needs bf16); CUDA bf16 on SM ≥ 9.0."""
     if not hasattr(F, "grouped_mm"):
         return False
     if x.device.type == "cpu":
@@ -188,9 +273,9 @@ class GroupedExperts(nn.Module):
 
     def _forward_grouped(self, x_sorted, tokens_per_expert):
         offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
-        h = F.grouped_mm(x_sorted, self.up_proj.transpose(-2, -1), offs=offs)
+        h = _grouped_mm(x_sorted, self.up_proj.transpose(-2, -1), offs)
         h = self.act_fn(_ContiguousGrad.apply(h))
-        return _ContiguousGrad.apply(F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offs))
+        return _ContiguousGrad.apply(_grouped_mm(h, self.down_proj.transpose(-2, -1), offs))
 
     def forward_loop(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         counts = tokens_per_expert.tolist()
@@ -301,7 +386,7 @@ class MoE(nn.Module):
         if self.training:
             if record:
                 with torch.no_grad():
-                    self.tokens_per_expert_acc += torch.bincount(routing.topk_idx.reshape(-1), minlength=self.num_experts).double()
+                    self.tokens_per_expert_acc += count_per_expert(routing.topk_idx.reshape(-1), self.num_experts).double()
             if self.aux_loss_coeff > 0 or self.z_loss_coeff > 0:
                 batch = shape[0] if len(shape) == 3 else 1
                 aux = routing.logits.new_zeros(())

@@ -21,7 +21,7 @@ from tandem.model import HybridConfig
 
 __all__ = [
     "BlendEntry", "ChatDataConfig", "ConfigError", "ENGINE_CHOICES", "FSDP_PARAM_DTYPES", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "RLHFConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-    "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "configure_memory",
+    "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "configure_compile", "configure_memory",
     "overrides_suffix", "register_configs", "validate_config", "validate_grpo", "validate_memory", "validate_rlhf", "validate_parallel",
 ]
 
@@ -50,6 +50,8 @@ def _model_config_class():
         ("activation_checkpointing", Any, "none"),
         # tokens per chunk of the loss's vocabulary projection (null: 256 MiB of fp32 logits per chunk)
         ("loss_chunk_tokens", Optional[int], None),
+        # torch.compile every block's training body (configure_compile); the inference paths stay eager
+        ("compile", bool, False),
     ]
     for f in dataclasses.fields(HybridConfig):
         spec.append((f.name, _optional_type(hints[f.name]), dataclasses.field(default=None)))
@@ -93,6 +95,23 @@ def configure_memory(model: Any, cfg: Any) -> None:
     section) to a built :class:`~tandem.model.HybridLM`, before any engine wraps it."""
     model.set_activation_checkpointing(_plain(cfg.activation_checkpointing))
     model.loss_chunk_tokens = cfg.loss_chunk_tokens
+
+
+def configure_compile(model: Any, cfg: Any, backend: str = "inductor") -> None:
+    """``model.compile=true``: ``torch.compile`` the training body of every block of a built
+    :class:`~tandem.model.HybridLM` (after precision recipes, before any engine wraps it).
+
+    Per block rather than the whole model, as FSDP2 and activation checkpointing want it: module hooks
+    (parameter gathering, checkpointing) stay in eager code around each compiled body, and the state dict
+    keeps its names (no ``_orig_mod.`` prefix). The
+    embedding, final norm and chunked loss run eagerly; so do decode and prefill (``forward_cached``).
+    """
+    if not cfg.compile:
+        return
+    import torch
+
+    for layer in model.backbone.layers:
+        layer._forward = torch.compile(layer._forward, backend=backend)
 
 
 class ConfigError(ValueError):
@@ -470,6 +489,8 @@ def validate_memory(cfg: Any) -> None:
         kinds = activation_checkpointing_kinds(_plain(cfg.model.activation_checkpointing))
     except ValueError as e:
         raise ConfigError(f"model.activation_checkpointing: {e}") from None
+    if not isinstance(cfg.model.get("compile", False), bool):
+        raise ConfigError(f"model.compile must be true or false, got {cfg.model.compile!r}")
     chunk = cfg.model.loss_chunk_tokens
     if chunk is not None and chunk < 1:
         raise ConfigError(f"model.loss_chunk_tokens must be >= 1 or null, got {chunk}")

@@ -15,7 +15,7 @@ from tandem.model.precision import PrecisionError, apply_precision
 
 from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint, weights_dir
 from .checkpoint.tokenizer_files import saved_tokenizer
-from .config import ConfigError, build_hybrid_config, configure_memory, validate_config
+from .config import ConfigError, build_hybrid_config, configure_compile, configure_memory, validate_config
 from .data import DataError
 from .loop import Trainer, check_stage_name
 from .metrics import (ConsoleSink, JsonlSink, WandbSink, configure_logging, memory_now_bytes, model_flops_per_token,
@@ -100,6 +100,7 @@ def run(cfg: DictConfig) -> dict:
         model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
     except PrecisionError as e:
         raise ConfigError(str(e)) from None
+    configure_compile(model, cfg.model)  # model.compile: each block's training body through torch.compile
     optimizer = build_optimizer(model, cfg.optim)
     checkpoints.tokenizer = getattr(stage, "tokenizer", None)  # saved in every checkpoint's model/
     engine_spec = ENGINES[engine_name(cfg.parallel, info, cfg.stage)]

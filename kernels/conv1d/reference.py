@@ -17,7 +17,7 @@ __all__ = ["causal_conv1d_ref", "causal_conv1d_update_ref"]
 ACTIVATIONS = {None: lambda t: t, "silu": F.silu, "swish": F.silu}
 
 
-def _activation(name):
+def activation_fn(name):
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown conv1d activation {name!r}; expected one of {list(ACTIVATIONS)}")
     return ACTIVATIONS[name]
@@ -38,7 +38,7 @@ def causal_conv1d_ref(
     ``(out, final_states)`` where ``final_states`` [b, d, K-1] are the last K-1 *inputs* — the conv
     window a decoder continues from.
     """
-    act = _activation(activation)
+    act = activation_fn(activation)
     if x.dim() != 3:
         raise ValueError(f"x must be [batch, seqlen, channels], got shape {tuple(x.shape)}")
     b, l, d = x.shape
@@ -85,7 +85,7 @@ def causal_conv1d_update_ref(
 
     Returns ``(out [b, d], new_conv_state [b, d, K-1])``; the state is not modified in place.
     """
-    act = _activation(activation)
+    act = activation_fn(activation)
     window = torch.cat([conv_state.to(weight.dtype), x.to(weight.dtype)[:, :, None]], dim=-1)  # [b, d, K]
     out = (window * weight[None]).sum(-1)
     if bias is not None:
