@@ -13,8 +13,8 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.tandem-installed
 PYTEST_ARGS ?=
-# The suite runs on TEST_WORKERS pytest-xdist workers (the local-Slurm tests share one worker: one cluster);
-# TEST_WORKERS=0 runs it in one process.
+# The suite runs on TEST_WORKERS pytest-xdist workers, one test file at a time per worker (module fixtures are
+# built once; the local-Slurm tests, one file, share one cluster); TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 # Exact pins tested on the CPU machines; on a GPU machine whose torch needs another triton, pass CONSTRAINTS=
 CONSTRAINTS ?= requirements/constraints-cpu.txt
@@ -58,7 +58,7 @@ smoke: setup
 	$(VENV)/bin/tandem report $(SMOKE_DIR) --title "make smoke: the whole pipeline"
 
 test: setup
-	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -11,7 +11,7 @@ import pytest
 
 from .conftest import REPO, job_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.slow
 
 # Tiny and short; save_every=0 so the only checkpoints are the preemption's and the final one.
 RUN = [
