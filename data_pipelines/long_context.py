@@ -107,8 +107,11 @@ def build_long_short_mixture(long_cfg, short_cfg, tokenizer, *, num_rows: int, l
                          f"{short_cfg.seq_length}")
     _, _, taken = blend_schedule([[long_fraction, 1 - long_fraction]], [num_rows])
     pieces = long_cfg.seq_length // short_cfg.seq_length
-    long_ds = build_pretrain_datasets(long_cfg, tokenizer, int(taken[0])).train if taken[0] else None
-    short_ds = build_pretrain_datasets(short_cfg, tokenizer, int(taken[1]) * pieces).train if taken[1] else None
+    # allow_empty_phases: a short run may not reach a phase of a two-phase short blend
+    long_ds = (build_pretrain_datasets(long_cfg, tokenizer, int(taken[0]), allow_empty_phases=True).train
+               if taken[0] else None)
+    short_ds = (build_pretrain_datasets(short_cfg, tokenizer, int(taken[1]) * pieces, allow_empty_phases=True).train
+                if taken[1] else None)
     return LongShortMixture(long_ds, short_ds, long_fraction=long_fraction, long_length=long_cfg.seq_length,
                             short_length=short_cfg.seq_length, num_rows=num_rows, eod=tokenizer.eod)
 
@@ -400,3 +403,47 @@ def greedy_generate_fn(model: torch.nn.Module, tokenizer, *, max_new_tokens: int
             model.train(was_training)
 
     return generate
+
+
+# --- command line: CPT training text ----------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tandem.data_pipelines.long_context --out long.jsonl --kinds needle --lengths 256,512 ...``:
+    synthetic long-context examples as JSONL for ``tandem-preprocess`` (the smoke CPT's long data)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tandem.data_pipelines.long_context",
+                                description="Write synthetic long-context examples (text = prompt + answer) as JSONL.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--kinds", default="needle", help=f"comma-separated, of {sorted(GENERATORS)}")
+    p.add_argument("--lengths", default="512", help="comma-separated target token lengths (each a cell)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated depths in [0, 1]")
+    p.add_argument("--per-cell", type=int, default=10, help="examples per (kind, length, depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="tokenizer the lengths are counted in (default: the shipped one)")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from tandem.data_pipelines.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(args.tokenizer)
+        kinds = [k for k in args.kinds.split(",") if k]
+        lengths = [int(x) for x in args.lengths.split(",") if x]
+        depths = [float(x) for x in args.depths.split(",") if x]
+        if args.per_cell < 1:
+            raise ValueError(f"--per-cell must be >= 1, got {args.per_cell}")
+        examples = [ex for i, k in enumerate(kinds) for ex in generate_examples(
+            k, lengths=lengths, depths=depths, per_cell=args.per_cell, seed=args.seed + 7919 * i, tokenizer=tok)]
+    except (OSError, ValueError) as e:
+        print(f"long_context: error: {e}", file=__import__("sys").stderr)
+        return 2
+    random.Random(args.seed).shuffle(examples)  # kinds, lengths and depths mixed along the file
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    n = write_jsonl(args.out, examples)
+    print(f"{args.out}: {n} examples ({', '.join(kinds)}; lengths {lengths}; depths {depths})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
