@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tandem.model import HybridConfig, HybridLM
 from tandem.data_pipelines.long_context import generate_examples, write_jsonl
 from tandem.data_pipelines.preprocess import preprocess
 from tandem.data_pipelines.smoke_data import write_smoke_corpus
@@ -24,17 +25,17 @@ def cpt_data(tmp_path_factory):
     """A short corpus (smoke documents) and long needle documents, both tandem-preprocess'd."""
     root = tmp_path_factory.mktemp("cpt_data")
     tok = load_tokenizer()
-    write_smoke_corpus(root / "short.jsonl", n_docs=150, seed=0)
+    write_smoke_corpus(root / "short.jsonl", n_docs=40, seed=0)
     preprocess(root / "short.jsonl", root / "short", progress=False, log=lambda *a: None)
     write_jsonl(root / "long.jsonl", generate_examples("needle", lengths=[96, 128], depths=[0.0, 0.5, 1.0],
-                                                       per_cell=6, seed=0, tokenizer=tok))
+                                                       per_cell=3, seed=0, tokenizer=tok))
     preprocess(root / "long.jsonl", root / "long", progress=False, log=lambda *a: None)
     return root
 
 
 def _cfg(data, run_dir, *extra):
     return compose_recipe("smoke_cpt", [
-        "model.preset=tiny", "model.init_from=null", f"data.path=indexed:{data / 'short'}",
+        "model.preset=tiny", "model.init_from=null", f"data.blend=[{{path: 'indexed:{data / 'short'}', weight: 1.0}}]",
         f"stage.cpt.long=[{{path: 'indexed:{data / 'long'}', weight: 1.0}}]",
         "stage.cpt.long_length=64", "stage.cpt.short_length=32", "stage.cpt.long_fraction=0.5",
         "stage.steps=4", "stage.global_batch=4", "stage.micro_batch=2", "stage.save_every=2",
@@ -63,36 +64,32 @@ def test_missing_long_source_names_the_key(cpt_data, tmp_path):
 
 
 def test_cpt_trains_resumes_exactly_and_evaluates(cpt_data, tmp_path):
+    init = tmp_path / "init"  # the weights CPT starts from (model.init_from), in the released layout
+    HybridLM(HybridConfig.preset("tiny"), init_seed=3).save_pretrained(init)
     run_dir = tmp_path / "cpt"
-    run(_cfg(cpt_data, run_dir))
+    run(_cfg(cpt_data, run_dir, f"model.init_from={init}", "model.preset=init_from"))
     records = read_records(run_dir)
     assert [r["stage"] for r in records] == ["cpt"] * 4
     # every row is 64 real tokens; the long share of the target tokens is the configured half
     assert [r["tokens"] for r in records] == [4 * 64 * (i + 1) for i in range(4)]
     assert sum(r["cpt/long_share"] for r in records) / 4 == pytest.approx(0.5, abs=0.05)
     doc = json.loads((run_dir / "long_eval.json").read_text())
-    assert doc["trained_length"] == 64 and "baseline" not in doc  # no model.init_from: nothing to compare
-    needle = doc["final"]["tasks"]["needle"]
-    assert needle["n"] == 4 and {k: v["n"] for k, v in needle["by_length"].items()} == {"48": 2, "96": 2}
-    assert len(needle["cells"]) == 4 and 0.0 <= needle["accuracy"] <= 1.0
+    assert doc["trained_length"] == 64 and doc["baseline"]["checkpoint"] == str(init)
+    for key in ("baseline", "final"):
+        needle = doc[key]["tasks"]["needle"]
+        assert needle["n"] == 4 and {k: v["n"] for k, v in needle["by_length"].items()} == {"48": 2, "96": 2}
+        assert len(needle["cells"]) == 4 and 0.0 <= needle["accuracy"] <= 1.0
+    # the gate reads the file: the gain at a length, pass / fail around it, a length not evaluated is an error
+    by_len = lambda k: doc[k]["tasks"]["needle"]["by_length"]["96"]["accuracy"]  # noqa: E731
+    gain = by_len("final") - by_len("baseline")
+    assert long_eval.main([str(run_dir), "--check", "--length", "96", "--min-gain", str(gain - 0.01)]) == 0
+    assert long_eval.main([str(run_dir), "--check", "--length", "96", "--min-gain", str(gain + 0.01)]) == 1
+    assert long_eval.main([str(run_dir), "--check"]) == 2  # the trained length (64) was not evaluated
 
     # stopped after step 2: resuming reads the mixture from row 2 x 4 and repeats the losses exactly
     _rewind(run_dir, 2, records)
-    run(_cfg(cpt_data, run_dir))
+    run(_cfg(cpt_data, run_dir, f"model.init_from={init}", "model.preset=init_from", "stage.cpt.eval_per_cell=0"))
     assert [r["loss"] for r in read_records(run_dir)] == [r["loss"] for r in records]
     with pytest.raises(DataError, match="cannot be extended"):
-        run(_cfg(cpt_data, run_dir, "stage.steps=6", "run.extend=true"))
-
-    # a cpt stage from that run's weights evaluates them too (the baseline), and the gate reads the file
-    second = tmp_path / "cpt2"
-    run(_cfg(cpt_data, second, f"model.init_from={run_dir}", "model.preset=init_from", "stage.steps=1",
-             "stage.save_every=0"))
-    doc = json.loads((second / "long_eval.json").read_text())
-    assert doc["baseline"]["checkpoint"] == str(run_dir)
-    # same weights → the same greedy answers as the first run's final evaluation (deterministic examples)
-    assert doc["baseline"]["tasks"] == json.loads((run_dir / "long_eval.json").read_text())["final"]["tasks"]
-    gain = (doc["final"]["tasks"]["needle"]["by_length"]["96"]["accuracy"]
-            - doc["baseline"]["tasks"]["needle"]["by_length"]["96"]["accuracy"])
-    assert long_eval.main([str(second), "--check", "--length", "96", "--min-gain", str(gain - 0.01)]) == 0
-    assert long_eval.main([str(second), "--check", "--length", "96", "--min-gain", str(gain + 0.01)]) == 1
-    assert long_eval.main([str(second), "--check", "--length", "4096"]) == 2  # not evaluated there
+        run(_cfg(cpt_data, run_dir, f"model.init_from={init}", "model.preset=init_from", "stage.steps=6",
+                 "run.extend=true"))
