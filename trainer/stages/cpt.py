@@ -104,6 +104,7 @@ class CPTStage(Stage):
         c = self.c
         out = {"stage.cpt.long_length": c.long_length, "stage.cpt.short_length": c.short_length,
                "stage.cpt.long_fraction": float(c.long_fraction), "data.seed": self.data.seed,
+               "data.valid_fraction": float(self.data.valid_fraction), "data.eod_mask_loss": self.data.eod_mask_loss,
                "data.tokenizer": self.tokenizer.unique_identifiers}
         for name, plan in (("long", self.long_plan), ("short", self.short_plan)):
             if plan is not None:
