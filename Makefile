@@ -50,7 +50,7 @@ smoke: setup
 	$(VENV)/bin/tandem-preprocess -i $(SMOKE_DIR)/corpus/phase1.jsonl -o $(SMOKE_DIR)/data/phase1 --no-progress
 	$(VENV)/bin/tandem-preprocess -i $(SMOKE_DIR)/corpus/phase2.jsonl -o $(SMOKE_DIR)/data/phase2 --no-progress
 	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke data=smoke_indexed run.dir=$(SMOKE_DIR)/pretrain
-	$(PY) -m tandem.data_pipelines.long_context --out $(SMOKE_DIR)/corpus/long_needle.jsonl --kinds needle --lengths 192,320,448,512 --depths 0,0.2,0.4,0.6,0.8,1 --per-cell 40 --seed 5
+	$(PY) -m tandem.data_pipelines.long_context --out $(SMOKE_DIR)/corpus/long_needle.jsonl --kinds needle --lengths 192,320,448,512 --depths 0,0.2,0.4,0.6,0.8,1 --per-cell 40 --seed 5 --value-digits 1
 	$(VENV)/bin/tandem-preprocess -i $(SMOKE_DIR)/corpus/long_needle.jsonl -o $(SMOKE_DIR)/data/long_needle --no-progress
 	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke_cpt
 	$(PY) -m tandem.trainer.inference.long_eval $(SMOKE_DIR)/cpt --check --task needle --min-gain $(CPT_MIN_GAIN)

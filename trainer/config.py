@@ -340,6 +340,8 @@ class CPTConfig:
     eval_max_new_tokens: int = 12
     eval_prefill_chunk: int = 2048  # prompt tokens per prefill forward of the evaluation
     eval_baseline: bool = True  # also evaluate the model.init_from weights (the gain CPT made)
+    # per task, keyword arguments of its generator (data_pipelines/long_context.py), e.g. {needle: {value_digits: 1}}
+    eval_task_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -619,6 +621,14 @@ def validate_cpt(c: Any, required: bool = False) -> None:
         bad("eval_lengths", "must be token counts >= 16", list(c.eval_lengths))
     if not c.eval_depths or any(not 0 <= d <= 1 for d in c.eval_depths):
         bad("eval_depths", "must be a non-empty list of fractions in [0, 1]", list(c.eval_depths))
+    import inspect
+
+    for task, options in c.eval_task_options.items():
+        if task not in c.eval_tasks:
+            bad("eval_task_options", f"names {task!r}, which is not in stage.cpt.eval_tasks", task)
+        accepted = set(inspect.signature(GENERATORS[task]).parameters) - {"rng", "target_tokens", "depth", "tokenizer"}
+        if set(options) - accepted:
+            bad(f"eval_task_options.{task}", f"may set only {sorted(accepted)}", sorted(options))
 
 
 def _keys_outside_schema(node: Any, prefix: str = ""):

@@ -93,3 +93,18 @@ def test_cpt_trains_resumes_exactly_and_evaluates(cpt_data, tmp_path):
     with pytest.raises(DataError, match="cannot be extended"):
         run(_cfg(cpt_data, run_dir, f"model.init_from={init}", "model.preset=init_from", "stage.steps=6",
                  "run.extend=true"))
+
+
+def test_needle_value_digits_and_eval_task_options():
+    tok = load_tokenizer()
+    ex = generate_examples("needle", lengths=[200], depths=[0.5], per_cell=3, seed=0, tokenizer=tok, value_digits=1)
+    for e in ex:
+        assert len(e.answer) == 1 and sum(ch.isdigit() for ch in e.context) == 1 + 2  # the value and the key's 2
+        assert e.check(f" {e.answer}.") and not e.check(" 12")
+    with pytest.raises(ValueError, match="value_digits"):
+        generate_examples("needle", lengths=[64], depths=[0.5], tokenizer=tok, value_digits=0)
+    settings = long_eval.LongEvalSettings(tasks=["kv_retrieval"], options={"needle": {"value_digits": 1}})
+    with pytest.raises(ValueError, match="options names tasks that are not evaluated"):
+        settings.validate()
+    with pytest.raises(ConfigError, match=r"stage\.cpt\.eval_task_options\.needle may set only \['value_digits'\]"):
+        validate(compose_recipe("smoke_cpt", ["+stage.cpt.eval_task_options.needle.digits=1"]))

@@ -52,6 +52,7 @@ class LongEvalSettings:
     max_new_tokens: int = 12
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
     batch: int = 8  # prompts generated together
+    options: dict = field(default_factory=dict)  # per task, generator keyword arguments, e.g. {"needle": {"value_digits": 1}}
 
     def validate(self, prefix: str = "") -> None:
         """Raises ValueError naming the field (``prefix`` + name) for a value that cannot work."""
@@ -70,6 +71,8 @@ class LongEvalSettings:
                 bad(name, "must be >= 1", getattr(self, name))
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             bad("prefill_chunk", "must be >= 1 or null", self.prefill_chunk)
+        if set(self.options) - set(self.tasks):
+            bad("options", f"names tasks that are not evaluated ({list(self.tasks)})", dict(self.options))
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer, settings: LongEvalSettings) -> dict:
@@ -80,12 +83,15 @@ def evaluate_model(model: torch.nn.Module, tokenizer, settings: LongEvalSettings
     engine = GenerationEngine(model, max_batch=settings.batch, prefill_chunk=settings.prefill_chunk)
     params = SamplingParams(max_new_tokens=settings.max_new_tokens, greedy=True, stop_token_ids=(tokenizer.eod,))
     out: dict = {"settings": asdict(settings) | {"tasks": list(settings.tasks), "lengths": list(settings.lengths),
-                                                 "depths": list(settings.depths)}, "tasks": {}}
+                                                 "depths": list(settings.depths),
+                                                 "options": {k: dict(v) for k, v in settings.options.items()}},
+           "tasks": {}}
     t0 = time.perf_counter()
     for t, kind in enumerate(settings.tasks):
         # one seed per task (from the settings' seed), so adding a task does not change the others' examples
         examples = generate_examples(kind, lengths=settings.lengths, depths=settings.depths,
-                                     per_cell=settings.per_cell, seed=settings.seed + 7919 * t, tokenizer=tokenizer)
+                                     per_cell=settings.per_cell, seed=settings.seed + 7919 * t, tokenizer=tokenizer,
+                                     **dict(settings.options.get(kind, {})))
         prompts = [ex.prompt for ex in examples]
         results = engine.generate([tokenizer.encode(p) for p in prompts], params)
         texts = {p: tokenizer.decode([x for x in r.tokens if x != tokenizer.eod]) for p, r in zip(prompts, results)}

@@ -197,7 +197,8 @@ class CPTStage(Stage):
         lengths = list(c.eval_lengths) or sorted({c.short_length, c.long_length, 2 * c.long_length})
         return LongEvalSettings(tasks=list(c.eval_tasks), lengths=lengths, depths=list(c.eval_depths),
                                 per_cell=c.eval_per_cell, max_new_tokens=c.eval_max_new_tokens,
-                                prefill_chunk=c.eval_prefill_chunk, seed=self.stage.seed + 1234)
+                                prefill_chunk=c.eval_prefill_chunk, seed=self.stage.seed + 1234,
+                                options={k: dict(v) for k, v in c.eval_task_options.items()})
 
     def after_fit(self, run_dir: Path, checkpoint: Path | None, info, init_from: str | None = None) -> dict | None:
         """Rank 0: the long-context eval of ``checkpoint`` (and of ``init_from``), written to
