@@ -1,7 +1,7 @@
 """Long-context evaluation: synthetic retrieval / multi-hop / aggregation accuracy by context length and depth.
 
     python -m tandem.trainer.inference.long_eval runs/smoke/cpt --lengths 128,256,512,1024 --per-cell 4
-    python -m tandem.trainer.inference.long_eval runs/smoke/cpt --check --task needle --min-gain 0.3
+    python -m tandem.trainer.inference.long_eval runs/smoke/cpt --check --task needle --min-gain 0.2
 
 The examples are :mod:`tandem.data_pipelines.long_context`'s generators (``needle``, ``kv_retrieval``,
 ``multi_hop``, ``aggregation``), seeded, so the same settings score the same prompts for every checkpoint:
