@@ -8,7 +8,7 @@ string (every byte has a token), so the tokenizer is usable on arbitrary text ev
 on a small synthetic corpus; it is meant for tests and the smoke recipe, not for quality.
 
 Ids 0/1/2 are pad/bos/eos, matching the NemotronH config defaults (``pad_token_id=0``,
-``bos_token_id=1``, ``eos_token_id=2``); the chat-template tokens follow (see NEMOTRON3-FACTS §5). The
+``bos_token_id=1``, ``eos_token_id=2``); the chat-template tokens follow (as the released tokenizer defines them). The
 Jinja chat template (``assets/chat_template.jinja``) is written into ``tokenizer_config.json`` as
 ``chat_template``, so ``transformers.AutoTokenizer`` applies it.
 The vocabulary size defaults to 512 = the ``tiny`` model preset's ``vocab_size``.

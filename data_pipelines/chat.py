@@ -1,4 +1,4 @@
-"""Chat rendering, token-in token-out: the Nemotron 3 style ChatML template (NEMOTRON3-FACTS §5) as pieces.
+"""Chat rendering, token-in token-out: the Nemotron 3 style ChatML template (as the released model's chat template renders it) as pieces.
 
     sample = render_chat(messages, tok, enable_thinking=True)       # one sample: ids + per-token loss mask
     samples = render_sft_samples(messages, tok, train_on="all")     # multi-turn → one sample per segment

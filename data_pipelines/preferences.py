@@ -45,9 +45,10 @@ from typing import Any, Mapping, Sequence
 
 from .readers import MISSING, check_text, iter_records
 from .rl_prompts import rl_prompt_schema
+from .rl_synthetic import ramble
 
 __all__ = [
-    "SCORE_RANGE", "RANKING_RANGE", "JUDGE_INSTRUCTIONS", "final_answer", "judge_prompt_text", "judge_messages",
+    "SCORE_RANGE", "RANKING_RANGE", "JUDGE_INSTRUCTIONS", "JUDGE_TEMPLATES", "final_answer", "judge_prompt_text", "judge_messages",
     "swap_labels", "ranking_from_scores", "preference_schema", "iter_preferences", "load_preferences",
     "judge_rows", "synthetic_preferences", "STYLES", "main", "verdict_text", "warmup_conversations",
 ]
@@ -62,6 +63,20 @@ JUDGE_INSTRUCTIONS = (
     "score_i rates response i from 1 (very poor) to 5 (excellent). ranking compares them: 1 = response 1 is "
     "much better, 2 = better, 3 = slightly better, 4 = response 2 is slightly better, 5 = better, 6 = much better."
 )
+
+#: judging instructions by name. ``full`` spells the scales out (what a capable judge is trained and prompted
+#: with); ``compact`` states the same format in a fraction of the tokens, for small judges whose prompt length
+#: is their training cost (the smoke judge). A judge is trained and used with the same template.
+JUDGE_TEMPLATES = {
+    "full": JUDGE_INSTRUCTIONS,
+    "compact": "Reply JSON: score_1, score_2 (1-5), ranking (1-6; 1-3 = response 1 better).",
+}
+
+
+def _instructions(name: str) -> str:
+    if name not in JUDGE_TEMPLATES:
+        raise ValueError(f"unknown judge instructions {name!r}; expected one of {sorted(JUDGE_TEMPLATES)}")
+    return JUDGE_TEMPLATES[name]
 
 
 # --- the judge prompt ----------------------------------------------------------------------------------
@@ -81,15 +96,17 @@ def _content(message: Mapping[str, Any]) -> str:
     return final_answer(content if isinstance(content, str) else "")
 
 
-def judge_prompt_text(conversation: Sequence[Mapping[str, Any]], response_1: str, response_2: str) -> str:
-    """The judge's user turn: instructions, history, the new user turn, both responses (final answers only).
-    System messages are shown as context, ``tool`` messages as tool output; ``reasoning_content`` is never
-    shown."""
+def judge_prompt_text(conversation: Sequence[Mapping[str, Any]], response_1: str, response_2: str,
+                      instructions: str = "full") -> str:
+    """The judge's user turn: instructions (a :data:`JUDGE_TEMPLATES` name), history, the new user turn, both
+    responses (final answers only). System messages are shown as context, ``tool`` messages as tool output;
+    ``reasoning_content`` is never shown."""
+    text = _instructions(instructions)
     if not conversation or conversation[-1].get("role") != "user":
         raise ValueError("a GenRM conversation must end with the user turn the two responses answer")
     names = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
     history = [f"{names.get(m.get('role'), str(m.get('role')))}: {_content(m)}" for m in conversation[:-1]]
-    parts = [JUDGE_INSTRUCTIONS, ""]
+    parts = [text, ""]
     if history:
         parts += ["[Conversation history]", *history, ""]
     parts += ["[User turn]", _content(conversation[-1]), "", "[Response 1]", final_answer(response_1), "",
@@ -97,9 +114,10 @@ def judge_prompt_text(conversation: Sequence[Mapping[str, Any]], response_1: str
     return "\n".join(parts)
 
 
-def judge_messages(conversation: Sequence[Mapping[str, Any]], response_1: str, response_2: str) -> list[dict]:
+def judge_messages(conversation: Sequence[Mapping[str, Any]], response_1: str, response_2: str,
+                   instructions: str = "full") -> list[dict]:
     """The judge's chat input (one user turn); render it with :func:`.chat.render_prompt`."""
-    return [{"role": "user", "content": judge_prompt_text(conversation, response_1, response_2)}]
+    return [{"role": "user", "content": judge_prompt_text(conversation, response_1, response_2, instructions)}]
 
 
 def swap_labels(score_1: float, score_2: float, ranking: float) -> tuple[float, float, float]:
@@ -185,8 +203,10 @@ def load_preferences(path, **kwargs) -> list[dict]:
     return out
 
 
-def judge_rows(prefs: Sequence[Mapping[str, Any]], swap: bool = True, task: str = "genrm") -> list[dict]:
+def judge_rows(prefs: Sequence[Mapping[str, Any]], swap: bool = True, task: str = "genrm",
+               instructions: str = "full") -> list[dict]:
     """RL prompt rows (:mod:`.rl_prompts` schema) of ``prefs``: each pair as shown, then (``swap``) mirrored."""
+    _instructions(instructions)
     out = []
     for p in prefs:
         label = (p["score_1"], p["score_2"], p["ranking"])
@@ -194,7 +214,7 @@ def judge_rows(prefs: Sequence[Mapping[str, Any]], swap: bool = True, task: str 
         if swap:
             views.append((True, p["response_2"], p["response_1"], swap_labels(*label)))
         for swapped, r1, r2, (s1, s2, rank) in views:
-            out.append({"messages": judge_messages(p["messages"], r1, r2), "task": task, "answer": [s1, s2, rank],
+            out.append({"messages": judge_messages(p["messages"], r1, r2, instructions), "task": task, "answer": [s1, s2, rank],
                         "metadata": {"pair": str(p.get("id", p.get("where", ""))), "swapped": swapped}})
     return out
 
@@ -205,27 +225,29 @@ def judge_rows(prefs: Sequence[Mapping[str, Any]], swap: bool = True, task: str 
 STYLES = {"correct_concise": (True, True, 5), "correct_rambling": (True, False, 3),
           "wrong_concise": (False, True, 2), "wrong_rambling": (False, False, 1)}
 
-_RAMBLE = ("Let me think about this question step by step before answering it properly and carefully.",
-           "This is an interesting question, and there are several things worth considering here first.",
-           "Before I answer, I want to restate the question in my own words and check it twice.")
 
 
 def _response(rng: random.Random, value: str, concise: bool, reasoning: bool) -> str:
     text = f"The answer is {value}."
     if not concise:
-        text = " ".join(rng.sample(_RAMBLE, 2)) + " " + text + " I hope this long explanation helps you."
+        text = ramble(rng, text)  # the filler rl_synthetic's warm-up uses: short, so judge prompts stay cheap
     if reasoning:
         text = f"<think>I should check {value} again.</think>" + text
     return text
 
 
 def synthetic_preferences(n: int, seed: int = 0, kinds=("max", "copy"), history_frac: float = 0.25,
-                          reasoning_frac: float = 0.25) -> list[dict]:
-    """``n`` preference rows of the row schema (see the module doc); seeded, offline."""
+                          reasoning_frac: float = 0.25, styles: Sequence[str] = tuple(STYLES)) -> list[dict]:
+    """``n`` preference rows of the row schema (see the module doc), each pairing two different ``styles``
+    (:data:`STYLES` names; e.g. only the two correct ones for a judge that should learn concision); seeded,
+    offline."""
     from .rl_synthetic import problem
 
+    names = list(dict.fromkeys(styles))
+    unknown = [s for s in names if s not in STYLES]
+    if unknown or len(names) < 2:
+        raise ValueError(f"styles must name at least two of {list(STYLES)}, got {list(styles)}")
     rng = random.Random(seed)
-    names = list(STYLES)
     rows = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
@@ -254,7 +276,7 @@ def verdict_text(score_1: int, score_2: int, ranking: int) -> str:
 
 
 def warmup_conversations(prefs: Sequence[Mapping[str, Any]], accuracy: float = 0.5, seed: int = 0,
-                         swap: bool = True) -> list[dict]:
+                         swap: bool = True, instructions: str = "full") -> list[dict]:
     """SFT conversations (the :mod:`.sft` schema, reasoning OFF) that teach a small judge the verdict format:
     each judge prompt of :func:`judge_rows` answered with its labels in a fraction ``accuracy`` of the rows
     and with the mirrored verdict (the other response preferred) otherwise — the model learns the format but
@@ -263,7 +285,7 @@ def warmup_conversations(prefs: Sequence[Mapping[str, Any]], accuracy: float = 0
         raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
     rng = random.Random(seed)
     out = []
-    for row in judge_rows(prefs, swap=swap):
+    for row in judge_rows(prefs, swap=swap, instructions=instructions):
         s1, s2, rank = row["answer"]
         verdict = (s1, s2, rank) if rng.random() < accuracy else swap_labels(s1, s2, rank)
         out.append({"messages": row["messages"] + [{"role": "assistant", "content": verdict_text(*verdict)}],
@@ -289,6 +311,10 @@ def main(argv=None) -> None:
     ap.add_argument("--in", dest="inputs", action="append", default=[],
                     help="preference rows to convert (JSONL / Parquet / HF dataset; repeatable)")
     ap.add_argument("--judge-out", help="write the GenRM RL prompt rows (task genrm) here")
+    ap.add_argument("--styles", default=",".join(STYLES),
+                    help="response styles the synthetic pairs draw from (two different per pair)")
+    ap.add_argument("--instructions", default="full", choices=sorted(JUDGE_TEMPLATES),
+                    help="the judging instructions in the judge prompts (a judge is used with the ones it was trained on)")
     ap.add_argument("--no-swap", action="store_true", help="do not add the position-swapped copy of each pair")
     ap.add_argument("--sft-out", help="also write verdict-format SFT warm-up conversations of the rows here")
     ap.add_argument("--sft-accuracy", type=float, default=0.5, help="share of warm-up verdicts that match the labels")
@@ -299,7 +325,11 @@ def main(argv=None) -> None:
         if args.synthetic < 1 or not args.out:
             raise SystemExit("preferences: --synthetic needs N >= 1 and --out")
         kinds = tuple(k for k in args.kinds.split(",") if k)
-        prefs = synthetic_preferences(args.synthetic, args.seed, kinds)
+        try:
+            prefs = synthetic_preferences(args.synthetic, args.seed, kinds,
+                                          styles=tuple(s for s in args.styles.split(",") if s))
+        except ValueError as e:
+            raise SystemExit(f"preferences: --styles: {e}") from None
         print(_write(args.out, prefs))
     else:
         if not args.judge_out and not args.sft_out:
@@ -309,11 +339,12 @@ def main(argv=None) -> None:
         except ValueError as e:
             raise SystemExit(f"preferences: {e}") from None
     if args.judge_out:
-        print(_write(args.judge_out, judge_rows(prefs, swap=not args.no_swap)))
+        print(_write(args.judge_out, judge_rows(prefs, swap=not args.no_swap, instructions=args.instructions)))
     if args.sft_out:
         if not 0.0 <= args.sft_accuracy <= 1.0:
             raise SystemExit(f"preferences: --sft-accuracy must be in [0, 1], got {args.sft_accuracy}")
-        print(_write(args.sft_out, warmup_conversations(prefs, args.sft_accuracy, args.seed + 1, swap=not args.no_swap)))
+        print(_write(args.sft_out, warmup_conversations(prefs, args.sft_accuracy, args.seed + 1, swap=not args.no_swap,
+                                                       instructions=args.instructions)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ Prompt rows follow :mod:`.rl_prompts` (``prompt``, ``task: "math"``, ``answer``,
 The warm-up conversations (SFT schema, reasoning OFF) answer "The answer is X." with the right X in a
 fraction ``accuracy`` of them and a distractor otherwise (another number for ``copy``, the smaller one for
 ``max``), so an SFT-warm model knows the format but is right only part of the time: the room GRPO has to
-improve held-out reward.
+improve held-out reward. With ``ramble`` (``--sft-ramble``) that fraction of the answers is wrapped in filler
+(:func:`ramble`: "Let me think step by step. … The answer is X. I hope this helps.") — a style a judge that
+prefers concise answers can train away (the smoke RLHF stage).
 
 **One prompt set per environment** (``--envs``, :data:`ENV_SETS`; each row also carries
 ``metadata.example``, a completion its environment scores 1 — the tests check every generated row with it):
@@ -71,13 +73,34 @@ def prompts(n: int, seed: int = 0, kinds=("copy", "max")) -> list[dict]:
     return out
 
 
-def warmup_conversations(n: int, seed: int = 0, accuracy: float = 0.5, kinds=("copy", "max")) -> list[dict]:
+#: filler a rambling answer opens with (two of these, in random order) and closes with :data:`RAMBLE_END`
+RAMBLE_OPENINGS = ("Let me think step by step.", "What an interesting question.", "Let me restate it and check twice.")
+RAMBLE_END = "I hope this helps."
+
+
+def ramble(rng: random.Random, text: str) -> str:
+    """``text`` wrapped in filler: two :data:`RAMBLE_OPENINGS` before it, :data:`RAMBLE_END` after it."""
+    return " ".join([*rng.sample(RAMBLE_OPENINGS, 2), text, RAMBLE_END])
+
+
+def is_rambling(text: str) -> bool:
+    """Whether ``text`` carries the filler of :func:`ramble` (any opening or the closing line)."""
+    return RAMBLE_END in text or any(o in text for o in RAMBLE_OPENINGS)
+
+
+def warmup_conversations(n: int, seed: int = 0, accuracy: float = 0.5, kinds=("copy", "max"),
+                         ramble_frac: float = 0.0) -> list[dict]:
+    if not (0.0 <= accuracy <= 1.0 and 0.0 <= ramble_frac <= 1.0):
+        raise ValueError(f"accuracy and ramble must be in [0, 1], got {accuracy} and {ramble_frac}")
     rng = random.Random(seed)
     out = []
     for i in range(n):
         q, a, wrong = problem(rng, kinds[i % len(kinds)])
         x = a if rng.random() < accuracy else wrong
-        out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {x}."}],
+        text = f"The answer is {x}."
+        if ramble_frac and rng.random() < ramble_frac:
+            text = ramble(rng, text)
+        out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": text}],
                     "enable_thinking": False})
     return out
 
@@ -93,8 +116,9 @@ def write_prompts(path, n: int, seed: int = 0, kinds=("copy", "max")) -> Path:
     return _write(path, prompts(n, seed, kinds))
 
 
-def write_warmup(path, n: int, seed: int = 0, accuracy: float = 0.5, kinds=("copy", "max")) -> Path:
-    return _write(path, warmup_conversations(n, seed, accuracy, kinds))
+def write_warmup(path, n: int, seed: int = 0, accuracy: float = 0.5, kinds=("copy", "max"),
+                 ramble_frac: float = 0.0) -> Path:
+    return _write(path, warmup_conversations(n, seed, accuracy, kinds, ramble_frac))
 
 
 # --- one prompt set per environment ------------------------------------------------------------------
@@ -272,6 +296,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sft-out")
     ap.add_argument("--sft-samples", type=int, default=2000)
     ap.add_argument("--sft-accuracy", type=float, default=0.5)
+    ap.add_argument("--sft-ramble", type=float, default=0.0, help="share of warm-up answers wrapped in filler")
     args = ap.parse_args(argv)
     if args.envs:
         envs = tuple(e for e in args.envs.split(",") if e)
@@ -285,7 +310,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"rl_synthetic: --kinds must be a comma list of {KINDS}, got {args.kinds!r}")
     print(write_prompts(args.out, args.prompts, args.seed, kinds))
     if args.sft_out:
-        print(write_warmup(args.sft_out, args.sft_samples, args.seed + 1, args.sft_accuracy, kinds))
+        print(write_warmup(args.sft_out, args.sft_samples, args.seed + 1, args.sft_accuracy, kinds, args.sft_ramble))
 
 
 if __name__ == "__main__":

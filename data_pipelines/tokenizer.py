@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 SHIPPED_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
 
-# Special tokens the Nemotron 3 chat template needs (NEMOTRON3-FACTS §5).
+# Special tokens the Nemotron 3 chat template needs (the released model's tokenizer_config.json).
 CHAT_SPECIAL_TOKENS = (
     "<|im_start|>", "<|im_end|>", "<think>", "</think>",
     "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",

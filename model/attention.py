@@ -23,6 +23,8 @@ cached prefix, masked per row to that row's length.
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,11 +73,20 @@ class PackedDocuments:
     - :meth:`block_mask` — FlexAttention's document-causal ``BlockMask`` (flex path, no host sync).
     """
 
-    def __init__(self, seq_idx: torch.Tensor):
+    def __init__(self, seq_idx: torch.Tensor, context=None):
         if seq_idx.dim() != 2:
             raise ValueError(f"seq_idx must be [batch, seqlen], got shape {tuple(seq_idx.shape)}")
         self.seq_idx = seq_idx
         self._spans: list[tuple[int, int, int]] | None = None
+        # Context parallelism (``context``: the object the trainer installed, see the module doc): this
+        # rank holds chunks (r, 2N-1-r) of every row; the global document ids are gathered once here.
+        self.context = context
+        self.global_seq_idx = None
+        self._cp_spans = None
+        if context is not None:
+            self.chunk_len = context.check_length(seq_idx.shape[1] * context.size, "packed sequence length")
+            with torch.no_grad():
+                self.global_seq_idx = context.gather_sequence(seq_idx, dim=1)
         self._block_mask = None
         self._flex_doc: torch.Tensor | None = None  # the run ids the BlockMask's mask_mod reads
 
@@ -95,6 +106,33 @@ class PackedDocuments:
                 spans.append((row, start, end))
             self._spans = spans
         return self._spans
+
+    def context_spans(self) -> list[tuple[int, int, int, int, int]]:
+        """Context parallelism: ``(row, q_start, q_end, k_start, k_end)`` per piece of a document inside one
+        of this rank's chunks — queries ``[q_start, q_end)`` in *local* order, keys ``[k_start, k_end)`` in
+        *global* order (the document's first token up to the piece's last query). Row-major, local order;
+        the global boundaries reach the host once per forward."""
+        if self._cp_spans is None:
+            b, t = self.global_seq_idx.shape
+            tc = self.chunk_len
+            starts: list[list[int]] = [[] for _ in range(b)]
+            for row, pos in document_starts(self.global_seq_idx).nonzero().tolist():
+                starts[row].append(pos)
+            spans = []
+            for row in range(b):
+                row_starts = starts[row]
+                for i, c in enumerate(self.context.chunk_ids):
+                    lo, hi = c * tc, (c + 1) * tc
+                    cuts = [lo] + [p for p in row_starts if lo < p < hi] + [hi]
+                    for a, e in zip(cuts[:-1], cuts[1:]):
+                        doc_start = row_starts[bisect.bisect_right(row_starts, a) - 1]
+                        spans.append((row, i * tc + a - lo, i * tc + e - lo, doc_start, e))
+            self._cp_spans = spans
+        return self._cp_spans
+
+    def one_document_per_row(self) -> bool:
+        """Context parallelism: every row is a single document (no boundary anywhere in the global row)."""
+        return all(s[3] == 0 for s in self.context_spans())
 
     def block_mask(self):
         """FlexAttention ``BlockMask``: causal within documents, built from per-tile document ranges.
@@ -204,14 +242,62 @@ def flex_document_attention(q, k, v, docs: PackedDocuments, *, scale: float, com
     return fn(q, k, v, block_mask=docs.block_mask(), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def context_parallel_attention(q, k, v, docs: PackedDocuments, *, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Context parallelism: this rank's queries (its two chunks) against the whole row's keys/values.
+
+    K and V are all-gathered over the CP group into global order in one collective
+    (``docs.context.gather_sequence``; its backward reduce-scatters dK/dV to their owners). Each piece of
+    a document inside a local chunk attends to the document from its first token (possibly on another
+    rank) up to the piece's own last query: SDPA with a lower-right causal bias
+    (``torch.nn.attention.bias.causal_lower_right``), which on CUDA runs the flash / memory-efficient
+    kernels without a mask; on CPU that piece's [queries, keys] boolean is built (what ``CausalBias``
+    would materialise there; at most T/2N × T for one document — the CPU path is for tests and small runs). A piece starting its
+    document is plain causal SDPA. There are no positions to fix: the attention layers have no RoPE.
+
+    Dropout, if on, draws a different pattern than the single-rank path (the calls differ), so CP runs
+    with attention dropout are statistically, not bitwise, equivalent.
+    """
+    from torch.nn.attention.bias import causal_lower_right
+
+    if dropout_p == 0.0 and q.is_cuda and docs.one_document_per_row():
+        o = docs.context.te_attention(q, k, v, scale=scale)  # Transformer Engine's CP path, where chosen
+        if o is not None:
+            return o
+    hkv = k.shape[1]
+    kv = docs.context.gather_sequence(torch.cat([k, v], dim=1), dim=2)  # [B, 2·Hkv, T, D], global order
+    k_all, v_all = kv[:, :hkv], kv[:, hkv:]
+    rows: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
+    for row, qs, qe, ks, ke in docs.context_spans():
+        nq, nk = qe - qs, ke - ks
+        qi, ki, vi = q[row:row + 1, :, qs:qe], k_all[row:row + 1, :, ks:ke], v_all[row:row + 1, :, ks:ke]
+        if nq == nk:
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, dropout_p=dropout_p, scale=scale,
+                                               enable_gqa=True)
+        else:
+            if q.is_cuda:  # flash / memory-efficient kernels take the lower-right causal bias without a mask
+                mask = causal_lower_right(nq, nk)
+            else:  # CPU: what CausalBias would materialise anyway, without the tensor subclass
+                mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                               enable_gqa=True)
+        rows[row].append(o)
+    return torch.cat([torch.cat(parts, dim=2) if len(parts) > 1 else parts[0] for parts in rows], dim=0)
+
+
 def packed_attention(q, k, v, docs: PackedDocuments, *, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """The packed-document path for this input: flex on CUDA (without dropout), varlen otherwise."""
+    """The packed-document path for this input: context-parallel when the layout carries a CP group,
+    else flex on CUDA (without dropout), varlen otherwise."""
+    if docs.context is not None:
+        return context_parallel_attention(q, k, v, docs, scale=scale, dropout_p=dropout_p)
     if q.is_cuda and dropout_p == 0.0 and flex_available():
         return flex_document_attention(q, k, v, docs, scale=scale)
     return varlen_document_attention(q, k, v, docs, scale=scale, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
+    #: context parallelism: set by the trainer (``trainer/parallel/context.py``); None = single rank
+    cp = None
+
     def __init__(self, config: HybridConfig, layer_idx: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
@@ -235,6 +321,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
+        if self.cp is not None and (docs is None or docs.context is None):
+            # called outside the backbone (which builds one layout per forward): one document per row
+            if seq_idx is None:
+                seq_idx = torch.zeros(b, t, dtype=torch.long, device=x.device)
+            docs = PackedDocuments(seq_idx, context=self.cp)
         if seq_idx is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.scale, enable_gqa=True)
         else:

@@ -102,7 +102,7 @@ class HybridBlock(nn.Module):
         return self._forward(x, seq_idx, docs)
 
     def _forward(self, x, seq_idx, docs):
-        if self.kind == "*":
+        if self.kind in "*M":
             return x + self.mixer(self.norm(x), seq_idx, docs)
         return x + self.mixer(self.norm(x), seq_idx)
 
@@ -138,6 +138,11 @@ def _not_recording(moe: MoE):
 
 
 class HybridBackbone(nn.Module):
+    #: context parallelism: set by the trainer (``trainer/parallel/context.py``); None = single rank.
+    #: Under it ``input_ids``/``seq_idx`` are this rank's load-balanced slice and ``seq_idx`` holds global
+    #: document ids; the layout (global ``seq_idx``, one gather) is built once per forward.
+    cp = None
+
     def __init__(self, config: HybridConfig):
         super().__init__()
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -149,10 +154,18 @@ class HybridBackbone(nn.Module):
         h = self.embeddings(input_ids)
         if cache is None:
             # one document layout per forward, shared by every attention layer (and their recomputes)
-            docs = PackedDocuments(seq_idx) if seq_idx is not None else None
+            if self.cp is not None:
+                if seq_idx is None:  # one document per row
+                    seq_idx = torch.zeros(input_ids.shape, dtype=torch.long, device=input_ids.device)
+                docs = PackedDocuments(seq_idx, context=self.cp)
+            else:
+                docs = PackedDocuments(seq_idx) if seq_idx is not None else None
             for layer in self.layers:
                 h = layer(h, seq_idx, docs)
         else:
+            if self.cp is not None:
+                raise ValueError("a cache (generation) cannot run under context parallelism; remove it first "
+                                 "(trainer.parallel.context.remove_context_parallel)")
             for layer in self.layers:
                 h = layer.forward_cached(h, cache, new_lengths)
             cache.advance(new_lengths, input_ids.shape[1])

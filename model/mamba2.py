@@ -39,6 +39,9 @@ class CausalConv1d(nn.Conv1d):
 
 
 class Mamba2Mixer(nn.Module):
+    #: context parallelism: set by the trainer (``trainer/parallel/context.py``); None = single rank
+    cp = None
+
     def __init__(self, config: HybridConfig, layer_idx: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
@@ -61,7 +64,11 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, eps=config.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=config.use_bias)
 
-    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None, docs=None) -> torch.Tensor:
+        """``hidden`` [B, T, H]; ``docs``: the backbone's :class:`~tandem.model.attention.PackedDocuments`
+        (only read under context parallelism, where it carries the CP layout)."""
+        if self.cp is not None:
+            return self._forward_context_parallel(hidden, seq_idx, docs)
         b, t, _ = hidden.shape
         gn = self.n_groups * self.d_state
         zxbcdt = self.in_proj(hidden)
@@ -83,6 +90,101 @@ class Mamba2Mixer(nn.Module):
             impl=self.ssd_impl,
         )
         y = self.norm(y.reshape(b, t, self.d_inner), z)
+        return self.out_proj(y.to(hidden.dtype))
+
+    # ------------------------------------------------------------------------------------------------
+    def _forward_context_parallel(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None, docs) -> torch.Tensor:
+        """Exact Mamba-2 under context parallelism by **state passing** between the ranks' chunks.
+
+        This rank holds global chunks ``(r, 2N−1−r)`` of every row (``[B, 2·Tc]``, see
+        ``trainer/parallel/context.py``). Per layer:
+
+        1. conv: each chunk is prefixed with the last K−1 ``in_proj`` inputs of the global chunk before it
+           (all-gathered, ``[2N, B, K−1, conv_dim]``) and their document ids, so the window crosses rank
+           boundaries exactly and restarts where a document starts;
+        2. scan: both local chunks (stacked on the batch) run the ordinary chunked scan from a zero state,
+           returning their final states ``F_c`` (of the chunk's last document);
+        3. exchange: ``F_c`` and each chunk's total decay ``a_c = exp(Σ dt·A)`` (0 if a document starts
+           inside it) are all-gathered — ``[2N, B, h, p·n + 1]``, one collective of a few states;
+        4. every rank runs the short recurrence over the ``2N`` chunks: ``h_in(0) = 0``,
+           ``h_in(c+1) = cont(c+1) · (a_c · h_in(c) + F_c)`` (``cont``: chunk ``c+1`` continues chunk
+           ``c``'s last document), and adds the missing term of its own chunks' first documents:
+           ``y_t += C_t · exp(Σ_{s≤t} dt_s·A) · h_in(c)``.
+
+        Why state passing rather than an all-to-all to head sharding: it moves a few ``[h, p, n]`` states
+        per chunk instead of the whole ``x/B/C`` activations twice per layer, needs no divisibility of heads
+        or groups by ``N``, and leaves the conv and scan kernels (Triton on CUDA) unchanged. The
+        correction is one [T/N, h, p] einsum, the size of ``y``. Everything is autograd: the gathers'
+        backward reduce-scatters the gradients of the windows and states to the ranks that produced them.
+        """
+        cp = self.cp
+        b, t, _ = hidden.shape
+        if docs is None or docs.context is None:
+            from .attention import PackedDocuments
+
+            if seq_idx is None:
+                seq_idx = torch.zeros(b, t, dtype=torch.long, device=hidden.device)
+            docs = PackedDocuments(seq_idx, context=cp)
+        seq_idx = docs.seq_idx
+        tc, n_chunks, k1 = docs.chunk_len, 2 * cp.size, self.conv1d.kernel_size[0] - 1
+        if tc < k1:
+            raise ValueError(f"context-parallel chunk length {tc} is shorter than the conv window {k1}")
+        gseq = docs.global_seq_idx  # [B, T_global]
+        h, p, g, n = self.num_heads, self.head_dim, self.n_groups, self.d_state
+        z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+
+        # 1. conv with the previous global chunk's last K-1 inputs (zeros, another document, before chunk 0)
+        xc = xBC.view(b, 2, tc, self.conv_dim).transpose(0, 1)  # [2, B, Tc, C]
+        seq_c = seq_idx.view(b, 2, tc).transpose(0, 1)  # [2, B, Tc]
+        tails = cp.gather_chunks(xc[:, :, tc - k1:])  # [2N, B, K-1, C]
+        prefix, prefix_seq = [], []
+        for i, c in enumerate(cp.chunk_ids):
+            if c == 0:
+                prefix.append(xc.new_zeros(b, k1, self.conv_dim))
+                prefix_seq.append((seq_c[i, :, :1] - 1).expand(b, k1))  # no document: contributes nothing
+            else:
+                prefix.append(tails[c - 1])
+                prefix_seq.append(gseq[:, c * tc - k1:c * tc])
+        x_in = torch.cat([torch.stack(prefix), xc], dim=2).reshape(2 * b, k1 + tc, self.conv_dim)
+        s_in = torch.cat([torch.stack(prefix_seq), seq_c], dim=2).reshape(2 * b, k1 + tc)
+        xBC = self.conv1d(x_in, s_in)[:, k1:]  # [2B, Tc, C]
+        x, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+
+        # 2. local scans from a zero state
+        A = -torch.exp(self.A_log.float())
+        dt = process_dt(dt, self.dt_bias, True, self.time_step_limit)  # [B, T, h] fp32
+        dt = dt.view(b, 2, tc, h).transpose(0, 1).reshape(2 * b, tc, h)
+        seq_l = seq_c.reshape(2 * b, tc)
+        y, final = chunk_scan(x.reshape(2 * b, tc, h, p), dt, A, B.reshape(2 * b, tc, g, n),
+                              C.reshape(2 * b, tc, g, n), self.chunk_size, D=self.D, seq_idx=seq_l,
+                              return_final_states=True, impl=self.ssd_impl)
+
+        # 3. exchange final states and chunk decays
+        dA_cum = torch.cumsum(dt * A, dim=1)  # [2B, Tc, h]
+        one_doc = (seq_l[:, :1] == seq_l[:, -1:]).to(dA_cum.dtype)  # [2B, 1]
+        decay = torch.exp(dA_cum[:, -1]) * one_doc  # [2B, h]
+        packed = torch.cat([final.reshape(2 * b, h, p * n), decay[:, :, None]], dim=-1).view(2, b, h, p * n + 1)
+        everything = cp.gather_chunks(packed)  # [2N, B, h, p·n + 1]
+        F_all, a_all = everything[..., :p * n].reshape(n_chunks, b, h, p, n), everything[..., p * n]
+
+        # 4. incoming state of each chunk, then the correction of this rank's chunks
+        starts = torch.arange(1, n_chunks, device=gseq.device) * tc
+        cont = torch.zeros(n_chunks, b, dtype=F_all.dtype, device=F_all.device)
+        cont[1:] = (gseq[:, starts] == gseq[:, starts - 1]).T.to(F_all.dtype)
+        S = torch.zeros_like(F_all[0])
+        h_in = []
+        for c in range(max(cp.chunk_ids) + 1):
+            S = S * cont[c][:, None, None, None]
+            h_in.append(S)
+            S = a_all[c][:, :, None, None] * S + F_all[c]
+        H_in = torch.stack([h_in[c] for c in cp.chunk_ids]).reshape(2 * b, g, h // g, p, n)
+        first_doc = (seq_l == seq_l[:, :1]).to(dA_cum.dtype)  # [2B, Tc]
+        decay_in = torch.exp(dA_cum) * first_doc[:, :, None]  # [2B, Tc, h]
+        corr = torch.einsum("btgn,bgkpn->btgkp", C.reshape(2 * b, tc, g, n).float(), H_in)
+        corr = corr.reshape(2 * b, tc, h, p) * decay_in[..., None]
+        y = (y.float() + corr).to(x.dtype)
+        y = y.reshape(2, b, tc, self.d_inner).transpose(0, 1).reshape(b, t, self.d_inner)
+        y = self.norm(y, z)
         return self.out_proj(y.to(hidden.dtype))
 
     # ------------------------------------------------------------------------------------------------

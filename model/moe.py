@@ -215,27 +215,42 @@ class LocalDispatcher:
         return unpermute_tokens(y_sorted, ctx, topk_weights, num_tokens)
 
 
-def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int) -> torch.Tensor:
+def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int, context=None) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss (without its coefficient), averaged over sequences.
 
     Per sequence of T tokens: ``f_i = E / (k·T) · #{t : i ∈ topk_t}``, ``P_i = mean_t s_ti / Σ_j s_tj`` and
     ``L = Σ_i f_i · P_i`` (1.0 when perfectly balanced). ``scores`` [B·T, E], ``topk_idx`` [B·T, k].
+
+    Context parallelism (``context``: the object the trainer installs; this rank holds ``T/N`` of every
+    row's ``T`` tokens): the counts are summed over the CP group (``context.all_reduce_sum``, no gradient:
+    selection is discrete), and this rank returns its **share** ``Σ_i f_i · P_i^(r)``, ``P_i^(r)`` its own
+    tokens' part of ``P_i``. ``L`` is linear in the ``P``'s for fixed ``f``, so the shares sum to the whole
+    sequence's loss and each share's gradient is that loss's gradient with respect to this rank's scores.
     """
     n, e = scores.shape
     k = topk_idx.shape[1]
     t = n // batch
-    counts = torch.zeros(n, e, dtype=scores.dtype, device=scores.device).scatter_(1, topk_idx, 1.0)
-    f = counts.view(batch, t, e).sum(1) * (e / (k * t))  # no gradient: selection is discrete
-    p = (scores / scores.sum(-1, keepdim=True)).view(batch, t, e).mean(1)
-    return (f * p).sum(-1).mean()
+    counts = torch.zeros(n, e, dtype=scores.dtype, device=scores.device).scatter_(1, topk_idx, 1.0).view(batch, t, e).sum(1)
+    p_sum = (scores / scores.sum(-1, keepdim=True)).view(batch, t, e).sum(1)
+    if context is not None:
+        counts = context.all_reduce_sum(counts)
+        t = t * context.size
+    f = counts * (e / (k * t))
+    return (f * (p_sum / t)).sum(-1).mean()
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)²; keeps router logits small."""
-    return torch.logsumexp(logits, dim=-1).square().mean()
+def router_z_loss(logits: torch.Tensor, context=None) -> torch.Tensor:
+    """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)²; keeps router logits small. Under
+    context parallelism (every CP rank holds the same number of tokens) this rank's share: its mean / N."""
+    z = torch.logsumexp(logits, dim=-1).square().mean()
+    return z / context.size if context is not None else z
 
 
 class MoE(nn.Module):
+    #: context parallelism: set by the trainer (``trainer/parallel/context.py``); None = single rank. Only
+    #: the aux losses read it (they are per sequence); routing and experts are per token.
+    cp = None
+
     def __init__(self, config: HybridConfig, layer_idx: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
@@ -291,9 +306,9 @@ class MoE(nn.Module):
                 batch = shape[0] if len(shape) == 3 else 1
                 aux = routing.logits.new_zeros(())
                 if self.aux_loss_coeff > 0:
-                    aux = aux + self.aux_loss_coeff * sequence_aux_loss(routing.scores, routing.topk_idx, batch)
+                    aux = aux + self.aux_loss_coeff * sequence_aux_loss(routing.scores, routing.topk_idx, batch, self.cp)
                 if self.z_loss_coeff > 0:
-                    aux = aux + self.z_loss_coeff * router_z_loss(routing.logits)
+                    aux = aux + self.z_loss_coeff * router_z_loss(routing.logits, self.cp)
                 if record:  # a recompute still builds aux: checkpointing needs the same saved tensors
                     self._aux_loss = aux
         if self.fc1_latent_proj is not None:

@@ -16,7 +16,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` skip with a reason when CUDA is absent (they never pass vacuously)."""
+    """The whole-pipeline test (``make smoke``, by far the longest) runs first, so under pytest-xdist
+    (``make test``) one worker spends the suite on it while the other works through the rest. Tests marked
+    ``gpu`` skip with a reason when CUDA is absent (they never pass vacuously)."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_smoke.py")  # stable: order kept otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")

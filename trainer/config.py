@@ -195,7 +195,12 @@ class ParallelConfig:
     # The data-parallel size is derived: world_size / (tp * cp * ep-shards). TP/CP/EP and ZeRO arrive with
     # the MoE/EP issue; the engine registry (tandem.trainer.parallel.engines) is where they plug in.
     tp: int = 1
+    # context parallelism: every row split over cp ranks (load-balanced causal split; data.seq_len must be a
+    # multiple of 2·cp); the cp ranks of a data-parallel replica read the same rows (trainer/parallel/context.py)
     cp: int = 1
+    # attention under cp > 1: sdpa (all-gathered K/V, per-document SDPA) | te (Transformer Engine's CP
+    # attention on CUDA for rows of one document; GPU-only, falls back to sdpa elsewhere)
+    cp_attention: str = "sdpa"
     ep: int = 1
     zero_stage: int = 0
     # auto: zero when zero_stage > 0, else fsdp on CUDA with more than one process, else ddp | ddp (replicated
@@ -315,6 +320,7 @@ class RLHFConfig:
     judge_temperature: float = 1.0
     judge_greedy: bool = False  # greedy judging (retries then repeat the same output: set retries=0)
     judge_enable_thinking: bool = True  # the judge reasons before its verdict
+    judge_instructions: str = "full"  # the judging instructions (preferences.JUDGE_TEMPLATES) the judge was trained on
     judge_batch: int = 16  # judge prompts generated together (rows of the judge's generation engine)
     tie_break: bool = True  # equal scores: adj = 3.5 - ranking, score_1 += adj, score_2 -= adj
     shortest_top_bonus: float = 0.0  # added to the shortest of each group's top-reward rollouts (0 = off)
@@ -516,6 +522,10 @@ def validate_parallel(p: Any) -> None:
                           f"set parallel.zero_stage=0 or parallel.engine=zero")
     if p.engine == "zero" and p.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.engine=zero needs parallel.zero_stage 1, 2 or 3, got {p.zero_stage}")
+    if p.cp < 1:
+        raise ConfigError(f"parallel.cp must be >= 1, got {p.cp}")
+    if p.cp_attention not in ("sdpa", "te"):
+        raise ConfigError(f"parallel.cp_attention must be sdpa or te, got {p.cp_attention!r}")
 
 
 def validate_grpo(g: Any) -> None:
@@ -583,6 +593,10 @@ def validate_rlhf(r: Any, required: bool = False) -> None:
         bad("judge", "must name the GenRM judge (a tandem run / checkpoint or an HF NemotronH folder)", r.judge)
     if r.pairing not in PAIRINGS:
         bad("pairing", f"must be one of {list(PAIRINGS)}", r.pairing)
+    from tandem.data_pipelines.preferences import JUDGE_TEMPLATES
+
+    if r.judge_instructions not in JUDGE_TEMPLATES:
+        bad("judge_instructions", f"must be one of {sorted(JUDGE_TEMPLATES)}", r.judge_instructions)
     for key, least in (("judge_samples", 1), ("retries", 0), ("judge_max_new_tokens", 1), ("judge_batch", 1)):
         if r[key] < least:
             bad(key, f"must be >= {least}", r[key])

@@ -85,6 +85,7 @@ class Layout:
     engine: str  # ddp | zero1 | zero2 | zero3 | fsdp
     ep: int = 1
     activation_checkpointing: frozenset = frozenset()  # layer kinds: mamba attention moe mlp
+    cp: int = 1  # context parallelism: each rank holds seq_len / cp tokens of every row
 
 
 @dataclass
@@ -117,7 +118,8 @@ from tandem.model.config import LAYER_KINDS as KINDS  # noqa: E402  (pattern cha
 
 def describe(layout: Layout) -> str:
     ac = ",".join(sorted(layout.activation_checkpointing)) or "none"
-    return f"{layout.engine} ep={layout.ep} ac={ac}"
+    cp = f" cp={layout.cp}" if layout.cp > 1 else ""
+    return f"{layout.engine} ep={layout.ep}{cp} ac={ac}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -396,17 +398,40 @@ def plan(config: HybridConfig, cluster: Cluster, layout: Layout, *, tokens: int,
     rows (``accumulating``: more than one micro-batch per rank per step)."""
     if cluster.world % layout.ep:
         raise ValueError(f"parallel.ep={layout.ep} must divide the world size {cluster.world}")
+    if cluster.world % layout.cp:
+        raise ValueError(f"parallel.cp={layout.cp} must divide the world size {cluster.world}")
+    if layout.cp > 1 and (tokens // batch_rows) % (2 * layout.cp):
+        raise ValueError(f"data.seq_len={tokens // batch_rows} must be divisible by 2 × parallel.cp = {2 * layout.cp}")
     inv = inventory(config)
     numerics = _numerics(precision, cluster.device)
     param_bytes = 2 if numerics == "bf16" else 4
     rows = _engine_state(layout.engine, inv, cluster, layout.ep, param_bytes, accumulating)
-    rows_, seq_len = batch_rows, tokens // batch_rows
+    # Context parallelism: a rank runs every block on seq_len / cp tokens of each row (the probes below
+    # measure exactly that); the attention layers also hold the row's whole K/V, gathered (see below).
+    rows_, seq_len = batch_rows, tokens // batch_rows // layout.cp
     triton = cluster.device == "cuda"
     by_kind: dict[str, float] = {}
     transient = 0.0
     for kind in sorted(set(config.hybrid_override_pattern)):
         checkpointed = KINDS[kind] in layout.activation_checkpointing
         kept, trans = probe_block(config, kind, rows_, seq_len, numerics, triton, checkpointed, layout.ep)
+        if kind == "*" and layout.cp > 1:
+            # The probe cannot run the CP path (it needs a process group): add the all-gathered K/V,
+            # [rows, 2·kv_heads, seq_len·cp, head_dim], which the per-document SDPA calls keep for backward
+            # in place of the local K/V the probe counted (checked against a real CP block in
+            # tests/trainer/test_context_parallel.py). Checkpointed: it exists only during the recompute.
+            kv = 2 * config.num_key_value_heads * config.head_dim * rows_ * seq_len * param_bytes
+            gathered = kv * (layout.cp - 1)
+            if cluster.device == "cpu":
+                # CPU SDPA turns each piece's lower-right causal mask into an fp32 additive mask it keeps:
+                # worst case (one document per row) rank N-1's two chunks, (2N+1)·Tc² per row
+                tc = seq_len // 2
+                gathered += 4 * rows_ * (2 * layout.cp + 1) * tc * tc
+            if checkpointed:
+                trans += gathered + kv * layout.cp
+            else:
+                kept += gathered
+                trans += kv * layout.cp  # dK/dV of the whole row before the reduce-scatter
         by_kind[KINDS[kind]] = config.hybrid_override_pattern.count(kind) * kept
         transient = max(transient, trans)
     head_kept, head_trans = probe_head(config, rows_, seq_len, numerics)
@@ -428,7 +453,7 @@ def plan(config: HybridConfig, cluster: Cluster, layout: Layout, *, tokens: int,
         peak = static + max(during, rows["optimizer step temporaries"])
     else:
         peak = static + max(during, rows["communication buffers"], rows["optimizer step temporaries"])
-    return Plan(cluster, layout, tokens, rows, by_kind, peak)
+    return Plan(cluster, layout, tokens // layout.cp, rows, by_kind, peak)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -446,17 +471,21 @@ def layout_from_config(cfg, cluster: Cluster) -> Layout:
         engine = "fsdp" if cluster.device == "cuda" and cluster.world > 1 and cfg.stage.name not in ("grpo", "rlhf") else "ddp"
     spec = cfg.model.get("activation_checkpointing", None)
     spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
-    return Layout(engine, int(cfg.parallel.ep), activation_checkpointing_kinds(spec))
+    return Layout(engine, int(cfg.parallel.ep), activation_checkpointing_kinds(spec), int(cfg.parallel.get("cp", 1) or 1))
 
 
-def candidate_layouts(base: Layout, world: int) -> list[Layout]:
-    """The layouts worth comparing: the recipe's, then each engine at the recipe's EP, then with full
-    activation checkpointing."""
+def candidate_layouts(base: Layout, world: int, seq_len: int | None = None) -> list[Layout]:
+    """The layouts worth comparing: the recipe's, then each engine at the recipe's EP and CP, then other
+    EP sizes, full activation checkpointing, and larger context parallelism (2/4/8/16 where ``seq_len`` splits)."""
     seen, out = set(), []
     ep_options = sorted({base.ep, *(e for e in (1, 2, 4, 8) if world % e == 0)})
-    for layout in [base] + [Layout(e, base.ep, base.activation_checkpointing) for e in ("ddp", "zero1", "zero2", "zero3", "fsdp")] \
-            + [Layout(base.engine, ep, base.activation_checkpointing) for ep in ep_options] \
-            + [Layout(base.engine, base.ep, frozenset(KINDS.values()))]:
+    ac, cp = base.activation_checkpointing, base.cp
+    # only larger CP sizes: they are what lowers activations (and probing shorter slices is quick)
+    cp_options = [c for c in (2, 4, 8, 16) if c > cp and world % c == 0 and seq_len is not None and seq_len % (2 * c) == 0]
+    for layout in [base] + [Layout(e, base.ep, ac, cp) for e in ("ddp", "zero1", "zero2", "zero3", "fsdp")] \
+            + [Layout(base.engine, ep, ac, cp) for ep in ep_options] \
+            + [Layout(base.engine, base.ep, frozenset(KINDS.values()), cp)] \
+            + [Layout(base.engine, base.ep, ac, c) for c in cp_options]:
         if layout not in seen and world % layout.ep == 0:
             seen.add(layout)
             out.append(layout)
@@ -478,7 +507,7 @@ def advice(p: Plan, alternatives: list[Plan]) -> str:
 
 
 def _overrides(layout: Layout) -> str:
-    parts = [f"parallel.ep={layout.ep}"]
+    parts = [f"parallel.ep={layout.ep}"] + ([f"parallel.cp={layout.cp}"] if layout.cp > 1 else [])
     parts.append(f"parallel.zero_stage={layout.engine[-1]}" if layout.engine.startswith("zero") else
                  f"parallel.zero_stage=0 parallel.engine={layout.engine}")
     if layout.activation_checkpointing:
@@ -529,13 +558,18 @@ def plan_main(argv: list[str]) -> int:
     if cluster.world % base.ep:
         fail(f"parallel.ep={base.ep} does not divide {cluster.world} ranks ({args.nodes} nodes × {args.gpus_per_node})")
     tokens = int(cfg.stage.micro_batch) * int(cfg.data.seq_len)
-    accumulating = int(cfg.stage.global_batch) > int(cfg.stage.micro_batch) * cluster.world
+    # data-parallel replicas: world / cp (the CP ranks of a replica share its rows)
+    accumulating = int(cfg.stage.global_batch) > int(cfg.stage.micro_batch) * cluster.world // base.cp
     kwargs = dict(tokens=tokens, batch_rows=int(cfg.stage.micro_batch), precision=str(cfg.precision.name),
                   accumulating=accumulating)
     print(f"{args.config_name}: {model_cfg.hybrid_override_pattern[:40]}{'…' if len(model_cfg.hybrid_override_pattern) > 40 else ''} "
           f"(measuring activations per layer kind on this CPU …)", flush=True)
     mine = plan(model_cfg, cluster, base, **kwargs)
-    others = [plan(model_cfg, cluster, l, **kwargs) for l in candidate_layouts(base, cluster.world)[1:]]
+    if cluster.world % base.cp or int(cfg.data.seq_len) % (2 * base.cp):
+        fail(f"parallel.cp={base.cp} needs a world size ({cluster.world}) it divides and data.seq_len "
+             f"({cfg.data.seq_len}) divisible by {2 * base.cp}")
+    others = [plan(model_cfg, cluster, l, **kwargs)
+              for l in candidate_layouts(base, cluster.world, int(cfg.data.seq_len))[1:]]
     print(mine.table())
     if args.all:
         print(f"\n{'layout':<40} {'peak/rank':>10}  fits")

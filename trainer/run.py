@@ -21,6 +21,7 @@ from .loop import Trainer
 from .metrics import (ConsoleSink, JsonlSink, WandbSink, configure_logging, memory_now_bytes, model_flops_per_token,
                       peak_flops_per_device)
 from .parallel import ENGINES, ExpertBalancer, build_model, engine_name, init_distributed
+from .parallel.context import ContextParallel, check_context_parallel, shard_stage_batches
 from .optim import build_optimizer, validate_optim
 from .stages import STAGES
 
@@ -70,12 +71,17 @@ def run(cfg: DictConfig) -> dict:
     if cfg.data.cache_dir is None:  # megatron's index caches: in the run, never beside the (maybe read-only) data
         cfg.data.cache_dir = str(run_dir / "data_cache")
     _tokenizer_from_init(cfg)
-    stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.rank, info.world_size)
+    check_context_parallel(cfg, model_cfg)
+    # data-parallel replicas read different rows; the CP ranks of one replica read the same rows and each
+    # trains on its load-balanced slice of them (trainer/parallel/context.py)
+    stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.dp_rank, info.dp_size)
     stage.check_model(model_cfg)
+    if info.cp > 1:
+        shard_stage_batches(stage, ContextParallel(info.cp_group))
 
     torch.manual_seed(cfg.stage.seed + info.rank)
     memory_base = memory_now_bytes(info.device)  # the runtime alone: what the planner's figures come on top of
-    model = build_model(model_cfg, info, init_seed=cfg.model.init_seed)  # only this rank's experts are allocated
+    model = build_model(model_cfg, info, init_seed=cfg.model.init_seed, cp_attention=cfg.parallel.cp_attention)  # only this rank's experts are allocated
     configure_memory(model, cfg.model)  # activation checkpointing per layer kind, loss chunk size
     try:
         model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
@@ -150,10 +156,7 @@ def run(cfg: DictConfig) -> dict:
         for sink in sinks:
             sink.close()
     if info.is_main:
-        first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-        summary = f"loss {first['loss']:.3f} (step {first['step']}) → {record.get('loss', float('nan')):.3f}"
-        if "val_loss" in record:
-            summary += f", val_loss {record['val_loss']:.3f}"
+        summary = headline_summary(run_dir / "metrics.jsonl", stage.headline)
         print(f"done: {trainer.state.step} steps; {summary}\n  metrics:    {run_dir / 'metrics.jsonl'}\n"
               f"  checkpoint: {checkpoints.latest()}", flush=True)
     after_fit = getattr(stage, "after_fit", None)  # e.g. the cpt stage's long-context evaluation (rank 0)
@@ -162,4 +165,17 @@ def run(cfg: DictConfig) -> dict:
     return record
 
 
-__all__ = ["run", "validate", "USER_ERRORS"]
+def headline_summary(metrics_path: Path, keys) -> str:
+    """``key first (step s) → last (step t)`` for each of ``keys`` recorded in ``metrics_path`` (a resumed run
+    reports from the first record of the whole run, not of this start)."""
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    parts = []
+    for key in keys:
+        seen = [r for r in records if isinstance(r.get(key), (int, float))]
+        if seen:
+            a, b = seen[0], seen[-1]
+            parts.append(f"{key} {a[key]:.3f} (step {a['step']}) → {b[key]:.3f} (step {b['step']})")
+    return ", ".join(parts) or "no metrics recorded"
+
+
+__all__ = ["run", "validate", "headline_summary", "USER_ERRORS"]

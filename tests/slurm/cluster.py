@@ -10,7 +10,7 @@ leaves zombies where PID 1 does not reap. Ports are picked free, so a host Slurm
 disturbed. ``stop()`` cancels jobs, stops the daemons with TERM then KILL, and raises if any process of
 this cluster (found by its ``SLURM_CONF`` or by its folder on the command line) is left.
 
-Facts this follows are in ``shared/docs/SLURM-NOTES.md`` (Debian 12, Slurm 22.05).
+Written against Debian 12's Slurm 22.05 packages (slurmctld, slurmd, munge).
 """
 
 from __future__ import annotations

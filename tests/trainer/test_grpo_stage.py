@@ -208,6 +208,48 @@ def test_dynamic_sampling_drops_zero_variance_groups_and_refills(tmp_path):
     assert torch.equal(kept[: informative.shape[0]], informative)
 
 
+COMP = "grpo_test_components"
+if COMP not in ENVIRONMENTS:
+    @register_environment(COMP)
+    class HasEComponents(Environment):
+        """Like HasE, with two declared components (one missing on some verdicts) and an undeclared one."""
+
+        components = ("has_e", "long")
+
+        def verify(self, sample, completion):
+            text = completion.rsplit("</think>", 1)[-1]
+            comps = {"has_e": float("e" in text), "ignored": 7.0}
+            if len(text) > 3:
+                comps["long"] = 1.0
+            return Verdict(float("e" in text), comps)
+
+
+def test_held_out_metrics_average_the_declared_components(tmp_path):
+    """grpo/val/<task>/<name> = the mean of each declared component over the held-out verdicts that carry it
+    (here has_e equals the reward); reward_curve --metric reads the series like the reward's."""
+    from tandem.trainer.rl.reward_curve import main as curve_main, read_curve
+
+    rows = rl_synthetic.prompts(40, seed=0)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({**r, "task": COMP}) + "\n" for r in rows))
+    stage = _bound_stage(tmp_path / "p.jsonl", f"data.rl.valid=[{tmp_path / 'p.jsonl'}]", "stage.eval_batches=1")
+    m = stage.evaluate(stage.model)
+    assert m["grpo/val_prompts"] == 40
+    assert m[f"grpo/val/{COMP}/has_e"] == m["grpo/val_reward"] and 0 < m["grpo/val_reward"] < 1, m
+    assert f"grpo/val/{COMP}/long" in m and f"grpo/val/{COMP}/ignored" not in m
+    assert 1 <= m["grpo/val_response_length"] <= 8  # generated tokens per held-out rollout (max_new_tokens 8)
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "grpo/initial_val_reward": 0.5, f"grpo/initial_val/{COMP}/has_e": 0.25,
+                    "grpo/initial_val_prompts": 40}) + "\n"
+        + json.dumps({"step": 10, "grpo/val_reward": 0.5, f"grpo/val/{COMP}/has_e": 0.5, "grpo/val_prompts": 40}) + "\n")
+    curve = read_curve(tmp_path, f"val/{COMP}/has_e")
+    assert curve.steps == [0, 10] and curve.rewards == [0.25, 0.5] and curve.gain == 0.25
+    assert curve_main([str(tmp_path), "--metric", f"val/{COMP}/has_e", "--min-gain", "0.2"]) == 0
+    assert curve_main([str(tmp_path), "--metric", f"val/{COMP}/has_e", "--min-gain", "0.3"]) == 1
+    assert curve_main([str(tmp_path), "--metric", "val/nothing/x"]) == 2
+    assert curve_main([str(tmp_path), "--metric", f"val/{COMP}/has_e", "--max-gain", "0.3"]) == 0
+    assert curve_main([str(tmp_path), "--metric", f"val/{COMP}/has_e", "--max-gain", "0.2"]) == 1
+
+
 def test_config_errors_name_the_key(prompts, tmp_path):
     from tandem.trainer.run import validate
 

@@ -143,3 +143,20 @@ def test_two_process_sft_matches_single_process(conversations, tmp_path):
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"], (a, b)
     assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) <= 1e-5 * a[-1]["val_loss"]
+
+
+def test_step_rows_are_consecutive_slices_of_per_epoch_permutations(conversations):
+    """Step s takes positions [s·B, (s+1)·B) of the concatenated epochs, each epoch a seeded permutation of
+    every packed row; the permutation is drawn once per epoch (steps straddling epochs, and a batch larger
+    than an epoch, included)."""
+    import torch
+
+    for gb in (8, 64):
+        stage = _stage(conversations, **{"stage.global_batch": gb, "stage.micro_batch": 4})
+        n = len(stage.train_set)
+        epochs = [torch.randperm(n, generator=torch.Generator().manual_seed(stage.data.seed * 1_000_003 + e)).tolist()
+                  for e in range(12)]
+        flat = [r for e in epochs for r in e]
+        steps = range(0, (5 * n) // gb)
+        assert [stage.rows_for_step(s) for s in steps] == [flat[s * gb:(s + 1) * gb] for s in steps]
+        assert len(stage._orders) <= 2  # noqa: SLF001 — the cache holds the two most recent epochs only

@@ -30,6 +30,19 @@ class DistInfo:
     ep: int = 1
     ep_group: object = None  # megatron-core expert-model-parallel group (ep > 1)
     expert_dp_group: object = None  # ranks holding the same experts
+    cp: int = 1
+    cp_group: object = None  # megatron-core context-parallel group (cp > 1): the ranks sharing rows
+    dp_rank_: int | None = None  # data-parallel replica index under cp > 1 (None: rank)
+
+    @property
+    def dp_rank(self) -> int:
+        """Which rows this rank reads: ranks of one CP group read the same rows (replica index)."""
+        return self.rank if self.dp_rank_ is None else self.dp_rank_
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: ``world / cp`` (tp = 1)."""
+        return self.world_size // self.cp
 
     @property
     def is_main(self) -> bool:
@@ -41,9 +54,10 @@ class DistInfo:
 
 
 def init_distributed(cfg: ParallelConfig) -> DistInfo:
-    for key in ("tp", "cp"):
-        if getattr(cfg, key) != 1:
-            raise ConfigError(f"parallel.{key}={getattr(cfg, key)}: tensor/context parallelism is not available yet; use 1")
+    if cfg.tp != 1:
+        raise ConfigError(f"parallel.tp={cfg.tp}: tensor parallelism is not available yet; use 1")
+    if cfg.cp < 1:
+        raise ConfigError(f"parallel.cp must be >= 1, got {cfg.cp}")
     if cfg.ep < 1:
         raise ConfigError(f"parallel.ep must be >= 1, got {cfg.ep}")
     if cfg.zero_stage not in (0, 1, 2, 3):
@@ -64,17 +78,26 @@ def init_distributed(cfg: ParallelConfig) -> DistInfo:
         raise ConfigError(f"parallel.backend must be auto, gloo or nccl, got {cfg.backend!r}")
     if cfg.ep > 1 and world % cfg.ep:
         raise ConfigError(f"parallel.ep={cfg.ep} must divide the number of processes ({world})")
+    if cfg.cp > 1 and world % cfg.cp:
+        raise ConfigError(f"parallel.cp={cfg.cp} must divide the number of processes ({world})")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
     elif engine == "fsdp" and not dist.is_initialized():
         # FSDP2 shards over a DeviceMesh, which needs a process group even for one process; an in-memory
         # store makes that group without torchrun's rendezvous variables.
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    if cfg.ep == 1:
+    if cfg.ep == 1 and cfg.cp == 1:
         return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    # megatron-core numbers ranks tp-cp-ep-dp: a CP group is cp consecutive ranks (tp = 1), a data-parallel
+    # replica is one CP group; EP groups may span CP ranks (tokens are independent of where they came from)
     ps = init_parallel_groups(cfg.tp, cfg.cp, cfg.ep)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, ep=cfg.ep,
-                    ep_group=ps.get_expert_model_parallel_group(), expert_dp_group=ps.get_expert_data_parallel_group())
+    extra = {}
+    if cfg.ep > 1:
+        extra.update(ep=cfg.ep, ep_group=ps.get_expert_model_parallel_group(),
+                     expert_dp_group=ps.get_expert_data_parallel_group())
+    if cfg.cp > 1:
+        extra.update(cp=cfg.cp, cp_group=ps.get_context_parallel_group(), dp_rank_=ps.get_data_parallel_rank())
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, **extra)
 
 
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:

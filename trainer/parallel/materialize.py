@@ -16,12 +16,13 @@ from tandem.model import HybridConfig, HybridLM
 from tandem.trainer.config import ConfigError
 
 from .distributed import DistInfo
+from .context import apply_context_parallel
 from .expert import apply_expert_parallel, shard_experts
 
 __all__ = ["build_model"]
 
 
-def build_model(config: HybridConfig, info: DistInfo, *, init_seed: int | None) -> HybridLM:
+def build_model(config: HybridConfig, info: DistInfo, *, init_seed: int | None, cp_attention: str = "sdpa") -> HybridLM:
     """The model this rank trains: its experts only under expert parallelism, initialised from ``init_seed``.
 
     ``init_seed=None`` draws a seed from the global RNG (then identical on every rank only if the global
@@ -38,4 +39,6 @@ def build_model(config: HybridConfig, info: DistInfo, *, init_seed: int | None) 
     model.init_weights(seed=init_seed)
     if info.ep > 1:
         apply_expert_parallel(model, info.ep_group)  # marks expert parameters, installs the all-to-all
+    if info.cp > 1:
+        apply_context_parallel(model, info.cp_group, cp_attention)  # K/V gathers and Mamba state passing over the CP group
     return model

@@ -48,10 +48,16 @@ __all__ = ["DeepSpeedEngine", "deepspeed_config"]
 
 
 
-def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, stage: StageConfig, world_size: int) -> dict:
-    """DeepSpeed's JSON config from the run config (fp32 master weights; autocast is the loop's)."""
+def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, stage: StageConfig, world_size: int,
+                     cp: int = 1) -> dict:
+    """DeepSpeed's JSON config from the run config (fp32 master weights; autocast is the loop's).
+
+    ``cp`` > 1 (context parallelism): DeepSpeed treats every rank as data-parallel, so each CP slice of a
+    row counts as one of its samples — micro-batches per step follow the data-parallel size
+    ``world / cp`` and its ``train_batch_size`` is ``global_batch · cp``."""
     if parallel.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3 for DeepSpeed, got {parallel.zero_stage}")
+    world_size //= cp
     gas, rem = divmod(stage.global_batch, stage.micro_batch * world_size)
     if rem or gas < 1:
         raise ConfigError(
@@ -64,7 +70,7 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, stage: StageC
         # leave a tiny test model unpartitioned).
         zero["stage3_param_persistence_threshold"] = 0
     return {
-        "train_batch_size": stage.global_batch,
+        "train_batch_size": stage.global_batch * cp,
         "train_micro_batch_size_per_gpu": stage.micro_batch,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": optim.clip_grad,
@@ -195,7 +201,7 @@ class DeepSpeedEngine:
 
         self.model, self.info = model, info
         self.zero_stage = parallel.zero_stage
-        self.config = deepspeed_config(parallel, optim, stage, info.world_size)
+        self.config = deepspeed_config(parallel, optim, stage, info.world_size, info.cp)
         if self.zero_stage == 3 and self.config["gradient_accumulation_steps"] > 1:
             # Measured with deepspeed 0.19.8 on the CPU accelerator: ZeRO-3 keeps only the last
             # micro-batch's gradient when accumulating (global norm 1/√2 of the reference with two

@@ -63,7 +63,7 @@ def _normalise(centred: torch.Tensor, std: torch.Tensor, eps: float) -> torch.Te
 
 @register_advantage("leave_one_out")
 def leave_one_out(rewards: torch.Tensor, eps: float) -> torch.Tensor:
-    """RLOO baseline (Ahmadian et al. 2024; NEMOTRON3-FACTS §6): ``b_i = Σ_{j≠i} r_j / (G−1)``,
+    """RLOO baseline (Ahmadian et al. 2024): ``b_i = Σ_{j≠i} r_j / (G−1)``,
     ``A_i = (r_i − b_i) / (std + eps)`` where std > 0, else 0. G = 1 gives 0.
 
     Excluding r_i from its own baseline keeps the estimator unbiased; ``r_i − b_i = G/(G−1)·(r_i − mean)``.

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tandem.data_pipelines.chat import render_prompt
-from tandem.data_pipelines.preferences import judge_rows, load_preferences
+from tandem.data_pipelines.preferences import JUDGE_TEMPLATES, judge_rows, load_preferences
 
 from .genrm import genrm_reward, parse_judgement, prefers, swap_consistent
 
@@ -45,10 +45,11 @@ def judge_metrics(rows: Sequence[dict], outputs: Sequence[str], c1: float = 10.0
 
 
 def evaluate_judge(generate: Callable[[list[list[int]]], list[str]], prefs: Sequence[dict], tokenizer, *,
-                   enable_thinking: bool = False, c1: float = 10.0, c2: float = 1.0) -> dict:
+                   enable_thinking: bool = False, c1: float = 10.0, c2: float = 1.0,
+                   instructions: str = "full") -> dict:
     """:func:`judge_metrics` of ``generate`` (judge prompt ids → completion texts, the think opening
     included) on ``prefs`` judged in both orders."""
-    rows = judge_rows(prefs, swap=True)
+    rows = judge_rows(prefs, swap=True, instructions=instructions)
     prompts = [render_prompt(r["messages"], tokenizer, enable_thinking=enable_thinking) for r in rows]
     return judge_metrics(rows, generate(prompts), c1, c2)
 
@@ -69,6 +70,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tokenizer", help="default: the one saved with the judge, else tandem's own")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--enable-thinking", action="store_true")
+    ap.add_argument("--instructions", default="full", choices=sorted(JUDGE_TEMPLATES),
+                    help="the judging instructions the judge was trained with")
     ap.add_argument("--sampled", action="store_true", help="sample (temperature 1) instead of greedy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
@@ -93,7 +96,7 @@ def main(argv=None) -> None:
         return [head + tok.decode([t for t in r.tokens if t not in stop]) for r in engine.generate(prompts, params)]
 
     metrics = {"judge": str(folder), **evaluate_judge(generate, prefs, tok, enable_thinking=args.enable_thinking,
-                                                      c1=args.c1, c2=args.c2)}
+                                                      c1=args.c1, c2=args.c2, instructions=args.instructions)}
     text = json.dumps(metrics, indent=1)
     print(text)
     if args.out:

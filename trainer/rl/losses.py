@@ -12,7 +12,7 @@ policy's. ``advantages`` is per token, or per sequence ``[B]`` (broadcast over `
 
 **Normalisation.** The loss is a *sum* over target tokens; the training loop divides by the global target
 count of the step (all micro-batches and ranks, :mod:`tandem.trainer.loop`), which is the token-level mean
-of DAPO §3.3 and NEMOTRON3-FACTS §6 and does not change when the batch is split differently. Target tokens
+of DAPO §3.3 (the Nemotron 3 Nano RL recipe uses it) and does not change when the batch is split differently. Target tokens
 are ``loss_mask & ~forced_mask``: tokens the engine forced (thinking budget ``</think>``) were not sampled
 from the policy and get no gradient. :func:`target_tokens` is the same count for ``Stage.target_tokens``.
 
@@ -93,7 +93,7 @@ def register_policy_loss(name: str):
 
 @register_policy_loss("clipped")
 def clipped_surrogate(logp, logp_old, adv, config: PolicyLossConfig):
-    """PPO/GRPO clipped surrogate per token (NEMOTRON3-FACTS §6):
+    """PPO/GRPO clipped surrogate per token (Schulman et al. 2017; DAPO's decoupled clip):
 
         L = max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high)),   ρ = exp(logp − logp_old)
 

@@ -31,14 +31,17 @@ def token_cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     The model computes the per-token cross-entropy in its forward (``labels=``), in chunks of tokens, so
     the [B, T, V] logits never exist; a negative label counts 0, like ``F.cross_entropy``'s ignore index.
     The aux losses are per-micro-batch means; they enter the sum weighted by the micro-batch's target
-    tokens, so after the loop's global normalisation they are a token-weighted mean like the CE.
+    tokens, so after the loop's global normalisation they are a token-weighted mean like the CE. Under
+    context parallelism each rank's aux loss is its share of the micro-batch's and the weight is the whole
+    micro-batch's target tokens (``aux_weight_tokens``, set when the batch was split), so the shares add up
+    to the one-rank term.
     """
     per_token = model(batch["input_ids"], seq_idx=batch.get("seq_idx"), labels=batch["labels"]).flatten()
     mask = batch["loss_mask"].flatten().to(per_token.dtype)
     loss_sum, num_tokens = (per_token * mask).sum(), mask.sum()
     aux = getattr(getattr(model, "module", model), "aux_loss", lambda: None)()
     if aux is not None:
-        loss_sum = loss_sum + aux * num_tokens
+        loss_sum = loss_sum + aux * batch.get("aux_weight_tokens", num_tokens)
     return LossOutput(loss_sum=loss_sum, num_tokens=num_tokens)
 
 
@@ -62,6 +65,8 @@ class Stage(abc.ABC):
     name: str = "stage"
     #: ``LossOutput.metrics`` names the loop reduces with max over micro-batches and ranks (others: token sums)
     max_metrics: frozenset = frozenset()
+    #: the record keys the end-of-run line reports, first recorded value → last (``tandem`` prints it)
+    headline: tuple[str, ...] = ("loss", "val_loss")
 
     def bind(self, model: torch.nn.Module, info, precision: str = "auto") -> None:
         """Called by ``run`` once with the built model (final weights), its ``DistInfo`` and

@@ -145,6 +145,7 @@ def model_logprobs(model, input_ids, seq_idx, labels, temperature: float, entrop
 class GRPOStage(Stage):
     name = "grpo"
     max_metrics = frozenset({"grpo/ratio_max"})
+    headline = ("grpo/reward_mean", "grpo/val_reward")  # the loss is a surrogate, not the thing to watch
 
     def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1):
         g = stage.grpo
@@ -533,6 +534,10 @@ class GRPOStage(Stage):
             return {}
         G = self.g.generations_per_prompt
         sums = torch.zeros(2 * (len(self.tasks) + 1), dtype=torch.float64)
+        # the environments' declared components: (task, name) → a (sum, count) slot, the same layout on every rank
+        comp_keys = [(t, n) for t in self.tasks for n in getattr(self.envs[t], "components", ())]
+        comps = torch.zeros(2 * len(comp_keys), dtype=torch.float64)
+        length = torch.zeros(1, dtype=torch.float64)  # generated tokens over all held-out rollouts
         for c, start in enumerate(range(0, len(self.valid), G)):
             if c % self.world_size != self.rank:
                 continue
@@ -545,6 +550,7 @@ class GRPOStage(Stage):
                                      self._params(t, _seed(self.stage.seed, _EVAL, c), greedy=self.g.eval_greedy),
                                      [self.valid[i] for i in ids])
                 pairs = [(self.valid[i].as_sample(), self._completion_text(self.valid[i], r.tokens)) for i, r in zip(ids, res)]
+                length += sum(len(r.tokens) for r in res)
                 verdicts, _ = score_batch(pairs, envs=self.envs, timeout_s=self.g.score_timeout_s,
                                           max_workers=self.g.score_workers, backend=self.g.score_backend)
                 e = self.tasks.index(t)
@@ -553,11 +559,22 @@ class GRPOStage(Stage):
                     sums[1] += 1
                     sums[2 + 2 * e] += v.reward
                     sums[3 + 2 * e] += 1
-        sums = self._all_reduce(sums)
-        out = {"grpo/val_reward": float(sums[0] / sums[1].clamp(min=1)), "grpo/val_prompts": float(sums[1])}
+                    for k, (kt, name) in enumerate(comp_keys):
+                        if kt == t and name in v.components:
+                            comps[2 * k] += float(v.components[name])
+                            comps[2 * k + 1] += 1
+        sums = self._all_reduce(torch.cat([sums, length]))
+        sums, length = sums[:-1], sums[-1]
+        comps = self._all_reduce(comps) if comp_keys else comps
+        out = {"grpo/val_reward": float(sums[0] / sums[1].clamp(min=1)), "grpo/val_prompts": float(sums[1]),
+               # the style a reward can move (RLHF against a judge that prefers concise answers), judge-free
+               "grpo/val_response_length": float(length / sums[1].clamp(min=1))}
         for e, t in enumerate(self.tasks):
             if sums[3 + 2 * e] > 0:
                 out[f"grpo/val_reward/{t}"] = float(sums[2 + 2 * e] / sums[3 + 2 * e])
+        for k, (t, name) in enumerate(comp_keys):
+            if comps[2 * k + 1] > 0:
+                out[f"grpo/val/{t}/{name}"] = float(comps[2 * k] / comps[2 * k + 1])
         return out
 
     def step_info(self, step: int) -> dict:

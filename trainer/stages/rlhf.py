@@ -111,7 +111,8 @@ class RLHFStage(GRPOStage):
     def judge_group(self, conversation: list[dict], answers: list[str], seed: int, counter: ParseCounter):
         """Verdicts ``(score_1, score_2, ranking)`` tensors ``[K·S]`` of one group's comparisons, and how many
         judgements were re-sampled."""
-        prompts = [render_prompt(judge_messages(conversation, answers[i], answers[j]), self.tokenizer,
+        prompts = [render_prompt(judge_messages(conversation, answers[i], answers[j], self.r.judge_instructions),
+                                 self.tokenizer,
                                  enable_thinking=self.r.judge_enable_thinking) for i, j in self.pairs.tolist()]
         verdicts = [None] * len(prompts)
         todo, retried = list(range(len(prompts))), 0

@@ -84,19 +84,24 @@ class SFTStage(Stage):
                             f"({self.tokenizer.vocab_size}, {self.tokenizer.source})")
 
     def _order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.data.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.train_set), generator=g)
+        """Epoch ``epoch``'s permutation of the packed rows, drawn once per epoch: the two most recent are
+        kept (a step may straddle an epoch boundary), so a step costs O(batch) and an epoch one O(rows)
+        draw — not one per step."""
+        cache = self.__dict__.setdefault("_orders", {})
+        if epoch not in cache:
+            g = torch.Generator().manual_seed(self.data.seed * 1_000_003 + epoch)
+            cache[epoch] = torch.randperm(len(self.train_set), generator=g)
+            for old in sorted(cache)[:-2]:
+                del cache[old]
+        return cache[epoch]
 
     def rows_for_step(self, step: int) -> list[int]:
         """Global row indices of step ``step`` (every rank computes the same list)."""
         n, gb = len(self.train_set), self.stage.global_batch
-        rows, start = [], step * gb
-        orders: dict[int, torch.Tensor] = {}
-        for pos in range(start, start + gb):
-            epoch = pos // n
-            if epoch not in orders:
-                orders[epoch] = self._order(epoch)
-            rows.append(int(orders[epoch][pos % n]))
+        start, rows = step * gb, []
+        for epoch in range(start // n, (start + gb - 1) // n + 1):
+            lo, hi = max(start, epoch * n) - epoch * n, min(start + gb, (epoch + 1) * n) - epoch * n
+            rows += self._order(epoch)[lo:hi].tolist()
         return rows
 
     def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:

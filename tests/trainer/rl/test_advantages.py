@@ -1,4 +1,4 @@
-"""Group advantages against hand-computed values (NEMOTRON3-FACTS §6), filters and dynamic sampling."""
+"""Group advantages against hand-computed values (GRPO, RLOO and DAPO's definitions), filters and dynamic sampling."""
 
 import math
 

@@ -86,3 +86,19 @@ def test_mixed_recipe_step_scores_every_environment(tmp_path):
     assert {k.split("/")[-1] for k in m if k.startswith("grpo/reward_mean/")} == set(ENVS)
     assert m["grpo/env_error_frac"] == 0.0 and m["grpo/env_timeout_frac"] == 0.0
     assert 0 < m["grpo/time_score_frac"] < 1 and m["grpo/rollouts"] == 10
+
+
+def test_math_warmup_accuracy_and_rambling_share():
+    from tandem.data_pipelines.rl_synthetic import is_rambling, problem, warmup_conversations
+
+    convs = warmup_conversations(400, seed=5, accuracy=1.0, kinds=("copy",), ramble_frac=0.5)
+    answers = [c["messages"][1]["content"] for c in convs]
+    rambling = [is_rambling(a) for a in answers]
+    assert 0.4 < sum(rambling) / len(answers) < 0.6
+    for conv, text, r in zip(convs, answers, rambling):
+        number = conv["messages"][0]["content"].rsplit(" ", 1)[1]
+        assert f"The answer is {number}." in text  # right every time (accuracy 1), filler or not
+        assert (text == f"The answer is {number}.") != r
+    assert not any(is_rambling(c["messages"][1]["content"]) for c in warmup_conversations(50, seed=5))
+    with pytest.raises(ValueError, match="ramble must be in"):
+        warmup_conversations(2, ramble_frac=1.5)

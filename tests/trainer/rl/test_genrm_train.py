@@ -62,6 +62,30 @@ def test_ranking_from_scores():
         ranking_from_scores(3, 3)
 
 
+def test_compact_instructions_and_style_subsets(tmp_path):
+    from tandem.data_pipelines.preferences import JUDGE_TEMPLATES, judge_prompt_text
+
+    conv = [{"role": "user", "content": "Which is larger, 3 or 8?"}]
+    full, compact = (judge_prompt_text(conv, "The answer is 8.", "The answer is 3.", name) for name in ("full", "compact"))
+    assert full.startswith(JUDGE_TEMPLATES["full"]) and compact.startswith(JUDGE_TEMPLATES["compact"])
+    assert full.split("\n\n", 1)[1] == compact.split("\n\n", 1)[1]  # the same conversation and responses
+    assert len(compact) < len(full) / 2 and all(k in compact for k in ("score_1", "score_2", "ranking"))
+    with pytest.raises(ValueError, match="unknown judge instructions 'terse'"):
+        judge_prompt_text(conv, "a", "b", "terse")
+    rows = synthetic_preferences(40, seed=1, styles=("correct_concise", "correct_rambling"))
+    assert {tuple(sorted(r["metadata"]["styles"])) for r in rows} == {("correct_concise", "correct_rambling")}
+    assert {r["ranking"] for r in rows} == {2, 5}  # 5 vs 3: "better", either slot
+    with pytest.raises(ValueError, match="at least two of"):
+        synthetic_preferences(4, styles=("correct_concise",))
+    with pytest.raises(SystemExit, match="--styles"):
+        prefs_main(["--synthetic", "4", "--out", str(tmp_path / "p.jsonl"), "--styles", "correct_concise,polite"])
+    assert not (tmp_path / "p.jsonl").exists()
+    prefs_main(["--synthetic", "4", "--out", str(tmp_path / "p.jsonl"), "--judge-out", str(tmp_path / "j.jsonl"),
+                "--instructions", "compact", "--styles", "correct_concise,correct_rambling"])
+    judged = load_rl_prompts(tmp_path / "j.jsonl")
+    assert len(judged) == 8 and all(JUDGE_TEMPLATES["compact"] in p.messages[0]["content"] for p in judged)
+
+
 def test_synthetic_preferences_are_checkable_and_seeded():
     rows = synthetic_preferences(200, seed=3)
     assert rows == synthetic_preferences(200, seed=3) and rows != synthetic_preferences(200, seed=4)

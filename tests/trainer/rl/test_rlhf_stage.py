@@ -69,6 +69,8 @@ def test_registered_and_config_errors(files):
         validate(_cfg(files, "stage.rlhf.judge_samples=0"))
     with pytest.raises(ConfigError, match="stage.rlhf.length_penalty must be >= 0"):
         validate(_cfg(files, "stage.rlhf.length_penalty=-1"))
+    with pytest.raises(ConfigError, match=r"stage.rlhf.judge_instructions must be one of \['compact', 'full'\]"):
+        validate(_cfg(files, "stage.rlhf.judge_instructions=terse"))
 
 
 def test_scripted_verdicts_become_rollout_rewards(files):

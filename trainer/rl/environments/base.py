@@ -9,7 +9,7 @@
 
 ``sample`` is the prompt record as a mapping (``data_pipelines.rl_prompts.RLPrompt.as_sample()``: ``task``,
 ``answer``, ``metadata``, ``prompt`` or ``messages``); ``completion`` the decoded generated text. Its
-``task`` picks the environment from :data:`ENVIRONMENTS` (NEMOTRON3-FACTS §6: ``verify(prompt, response,
+``task`` picks the environment from :data:`ENVIRONMENTS` (the NeMo Gym resource-server contract: ``verify(prompt, response,
 metadata) → reward + components``; a failure or a timeout scores 0).
 
 **Concurrency.** Each call has its own ``timeout_s``, counted from when it starts (at most
@@ -81,6 +81,9 @@ class Environment(abc.ABC):
     prefers ``averify`` when a subclass defines it); instances must be picklable for the process backend."""
 
     name: str = "environment"
+    #: names of :attr:`Verdict.components` the GRPO stage averages over its held-out rollouts and records as
+    #: ``grpo/val/<task>/<name>`` (a verdict without one is left out of that mean)
+    components: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         # refuse at class definition an environment that could never score (it would only count errors)

@@ -41,6 +41,8 @@ def check_label(answer: Any, where: str = "genrm sample") -> tuple[float, float,
 class GenRMEnv(Environment):
     """The GenRM verifiable reward (C1 = 10, C2 = 1 unless configured)."""
 
+    components = ("agree", "format_error", "score_error", "ranking_error")  # held-out agreement: grpo/val/genrm/agree
+
     def __init__(self, c1: float = 10.0, c2: float = 1.0):
         for key, value in (("c1", c1), ("c2", c2)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
