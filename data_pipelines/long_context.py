@@ -107,8 +107,11 @@ def build_long_short_mixture(long_cfg, short_cfg, tokenizer, *, num_rows: int, l
                          f"{short_cfg.seq_length}")
     _, _, taken = blend_schedule([[long_fraction, 1 - long_fraction]], [num_rows])
     pieces = long_cfg.seq_length // short_cfg.seq_length
-    long_ds = build_pretrain_datasets(long_cfg, tokenizer, int(taken[0])).train if taken[0] else None
-    short_ds = build_pretrain_datasets(short_cfg, tokenizer, int(taken[1]) * pieces).train if taken[1] else None
+    # allow_empty_phases: a short run may not reach a phase of a two-phase short blend
+    long_ds = (build_pretrain_datasets(long_cfg, tokenizer, int(taken[0]), allow_empty_phases=True).train
+               if taken[0] else None)
+    short_ds = (build_pretrain_datasets(short_cfg, tokenizer, int(taken[1]) * pieces, allow_empty_phases=True).train
+                if taken[1] else None)
     return LongShortMixture(long_ds, short_ds, long_fraction=long_fraction, long_length=long_cfg.seq_length,
                             short_length=short_cfg.seq_length, num_rows=num_rows, eod=tokenizer.eod)
 
@@ -151,12 +154,14 @@ class SyntheticExample:
                 "depth": self.depth, "target_tokens": self.target_tokens, "meta": self.meta}
 
 
-def _filler(rng: random.Random, n_tokens: int, count: Callable[[str], int]) -> list[str]:
-    """Neutral sentences (no 6+ digit numbers, so no answer can hide in them) totalling ~n_tokens."""
+def _filler(rng: random.Random, n_tokens: int, count: Callable[[str], int], max_digits: int = 5) -> list[str]:
+    """Neutral sentences (no number of more than ``max_digits`` digits, so no answer can hide in them)
+    totalling ~n_tokens."""
     out, total = [], 0
+    longest = re.compile(r"\d{%d,}" % (max_digits + 1))
     while total < n_tokens:
         s = random_sentence(rng)
-        if re.search(r"\d{6,}", s):
+        if longest.search(s):
             continue
         out.append(s)
         total += count(" " + s)
@@ -191,12 +196,19 @@ def _budget(target_tokens: int, fixed: str, count) -> int:
     return max(0, target_tokens - count(fixed))
 
 
-def needle(rng: random.Random, target_tokens: int, depth: float, tokenizer=None) -> SyntheticExample:
+def needle(rng: random.Random, target_tokens: int, depth: float, tokenizer=None,
+           value_digits: int = 7) -> SyntheticExample:
+    """``value_digits``: the magic number's digits (7 by default; 1 makes a task a tiny model learns in a
+    CPU smoke run: the filler then holds no digit at all, so the one digit after "is" is the answer)."""
+    if not 1 <= value_digits <= 9:
+        raise ValueError(f"value_digits must be in [1, 9], got {value_digits}")
     count = _token_counter(tokenizer)
-    key, value = _key(rng), rng.randint(1_000_000, 9_999_999)
+    key = _key(rng)
+    value = rng.randint(10 ** (value_digits - 1) if value_digits > 1 else 0, 10 ** value_digits - 1)
     fact = f"The special magic number for {key} is {value}."
     question = f"What is the special magic number for {key}?"
-    hay = _filler(rng, _budget(target_tokens, fact + question + "\n\nQuestion: \nAnswer:", count), count)
+    hay = _filler(rng, _budget(target_tokens, fact + question + "\n\nQuestion: \nAnswer:", count), count,
+                  max_digits=min(5, value_digits - 1))
     context = " ".join(_insert(hay, [(depth, fact)]))
     return SyntheticExample("needle", context, question, str(value), depth, target_tokens, {"key": key})
 
@@ -400,3 +412,50 @@ def greedy_generate_fn(model: torch.nn.Module, tokenizer, *, max_new_tokens: int
             model.train(was_training)
 
     return generate
+
+
+# --- command line: CPT training text ----------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tandem.data_pipelines.long_context --out long.jsonl --kinds needle --lengths 256,512 ...``:
+    synthetic long-context examples as JSONL for ``tandem-preprocess`` (the smoke CPT's long data)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tandem.data_pipelines.long_context",
+                                description="Write synthetic long-context examples (text = prompt + answer) as JSONL.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--kinds", default="needle", help=f"comma-separated, of {sorted(GENERATORS)}")
+    p.add_argument("--lengths", default="512", help="comma-separated target token lengths (each a cell)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated depths in [0, 1]")
+    p.add_argument("--per-cell", type=int, default=10, help="examples per (kind, length, depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--value-digits", type=int, default=None, help="needle: digits of the magic number (default 7)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer the lengths are counted in (default: the shipped one)")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from tandem.data_pipelines.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(args.tokenizer)
+        kinds = [k for k in args.kinds.split(",") if k]
+        lengths = [int(x) for x in args.lengths.split(",") if x]
+        depths = [float(x) for x in args.depths.split(",") if x]
+        if args.per_cell < 1:
+            raise ValueError(f"--per-cell must be >= 1, got {args.per_cell}")
+        options = {"needle": {"value_digits": args.value_digits}} if args.value_digits is not None else {}
+        examples = [ex for i, k in enumerate(kinds) for ex in generate_examples(
+            k, lengths=lengths, depths=depths, per_cell=args.per_cell, seed=args.seed + 7919 * i, tokenizer=tok,
+            **options.get(k, {}))]
+    except (OSError, ValueError) as e:
+        print(f"long_context: error: {e}", file=__import__("sys").stderr)
+        return 2
+    random.Random(args.seed).shuffle(examples)  # kinds, lengths and depths mixed along the file
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    n = write_jsonl(args.out, examples)
+    print(f"{args.out}: {n} examples ({', '.join(kinds)}; lengths {lengths}; depths {depths})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

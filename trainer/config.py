@@ -20,9 +20,9 @@ from typing import Any, Dict, List, Optional
 from tandem.model import HybridConfig
 
 __all__ = [
-    "BlendEntry", "ChatDataConfig", "ConfigError", "ENGINE_CHOICES", "FSDP_PARAM_DTYPES", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "RLHFConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "BlendEntry", "CPTConfig", "ChatDataConfig", "ConfigError", "ENGINE_CHOICES", "FSDP_PARAM_DTYPES", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "RLHFConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "configure_compile", "configure_memory",
-    "overrides_suffix", "register_configs", "validate_config", "validate_grpo", "validate_memory", "validate_rlhf", "validate_parallel",
+    "overrides_suffix", "register_configs", "validate_config", "validate_cpt", "validate_grpo", "validate_memory", "validate_rlhf", "validate_parallel",
 ]
 
 
@@ -347,6 +347,29 @@ class RLHFConfig:
 
 
 @dataclass
+class CPTConfig:
+    """Long-context continued pretraining (stage.name=cpt; docs/LONG_CONTEXT.md): rows of ``long_length`` tokens,
+    a ``long_fraction`` of them one long sample, the rest ``long_length / short_length`` short samples packed
+    (their own documents), through the pretraining data path (tandem-preprocess prefixes, blends)."""
+
+    long_length: int = 524288  # tokens per row, and per long sample
+    short_length: int = 4096  # tokens per short sample; must divide long_length
+    long_fraction: float = 0.5  # share of rows (= of tokens) that are long samples
+    long: List[BlendEntry] = field(default_factory=list)  # the long sources (required)
+    short: List[BlendEntry] = field(default_factory=list)  # the short sources; empty = the data.* blend / phases
+    # the long-context evaluation at the end of the stage (trainer/inference/long_eval.py)
+    eval_tasks: List[str] = field(default_factory=lambda: ["needle", "kv_retrieval", "multi_hop", "aggregation"])
+    eval_lengths: List[int] = field(default_factory=list)  # empty = short_length, long_length and 2 × long_length
+    eval_depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    eval_per_cell: int = 4  # examples per (length, depth) cell; 0 = no long-context evaluation
+    eval_max_new_tokens: int = 12
+    eval_prefill_chunk: int = 2048  # prompt tokens per prefill forward of the evaluation
+    eval_baseline: bool = True  # also evaluate the model.init_from weights (the gain CPT made)
+    # per task, keyword arguments of its generator (data_pipelines/long_context.py), e.g. {needle: {value_digits: 1}}
+    eval_task_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
 class StageConfig:
     name: str = "pretrain"
     steps: int = 100
@@ -363,6 +386,7 @@ class StageConfig:
     seed: int = 0
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # read by stage.name=grpo and rlhf
     rlhf: RLHFConfig = field(default_factory=RLHFConfig)  # read by stage.name=rlhf only
+    cpt: CPTConfig = field(default_factory=CPTConfig)  # read by stage.name=cpt only
 
 
 @dataclass
@@ -479,6 +503,7 @@ def validate_config(cfg: Any) -> None:
     validate_parallel(cfg.parallel)
     validate_grpo(cfg.stage.grpo)
     validate_rlhf(cfg.stage.rlhf, required=cfg.stage.name == "rlhf")
+    validate_cpt(cfg.stage.cpt, required=cfg.stage.name == "cpt")
 
 
 def validate_memory(cfg: Any) -> None:
@@ -601,6 +626,44 @@ def validate_rlhf(r: Any, required: bool = False) -> None:
     for key in ("shortest_top_bonus", "length_penalty"):
         if not r[key] >= 0:
             bad(key, "must be >= 0", r[key])
+
+
+def validate_cpt(c: Any, required: bool = False) -> None:
+    """Range checks of ``stage.cpt`` (ConfigError naming the key); ``required``: the long sources must be given."""
+    from tandem.data_pipelines.long_context import GENERATORS
+
+    def bad(key: str, why: str, value: Any):
+        raise ConfigError(f"stage.cpt.{key} {why}, got {value!r}")
+
+    for key, least in (("long_length", 1), ("short_length", 1), ("eval_per_cell", 0), ("eval_max_new_tokens", 1),
+                       ("eval_prefill_chunk", 1)):
+        if c[key] < least:
+            bad(key, f"must be >= {least}", c[key])
+    if c.long_length % c.short_length:
+        bad("long_length", f"must be a multiple of stage.cpt.short_length ({c.short_length})", c.long_length)
+    if not 0.0 <= c.long_fraction <= 1.0:
+        bad("long_fraction", "must be in [0, 1]", c.long_fraction)
+    if required and c.long_fraction > 0 and not c.long:
+        bad("long", "must list the long sources ([{path, weight}, ...]) when long_fraction > 0", list(c.long))
+    for key in ("long", "short"):
+        for i, e in enumerate(c[key]):
+            if not e.weight >= 0:
+                bad(f"{key}[{i}].weight", "must be >= 0", e.weight)
+    unknown = [t for t in c.eval_tasks if t not in GENERATORS]
+    if unknown or (c.eval_per_cell and not c.eval_tasks):
+        bad("eval_tasks", f"must list tasks of {sorted(GENERATORS)}", list(c.eval_tasks))
+    if any(n < 16 for n in c.eval_lengths):
+        bad("eval_lengths", "must be token counts >= 16", list(c.eval_lengths))
+    if not c.eval_depths or any(not 0 <= d <= 1 for d in c.eval_depths):
+        bad("eval_depths", "must be a non-empty list of fractions in [0, 1]", list(c.eval_depths))
+    import inspect
+
+    for task, options in c.eval_task_options.items():
+        if task not in c.eval_tasks:
+            bad("eval_task_options", f"names {task!r}, which is not in stage.cpt.eval_tasks", task)
+        accepted = set(inspect.signature(GENERATORS[task]).parameters) - {"rng", "target_tokens", "depth", "tokenizer"}
+        if set(options) - accepted:
+            bad(f"eval_task_options.{task}", f"may set only {sorted(accepted)}", sorted(options))
 
 
 def _keys_outside_schema(node: Any, prefix: str = ""):

@@ -147,7 +147,7 @@ def run(cfg: DictConfig) -> dict:
     balancer = ExpertBalancer(model, cfg.optim.expert_bias_update_rate, distributed=info.distributed)
     if balancer.layers:
         trainer.step_hooks.append(balancer)
-    seq_len = cfg.data.seq_len
+    seq_len = cfg.stage.cpt.long_length if cfg.stage.name == "cpt" else cfg.data.seq_len  # tokens per row
     trainer.flops_per_token = model_flops_per_token(model_cfg, seq_len)
     trainer.peak_flops = peak_flops_per_device(cfg.logger.peak_flops)
     count = model.parameter_count()
@@ -163,6 +163,9 @@ def run(cfg: DictConfig) -> dict:
         summary = headline_summary(run_dir / "metrics.jsonl", stage.headline)
         print(f"done: {trainer.state.step} steps; {summary}\n  metrics:    {run_dir / 'metrics.jsonl'}\n"
               f"  checkpoint: {checkpoints.latest()}", flush=True)
+    after_fit = getattr(stage, "after_fit", None)  # e.g. the cpt stage's long-context evaluation (rank 0)
+    if after_fit is not None:
+        after_fit(run_dir, checkpoints.latest(), info, init_from=cfg.model.init_from)
     return record
 
 

@@ -61,6 +61,7 @@ def _run_dir_and_inputs(words: list[str]) -> tuple[str, list[str]]:
         inputs += [cfg.data.path] if cfg.data.path else []
         inputs += list(cfg.data.chat.train) if cfg.stage.name == "sft" else []
         inputs += list(cfg.data.rl.train) if cfg.stage.name == "grpo" else []
+        inputs += [e.path.removeprefix("indexed:") for e in cfg.stage.cpt.long] if cfg.stage.name == "cpt" else []
         inputs += [cfg.model.init_from] if cfg.model.init_from else []
     finally:
         HydraConfig.instance().cfg = None

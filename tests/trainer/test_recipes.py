@@ -56,6 +56,9 @@ def test_recipe_composes_and_builds_on_meta(name, release_dir):
     elif cfg.stage.name in ("grpo", "rlhf"):
         validate(cfg)
         assert cfg.data.rl.train and cfg.stage.grpo.prompts_per_step >= 1 and cfg.parallel.ep == 1
+    elif cfg.stage.name == "cpt":
+        validate(cfg)
+        assert cfg.stage.cpt.long and cfg.stage.cpt.long_length % cfg.stage.cpt.short_length == 0
     else:
         assert cfg.stage.name == "sft" and cfg.data.chat.train
 

@@ -27,7 +27,7 @@ from tandem.model.checkpoint_io import CheckpointError
 from tandem.trainer.checkpoint import weights_dir
 from tandem.trainer.checkpoint.tokenizer_files import saved_tokenizer
 
-from .engine import GenerationEngine, SamplingParams, ThinkTokens
+from .engine import DEFAULT_PREFILL_CHUNK, GenerationEngine, SamplingParams, ThinkTokens
 
 __all__ = ["chat_main", "chat_stop_tokens", "checkpoint_tokenizer", "render_generation_prompt", "load_model"]
 
@@ -127,8 +127,13 @@ def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, std
     p.add_argument("--seed", type=int, default=None, help="sampling seed (none: random)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="weights dtype (none: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                   help="prompt tokens per prefill forward (0: the whole prompt at once); long prompts never "
+                        "hold full-length activations")
     p.add_argument("--show-reasoning", action="store_true", help="print the reasoning as well as the answer")
     args = p.parse_args(argv)
+    if args.prefill_chunk < 0:
+        return _error(f"--prefill-chunk must be >= 0 (0: no chunking), got {args.prefill_chunk}")
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
 
@@ -158,7 +163,7 @@ def chat_main(argv: list[str] | None = None, *, stdin: TextIO | None = None, std
         greedy=args.greedy, seed=args.seed, stop_token_ids=stop, thinking_budget=args.thinking_budget,
         thinking_grace=args.thinking_grace,
     )
-    engine = GenerationEngine(model, max_batch=1)
+    engine = GenerationEngine(model, max_batch=1, prefill_chunk=args.prefill_chunk or None)
 
     def reply(messages: list[dict]) -> dict:
         ids = render_generation_prompt(tok, messages, think=args.think, system=args.system)

@@ -10,6 +10,15 @@ How it runs: up to ``max_batch`` prompts are prefilled together (right-padded, e
 its own length, see :mod:`model.cache`), then decoded one token per step together. A row that finishes
 is dropped from the batch (its cache rows are removed), so it costs nothing afterwards.
 
+Chunked prefill: the prompts are fed ``prefill_chunk`` positions at a time (default
+:data:`DEFAULT_PREFILL_CHUNK`; ``None`` = the whole prompt in one forward). Each chunk continues from the
+cache the previous one left — attention appends its keys/values to the KV cache and attends over the cached
+prefix, Mamba layers carry their conv window and SSM state — so the result equals the one-shot prefill
+(up to floating-point summation order) while the widest activation is [B, chunk, ·] instead of
+[B, prompt, ·]; attention's score/mask block is [chunk, cached] rather than [prompt, prompt], linear in the
+prompt length. A row whose prompt ends inside a chunk is right-padded there (its length is given to the
+model, as for ragged one-shot prefill); a row that ended in an earlier chunk adds nothing to its state.
+
 Semantics (also in ``docs/GENERATION.md``):
 
 - ``logprobs[i]`` is ``log_softmax(logits / temperature)[token]`` over the **whole** vocabulary: the
@@ -43,7 +52,12 @@ from torch import nn
 
 from tandem.model.cache import HybridCache
 
-__all__ = ["SamplingParams", "ThinkTokens", "GenerationResult", "GenerationEngine", "sample_next"]
+__all__ = ["DEFAULT_PREFILL_CHUNK", "SamplingParams", "ThinkTokens", "GenerationResult", "GenerationEngine",
+           "prefill", "sample_next"]
+
+#: prompt positions per prefill forward: large enough that short prompts take one forward and long ones
+#: keep a few MB of activations per layer at nano3 width
+DEFAULT_PREFILL_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -149,21 +163,57 @@ class _Row:
                     self.in_reasoning = False
 
 
+def prefill(model: nn.Module, ids: torch.Tensor, lengths: list[int], cache: HybridCache,
+            chunk: int | None) -> torch.Tensor:
+    """Run right-padded prompts ``ids`` [B, T] (row ``b`` has ``lengths[b]`` real tokens) into an empty
+    ``cache`` ``chunk`` positions per forward (None: one forward); returns each row's hidden state at its
+    last prompt token [B, H] (the input of the first sampled token's logits).
+
+    Rows whose prompt ends before a chunk's end get their per-row length for that chunk (0 once they are
+    done: Mamba's state and conv window stay put, attention writes pad keys past the row's length, which
+    its length mask hides and decoding overwrites). Only the last token's hidden state of each row is kept.
+    """
+    b, t = ids.shape
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1 or None, got {chunk}")
+    step = t if chunk is None else chunk
+    len_t = torch.tensor(lengths, device=ids.device)
+    last = None
+    for start in range(0, t, step):
+        stop = min(start + step, t)
+        # per-row real tokens in [start, stop) — a host-side list, so no device sync per chunk
+        n_new = [min(max(n - start, 0), stop - start) for n in lengths]
+        full = all(n == stop - start for n in n_new)
+        new_lengths = None if full else torch.tensor(n_new, device=ids.device)
+        hidden = model.hidden_states(ids[:, start:stop], cache=cache, lengths=new_lengths)  # [B, chunk, H]
+        ends = [r for r, n in enumerate(lengths) if start < n <= stop]  # rows whose last token is here
+        if last is None:
+            last = hidden.new_empty(b, hidden.shape[-1])
+        if ends:
+            rows = torch.tensor(ends, device=ids.device)
+            last[rows] = hidden[rows, len_t[rows] - 1 - start]
+    return last
+
+
 class GenerationEngine:
     """Generates for lists of prompt ids with a :class:`model.HybridLM` (or anything with its ``config``,
     ``hidden_states(input_ids, cache=, lengths=)``, ``lm_head`` and ``forward(input_ids, cache=)``).
 
     ``max_batch`` rows run together (more prompts run in successive waves); ``dtype`` is the KV cache's
-    dtype (default the model's). The model is run in eval mode under ``torch.inference_mode`` and put
+    dtype (default the model's); ``prefill_chunk`` prompt positions are prefilled per forward (None: the
+    whole prompt at once; see the module doc). The model is run in eval mode under ``torch.inference_mode`` and put
     back in its previous mode afterwards.
     """
 
     def __init__(self, model: nn.Module, *, max_batch: int = 8, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         self.model = model
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
         self.dtype = dtype or p.dtype
@@ -199,11 +249,8 @@ class GenerationEngine:
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
         ids = ids.to(self.device)
-        ragged = len(set(lengths)) > 1
-        len_t = torch.tensor(lengths, device=self.device)
-        hidden = self.model.hidden_states(ids, cache=cache, lengths=len_t if ragged else None)  # [B, T, H]
         # lm_head only on each row's last prompt token (a [B, T, V] prefill logit tensor is large)
-        logits = self.model.lm_head(hidden[torch.arange(len(prompts), device=self.device), len_t - 1])
+        logits = self.model.lm_head(prefill(self.model, ids, lengths, cache, self.prefill_chunk))
         active = list(range(len(prompts)))  # row index of each cache row
         stop = set(params.stop_token_ids)
         while True:

@@ -1,0 +1,224 @@
+"""Long-context continued pretraining (CPT): next-token loss over a long/short mixture, then a long-context eval.
+
+Every row has ``stage.cpt.long_length`` tokens. A ``long_fraction`` of the rows is one long sample of the
+``stage.cpt.long`` sources; the others hold ``long_length / short_length`` short samples of the
+``stage.cpt.short`` sources (or of ``data.*``, the pretraining blend or phases, when that list is empty),
+each its own document (``seq_idx``), so neither attention nor the Mamba state crosses from one short sample
+into the next (:class:`tandem.data_pipelines.long_context.LongShortMixture`). Both kinds come through the
+pretraining data path — ``tandem-preprocess`` prefixes read as megatron-core ``GPTDataset`` s, blends by
+megatron's interleave (:func:`~tandem.data_pipelines.blends.build_pretrain_datasets`) — and the two kinds are
+interleaved by the same error-minimising blend schedule, so the long share holds over any window of steps.
+
+The mixture is map-style: step ``s`` trains on rows ``[s·B, (s+1)·B)`` (B = ``stage.global_batch``), so
+resuming is reading from ``step · B`` with the same schedule (the loop refuses a changed one; ``run.extend``
+is refused here because the number of rows fixes each source's epoch order). Rows are whole megatron windows:
+no padding, so every input token is a real one (tokens/s, MFU). Nothing here is specific to an engine:
+DDP, ZeRO and FSDP2 see the same ``token_cross_entropy`` forward as pretraining.
+
+The weights usually come from a pretraining run (``model.init_from``, as SFT). After the last step, rank 0
+evaluates the final checkpoint — and the ``model.init_from`` weights, the baseline — with
+:mod:`tandem.trainer.inference.long_eval` (synthetic retrieval, multi-hop, aggregation by length and depth,
+lengths past the trained one included, through chunked prefill) and writes ``<run.dir>/long_eval.json``.
+It reads the saved ``model/`` weights, which every checkpoint has in the released layout (sharded ones
+too), so the evaluation needs neither the training engine nor the other ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from tandem.data_pipelines.blends import check_source, sources_of
+from tandem.data_pipelines.long_context import build_long_short_mixture
+from tandem.data_pipelines.packing import build_dataloader
+from tandem.data_pipelines.sources import is_byte_level
+
+from ..config import DataConfig, StageConfig
+from ..data import DataError, pretrain_plan
+from .base import LossOutput, Stage, check_batch_split, token_cross_entropy
+
+log = logging.getLogger(__name__)
+
+_BATCH_KEYS = ("input_ids", "labels", "loss_mask", "seq_idx", "is_long")
+
+
+def _plan(data: DataConfig, entries, seq_len: int, key: str | None):
+    """The blends plan of ``entries`` (one blend under config key ``key``) at ``seq_len`` tokens per sample,
+    or of ``data.*`` itself when ``key`` is None; errors name ``key``."""
+    fields = ("path", "blend", "phase1", "phase2", "phase2_start", "tokenizer", "valid_fraction", "seed",
+              "cache_dir", "eod_mask_loss")
+    view = SimpleNamespace(**{f: getattr(data, f) for f in fields}, seq_len=seq_len)
+    if key is not None:
+        view.path, view.blend, view.phase1, view.phase2 = None, list(entries), [], []
+    try:
+        plan = pretrain_plan(view)
+    except DataError as e:
+        raise DataError(str(e).replace("data.blend", key) if key else str(e)) from None
+    if key is not None:
+        plan.keys = [key]
+    return plan
+
+
+class CPTStage(Stage):
+    name = "cpt"
+
+    def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1):
+        check_batch_split(stage, world_size)
+        self.data, self.stage, self.c = data, stage, stage.cpt
+        self.rank, self.world_size = rank, world_size
+        c = self.c
+        self.long_plan = _plan(data, c.long, c.long_length, "stage.cpt.long") if c.long_fraction > 0 else None
+        self.short_plan = None
+        if c.long_fraction < 1:
+            self.short_plan = _plan(data, c.short, c.short_length, "stage.cpt.short" if c.short else None)
+        plans = [p for p in (self.long_plan, self.short_plan) if p is not None]
+        self.tokenizer = plans[0].tokenizer
+        if any(p.tokenizer.unique_identifiers != self.tokenizer.unique_identifiers for p in plans):
+            raise DataError("stage.cpt.long and the short sources (stage.cpt.short, or data.*) were made with different "
+                            "tokenizers; CPT trains one vocabulary")
+        for plan in plans:
+            for phase, key in zip(plan.config.phases, plan.keys):
+                for i, spec in enumerate(phase.blend):
+                    try:
+                        check_source(spec, plan.config, self.tokenizer)
+                    except (FileNotFoundError, ValueError) as e:
+                        raise DataError(f"{key if key == 'data.path' else f'{key}[{i}].path'}: {e}") from None
+        self.sources = [s for p in plans for s in sources_of(p.config)]
+        self.mixture = None
+        self.device = torch.device("cpu")
+        self._iter = None
+        self._next_step = 0
+        self._wait, self._t_step = 0.0, time.perf_counter()
+        log.info("cpt: rows of %d tokens, %.0f%% long (%s), the rest %d × %d-token short samples (%s)", c.long_length,
+                 100 * c.long_fraction, [dict(p.blend) for p in self.long_plan.config.phases] if self.long_plan else "-",
+                 c.long_length // c.short_length, c.short_length,
+                 [dict(p.blend) for p in self.short_plan.config.phases] if self.short_plan else "-")
+
+    # --- the schedule and its state -------------------------------------------------------------------
+    def schedule(self) -> dict:
+        c = self.c
+        out = {"stage.cpt.long_length": c.long_length, "stage.cpt.short_length": c.short_length,
+               "stage.cpt.long_fraction": float(c.long_fraction), "data.seed": self.data.seed,
+               "data.valid_fraction": float(self.data.valid_fraction), "data.eod_mask_loss": self.data.eod_mask_loss,
+               "data.tokenizer": self.tokenizer.unique_identifiers}
+        for name, plan in (("long", self.long_plan), ("short", self.short_plan)):
+            if plan is not None:
+                out[f"stage.cpt.{name}"] = [[p.name, [[s, w] for s, w in p.blend.items()], p.fraction]
+                                            for p in plan.config.phases]
+        return out
+
+    def state_dict(self) -> dict:
+        return {"steps": self.stage.steps, "steps_done": self._next_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["steps"]) != self.stage.steps:
+            raise DataError(f"stage.steps={self.stage.steps} but the checkpoint's cpt run has {state['steps']}: the "
+                            f"number of rows fixes every source's epoch order, so a cpt run cannot be extended; "
+                            f"start a new cpt stage from it with model.init_from=<checkpoint>")
+        self._next_step = int(state["steps_done"])
+
+    # --- building ---------------------------------------------------------------------------------------
+    def check_model(self, config) -> None:
+        if config.vocab_size < self.tokenizer.vocab_size:
+            raise DataError(f"model.vocab_size={config.vocab_size} is smaller than the data's tokenizer "
+                            f"({self.tokenizer.vocab_size} ids, {self.tokenizer.source})")
+
+    def bind(self, model, info, precision: str = "auto") -> None:
+        self.device = info.device
+        if self._next_step < self.stage.steps:
+            self.build()
+
+    def build(self) -> None:
+        """The mixture of the whole run (``stage.steps × global_batch`` rows). Collective: all ranks call it."""
+        if self.mixture is not None:
+            return
+        if self.data.cache_dir is None and not all(is_byte_level(s) for s in self.sources):
+            raise DataError("data.cache_dir is not set: indexed sources need a cache directory for megatron's "
+                            "indices (the trainer's run() sets <run.dir>/data_cache)")
+        c, t0 = self.c, time.perf_counter()
+        # A kind with no rows is never built, so give the builder any config for it (it reads seq_length only).
+        long_cfg = (self.long_plan or self.short_plan).config
+        short_cfg = (self.short_plan or self.long_plan).config
+        if self.long_plan is None:
+            long_cfg = SimpleNamespace(seq_length=c.long_length)
+        if self.short_plan is None:
+            short_cfg = SimpleNamespace(seq_length=c.short_length)
+        try:
+            self.mixture = build_long_short_mixture(long_cfg, short_cfg, self.tokenizer,
+                                                    num_rows=self.stage.steps * self.stage.global_batch,
+                                                    long_fraction=float(c.long_fraction))
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"stage.cpt: {e}") from None
+        m = self.mixture
+        log.info("cpt data: %d rows of %d tokens (%d long, %d short × %d), built in %.1f s", len(m), m.long_length,
+                 m.num_long, m.num_short, m.pieces, time.perf_counter() - t0)
+
+    # --- batches ----------------------------------------------------------------------------------------
+    def _loader(self, step: int):
+        gb, workers = self.stage.global_batch, self.data.num_workers
+        return iter(build_dataloader(
+            self.mixture, gb // self.world_size, eod=self.tokenizer.eod, consumed_samples=step * gb,
+            dp_rank=self.rank, dp_size=self.world_size, num_workers=workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers else None, keys=_BATCH_KEYS))
+
+    def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        self.build()
+        if self._iter is None or step != self._next_step:
+            self._iter = self._loader(step)
+        self._t_step = t0 = time.perf_counter()
+        rows = next(self._iter)
+        self._wait = time.perf_counter() - t0
+        self._next_step = step + 1
+        mb = self.stage.micro_batch
+        return [dict(zip(rows, parts)) for parts in zip(*(v.split(mb) for v in rows.values()))]
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """Token cross-entropy; ``cpt/long_share``: the share of the step's target tokens in long rows."""
+        out = token_cross_entropy(model, batch)
+        if "is_long" in batch:
+            mask = batch["loss_mask"]
+            out.metrics["cpt/long_share"] = (mask.sum(dim=1) * batch["is_long"].to(mask.dtype)).sum()
+        return out
+
+    def after_step(self, step: int, finite: bool) -> dict:
+        elapsed = time.perf_counter() - self._t_step
+        return {"data/wait_s": self._wait, "data/wait_fraction": self._wait / max(elapsed, 1e-9)}
+
+    # --- the long-context evaluation ------------------------------------------------------------------
+    def eval_settings(self):
+        from ..inference.long_eval import LongEvalSettings
+
+        c = self.c
+        lengths = list(c.eval_lengths) or sorted({c.short_length, c.long_length, 2 * c.long_length})
+        return LongEvalSettings(tasks=list(c.eval_tasks), lengths=lengths, depths=list(c.eval_depths),
+                                per_cell=c.eval_per_cell, max_new_tokens=c.eval_max_new_tokens,
+                                prefill_chunk=c.eval_prefill_chunk, seed=self.stage.seed + 1234,
+                                options={k: dict(v) for k, v in c.eval_task_options.items()})
+
+    def after_fit(self, run_dir: Path, checkpoint: Path | None, info, init_from: str | None = None) -> dict | None:
+        """Rank 0: the long-context eval of ``checkpoint`` (and of ``init_from``), written to
+        ``run_dir/long_eval.json`` and summarised in the log. None on other ranks or when turned off."""
+        if not info.is_main or self.c.eval_per_cell == 0 or checkpoint is None:
+            return None
+        from ..inference.long_eval import RESULT_FILE, evaluate_checkpoint, summary_lines
+
+        settings = self.eval_settings()
+        device = str(info.device)
+        doc = {"trained_length": self.c.long_length, "short_length": self.c.short_length}
+        if init_from and self.c.eval_baseline:
+            doc["baseline"] = evaluate_checkpoint(init_from, settings, device=device)
+            log.info("\n".join(summary_lines(doc["baseline"], f"long-context eval before CPT ({init_from}):")))
+        doc["final"] = evaluate_checkpoint(checkpoint, settings, device=device)
+        log.info("\n".join(summary_lines(doc["final"], f"long-context eval after CPT ({checkpoint}), trained at "
+                                                         f"{self.c.long_length} tokens:")))
+        path = Path(run_dir) / RESULT_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(path)
+        log.info("long-context eval: %s", path)
+        return doc
