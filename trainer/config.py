@@ -21,7 +21,7 @@ from tandem.model import HybridConfig
 
 __all__ = [
     "BlendEntry", "CPTConfig", "ChatDataConfig", "ConfigError", "ENGINE_CHOICES", "FSDP_PARAM_DTYPES", "GRPOConfig", "GRPOEnvironment", "RLDataConfig", "RLHFConfig", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-    "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "configure_compile", "configure_memory",
+    "LOGGER_KINDS", "PrecisionConfig", "RunConfig", "RunSection", "StageConfig", "build_hybrid_config", "row_length", "configure_compile", "configure_memory",
     "overrides_suffix", "register_configs", "validate_config", "validate_cpt", "validate_grpo", "validate_memory", "validate_rlhf", "validate_parallel",
 ]
 
@@ -63,6 +63,14 @@ ModelConfig = _model_config_class()
 
 #: ``model.preset`` value meaning "the shape of the checkpoint named by ``model.init_from``"
 FROM_CHECKPOINT = "init_from"
+
+
+def row_length(cfg: Any) -> tuple[int, str]:
+    """Tokens per training row and the key that sets them: ``stage.cpt.long_length`` for the cpt stage (its
+    rows are long samples or packs of short ones), ``data.seq_len`` otherwise."""
+    if cfg.stage.name == "cpt":
+        return int(cfg.stage.cpt.long_length), "stage.cpt.long_length"
+    return int(cfg.data.seq_len), "data.seq_len"
 
 
 def build_hybrid_config(cfg: Any) -> HybridConfig:

@@ -528,7 +528,7 @@ def plan_main(argv: list[str]) -> int:
     import logging
 
     from tandem.recipes import RECIPES_DIR
-    from .config import ConfigError, build_hybrid_config, register_configs
+    from .config import ConfigError, build_hybrid_config, register_configs, row_length
 
     p = argparse.ArgumentParser(prog="tandem plan", description="Memory per rank of a recipe on a cluster shape.")
     p.add_argument("-cn", "--config-name", required=True, help="recipe name (e.g. nano3_pretrain)")
@@ -557,7 +557,8 @@ def plan_main(argv: list[str]) -> int:
     base = layout_from_config(cfg, cluster)
     if cluster.world % base.ep:
         fail(f"parallel.ep={base.ep} does not divide {cluster.world} ranks ({args.nodes} nodes × {args.gpus_per_node})")
-    tokens = int(cfg.stage.micro_batch) * int(cfg.data.seq_len)
+    seq_len, seq_key = row_length(cfg)  # stage.cpt.long_length for the cpt stage
+    tokens = int(cfg.stage.micro_batch) * seq_len
     # data-parallel replicas: world / cp (the CP ranks of a replica share its rows)
     accumulating = int(cfg.stage.global_batch) > int(cfg.stage.micro_batch) * cluster.world // base.cp
     kwargs = dict(tokens=tokens, batch_rows=int(cfg.stage.micro_batch), precision=str(cfg.precision.name),
@@ -565,11 +566,11 @@ def plan_main(argv: list[str]) -> int:
     print(f"{args.config_name}: {model_cfg.hybrid_override_pattern[:40]}{'…' if len(model_cfg.hybrid_override_pattern) > 40 else ''} "
           f"(measuring activations per layer kind on this CPU …)", flush=True)
     mine = plan(model_cfg, cluster, base, **kwargs)
-    if cluster.world % base.cp or int(cfg.data.seq_len) % (2 * base.cp):
-        fail(f"parallel.cp={base.cp} needs a world size ({cluster.world}) it divides and data.seq_len "
-             f"({cfg.data.seq_len}) divisible by {2 * base.cp}")
+    if cluster.world % base.cp or seq_len % (2 * base.cp):
+        fail(f"parallel.cp={base.cp} needs a world size ({cluster.world}) it divides and {seq_key} "
+             f"({seq_len}) divisible by {2 * base.cp}")
     others = [plan(model_cfg, cluster, l, **kwargs)
-              for l in candidate_layouts(base, cluster.world, int(cfg.data.seq_len))[1:]]
+              for l in candidate_layouts(base, cluster.world, seq_len)[1:]]
     print(mine.table())
     if args.all:
         print(f"\n{'layout':<40} {'peak/rank':>10}  fits")

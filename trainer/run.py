@@ -15,7 +15,7 @@ from tandem.model.precision import PrecisionError, apply_precision
 
 from .checkpoint import CheckpointManager, load_weights, resolve_checkpoint, weights_dir
 from .checkpoint.tokenizer_files import saved_tokenizer
-from .config import ConfigError, build_hybrid_config, configure_compile, configure_memory, validate_config
+from .config import ConfigError, build_hybrid_config, configure_compile, configure_memory, row_length, validate_config
 from .data import DataError
 from .loop import Trainer, check_stage_name
 from .metrics import (ConsoleSink, JsonlSink, WandbSink, configure_logging, memory_now_bytes, model_flops_per_token,
@@ -147,7 +147,7 @@ def run(cfg: DictConfig) -> dict:
     balancer = ExpertBalancer(model, cfg.optim.expert_bias_update_rate, distributed=info.distributed)
     if balancer.layers:
         trainer.step_hooks.append(balancer)
-    seq_len = cfg.stage.cpt.long_length if cfg.stage.name == "cpt" else cfg.data.seq_len  # tokens per row
+    seq_len, _ = row_length(cfg)  # tokens per row
     trainer.flops_per_token = model_flops_per_token(model_cfg, seq_len)
     trainer.peak_flops = peak_flops_per_device(cfg.logger.peak_flops)
     count = model.parameter_count()

@@ -31,14 +31,18 @@ def cpt_data(tmp_path_factory):
 
 
 def _cfg(data, run_dir, *extra):
-    return compose_recipe("smoke_cpt", [
+    return compose_recipe("smoke_cpt", _overrides(data, run_dir, *extra))
+
+
+def _overrides(data, run_dir, *extra):
+    return [
         "model.preset=tiny", "model.init_from=null", f"data.blend=[{{path: 'indexed:{data / 'short'}', weight: 1.0}}]",
         f"stage.cpt.long=[{{path: 'indexed:{data / 'short'}', weight: 1.0}}]",
         "stage.cpt.long_length=64", "stage.cpt.short_length=32", "stage.cpt.long_fraction=0.5",
         "stage.steps=4", "stage.global_batch=4", "stage.micro_batch=2", "stage.save_every=2",
         "stage.cpt.eval_tasks=[needle]", "stage.cpt.eval_lengths=[48,96]", "stage.cpt.eval_depths=[0.0,1.0]",
         "stage.cpt.eval_per_cell=1", "stage.cpt.eval_max_new_tokens=4", "stage.cpt.eval_prefill_chunk=40",
-        "logger.log_every=1", "logger.progress_bar=false", "optim.warmup_steps=1", f"run.dir={run_dir}", *extra])
+        "logger.log_every=1", "logger.progress_bar=false", "optim.warmup_steps=1", f"run.dir={run_dir}", *extra]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -105,3 +109,24 @@ def test_needle_value_digits_and_eval_task_options():
         settings.validate()
     with pytest.raises(ConfigError, match=r"stage\.cpt\.eval_task_options\.needle may set only \['value_digits'\]"):
         validate(compose_recipe("smoke_cpt", ["+stage.cpt.eval_task_options.needle.digits=1"]))
+
+
+@pytest.mark.slow
+def test_cpt_under_context_parallelism_equals_one_process(cpt_data, tmp_path):
+    """parallel.cp=2 (2 gloo processes): the CP split applies to the CPT rows (stage.cpt.long_length, not
+    data.seq_len, is what must divide by 2·CP) and the losses and gradient norms equal one process's."""
+    from .conftest import run_cli, run_torchrun
+
+    def args(run_dir):
+        return ["-cn", "smoke_cpt", *_overrides(cpt_data, run_dir, "stage.steps=2", "stage.save_every=0",
+                                               "stage.cpt.eval_per_cell=0", "model.moe_aux_loss_coeff=0.01")]
+
+    one = run_cli(*args(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    cp = run_torchrun(*args(tmp_path / "cp"), "parallel=cp2")
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    a, b = read_records(tmp_path / "one"), read_records(tmp_path / "cp")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"] and abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * x["grad_norm"]
+        assert x["tokens"] == y["tokens"]

@@ -110,22 +110,26 @@ def _sbatch_shape(script: str) -> tuple[int, int]:
 
 
 def test_nano3_recipes_fit_the_cluster_their_sbatch_names():
-    """On 80 GB GPUs (H100), at the node count each sbatch script asks for (in-process: the three recipes
-    share one model shape, so the probes run once). The SFT recipes take the architecture from their
-    checkpoint, so the plan names it (model.preset=nano3), as `tandem plan` users do."""
-    from tandem.trainer.config import build_hybrid_config
+    """On 80 GB GPUs (H100), at the node count each sbatch script asks for (in-process: the recipes share one
+    model shape, so the probes run once per row length). The SFT recipes take the architecture from their
+    checkpoint, so the plan names it (model.preset=nano3), as `tandem plan` users do. The 512k CPT fits
+    only through context parallelism 16 with every block checkpointed."""
+    from tandem.trainer.config import build_hybrid_config, row_length
     from tandem.trainer.plan import layout_from_config
 
     for recipe, script in [("nano3_pretrain", "pretrain.sbatch"), ("sft", "sft.sbatch"),
-                           ("finetune_from_release", "sft.sbatch")]:
+                           ("finetune_from_release", "sft.sbatch"), ("nano3_cpt_512k", "cpt.sbatch")]:
         nodes, gpus = _sbatch_shape(script)
         cfg = compose_recipe(recipe, ["model.preset=nano3"])
         cluster = Cluster(nodes, gpus, 80.0, "cuda")
-        p = plan(build_hybrid_config(cfg.model), cluster, layout_from_config(cfg, cluster),
-                 tokens=cfg.stage.micro_batch * cfg.data.seq_len, batch_rows=cfg.stage.micro_batch,
-                 accumulating=cfg.stage.global_batch > cfg.stage.micro_batch * cluster.world)
+        layout = layout_from_config(cfg, cluster)
+        p = plan(build_hybrid_config(cfg.model), cluster, layout,
+                 tokens=cfg.stage.micro_batch * row_length(cfg)[0], batch_rows=cfg.stage.micro_batch,
+                 accumulating=cfg.stage.global_batch > cfg.stage.micro_batch * cluster.world // layout.cp)
         assert p.layout.engine == "fsdp" and p.layout.ep == 8, (recipe, p.layout)
         assert p.fits, (recipe, p.table())
+        if recipe == "nano3_cpt_512k":
+            assert p.layout.cp == 16 and (nodes, gpus) == (8, 8), p.layout
 
 
 def test_plan_bad_input_is_one_line_exit_2():

@@ -217,13 +217,15 @@ def check_context_parallel(cfg, model_cfg) -> None:
     if cfg.stage.name not in CP_STAGES:
         raise ConfigError(f"parallel.cp={cp} with stage.name={cfg.stage.name}: context parallelism trains fixed-length "
                           f"rows ({', '.join(CP_STAGES)}); a generating stage needs parallel.cp=1")
-    seq = cfg.data.seq_len
+    from tandem.trainer.config import row_length
+
+    seq, key = row_length(cfg)
     if seq % (2 * cp):
-        raise ConfigError(f"data.seq_len={seq} must be divisible by 2 × parallel.cp = {2 * cp} (each CP rank holds two "
+        raise ConfigError(f"{key}={seq} must be divisible by 2 × parallel.cp = {2 * cp} (each CP rank holds two "
                           f"equal chunks of every row)")
     k1 = model_cfg.conv_kernel - 1
     if "M" in model_cfg.hybrid_override_pattern and seq // (2 * cp) < k1:
-        raise ConfigError(f"data.seq_len={seq} with parallel.cp={cp}: chunks of {seq // (2 * cp)} tokens are shorter "
+        raise ConfigError(f"{key}={seq} with parallel.cp={cp}: chunks of {seq // (2 * cp)} tokens are shorter "
                           f"than the Mamba conv window ({k1}); lower parallel.cp")
 
 
