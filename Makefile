@@ -36,8 +36,8 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt
 # The main job. Everything lives in $(SMOKE_DIR) (runs/smoke/), started afresh each time: a generated
 # corpus → tandem-preprocess → indexed datasets → the tiny model through both pretraining phases (128-token
 # windows) → long-context CPT at 512 tokens on generated needle documents mixed with the corpus, whose
-# needle accuracy at 512 tokens must not fall below the pretraining weights' (CPT_MIN_GAIN) → SFT on
-# generated reasoning conversations (ON and OFF) plus half-right answers to "Which is larger, a or b?" →
+# needle accuracy at 512 tokens must not fall below the pretraining weights' (CPT_MIN_GAIN) → SFT (from the
+# pretraining weights: the smoke CPT costs the GRPO gate, docs/LONG_CONTEXT.md) on generated reasoning conversations (ON and OFF) plus half-right answers to "Which is larger, a or b?" →
 # a reasoning-mode check and a chat in both modes → GRPO on that question, which must raise the held-out
 # reward (64 prompts) by at least 0.15.
 SMOKE_DIR ?= runs/smoke

@@ -46,7 +46,7 @@ def test_make_smoke_learns(tmp_path):
     assert "PASS: needle accuracy at 512 tokens" in res.stdout
     assert "1024" in doc["final"]["tasks"]["needle"]["by_length"]  # past the trained length
 
-    # SFT from the CPT run, then generation from the SFT checkpoint in both modes
+    # SFT from the pretraining run (not the CPT run: docs/LONG_CONTEXT.md), then generation from the SFT checkpoint in both modes
     sft = [json.loads(l) for l in (smoke / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert sft[-1]["stage"] == "sft" and sft[-1]["step"] == 300
     assert sft[-1]["loss"] < 0.5 * sft[0]["loss"] and sft[-1]["val_loss"] < 0.5 * sft[0]["loss"], (sft[0], sft[-1])

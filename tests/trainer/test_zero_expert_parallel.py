@@ -51,14 +51,19 @@ def _assert_same_checkpoint(a, b, what):
     wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
     assert wa.keys() == wb.keys(), what
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-5), (what, k, (wa[k] - wb[k]).abs().max())
+        # AdamW scales every update to ~lr (3e-3 here) whatever the gradient's size, so fp32 summation-order
+        # noise in near-zero gradients (ZeRO-3 and EP reduce in other orders than one process) reaches the
+        # weights at a few 1e-5 after 6 steps; 5e-5 is 1/60 of one update, far below a real mismatch
+        assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=5e-5), (what, k, (wa[k] - wb[k]).abs().max())
     oa, ob = (torch.load(d / "optimizer.pt", weights_only=True) for d in (a, b))
     assert [(g["name"], sorted(g["param_names"])) for g in oa["param_groups"]] == \
         [(g["name"], sorted(g["param_names"])) for g in ob["param_groups"]], what
     for name, entry in ob["state"].items():
         assert float(oa["state"][name]["step"]) == float(entry["step"]), (what, name)
         for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.allclose(oa["state"][name][k], entry[k], rtol=1e-4, atol=1e-8), (what, name, k)
+            # moments of near-zero gradients (1e-8 and below) carry the same summation-order noise
+            d = (oa["state"][name][k] - entry[k]).abs().max()
+            assert torch.allclose(oa["state"][name][k], entry[k], rtol=1e-4, atol=1e-7), (what, name, k, d)
 
 
 @pytest.fixture(scope="module")
