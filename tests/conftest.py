@@ -16,8 +16,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config, items):
-    """The whole-pipeline test (``make smoke``, by far the longest) runs first, so under pytest-xdist
-    (``make test``) one worker spends the suite on it while the other works through the rest. Tests marked
+    """The whole-pipeline test (``make smoke``, by far the longest) is collected first (it runs first in one
+    process; pytest-xdist's ``--dist loadfile`` does not keep this order, so under ``make test`` it may still
+    start last). Tests marked
     ``gpu`` skip with a reason when CUDA is absent (they never pass vacuously)."""
     items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_smoke.py")  # stable: order kept otherwise
     if torch.cuda.is_available():
