@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import activation_fn
+from .reference import check_conv1d_args
 
 __all__ = ["causal_conv1d_fast"]
 
@@ -85,21 +85,11 @@ def causal_conv1d_fast(
     return_final_states: bool = False,
 ):
     """Arguments, shapes and results exactly as :func:`~tandem.kernels.conv1d.reference.causal_conv1d_ref`."""
-    activation_fn(activation)  # validates the name; every accepted activation is the identity or SiLU
-    if x.dim() != 3:
-        raise ValueError(f"x must be [batch, seqlen, channels], got shape {tuple(x.shape)}")
-    b, l, d = x.shape
-    if weight.dim() != 2 or weight.shape[0] != d:
-        raise ValueError(f"weight must be [channels={d}, kernel], got {tuple(weight.shape)}")
-    K = weight.shape[1]
-    if seq_idx is not None and seq_idx.shape != (b, l):
-        raise ValueError(f"seq_idx must be [batch, seqlen] = {(b, l)}, got {tuple(seq_idx.shape)}")
-    if initial_states is not None and initial_states.shape != (b, d, K - 1):
-        raise ValueError(f"initial_states must be [batch, channels, K-1] = {(b, d, K - 1)}, got {tuple(initial_states.shape)}")
+    b, l, d, K = check_conv1d_args(x, weight, bias, seq_idx, initial_states, activation)
     half = x.dtype in (torch.float16, torch.bfloat16)
     compute_dtype = torch.promote_types(weight.dtype, torch.float32) if half else weight.dtype
     prefix = initial_states.transpose(1, 2) if initial_states is not None else x.new_zeros(b, K - 1, d)
-    silu = activation in ("silu", "swish")
+    silu = activation in ("silu", "swish")  # every accepted activation is the identity or SiLU
     out = _CausalConv1dFn.apply(x, weight, bias, prefix, seq_idx, silu, compute_dtype)
     if return_final_states:
         window = torch.cat([prefix.to(x.dtype), x], dim=1)[:, l:]  # the last K-1 inputs

@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import add_skip, check_inputs, process_dt
+from .reference import add_skip, check_scan_args, process_dt
 
 __all__ = ["ssd_chunk_scan_fast"]
 
@@ -103,9 +103,7 @@ def ssd_chunk_scan_fast(
     return_final_states: bool = False,
 ):
     """Chunked SSD scan; arguments, shapes and results exactly as :func:`ssd_chunk_scan_ref`."""
-    b, l, h, p, g, n = check_inputs(x, dt, A, B, C, seq_idx, initial_states)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    b, l, h, p, g, n = check_scan_args(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, initial_states)
     with torch.autocast(x.device.type, enabled=False):
         y, final = _scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, seq_idx, initial_states,
                          (b, l, h, p, g, n))

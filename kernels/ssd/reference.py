@@ -57,7 +57,14 @@ def process_dt(
     return dt
 
 
-def check_inputs(x, dt, A, B, C, seq_idx, initial_states):
+def check_scan_args(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, initial_states):
+    """Validate the arguments of an SSD scan; returns ``(b, l, h, p, g, n)``.
+
+    The one validator of every entry (this reference, the sequential one with ``chunk_size=None``, the fast
+    torch path and the Triton launcher), so each refuses a bad argument with the same message.
+    """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if x.dim() != 4:
         raise ValueError(f"x must be [batch, seqlen, nheads, headdim], got shape {tuple(x.shape)}")
     b, l, h, p = x.shape
@@ -73,7 +80,13 @@ def check_inputs(x, dt, A, B, C, seq_idx, initial_states):
     g, n = B.shape[2], B.shape[3]
     if h % g != 0:
         raise ValueError(f"nheads ({h}) must be divisible by ngroups ({g})")
+    if D is not None and D.shape not in ((h,), (h, p)):
+        raise ValueError(f"D must be [nheads] = ({h},) or [nheads, headdim] = {(h, p)}, got {tuple(D.shape)}")
+    if dt_bias is not None and dt_bias.shape != (h,):
+        raise ValueError(f"dt_bias must be [nheads] = ({h},), got {tuple(dt_bias.shape)}")
     if seq_idx is not None:
+        if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
+            raise ValueError(f"seq_idx must be an integer tensor, got {seq_idx.dtype}")
         if seq_idx.shape != (b, l):
             raise ValueError(f"seq_idx must be [batch, seqlen] = {(b, l)}, got {tuple(seq_idx.shape)}")
         # a host sync (and a graph break under torch.compile, where the check is skipped)
@@ -130,9 +143,7 @@ def ssd_chunk_scan_ref(
     seq_idx [b, l] (int, non-decreasing), initial_states [b, h, p, n].
     Returns ``y`` [b, l, h, p] (dtype of ``x``), or ``(y, final_states)`` with final_states fp32 [b, h, p, n].
     """
-    b, l, h, p, g, n = check_inputs(x, dt, A, B, C, seq_idx, initial_states)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    b, l, h, p, g, n = check_scan_args(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, initial_states)
     Q = chunk_size
 
     # 1. dt processing; expand B/C from groups to heads; pad the sequence to whole chunks.
@@ -218,7 +229,7 @@ def ssd_sequential_ref(
     return_final_states: bool = False,
 ):
     """The recurrence one token at a time (tests only). Same arguments and results as the chunked form."""
-    b, l, h, p, g, n = check_inputs(x, dt, A, B, C, seq_idx, initial_states)
+    b, l, h, p, g, n = check_scan_args(x, dt, A, B, C, None, D, dt_bias, seq_idx, initial_states)
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
     Bh = B.float().repeat_interleave(h // g, dim=2)
     Ch = C.float().repeat_interleave(h // g, dim=2)
