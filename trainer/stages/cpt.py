@@ -38,7 +38,7 @@ from tandem.data_pipelines.long_context import build_long_short_mixture
 
 from ..config import DataConfig, StageConfig
 from ..data import DataError, pretrain_plan
-from ._lm_data import WindowStage, check_plan_sources
+from .lm_data import WindowStage, check_plan_sources
 from .base import LossOutput, check_batch_split, token_cross_entropy
 
 log = logging.getLogger(__name__)

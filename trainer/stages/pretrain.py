@@ -8,7 +8,7 @@ steps in flight, :class:`~tandem.data_pipelines.packing.ResumableBatchSampler` f
 Step ``s`` trains on samples ``[s·B, (s+1)·B)`` of that map-style dataset (B = ``stage.global_batch``), so
 the data position is a function of the step: resume is rebuilding with the same schedule (the loop
 refuses a changed one) and reading from ``step · B``. That step → rows part (loader, position, wait
-time) is shared with long-context CPT: :class:`tandem.trainer.stages._lm_data.WindowStage`.
+time) is shared with long-context CPT: :class:`tandem.trainer.stages.lm_data.WindowStage`.
 
 The datasets are built in :meth:`bind` — after the loop has checked a resumed run's schedule, so a refused
 resume writes nothing, not even index caches — on every rank, collectively: megatron builds an index on
@@ -32,7 +32,7 @@ from tandem.data_pipelines.sources import parse_spec
 
 from ..config import DataConfig, StageConfig
 from ..data import DataError, pretrain_plan
-from ._lm_data import WindowStage, check_plan_sources
+from .lm_data import WindowStage, check_plan_sources
 from .base import LossOutput, check_batch_split, token_cross_entropy
 
 log = logging.getLogger(__name__)
