@@ -23,6 +23,12 @@ def activation_fn(name):
     return ACTIVATIONS[name]
 
 
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the torch paths compute in: the weight's, or at least fp32 for half inputs."""
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    return torch.promote_types(weight.dtype, torch.float32) if half else weight.dtype
+
+
 def _check_weight_bias(weight, bias, d: int) -> int:
     if weight.dim() != 2 or weight.shape[0] != d:
         raise ValueError(f"weight must be [channels={d}, kernel], got {tuple(weight.shape)}")
@@ -82,15 +88,15 @@ def causal_conv1d_ref(
     """
     b, l, d, K = check_conv1d_args(x, weight, bias, seq_idx, initial_states, activation)
     act = activation_fn(activation)
-    compute_dtype = torch.promote_types(weight.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    xt = x.transpose(1, 2).to(compute_dtype)  # [b, d, l]
+    cd = compute_dtype(x, weight)
+    xt = x.transpose(1, 2).to(cd)  # [b, d, l]
     if initial_states is None:
         prefix = xt.new_zeros(b, d, K - 1)
     else:
-        prefix = initial_states.to(compute_dtype)
+        prefix = initial_states.to(cd)
     xp = torch.cat([prefix, xt], dim=-1)  # [b, d, l + K - 1]
-    w = weight.to(compute_dtype)
-    bias_c = bias.to(compute_dtype) if bias is not None else None
+    w = weight.to(cd)
+    bias_c = bias.to(cd) if bias is not None else None
     if seq_idx is None:
         out = F.conv1d(xp, w.unsqueeze(1), bias_c, groups=d)
     else:
@@ -99,7 +105,7 @@ def causal_conv1d_ref(
         seq_p = torch.cat([seq_idx[:, :1].expand(b, K - 1), seq_idx], dim=1)
         out = xt.new_zeros(b, d, l) if bias_c is None else bias_c[None, :, None].expand(b, d, l).clone()
         for i in range(K):
-            same = (seq_p[:, i : i + l] == seq_idx).to(compute_dtype)[:, None, :]
+            same = (seq_p[:, i : i + l] == seq_idx).to(cd)[:, None, :]
             out = out + w[None, :, i, None] * xp[:, :, i : i + l] * same
     out = act(out).transpose(1, 2).to(x.dtype)
     if return_final_states:

@@ -100,6 +100,20 @@ def check_scan_args(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, initial_sta
     return b, l, h, p, g, n
 
 
+def pad_to_chunks(Q: int, dt: torch.Tensor, seq_idx: torch.Tensor | None, *tensors: torch.Tensor):
+    """Pad the sequence (dim 1) of ``dt``, ``seq_idx`` and ``tensors`` (each ``[b, l, ...]``) to whole chunks of
+    ``Q``; returns ``(dt, seq_idx, tensors)``. Padded steps have dt = 0: no input and decay exp(0) = 1, so
+    the final state is unchanged; ``seq_idx`` repeats its last document there."""
+    b, l = dt.shape[:2]
+    pad = (-l) % Q
+    if not pad:
+        return dt, seq_idx, tensors
+    tensors = tuple(F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in tensors)
+    if seq_idx is not None:
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
+    return F.pad(dt, (0, 0, 0, pad)), seq_idx, tensors
+
+
 def add_skip(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
     if D is None:
         return y
@@ -151,16 +165,8 @@ def ssd_chunk_scan_ref(
     xf = x.float()
     Bh = B.float().repeat_interleave(h // g, dim=2)  # [b, l, h, n]
     Ch = C.float().repeat_interleave(h // g, dim=2)
-    pad = (-l) % Q
-    if pad:
-        # Padded steps have dt = 0: no input and decay exp(0) = 1, so the final state is unchanged.
-        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
-        Bh = F.pad(Bh, (0, 0, 0, 0, 0, pad))
-        Ch = F.pad(Ch, (0, 0, 0, 0, 0, pad))
-        dt = F.pad(dt, (0, 0, 0, pad))
-        if seq_idx is not None:
-            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
-    c = (l + pad) // Q
+    dt, seq_idx, (xf, Bh, Ch) = pad_to_chunks(Q, dt, seq_idx, xf, Bh, Ch)
+    c = dt.shape[1] // Q
     x_c = xf.view(b, c, Q, h, p)
     B_c = Bh.view(b, c, Q, h, n)
     C_c = Ch.view(b, c, Q, h, n)
