@@ -9,38 +9,19 @@ is one fresh launch (``torchrun --nproc_per_node CP``; CP = 1 is one plain proce
 same model, resets its peak-RSS counter (``/proc/self/clear_refs``), runs one forward+backward of the
 summed next-token loss on its load-balanced slice, and reads ``VmHWM``. Reported per CP size: the largest
 rank's peak over the RSS just before the step (activations + gradients + transients — what CP divides),
-and the loss summed over ranks, which must equal CP = 1's (the same tokens; exactness at length).
+and the loss summed over ranks, which must equal CP = 1's (the same tokens; exactness at length). The
+measurement and the model are ``bench/_memory.py``'s, shared with ``long_context_memory.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 
-
-def model_config(hidden: int = 128, vocab: int = 8192):
-    from tandem.model import HybridConfig
-
-    h = hidden
-    return HybridConfig.preset(
-        "tiny", hybrid_override_pattern="MEM*EM-ME", vocab_size=vocab, hidden_size=h,
-        num_attention_heads=max(h // 64, 2), num_key_value_heads=1, head_dim=64, intermediate_size=2 * h,
-        mamba_num_heads=2 * h // 64, mamba_head_dim=64, ssm_state_size=32, n_groups=1, chunk_size=128,
-        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=h, moe_shared_expert_intermediate_size=2 * h,
-        time_step_min=1e-5, time_step_limit=(1e-5, math.inf), max_position_embeddings=1 << 20,
-    )
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
+from _memory import gb, measure_step, model_config
 
 
 def child(args) -> None:
@@ -71,14 +52,9 @@ def child(args) -> None:
         seq[:, c:] += 1
     if cp is not None:
         ids, labels, seq = cp.shard(ids), cp.shard(labels), cp.shard(seq)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kb("VmRSS")
-    loss = model(ids, seq, labels=labels).sum()
-    loss.backward()
-    peak = _status_kb("VmHWM")
-    out = {"rank": int(os.environ.get("RANK", "0")), "peak_over_step_gb": (peak - before) * 1024 / 1e9,
-           "peak_gb": peak * 1024 / 1e9, "loss_sum": loss.item()}
+    m = measure_step(lambda: model(ids, seq, labels=labels).sum())
+    out = {"rank": int(os.environ.get("RANK", "0")), "peak_over_step_gb": gb(m["peak_kb"] - m["before_kb"]),
+           "peak_gb": gb(m["peak_kb"]), "loss_sum": m["loss"], "peak_reset": m["peak_reset"]}
     with open(os.path.join(args.out, f"rank{out['rank']}.json"), "w") as f:  # (stdout lines of ranks interleave)
         json.dump(out, f)
 
@@ -126,6 +102,8 @@ def main() -> None:
         loss = sum(r["loss_sum"] for r in rs)
         print(f"{cp:>3} {args.tokens // cp:>12} {over:>13.2f} GB {over / base:>8.2f}× {max(r['peak_gb'] for r in rs):>10.2f} GB "
               f"{abs(loss - ref_loss) / abs(ref_loss):>17.1e}  (Σ loss {loss:.6f})")
+    if not all(r["peak_reset"] for rs in rows.values() for r in rs):
+        print("note: /proc/self/clear_refs was not writable; peaks include building the model")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ weights (ours written with ``save_pretrained``). Each measurement is one fresh s
 model, reset the peak-RSS counter (``/proc/self/clear_refs``), run one forward+backward of the mean
 next-token loss, read ``VmHWM`` from ``/proc/self/status``. The sides run interleaved, ``--repeats`` times;
 the figure is the median. The reported peak is the whole process (weights, gradients, activations,
-allocator slack); "over weights" subtracts the RSS just before the step.
+allocator slack); "over weights" subtracts the RSS just before the step. The measurement and the model
+are ``bench/_memory.py``'s, shared with ``cp_memory.py``.
 
 Sides (default: the first and the last; ``--all``: every one):
 - ``tandem``: 6 packed documents of uneven lengths (maskless varlen attention, Mamba state resets),
@@ -30,49 +31,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-PATTERN = "MEM*EM-ME"  # 4 Mamba, 3 MoE, 1 attention, 1 MLP
+from _memory import PATTERN, gb, measure_step
+from _memory import model_config as _model_config
 
 
 def model_config(args):
-    from tandem.model import HybridConfig
-
-    h = args.hidden
-    return HybridConfig.preset(
-        "tiny", hybrid_override_pattern=args.pattern, vocab_size=args.vocab, hidden_size=h,
-        num_attention_heads=max(h // 64, 2), num_key_value_heads=1, head_dim=64, intermediate_size=2 * h,
-        mamba_num_heads=2 * h // 64, mamba_head_dim=64, ssm_state_size=32, n_groups=1, chunk_size=128,
-        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=h, moe_shared_expert_intermediate_size=2 * h,
-        time_step_min=1e-5, time_step_limit=(1e-5, math.inf), max_position_embeddings=1 << 20,
-    )
+    return _model_config(args.pattern, args.hidden, args.vocab)
 
 
 # ---------------------------------------------------------------------------------------------------
 # child: one measurement in a fresh process
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
-        return True
-    except OSError:
-        return False
-
-
 def child(side: str, length: int, weights: str, ac: str) -> dict:
     import torch
     import torch.nn.functional as F
@@ -113,15 +87,7 @@ def child(side: str, length: int, weights: str, ac: str) -> dict:
 
             def step():
                 return model(inputs, seq_idx, labels=labels).mean()
-    before = _status_kb("VmRSS")
-    reset = _reset_peak()
-    t0 = time.perf_counter()
-    loss = step()
-    loss.backward()
-    seconds = time.perf_counter() - t0
-    peak = _status_kb("VmHWM")
-    return {"side": side, "length": length, "ac": ac, "loss": loss.item(), "peak_kb": peak, "before_kb": before,
-            "peak_reset": reset, "seconds": seconds}
+    return {"side": side, "length": length, "ac": ac, **measure_step(step)}
 
 
 def measure(side: str, length: int, weights: str, ac: str = "all") -> dict:
@@ -133,10 +99,6 @@ def measure(side: str, length: int, weights: str, ac: str = "all") -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-def gb(kb: float) -> float:
-    return kb * 1024 / 1e9
-
-
 def fits(side: str, length: int, weights: str, limit_gb: float) -> tuple[bool, float]:
     r = measure(side, length, weights)
     return gb(r["peak_kb"]) <= limit_gb, gb(r["peak_kb"])

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from tandem.kernels.triton_utils import check_launchable, device_guard
 
-from .reference import ACTIVATIONS
+from .reference import check_conv1d_args, check_conv1d_update_args
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
 
@@ -280,20 +280,7 @@ def causal_conv1d_triton(
     return_final_states: bool = False,
 ):
     """Same arguments and results as :func:`tandem.kernels.conv1d.reference.causal_conv1d_ref` (x [b, l, d], weight [d, K])."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown conv1d activation {activation!r}; expected one of {list(ACTIVATIONS)}")
-    if x.dim() != 3:
-        raise ValueError(f"x must be [batch, seqlen, channels], got shape {tuple(x.shape)}")
-    b, l, d = x.shape
-    if weight.dim() != 2 or weight.shape[0] != d:
-        raise ValueError(f"weight must be [channels={d}, kernel], got {tuple(weight.shape)}")
-    K = weight.shape[1]
-    if bias is not None and bias.shape != (d,):
-        raise ValueError(f"bias must be [channels] = ({d},), got {tuple(bias.shape)}")
-    if seq_idx is not None and seq_idx.shape != (b, l):
-        raise ValueError(f"seq_idx must be [batch, seqlen] = {(b, l)}, got {tuple(seq_idx.shape)}")
-    if initial_states is not None and initial_states.shape != (b, d, K - 1):
-        raise ValueError(f"initial_states must be [batch, channels, K-1] = {(b, d, K - 1)}, got {tuple(initial_states.shape)}")
+    b, l, d, K = check_conv1d_args(x, weight, bias, seq_idx, initial_states, activation)
     check_launchable("causal_conv1d(impl='triton')", x, weight, bias, seq_idx, initial_states)
     out = _CausalConv1d.apply(x, weight, bias, initial_states, seq_idx, activation is not None)
     if not return_final_states:
@@ -317,18 +304,7 @@ def causal_conv1d_update_triton(
     A decode-time op: forward only. With autograd recording and an input that requires grad it raises rather
     than return a result that silently has no gradient (use ``impl="torch"`` for that).
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown conv1d activation {activation!r}; expected one of {list(ACTIVATIONS)}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be [batch, channels] (one token), got shape {tuple(x.shape)}")
-    b, d = x.shape
-    if weight.dim() != 2 or weight.shape[0] != d:
-        raise ValueError(f"weight must be [channels={d}, kernel], got {tuple(weight.shape)}")
-    K = weight.shape[1]
-    if conv_state.shape != (b, d, K - 1):
-        raise ValueError(f"conv_state must be [batch, channels, K-1] = {(b, d, K - 1)}, got {tuple(conv_state.shape)}")
-    if bias is not None and bias.shape != (d,):
-        raise ValueError(f"bias must be [channels] = ({d},), got {tuple(bias.shape)}")
+    b, d, K = check_conv1d_update_args(x, conv_state, weight, bias, activation)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, conv_state, weight, bias)):
         raise ValueError("causal_conv1d_update(impl='triton') has no backward; call it under torch.no_grad() "
                          "or use impl='torch'")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import activation_fn
+from .reference import check_conv1d_args, compute_dtype
 
 __all__ = ["causal_conv1d_fast"]
 
@@ -32,19 +32,19 @@ def _tap_masks(seq_idx: torch.Tensor | None, K: int, l: int):
 
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, prefix, seq_idx, silu: bool, compute_dtype):
+    def forward(ctx, x, weight, bias, prefix, seq_idx, silu: bool, cd):
         b, l, d = x.shape
         K = weight.shape[1]
-        xp = x.new_empty(b, l + K - 1, d, dtype=compute_dtype)
+        xp = x.new_empty(b, l + K - 1, d, dtype=cd)
         xp[:, : K - 1] = prefix
         xp[:, K - 1:] = x
-        wt = weight.to(compute_dtype).t().contiguous()  # [K, d]
+        wt = weight.to(cd).t().contiguous()  # [K, d]
         masks = _tap_masks(seq_idx, K, l)
         pre = xp[:, K - 1:] * wt[K - 1]  # the last tap reads token t itself
         for i in range(K - 1):
             pre.addcmul_(xp[:, i: i + l], wt[i] if masks is None else wt[i] * masks[i])
         if bias is not None:
-            pre.add_(bias.to(compute_dtype))
+            pre.add_(bias.to(cd))
         out = F.silu(pre) if silu else pre
         ctx.save_for_backward(xp, wt, pre, seq_idx)
         ctx.silu, ctx.has_bias, ctx.x_dtype = silu, bias is not None, x.dtype
@@ -85,22 +85,11 @@ def causal_conv1d_fast(
     return_final_states: bool = False,
 ):
     """Arguments, shapes and results exactly as :func:`~tandem.kernels.conv1d.reference.causal_conv1d_ref`."""
-    activation_fn(activation)  # validates the name; every accepted activation is the identity or SiLU
-    if x.dim() != 3:
-        raise ValueError(f"x must be [batch, seqlen, channels], got shape {tuple(x.shape)}")
-    b, l, d = x.shape
-    if weight.dim() != 2 or weight.shape[0] != d:
-        raise ValueError(f"weight must be [channels={d}, kernel], got {tuple(weight.shape)}")
-    K = weight.shape[1]
-    if seq_idx is not None and seq_idx.shape != (b, l):
-        raise ValueError(f"seq_idx must be [batch, seqlen] = {(b, l)}, got {tuple(seq_idx.shape)}")
-    if initial_states is not None and initial_states.shape != (b, d, K - 1):
-        raise ValueError(f"initial_states must be [batch, channels, K-1] = {(b, d, K - 1)}, got {tuple(initial_states.shape)}")
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    compute_dtype = torch.promote_types(weight.dtype, torch.float32) if half else weight.dtype
+    b, l, d, K = check_conv1d_args(x, weight, bias, seq_idx, initial_states, activation)
+    cd = compute_dtype(x, weight)
     prefix = initial_states.transpose(1, 2) if initial_states is not None else x.new_zeros(b, K - 1, d)
-    silu = activation in ("silu", "swish")
-    out = _CausalConv1dFn.apply(x, weight, bias, prefix, seq_idx, silu, compute_dtype)
+    silu = activation in ("silu", "swish")  # every accepted activation is the identity or SiLU
+    out = _CausalConv1dFn.apply(x, weight, bias, prefix, seq_idx, silu, cd)
     if return_final_states:
         window = torch.cat([prefix.to(x.dtype), x], dim=1)[:, l:]  # the last K-1 inputs
         return out, window.transpose(1, 2)

@@ -23,6 +23,54 @@ def activation_fn(name):
     return ACTIVATIONS[name]
 
 
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the torch paths compute in: the weight's, or at least fp32 for half inputs."""
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    return torch.promote_types(weight.dtype, torch.float32) if half else weight.dtype
+
+
+def _check_weight_bias(weight, bias, d: int) -> int:
+    if weight.dim() != 2 or weight.shape[0] != d:
+        raise ValueError(f"weight must be [channels={d}, kernel], got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (d,):
+        raise ValueError(f"bias must be [channels] = ({d},), got {tuple(bias.shape)}")
+    return weight.shape[1]
+
+
+def check_conv1d_args(x, weight, bias, seq_idx, initial_states, activation):
+    """Validate the arguments of a causal conv1d over a sequence; returns ``(b, l, d, K)``.
+
+    The one validator of every entry (this reference, the fast torch path, the Triton launcher), so each
+    refuses a bad argument with the same message.
+    """
+    activation_fn(activation)
+    if x.dim() != 3:
+        raise ValueError(f"x must be [batch, seqlen, channels], got shape {tuple(x.shape)}")
+    b, l, d = x.shape
+    K = _check_weight_bias(weight, bias, d)
+    if seq_idx is not None:
+        if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
+            raise ValueError(f"seq_idx must be an integer tensor, got {seq_idx.dtype}")
+        if seq_idx.shape != (b, l):
+            raise ValueError(f"seq_idx must be [batch, seqlen] = {(b, l)}, got {tuple(seq_idx.shape)}")
+    if initial_states is not None and initial_states.shape != (b, d, K - 1):
+        raise ValueError(f"initial_states must be [batch, channels, K-1] = {(b, d, K - 1)}, got {tuple(initial_states.shape)}")
+    return b, l, d, K
+
+
+def check_conv1d_update_args(x, conv_state, weight, bias, activation):
+    """Validate the arguments of one decoding step (:func:`causal_conv1d_update_ref` and its Triton kernel);
+    returns ``(b, d, K)``."""
+    activation_fn(activation)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [batch, channels] (one token), got shape {tuple(x.shape)}")
+    b, d = x.shape
+    K = _check_weight_bias(weight, bias, d)
+    if conv_state.shape != (b, d, K - 1):
+        raise ValueError(f"conv_state must be [batch, channels, K-1] = {(b, d, K - 1)}, got {tuple(conv_state.shape)}")
+    return b, d, K
+
+
 def causal_conv1d_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -38,26 +86,17 @@ def causal_conv1d_ref(
     ``(out, final_states)`` where ``final_states`` [b, d, K-1] are the last K-1 *inputs* — the conv
     window a decoder continues from.
     """
+    b, l, d, K = check_conv1d_args(x, weight, bias, seq_idx, initial_states, activation)
     act = activation_fn(activation)
-    if x.dim() != 3:
-        raise ValueError(f"x must be [batch, seqlen, channels], got shape {tuple(x.shape)}")
-    b, l, d = x.shape
-    if weight.dim() != 2 or weight.shape[0] != d:
-        raise ValueError(f"weight must be [channels={d}, kernel], got {tuple(weight.shape)}")
-    K = weight.shape[1]
-    if seq_idx is not None and seq_idx.shape != (b, l):
-        raise ValueError(f"seq_idx must be [batch, seqlen] = {(b, l)}, got {tuple(seq_idx.shape)}")
-    compute_dtype = torch.promote_types(weight.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    xt = x.transpose(1, 2).to(compute_dtype)  # [b, d, l]
+    cd = compute_dtype(x, weight)
+    xt = x.transpose(1, 2).to(cd)  # [b, d, l]
     if initial_states is None:
         prefix = xt.new_zeros(b, d, K - 1)
     else:
-        if initial_states.shape != (b, d, K - 1):
-            raise ValueError(f"initial_states must be [batch, channels, K-1] = {(b, d, K - 1)}, got {tuple(initial_states.shape)}")
-        prefix = initial_states.to(compute_dtype)
+        prefix = initial_states.to(cd)
     xp = torch.cat([prefix, xt], dim=-1)  # [b, d, l + K - 1]
-    w = weight.to(compute_dtype)
-    bias_c = bias.to(compute_dtype) if bias is not None else None
+    w = weight.to(cd)
+    bias_c = bias.to(cd) if bias is not None else None
     if seq_idx is None:
         out = F.conv1d(xp, w.unsqueeze(1), bias_c, groups=d)
     else:
@@ -66,7 +105,7 @@ def causal_conv1d_ref(
         seq_p = torch.cat([seq_idx[:, :1].expand(b, K - 1), seq_idx], dim=1)
         out = xt.new_zeros(b, d, l) if bias_c is None else bias_c[None, :, None].expand(b, d, l).clone()
         for i in range(K):
-            same = (seq_p[:, i : i + l] == seq_idx).to(compute_dtype)[:, None, :]
+            same = (seq_p[:, i : i + l] == seq_idx).to(cd)[:, None, :]
             out = out + w[None, :, i, None] * xp[:, :, i : i + l] * same
     out = act(out).transpose(1, 2).to(x.dtype)
     if return_final_states:
@@ -85,6 +124,7 @@ def causal_conv1d_update_ref(
 
     Returns ``(out [b, d], new_conv_state [b, d, K-1])``; the state is not modified in place.
     """
+    check_conv1d_update_args(x, conv_state, weight, bias, activation)
     act = activation_fn(activation)
     window = torch.cat([conv_state.to(weight.dtype), x.to(weight.dtype)[:, :, None]], dim=-1)  # [b, d, K]
     out = (window * weight[None]).sum(-1)

@@ -29,9 +29,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from .reference import add_skip, check_inputs, process_dt
+from .reference import add_skip, check_scan_args, pad_to_chunks, process_dt
 
 __all__ = ["ssd_chunk_scan_fast"]
 
@@ -103,9 +102,7 @@ def ssd_chunk_scan_fast(
     return_final_states: bool = False,
 ):
     """Chunked SSD scan; arguments, shapes and results exactly as :func:`ssd_chunk_scan_ref`."""
-    b, l, h, p, g, n = check_inputs(x, dt, A, B, C, seq_idx, initial_states)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    b, l, h, p, g, n = check_scan_args(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, initial_states)
     with torch.autocast(x.device.type, enabled=False):
         y, final = _scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, seq_idx, initial_states,
                          (b, l, h, p, g, n))
@@ -117,15 +114,8 @@ def _scan(x, dt, A, B, C, Q, D, dt_bias, dt_softplus, dt_limit, seq_idx, initial
     hg = h // g
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)  # [b, l, h] fp32
     xf, Bf, Cf = x.float(), B.float(), C.float()
-    pad = (-l) % Q
-    if pad:  # padded steps have dt = 0: no input, no decay
-        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
-        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
-        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
-        dt = F.pad(dt, (0, 0, 0, pad))
-        if seq_idx is not None:
-            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
-    c = (l + pad) // Q
+    dt, seq_idx, (xf, Bf, Cf) = pad_to_chunks(Q, dt, seq_idx, xf, Bf, Cf)  # padded steps: dt = 0
+    c = dt.shape[1] // Q
     x_c = xf.view(b, c, Q, h, p)
     dt_c = dt.view(b, c, Q, h)
     dtT = dt_c.transpose(2, 3)  # [b, c, h, Q]

@@ -57,7 +57,14 @@ def process_dt(
     return dt
 
 
-def check_inputs(x, dt, A, B, C, seq_idx, initial_states):
+def check_scan_args(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, initial_states):
+    """Validate the arguments of an SSD scan; returns ``(b, l, h, p, g, n)``.
+
+    The one validator of every entry (this reference, the sequential one with ``chunk_size=None``, the fast
+    torch path and the Triton launcher), so each refuses a bad argument with the same message.
+    """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if x.dim() != 4:
         raise ValueError(f"x must be [batch, seqlen, nheads, headdim], got shape {tuple(x.shape)}")
     b, l, h, p = x.shape
@@ -73,7 +80,13 @@ def check_inputs(x, dt, A, B, C, seq_idx, initial_states):
     g, n = B.shape[2], B.shape[3]
     if h % g != 0:
         raise ValueError(f"nheads ({h}) must be divisible by ngroups ({g})")
+    if D is not None and D.shape not in ((h,), (h, p)):
+        raise ValueError(f"D must be [nheads] = ({h},) or [nheads, headdim] = {(h, p)}, got {tuple(D.shape)}")
+    if dt_bias is not None and dt_bias.shape != (h,):
+        raise ValueError(f"dt_bias must be [nheads] = ({h},), got {tuple(dt_bias.shape)}")
     if seq_idx is not None:
+        if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
+            raise ValueError(f"seq_idx must be an integer tensor, got {seq_idx.dtype}")
         if seq_idx.shape != (b, l):
             raise ValueError(f"seq_idx must be [batch, seqlen] = {(b, l)}, got {tuple(seq_idx.shape)}")
         # a host sync (and a graph break under torch.compile, where the check is skipped)
@@ -85,6 +98,20 @@ def check_inputs(x, dt, A, B, C, seq_idx, initial_states):
             f"got {tuple(initial_states.shape)}"
         )
     return b, l, h, p, g, n
+
+
+def pad_to_chunks(Q: int, dt: torch.Tensor, seq_idx: torch.Tensor | None, *tensors: torch.Tensor):
+    """Pad the sequence (dim 1) of ``dt``, ``seq_idx`` and ``tensors`` (each ``[b, l, ...]``) to whole chunks of
+    ``Q``; returns ``(dt, seq_idx, tensors)``. Padded steps have dt = 0: no input and decay exp(0) = 1, so
+    the final state is unchanged; ``seq_idx`` repeats its last document there."""
+    b, l = dt.shape[:2]
+    pad = (-l) % Q
+    if not pad:
+        return dt, seq_idx, tensors
+    tensors = tuple(F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in tensors)
+    if seq_idx is not None:
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
+    return F.pad(dt, (0, 0, 0, pad)), seq_idx, tensors
 
 
 def add_skip(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
@@ -130,9 +157,7 @@ def ssd_chunk_scan_ref(
     seq_idx [b, l] (int, non-decreasing), initial_states [b, h, p, n].
     Returns ``y`` [b, l, h, p] (dtype of ``x``), or ``(y, final_states)`` with final_states fp32 [b, h, p, n].
     """
-    b, l, h, p, g, n = check_inputs(x, dt, A, B, C, seq_idx, initial_states)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    b, l, h, p, g, n = check_scan_args(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, initial_states)
     Q = chunk_size
 
     # 1. dt processing; expand B/C from groups to heads; pad the sequence to whole chunks.
@@ -140,16 +165,8 @@ def ssd_chunk_scan_ref(
     xf = x.float()
     Bh = B.float().repeat_interleave(h // g, dim=2)  # [b, l, h, n]
     Ch = C.float().repeat_interleave(h // g, dim=2)
-    pad = (-l) % Q
-    if pad:
-        # Padded steps have dt = 0: no input and decay exp(0) = 1, so the final state is unchanged.
-        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
-        Bh = F.pad(Bh, (0, 0, 0, 0, 0, pad))
-        Ch = F.pad(Ch, (0, 0, 0, 0, 0, pad))
-        dt = F.pad(dt, (0, 0, 0, pad))
-        if seq_idx is not None:
-            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
-    c = (l + pad) // Q
+    dt, seq_idx, (xf, Bh, Ch) = pad_to_chunks(Q, dt, seq_idx, xf, Bh, Ch)
+    c = dt.shape[1] // Q
     x_c = xf.view(b, c, Q, h, p)
     B_c = Bh.view(b, c, Q, h, n)
     C_c = Ch.view(b, c, Q, h, n)
@@ -218,7 +235,7 @@ def ssd_sequential_ref(
     return_final_states: bool = False,
 ):
     """The recurrence one token at a time (tests only). Same arguments and results as the chunked form."""
-    b, l, h, p, g, n = check_inputs(x, dt, A, B, C, seq_idx, initial_states)
+    b, l, h, p, g, n = check_scan_args(x, dt, A, B, C, None, D, dt_bias, seq_idx, initial_states)
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
     Bh = B.float().repeat_interleave(h // g, dim=2)
     Ch = C.float().repeat_interleave(h // g, dim=2)

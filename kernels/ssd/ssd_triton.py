@@ -34,7 +34,7 @@ from .bmm_chunk import bmm_chunk_fwd
 from .chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
 from .chunk_output import chunk_scan_bwd, chunk_scan_fwd
 from .chunk_state import chunk_state_fwd, off_state_grad, state_passing_bwd, state_passing_fwd
-from .reference import check_inputs
+from .reference import check_scan_args
 
 __all__ = ["ssd_chunk_scan_triton"]
 
@@ -103,15 +103,7 @@ def ssd_chunk_scan_triton(
     return_final_states: bool = False,
 ):
     """Same arguments, results and gradients as :func:`tandem.kernels.ssd.reference.ssd_chunk_scan_ref`."""
-    b, l, h, p, g, n = check_inputs(x, dt, A, B, C, seq_idx, initial_states)
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if D is not None and D.shape not in ((h,), (h, p)):
-        raise ValueError(f"D must be [nheads] = ({h},) or [nheads, headdim] = {(h, p)}, got {tuple(D.shape)}")
-    if dt_bias is not None and dt_bias.shape != (h,):
-        raise ValueError(f"dt_bias must be [nheads] = ({h},), got {tuple(dt_bias.shape)}")
-    if seq_idx is not None and (seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool):
-        raise ValueError(f"seq_idx must be an integer tensor, got {seq_idx.dtype}")
+    check_scan_args(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, initial_states)
     check_launchable("chunk_scan(impl='triton')", x, dt, A, B, C, D, dt_bias, seq_idx, initial_states)
     y, final = _SSDChunkScan.apply(
         x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, chunk_size, bool(dt_softplus),

@@ -33,14 +33,13 @@ from types import SimpleNamespace
 
 import torch
 
-from tandem.data_pipelines.blends import check_source, sources_of
+from tandem.data_pipelines.blends import sources_of
 from tandem.data_pipelines.long_context import build_long_short_mixture
-from tandem.data_pipelines.packing import build_dataloader
-from tandem.data_pipelines.sources import is_byte_level
 
 from ..config import DataConfig, StageConfig
 from ..data import DataError, pretrain_plan
-from .base import LossOutput, Stage, check_batch_split, token_cross_entropy
+from .lm_data import WindowStage, check_plan_sources
+from .base import LossOutput, check_batch_split, token_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +63,9 @@ def _plan(data: DataConfig, entries, seq_len: int, key: str | None):
     return plan
 
 
-class CPTStage(Stage):
+class CPTStage(WindowStage):
     name = "cpt"
+    batch_keys = _BATCH_KEYS
 
     def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1):
         check_batch_split(stage, world_size)
@@ -81,19 +81,11 @@ class CPTStage(Stage):
         if any(p.tokenizer.unique_identifiers != self.tokenizer.unique_identifiers for p in plans):
             raise DataError("stage.cpt.long and the short sources (stage.cpt.short, or data.*) were made with different "
                             "tokenizers; CPT trains one vocabulary")
-        for plan in plans:
-            for phase, key in zip(plan.config.phases, plan.keys):
-                for i, spec in enumerate(phase.blend):
-                    try:
-                        check_source(spec, plan.config, self.tokenizer)
-                    except (FileNotFoundError, ValueError) as e:
-                        raise DataError(f"{key if key == 'data.path' else f'{key}[{i}].path'}: {e}") from None
+        for plan in plans:  # per plan: check_source reads the plan's config (its window length)
+            check_plan_sources(plan, self.tokenizer, set())
         self.sources = [s for p in plans for s in sources_of(p.config)]
         self.mixture = None
-        self.device = torch.device("cpu")
-        self._iter = None
-        self._next_step = 0
-        self._wait, self._t_step = 0.0, time.perf_counter()
+        self._init_position()
         log.info("cpt: rows of %d tokens, %.0f%% long (%s), the rest %d × %d-token short samples (%s)", c.long_length,
                  100 * c.long_fraction, [dict(p.blend) for p in self.long_plan.config.phases] if self.long_plan else "-",
                  c.long_length // c.short_length, c.short_length,
@@ -123,23 +115,11 @@ class CPTStage(Stage):
         self._next_step = int(state["steps_done"])
 
     # --- building ---------------------------------------------------------------------------------------
-    def check_model(self, config) -> None:
-        if config.vocab_size < self.tokenizer.vocab_size:
-            raise DataError(f"model.vocab_size={config.vocab_size} is smaller than the data's tokenizer "
-                            f"({self.tokenizer.vocab_size} ids, {self.tokenizer.source})")
-
-    def bind(self, model, info, precision: str = "auto") -> None:
-        self.device = info.device
-        if self._next_step < self.stage.steps:
-            self.build()
-
     def build(self) -> None:
         """The mixture of the whole run (``stage.steps × global_batch`` rows). Collective: all ranks call it."""
         if self.mixture is not None:
             return
-        if self.data.cache_dir is None and not all(is_byte_level(s) for s in self.sources):
-            raise DataError("data.cache_dir is not set: indexed sources need a cache directory for megatron's "
-                            "indices (the trainer's run() sets <run.dir>/data_cache)")
+        self._check_cache_dir(self.data.cache_dir)
         c, t0 = self.c, time.perf_counter()
         # A kind with no rows is never built, so give the builder any config for it (it reads seq_length only).
         long_cfg = (self.long_plan or self.short_plan).config
@@ -159,23 +139,8 @@ class CPTStage(Stage):
                  m.num_long, m.num_short, m.pieces, time.perf_counter() - t0)
 
     # --- batches ----------------------------------------------------------------------------------------
-    def _loader(self, step: int):
-        gb, workers = self.stage.global_batch, self.data.num_workers
-        return iter(build_dataloader(
-            self.mixture, gb // self.world_size, eod=self.tokenizer.eod, consumed_samples=step * gb,
-            dp_rank=self.rank, dp_size=self.world_size, num_workers=workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=2 if workers else None, keys=_BATCH_KEYS))
-
-    def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
-        self.build()
-        if self._iter is None or step != self._next_step:
-            self._iter = self._loader(step)
-        self._t_step = t0 = time.perf_counter()
-        rows = next(self._iter)
-        self._wait = time.perf_counter() - t0
-        self._next_step = step + 1
-        mb = self.stage.micro_batch
-        return [dict(zip(rows, parts)) for parts in zip(*(v.split(mb) for v in rows.values()))]
+    def train_rows(self):
+        return self.mixture
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         """Token cross-entropy; ``cpt/long_share``: the share of the step's target tokens in long rows."""
@@ -184,10 +149,6 @@ class CPTStage(Stage):
             mask = batch["loss_mask"]
             out.metrics["cpt/long_share"] = (mask.sum(dim=1) * batch["is_long"].to(mask.dtype)).sum()
         return out
-
-    def after_step(self, step: int, finite: bool) -> dict:
-        elapsed = time.perf_counter() - self._t_step
-        return {"data/wait_s": self._wait, "data/wait_fraction": self._wait / max(elapsed, 1e-9)}
 
     # --- the long-context evaluation ------------------------------------------------------------------
     def eval_settings(self):

@@ -7,7 +7,8 @@ switch) → ``packing.build_dataloader`` (a ``DataLoader`` with ``data.num_worke
 steps in flight, :class:`~tandem.data_pipelines.packing.ResumableBatchSampler` from the consumed samples).
 Step ``s`` trains on samples ``[s·B, (s+1)·B)`` of that map-style dataset (B = ``stage.global_batch``), so
 the data position is a function of the step: resume is rebuilding with the same schedule (the loop
-refuses a changed one) and reading from ``step · B``.
+refuses a changed one) and reading from ``step · B``. That step → rows part (loader, position, wait
+time) is shared with long-context CPT: :class:`tandem.trainer.stages.lm_data.WindowStage`.
 
 The datasets are built in :meth:`bind` — after the loop has checked a resumed run's schedule, so a refused
 resume writes nothing, not even index caches — on every rank, collectively: megatron builds an index on
@@ -25,13 +26,14 @@ import time
 
 import torch
 
-from tandem.data_pipelines.blends import build_pretrain_datasets, check_source, phase_boundaries, sources_of
-from tandem.data_pipelines.packing import Collator, build_dataloader
-from tandem.data_pipelines.sources import is_byte_level, parse_spec
+from tandem.data_pipelines.blends import build_pretrain_datasets, phase_boundaries, sources_of
+from tandem.data_pipelines.packing import Collator
+from tandem.data_pipelines.sources import parse_spec
 
 from ..config import DataConfig, StageConfig
 from ..data import DataError, pretrain_plan
-from .base import LossOutput, Stage, check_batch_split, token_cross_entropy
+from .lm_data import WindowStage, check_plan_sources
+from .base import LossOutput, check_batch_split, token_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,9 @@ def _labels(specs: list[str]) -> list[str]:
     return out
 
 
-class PretrainStage(Stage):
+class PretrainStage(WindowStage):
     name = "pretrain"
+    batch_keys = _BATCH_KEYS
 
     def __init__(self, data: DataConfig, stage: StageConfig, rank: int = 0, world_size: int = 1):
         check_batch_split(stage, world_size)
@@ -57,26 +60,14 @@ class PretrainStage(Stage):
         self.rank, self.world_size = rank, world_size
         self.plan = pretrain_plan(data)
         cfg, self.tokenizer = self.plan.config, self.plan.tokenizer
-        checked = set()
-        for phase, key in zip(cfg.phases, self.plan.keys):
-            for i, spec in enumerate(phase.blend):
-                if spec in checked or phase.blend[spec] <= 0:
-                    continue
-                checked.add(spec)
-                try:
-                    check_source(spec, cfg, self.tokenizer)
-                except (FileNotFoundError, ValueError) as e:
-                    raise DataError(f"{key if key == 'data.path' else f'{key}[{i}].path'}: {e}") from None
+        check_plan_sources(self.plan, self.tokenizer, set(), skip_unused=True)
         self.sources = sources_of(cfg)
         self.labels = _labels(self.sources)
         self.phase_numbers = [int(p.name[-1]) for p in cfg.phases]  # "phase1"/"phase2" → metrics' "phase"
         self.extensions: list[tuple[int, int]] = []  # (resume step, previous stage.steps): run.extend
         self.datasets = None
-        self.device = torch.device("cpu")
         self.collate = Collator(self.tokenizer.eod)
-        self._iter = None
-        self._next_step = 0  # steps whose batches were served: the data position saved in checkpoints
-        self._wait, self._t_step = 0.0, time.perf_counter()
+        self._init_position()
         gb = stage.global_batch
         bounds = phase_boundaries(cfg, stage.steps * gb, gb)
         for p, key, a, b in zip(cfg.phases, self.plan.keys, bounds[:-1], bounds[1:]):
@@ -108,24 +99,12 @@ class PretrainStage(Stage):
             self.extensions.append((self._next_step, int(state["steps"])))
 
     # --- building ---------------------------------------------------------------------------------------
-    def check_model(self, config) -> None:
-        if config.vocab_size < self.tokenizer.vocab_size:
-            raise DataError(f"model.vocab_size={config.vocab_size} is smaller than the data's tokenizer "
-                            f"({self.tokenizer.vocab_size} ids, {self.tokenizer.source})")
-
-    def bind(self, model, info, precision: str = "auto") -> None:
-        self.device = info.device
-        if self._next_step < self.stage.steps:  # a complete run builds nothing
-            self.build()
-
     def build(self) -> None:
         """Build every dataset of every phase (train and validation). Collective: all ranks call it."""
         if self.datasets is not None:
             return
         cfg, gb = self.plan.config, self.stage.global_batch
-        if cfg.cache_dir is None and not all(is_byte_level(s) for s in self.sources):
-            raise DataError("data.cache_dir is not set: indexed sources need a cache directory for megatron's "
-                            "indices (the trainer's run() sets <run.dir>/data_cache)")
+        self._check_cache_dir(cfg.cache_dir)
         valid = self.stage.eval_batches * self.stage.micro_batch if self.data.valid_fraction > 0 else 0
         t0 = time.perf_counter()
         try:
@@ -144,28 +123,12 @@ class PretrainStage(Stage):
         self.build()
         return self.datasets.train.phase_of(min(step, self.stage.steps - 1) * self.stage.global_batch)
 
-    def _loader(self, step: int):
-        """Batches of this rank's whole step (``global_batch / world_size`` rows: rank r takes the r-th
-        contiguous slice of the step's samples), split into micro-batches here — one transfer per step
-        from a worker, not one per micro-batch; workers keep two steps in flight."""
-        gb, workers = self.stage.global_batch, self.data.num_workers
-        return iter(build_dataloader(
-            self.datasets.train, gb // self.world_size, eod=self.tokenizer.eod, consumed_samples=step * gb,
-            dp_rank=self.rank, dp_size=self.world_size, num_workers=workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=2 if workers else None, keys=_BATCH_KEYS))
+    def train_rows(self):
+        return self.datasets.train
 
-    def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
-        self.build()
-        if self._iter is None or step != self._next_step:
-            self._iter = self._loader(step)
+    def _on_step(self, step: int) -> None:
         if step and self.phase_index(step) != self.phase_index(step - 1):
             log.info("step %d: switching to data %s", step, self.datasets.train.phase_names[self.phase_index(step)])
-        self._t_step = t0 = time.perf_counter()
-        rows = next(self._iter)
-        self._wait = time.perf_counter() - t0
-        self._next_step = step + 1
-        mb = self.stage.micro_batch
-        return [dict(zip(rows, parts)) for parts in zip(*(v.split(mb) for v in rows.values()))]
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         """Token cross-entropy, plus each source's share of the step's target tokens (``data/share/<source>``,
@@ -177,12 +140,6 @@ class PretrainStage(Stage):
             per_source.index_add_(0, batch["source"], mask.sum(dim=1))
             out.metrics.update({f"data/share/{label}": per_source[i] for i, label in enumerate(self.labels)})
         return out
-
-    def after_step(self, step: int, finite: bool) -> dict:
-        """This rank's time blocked on the loader in this step, in seconds and as a share of the step
-        (from its batches to the end of the optimizer step): near 0 while loading hides behind compute."""
-        elapsed = time.perf_counter() - self._t_step
-        return {"data/wait_s": self._wait, "data/wait_fraction": self._wait / max(elapsed, 1e-9)}
 
     def eval_batches(self):
         self.build()
