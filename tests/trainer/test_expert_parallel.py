@@ -67,3 +67,18 @@ def test_source_to_expert_major_regroups_by_hand():
     perm = source_to_expert_major(recv, len(rows)).tolist()
     assert [rows[i] for i in perm] == sorted(rows, key=lambda se: (se[1], se[0]))
     assert source_to_expert_major(torch.zeros(2, 2, dtype=torch.long), 0).tolist() == []
+
+
+@pytest.mark.slow
+def test_ep2_generation_in_lockstep_equals_all_experts_local(tmp_path):
+    """GRPO's rollouts under expert parallelism: ranks with different prompts, call counts and stopping
+    steps generate the tokens their model would with every expert local; the rank that finishes first
+    partners the other's forwards (dummy one-token forwards) instead of hanging it."""
+    out = tmp_path / "verdict.json"
+    res = _torchrun(str(REPO / "tests" / "trainer" / "ep_generate_worker.py"), str(out), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    v = json.loads(out.read_text())
+    for rank_v in v:
+        assert rank_v["tokens_equal"], v
+        assert rank_v["logprob_err"] <= 1e-4, v
+    assert v[1]["dummy_forwards"] > 0 and v[0]["dummy_forwards"] == 0, v  # rank 1 has far fewer forwards

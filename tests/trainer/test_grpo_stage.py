@@ -331,14 +331,16 @@ def test_two_ranks_match_one_rank(warm, tmp_path):
     """Each rank generates its share of the prompts (whole groups); the seeds name global slots, and the
     loop normalises by global target tokens: 2 gloo processes train like 1 with the same global batch —
     with 2 minibatches per rollout batch (global slots i % 2) and dynamic sampling (rounds decided on both
-    ranks' groups), so 4 steps are 2 rollout batches of 2 optimizer steps."""
+    ranks' groups), so 4 steps are 2 rollout batches of 2 optimizer steps. The 2 ranks also shard the
+    experts (``parallel=ep2``: data parallel for the dense weights, expert parallel for the MoE), so every
+    rollout goes through the MoE all-to-all with the ranks' forwards in lockstep."""
     args = ["-cn", "grpo", *_warm_args(warm, "stage.steps=4", "stage.grpo.prompts_per_step=4",
                                         "stage.grpo.generations_per_prompt=4", "stage.eval_every=0", "stage.eval_batches=1",
                                         "stage.grpo.minibatches=2", "stage.grpo.dynamic_sampling_rounds=2",
                                         "stage.grpo.eval_prompts=16", "optim.lr=1e-3", "logger.log_every=1")]
     single = run_cli(*args, f"run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = run_torchrun(*args, "parallel=ddp_gloo", f"run.dir={tmp_path / 'ddp'}")
+    ddp = run_torchrun(*args, "parallel=ep2", "parallel.backend=gloo", f"run.dir={tmp_path / 'ddp'}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = read_records(tmp_path / "single"), read_records(tmp_path / "ddp")
     assert len(a) == len(b) == 4

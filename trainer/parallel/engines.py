@@ -94,29 +94,20 @@ def _build_zero(model, optimizer, info: DistInfo, parallel, optim, stage):
     return DeepSpeedEngine(model, optimizer, info, parallel, optim, stage)
 
 
-def _generates(stage) -> bool:
-    """Stages that generate during training (GRPO rollouts): each rank runs a data-dependent number of
-    forwards, which an engine gathering weights in every forward cannot follow."""
-    return stage is not None and getattr(stage, "name", None) in ("grpo", "rlhf")
-
-
 @register_engine("fsdp", sharded_checkpoints=True,
-                 applies=lambda parallel, info, stage=None: info.device.type == "cuda" and info.world_size > 1
-                 and not _generates(stage))
+                 applies=lambda parallel, info, stage=None: info.device.type == "cuda" and info.world_size > 1)
 def _build_fsdp(model, optimizer, info: DistInfo, parallel, optim, stage):
+    """Also for stages that generate (GRPO, RLHF): their rollouts run the ranks' forwards in lockstep
+    (:class:`~.lockstep.LockstepGeneration`), so every rank joins each block's weight all-gather."""
     from .fsdp import FSDPEngine
 
-    if _generates(stage) and info.world_size > 1:
-        raise ConfigError("stage.name=grpo with parallel.engine=fsdp: rollouts run a different number of forwards "
-                          "on each rank and FSDP all-gathers weights in every forward; use parallel.engine=ddp")
     return FSDPEngine(model, optimizer, info, parallel)
 
 
 def engine_name(parallel: ParallelConfig, info: DistInfo, stage=None) -> str:
     """The engine ``parallel`` selects: ``parallel.engine``, or for ``auto`` the first registered engine
     (in registration order, the default last) whose ``applies`` says yes — ZeRO when ``zero_stage > 0``,
-    FSDP2 on CUDA with more than one process (not for GRPO, whose rollouts differ per rank), else the plain
-    engine."""
+    FSDP2 on CUDA with more than one process, else the plain engine."""
     name = getattr(parallel, "engine", "auto")
     if name != "auto":
         if name not in ENGINES:

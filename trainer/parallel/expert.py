@@ -153,3 +153,4 @@ def gather_full_state_dict(model: nn.Module, group) -> dict[str, torch.Tensor]:
             t = torch.cat(parts)
         state[name] = t
     return state
+

@@ -33,6 +33,7 @@ to 0: no reference model is built; with ``kl_beta > 0`` the frozen reference is 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -56,6 +57,7 @@ from ..autocast import autocast_context
 from ..config import ConfigError, DataConfig, StageConfig
 from ..data import DataError
 from ..inference.engine import GenerationEngine, SamplingParams, ThinkTokens
+from ..parallel.lockstep import LockstepGeneration
 from ..rl.advantages import GroupAdvantages, advantage_metrics, compute_advantages, group_std
 from ..rl.environments import ENVIRONMENTS, DispatchStats, score_batch
 from ..rl.losses import PolicyLossConfig, policy_loss, target_tokens
@@ -260,10 +262,12 @@ class GRPOStage(Stage):
                             f"({self.tokenizer.vocab_size}, {self.tokenizer.source})")
 
     def bind(self, model, info, precision: str = "auto") -> None:
-        if info.ep > 1:
-            raise ConfigError("stage.name=grpo does not support parallel.ep > 1 yet: generation runs every expert locally")
         self.model, self.info, self.precision = model, info, precision
-        self.engine = GenerationEngine(model, max_batch=self.g.generations_per_prompt)
+        # Several ranks: the forward may communicate (expert parallelism's all-to-all, FSDP2's weight
+        # all-gathers, which the engine installs after bind), so every rank runs as many forwards as the
+        # busiest one (see _generating). Over the whole world: rollouts end in a world collective anyway.
+        self.lockstep = LockstepGeneration(model, dist.group.WORLD) if info.distributed else None
+        self.engine = GenerationEngine(self.lockstep or model, max_batch=self.g.generations_per_prompt)
         if self.g.kl_beta > 0:
             from ..checkpoint import load_weights
 
@@ -302,6 +306,17 @@ class GRPOStage(Stage):
         return rollout_episodes(generate, prompts, params, env=self.envs[task], samples=[s.as_sample() for s in samples],
                                 tokenizer=self.tokenizer, thinking=[thinking_mode(m, self.mode[task]) for m in msgs],
                                 max_turns=self.turns[task], max_tokens=self.data.seq_len, stop_ids=self.stop_ids)
+
+    @contextlib.contextmanager
+    def _generating(self):
+        """A stretch of generation with no other collective in it. With several ranks it ends with a drain: a
+        rank done with its prompts keeps partnering the others' forwards (their MoE all-to-alls, FSDP
+        all-gathers) until every rank is done (:class:`~tandem.trainer.parallel.lockstep.LockstepGeneration`)."""
+        if self.lockstep is None:
+            yield
+            return
+        with self.lockstep:
+            yield
 
     def _all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of every rank in rank order (same shape on every rank)."""
@@ -357,8 +372,9 @@ class GRPOStage(Stage):
             # round > 0: dynamic sampling's refill, drawn from its own seed
             slots = self.prompts_for_step(b) if rnd == 0 else self.prompts_for_step(b, rnd)
             mine = [(rnd * P + i, slots[i]) for i in range(first, first + L)]
-            results = [self._generate([self.train_ids[pidx]] * G, self._params(self.train[pidx].task, self._slot_seed(b, slot)),
-                                      [self.train[pidx]] * G) for slot, pidx in mine]
+            with self._generating():
+                results = [self._generate([self.train_ids[pidx]] * G, self._params(self.train[pidx].task, self._slot_seed(b, slot)),
+                                          [self.train[pidx]] * G) for slot, pidx in mine]
             t1 = time.perf_counter()
             rewards, dstats = self.score_groups(b, mine, results)
             t_gen, t_score = t_gen + (t1 - t0), t_score + (time.perf_counter() - t1)
@@ -538,31 +554,32 @@ class GRPOStage(Stage):
         comp_keys = [(t, n) for t in self.tasks for n in getattr(self.envs[t], "components", ())]
         comps = torch.zeros(2 * len(comp_keys), dtype=torch.float64)
         length = torch.zeros(1, dtype=torch.float64)  # generated tokens over all held-out rollouts
-        for c, start in enumerate(range(0, len(self.valid), G)):
-            if c % self.world_size != self.rank:
-                continue
-            idx = list(range(start, min(start + G, len(self.valid))))
-            by_task: dict[str, list[int]] = {}
-            for i in idx:
-                by_task.setdefault(self.valid[i].task, []).append(i)
-            for t, ids in by_task.items():
-                res = self._generate([self.valid_ids[i] for i in ids],
-                                     self._params(t, _seed(self.stage.seed, _EVAL, c), greedy=self.g.eval_greedy),
-                                     [self.valid[i] for i in ids])
-                pairs = [(self.valid[i].as_sample(), self._completion_text(self.valid[i], r.tokens)) for i, r in zip(ids, res)]
-                length += sum(len(r.tokens) for r in res)
-                verdicts, _ = score_batch(pairs, envs=self.envs, timeout_s=self.g.score_timeout_s,
-                                          max_workers=self.g.score_workers, backend=self.g.score_backend)
-                e = self.tasks.index(t)
-                for v in verdicts:
-                    sums[0] += v.reward
-                    sums[1] += 1
-                    sums[2 + 2 * e] += v.reward
-                    sums[3 + 2 * e] += 1
-                    for k, (kt, name) in enumerate(comp_keys):
-                        if kt == t and name in v.components:
-                            comps[2 * k] += float(v.components[name])
-                            comps[2 * k + 1] += 1
+        with self._generating():  # no collective inside: the reductions come after
+            for c, start in enumerate(range(0, len(self.valid), G)):
+                if c % self.world_size != self.rank:
+                    continue
+                idx = list(range(start, min(start + G, len(self.valid))))
+                by_task: dict[str, list[int]] = {}
+                for i in idx:
+                    by_task.setdefault(self.valid[i].task, []).append(i)
+                for t, ids in by_task.items():
+                    res = self._generate([self.valid_ids[i] for i in ids],
+                                         self._params(t, _seed(self.stage.seed, _EVAL, c), greedy=self.g.eval_greedy),
+                                         [self.valid[i] for i in ids])
+                    pairs = [(self.valid[i].as_sample(), self._completion_text(self.valid[i], r.tokens)) for i, r in zip(ids, res)]
+                    length += sum(len(r.tokens) for r in res)
+                    verdicts, _ = score_batch(pairs, envs=self.envs, timeout_s=self.g.score_timeout_s,
+                                              max_workers=self.g.score_workers, backend=self.g.score_backend)
+                    e = self.tasks.index(t)
+                    for v in verdicts:
+                        sums[0] += v.reward
+                        sums[1] += 1
+                        sums[2 + 2 * e] += v.reward
+                        sums[3 + 2 * e] += 1
+                        for k, (kt, name) in enumerate(comp_keys):
+                            if kt == t and name in v.components:
+                                comps[2 * k] += float(v.components[name])
+                                comps[2 * k + 1] += 1
         sums = self._all_reduce(torch.cat([sums, length]))
         sums, length = sums[:-1], sums[-1]
         comps = self._all_reduce(comps) if comp_keys else comps

@@ -1,0 +1,66 @@
+"""Run by torchrun (2 processes, gloo): generation under EP=2 in lockstep vs all experts in one process.
+
+The ranks generate different prompts, a different number of ``generate`` calls and rows that stop at
+different steps (so their forward counts differ); each rank's tokens must equal what its model with every
+expert local generates. Writes a JSON verdict (per rank) to argv[1] from rank 0.
+"""
+
+import copy
+import json
+import sys
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from tandem.model import HybridConfig, HybridLM
+from tandem.trainer.config import ParallelConfig
+from tandem.trainer.inference.engine import GenerationEngine, SamplingParams
+from tandem.trainer.parallel.distributed import init_distributed
+from tandem.trainer.parallel.expert import apply_expert_parallel
+from tandem.trainer.parallel.lockstep import LockstepGeneration
+
+#: per rank: the generate calls it makes, (prompt lengths, max_new_tokens, sampled?)
+CALLS = {
+    0: [((5, 9, 2), 8, False), ((20,), 4, True)],
+    1: [((3,), 2, True)],
+}
+
+
+def main(out_path):
+    info = init_distributed(ParallelConfig(backend="gloo", ep=2))
+    rank = info.rank
+    cfg = HybridConfig.preset("tiny", hybrid_override_pattern="E*EM")
+    ref = HybridLM(cfg, init_seed=0).eval()
+    with torch.no_grad():  # O(1) activations: no near-tie greedy choices
+        for name, p in ref.named_parameters():
+            if p.dim() >= 2 and "conv1d" not in name:
+                p.normal_(std=p.shape[-1] ** -0.5, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+    ep_model = copy.deepcopy(ref)
+    apply_expert_parallel(ep_model, info.ep_group)
+    gen = torch.Generator().manual_seed(100 + rank)
+    calls = [([torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths],
+              SamplingParams(max_new_tokens=new, greedy=not sampled, temperature=1.0 if not sampled else 0.8,
+                             seed=rank + 1)) for lengths, new, sampled in CALLS[rank]]
+    expected = [GenerationEngine(ref, max_batch=2, prefill_chunk=8).generate(p, prm) for p, prm in calls]
+    lockstep = LockstepGeneration(ep_model, info.ep_group)
+    engine = GenerationEngine(lockstep, max_batch=2, prefill_chunk=8)
+    with torch.inference_mode():
+        got = [engine.generate(p, prm) for p, prm in calls]
+    drained = lockstep.drain()  # the region's end (what `with lockstep:` does)
+    verdict = {
+        "tokens_equal": [[r.tokens for r in g] for g in got] == [[r.tokens for r in e] for e in expected],
+        "logprob_err": max(abs(a - b) for g, e in zip(got, expected) for rg, re in zip(g, e)
+                           for a, b in zip(rg.logprobs, re.logprobs)),
+        "dummy_forwards": drained,
+    }
+    all_verdicts = [None, None]
+    dist.all_gather_object(all_verdicts, verdict)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(all_verdicts, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
