@@ -1,4 +1,5 @@
-"""Run by torchrun (2 processes, gloo): generation under EP=2 in lockstep vs all experts in one process.
+"""Run by torchrun (2 processes, gloo): generation under EP=2 in lockstep vs all experts in one process
+(argv[2] = ``fsdp``: the EP model also FSDP2-sharded, as GRPO's ``parallel=fsdp_ep2`` runs it).
 
 The ranks generate different prompts, a different number of ``generate`` calls and rows that stop at
 different steps (so their forward counts differ); each rank's tokens must equal what its model with every
@@ -16,7 +17,8 @@ import torch.distributed as dist
 from tandem.model import HybridConfig, HybridLM
 from tandem.trainer.config import ParallelConfig
 from tandem.trainer.inference.engine import GenerationEngine, SamplingParams
-from tandem.trainer.parallel.distributed import init_distributed
+from tandem.trainer.parallel.distributed import device_meshes, init_distributed
+from tandem.trainer.parallel.fsdp import apply_fsdp
 from tandem.trainer.parallel.expert import apply_expert_parallel
 from tandem.trainer.parallel.lockstep import LockstepGeneration
 
@@ -27,8 +29,8 @@ CALLS = {
 }
 
 
-def main(out_path):
-    info = init_distributed(ParallelConfig(backend="gloo", ep=2))
+def main(out_path, mode):
+    info = init_distributed(ParallelConfig(backend="gloo", ep=2, engine="fsdp" if mode == "fsdp" else "auto"))
     rank = info.rank
     cfg = HybridConfig.preset("tiny", hybrid_override_pattern="E*EM")
     ref = HybridLM(cfg, init_seed=0).eval()
@@ -38,6 +40,8 @@ def main(out_path):
                 p.normal_(std=p.shape[-1] ** -0.5, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
     ep_model = copy.deepcopy(ref)
     apply_expert_parallel(ep_model, info.ep_group)
+    if mode == "fsdp":
+        apply_fsdp(ep_model, device_meshes(info), world_size=info.world_size, param_dtype=None)
     gen = torch.Generator().manual_seed(100 + rank)
     calls = [([torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths],
               SamplingParams(max_new_tokens=new, greedy=not sampled, temperature=1.0 if not sampled else 0.8,
@@ -45,14 +49,24 @@ def main(out_path):
     expected = [GenerationEngine(ref, max_batch=2, prefill_chunk=8).generate(p, prm) for p, prm in calls]
     lockstep = LockstepGeneration(ep_model, info.ep_group)
     engine = GenerationEngine(lockstep, max_batch=2, prefill_chunk=8)
-    with torch.inference_mode():
+    if mode == "fsdp":  # FSDP's lazy initialisation happens at the first forward: do it before counting
+        with torch.no_grad():
+            ep_model.hidden_states(torch.zeros(1, 1, dtype=torch.long))
+    gathers = []  # weight all-gathers while generating (FSDP's collective)
+    real_gather = dist.all_gather_single
+    dist.all_gather_single = lambda *a, **k: (gathers.append(1), real_gather(*a, **k))[1]
+    with lockstep:  # gathers FSDP-sharded weights once; drains on exit
+        start = len(gathers)
         got = [engine.generate(p, prm) for p, prm in calls]
-    drained = lockstep.drain()  # the region's end (what `with lockstep:` does)
+        drained = lockstep.drain()  # what the exit does too (then again, with nothing left to partner)
+        gathers_while_generating = len(gathers) - start
+    dist.all_gather_single = real_gather
     verdict = {
         "tokens_equal": [[r.tokens for r in g] for g in got] == [[r.tokens for r in e] for e in expected],
         "logprob_err": max(abs(a - b) for g, e in zip(got, expected) for rg, re in zip(g, e)
                            for a, b in zip(rg.logprobs, re.logprobs)),
         "dummy_forwards": drained,
+        "gathers_on_entry": start, "gathers_while_generating": gathers_while_generating,
     }
     all_verdicts = [None, None]
     dist.all_gather_object(all_verdicts, verdict)
@@ -63,4 +77,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ep")

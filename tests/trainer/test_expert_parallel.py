@@ -70,15 +70,19 @@ def test_source_to_expert_major_regroups_by_hand():
 
 
 @pytest.mark.slow
-def test_ep2_generation_in_lockstep_equals_all_experts_local(tmp_path):
-    """GRPO's rollouts under expert parallelism: ranks with different prompts, call counts and stopping
-    steps generate the tokens their model would with every expert local; the rank that finishes first
-    partners the other's forwards (dummy one-token forwards) instead of hanging it."""
+@pytest.mark.parametrize("mode", ["ep", "fsdp"])
+def test_ep2_generation_in_lockstep_equals_all_experts_local(tmp_path, mode):
+    """GRPO's rollouts under expert parallelism (and FSDP2 × EP): ranks with different prompts, call counts
+    and stopping steps generate the tokens their model would with every expert local and whole weights; the
+    rank that finishes first partners the other's forwards (dummy one-token forwards) instead of hanging it.
+    Under FSDP2 the weights are gathered once on entering the region, never while generating."""
     out = tmp_path / "verdict.json"
-    res = _torchrun(str(REPO / "tests" / "trainer" / "ep_generate_worker.py"), str(out), timeout=300)
+    res = _torchrun(str(REPO / "tests" / "trainer" / "ep_generate_worker.py"), str(out), mode, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     v = json.loads(out.read_text())
     for rank_v in v:
         assert rank_v["tokens_equal"], v
         assert rank_v["logprob_err"] <= 1e-4, v
+        assert rank_v["gathers_while_generating"] == 0, v
+        assert (rank_v["gathers_on_entry"] > 0) == (mode == "fsdp"), v
     assert v[1]["dummy_forwards"] > 0 and v[0]["dummy_forwards"] == 0, v  # rank 1 has far fewer forwards

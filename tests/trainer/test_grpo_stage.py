@@ -333,7 +333,8 @@ def test_two_ranks_match_one_rank(warm, tmp_path):
     with 2 minibatches per rollout batch (global slots i % 2) and dynamic sampling (rounds decided on both
     ranks' groups), so 4 steps are 2 rollout batches of 2 optimizer steps. The 2 ranks also shard the
     experts (``parallel=ep2``: data parallel for the dense weights, expert parallel for the MoE), so every
-    rollout goes through the MoE all-to-all with the ranks' forwards in lockstep."""
+    rollout goes through the MoE all-to-all with the ranks' forwards in lockstep; and again under FSDP2 ×
+    EP 2 (``parallel=fsdp_ep2``), where every rollout forward also all-gathers each block's weights."""
     args = ["-cn", "grpo", *_warm_args(warm, "stage.steps=4", "stage.grpo.prompts_per_step=4",
                                         "stage.grpo.generations_per_prompt=4", "stage.eval_every=0", "stage.eval_batches=1",
                                         "stage.grpo.minibatches=2", "stage.grpo.dynamic_sampling_rounds=2",
@@ -342,9 +343,17 @@ def test_two_ranks_match_one_rank(warm, tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_torchrun(*args, "parallel=ep2", "parallel.backend=gloo", f"run.dir={tmp_path / 'ddp'}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    a, b = read_records(tmp_path / "single"), read_records(tmp_path / "ddp")
-    assert len(a) == len(b) == 4
+    fsdp = run_torchrun(*args, "parallel=fsdp_ep2", "parallel.backend=gloo", f"run.dir={tmp_path / 'fsdp'}")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    a = read_records(tmp_path / "single")
+    assert len(a) == 4
     assert ["grpo/reward_mean" in r for r in a] == [True, False, True, False]  # rollout metrics at batch starts
+    for b in (read_records(tmp_path / "ddp"), read_records(tmp_path / "fsdp")):
+        _same_grpo_run(a, b)
+
+
+def _same_grpo_run(a, b):
+    assert len(a) == len(b)
     for x, y in zip(a, b):
         for k in ("grpo/reward_mean", "grpo/rollouts", "grpo/pass@G", "grpo/response_length_mean",
                   "grpo/sampling_rounds", "grpo/sampled_groups"):

@@ -118,7 +118,8 @@ def test_nano3_recipes_fit_the_cluster_their_sbatch_names():
     from tandem.trainer.plan import layout_from_config
 
     for recipe, script in [("nano3_pretrain", "pretrain.sbatch"), ("sft", "sft.sbatch"),
-                           ("finetune_from_release", "sft.sbatch"), ("nano3_cpt_512k", "cpt.sbatch")]:
+                           ("finetune_from_release", "sft.sbatch"), ("nano3_cpt_512k", "cpt.sbatch"),
+                           ("nano3_rlvr", "rlvr.sbatch")]:
         nodes, gpus = _sbatch_shape(script)
         cfg = compose_recipe(recipe, ["model.preset=nano3"])
         cluster = Cluster(nodes, gpus, 80.0, "cuda")

@@ -195,13 +195,23 @@ def prefill(model: nn.Module, ids: torch.Tensor, lengths: list[int], cache: Hybr
     return last
 
 
+def _no_autograd(model: nn.Module):
+    """``torch.inference_mode`` — or ``torch.no_grad`` for a model with FSDP2-sharded (DTensor) parameters:
+    FSDP's unshard of a block records version counters, which inference tensors do not have."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return torch.no_grad()
+    return torch.inference_mode()
+
+
 class GenerationEngine:
     """Generates for lists of prompt ids with a :class:`model.HybridLM` (or anything with its ``config``,
     ``hidden_states(input_ids, cache=, lengths=)``, ``lm_head`` and ``forward(input_ids, cache=)``).
 
     ``max_batch`` rows run together (more prompts run in successive waves); ``dtype`` is the KV cache's
     dtype (default the model's); ``prefill_chunk`` prompt positions are prefilled per forward (None: the
-    whole prompt at once; see the module doc). The model is run in eval mode under ``torch.inference_mode`` and put
+    whole prompt at once; see the module doc). The model is run in eval mode under ``torch.inference_mode`` (``no_grad`` when FSDP2 shards it) and put
     back in its previous mode afterwards.
     """
 
@@ -231,7 +241,7 @@ class GenerationEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with _no_autograd(self.model):
                 out: list[GenerationResult] = []
                 for i in range(0, len(prompts), self.max_batch):
                     out += self._generate_wave(prompts[i : i + self.max_batch], params, think_ids, generator)

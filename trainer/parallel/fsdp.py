@@ -42,6 +42,7 @@ from tandem.trainer.config import ConfigError, ParallelConfig
 
 from .distributed import DistInfo, Meshes, all_reduce_sum, device_meshes
 from .expert import is_expert_param
+from .lockstep import RESHARD_ATTR
 
 __all__ = ["FSDPEngine", "apply_fsdp", "expert_param_names", "fsdp_param_dtype"]
 
@@ -94,10 +95,13 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, *, world_size: int, param_dtype
             if meshes.edp.device_type == "cpu":  # gloo has no PREMUL_SUM: scale around a plain SUM instead
                 mixer.experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=meshes.dp, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        for m in (block, mixer.gate, mixer.experts) if isinstance(mixer, MoE) else (block,):
+            setattr(m, RESHARD_ATTR, reshard_after_forward)  # restored after generation gathers everything
         register_fsdp_forward_method(block, "forward_cached")  # generation's cached step (GRPO rollouts)
     # The root keeps FSDP's own choice (reshard_after_forward unset): not resharded after forward, since backward
     # needs it at once — and so ``lm_head`` stays usable right after ``hidden_states`` (generation calls both).
     fully_shard(model, mesh=meshes.dp, mp_policy=mp)
+    setattr(model, RESHARD_ATTR, False)  # the root: FSDP's default for it (see above)
     register_fsdp_forward_method(model, "hidden_states")  # what generation and chunked losses call
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["LockstepGeneration"]
+__all__ = ["RESHARD_ATTR", "LockstepGeneration"]
 
 
 class LockstepGeneration(nn.Module):
@@ -31,7 +31,9 @@ class LockstepGeneration(nn.Module):
         with LockstepGeneration(model, dist.group.WORLD) as m:
             results = GenerationEngine(m).generate(my_prompts, params)
 
-    Cost: one all-reduce of one integer per forward; a working rank never reads it (no host sync for it on
+    Under FSDP2 the region gathers the sharded weights once on entry and reshards them on exit (memory: the
+    unsharded dense weights and this rank's experts, in the FSDP compute dtype, for the region's length), so
+    the forwards themselves gather nothing. Cost: one all-reduce of one integer per forward; a working rank never reads it (no host sync for it on
     the device), a draining rank does (it has nothing else to do). The tokens a rank generates are the ones
     it would generate alone with all experts and whole weights (the collectives only move data; tested).
     Exposes what the engine uses: ``forward``, ``hidden_states``, ``lm_head``, ``config``.
@@ -42,6 +44,7 @@ class LockstepGeneration(nn.Module):
         self.inner = model
         self.group = group
         self._device = next(model.parameters()).device
+        self._gathered: list[nn.Module] = []
 
     @property
     def config(self):
@@ -56,15 +59,19 @@ class LockstepGeneration(nn.Module):
         dist.all_reduce(count, group=self.group)
         return count
 
-    def forward(self, *args, **kwargs):
+    def forward(self, input_ids, **kwargs):
+        """Logits, as ``HybridLM.forward`` without labels gives them — composed here from ``hidden_states``
+        and ``lm_head`` instead of calling the model: under FSDP2 its forward nests the hooked
+        ``hidden_states``, and the outer hook reshards the root's weights after every call (an all-gather
+        per decoded token, and one that a rank running ``hidden_states`` alone would not join)."""
         self._round(1)
-        return self.inner(*args, **kwargs)
+        return self.inner.lm_head(self.inner.hidden_states(input_ids, **kwargs))
 
     def hidden_states(self, *args, **kwargs):
         self._round(1)
         return self.inner.hidden_states(*args, **kwargs)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP2 unsharding needs version counters
     def drain(self) -> int:
         """Partner the other ranks' forwards until none is left; returns how many dummy forwards ran."""
         dummy = torch.zeros(1, 1, dtype=torch.long, device=self._device)
@@ -80,8 +87,32 @@ class LockstepGeneration(nn.Module):
         return n
 
     def __enter__(self) -> "LockstepGeneration":
+        """Collective: FSDP2-sharded weights are gathered here once for the whole region (then no forward
+        gathers any), instead of every block all-gathering its weights again at every decoded token."""
+        self._gathered = _fsdp_modules(self.inner)
+        for m in self._gathered:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in self._gathered:
+            m.unshard()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:  # after an error the other ranks cannot be partnered reliably; let it propagate
-            self.drain()
+        if exc_type is not None:  # after an error the other ranks cannot be partnered reliably; let it propagate
+            return
+        self.drain()
+        for m in self._gathered:  # back to the training layout (sharded; each module's own reshard policy)
+            m.reshard()
+            m.set_reshard_after_forward(getattr(m, RESHARD_ATTR, True), recurse=False)
+        self._gathered = []
+
+
+#: set by the FSDP engine on every module it shards: that module's ``reshard_after_forward`` for training
+RESHARD_ATTR = "tandem_reshard_after_forward"
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
