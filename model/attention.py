@@ -364,3 +364,26 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, K[:, :, :s], V[:, :, :s], attn_mask=mask[:, None],
                                                scale=self.scale, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def decode_static(self, x: torch.Tensor, cache) -> torch.Tensor:
+        """One token per row at shapes fixed for the whole generation: ``x`` [B, 1, H] → [B, 1, H].
+
+        Row ``b``'s key/value go to position ``cache.lengths[b]`` (an index tensor: no Python int, so the
+        step's shapes never change) and the query attends over the **whole** preallocated ``max_len``
+        under the mask ``position <= lengths[b]`` instead of a slice up to ``cache.seen``. That reads
+        ``max_len`` keys per step rather than the filled prefix — the price of a shape that lets one
+        compiled graph (``torch.compile``, CUDA graphs) serve every step. Does not advance the cache.
+        """
+        b = x.shape[0]
+        q = self.q_proj(x).view(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x[:, 0]).view(b, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x[:, 0]).view(b, self.num_kv_heads, self.head_dim)
+        K, V = cache.key[self.layer_idx], cache.value[self.layer_idx]
+        pos = cache.lengths
+        rows = torch.arange(b, device=x.device)
+        K[rows, :, pos] = k
+        V[rows, :, pos] = v
+        mask = cache._positions[None, :] <= pos[:, None]  # [B, max_len]
+        o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask[:, None, None, :], scale=self.scale,
+                                           enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).reshape(b, 1, self.num_heads * self.head_dim))

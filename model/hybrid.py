@@ -123,6 +123,15 @@ class HybridBlock(nn.Module):
             return x + self.mixer.forward_cached(h, cache)
         return x + self.mixer(h)
 
+    def decode_static(self, x: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+        """One token per row at fixed shapes (see :meth:`HybridLM.decode_step`)."""
+        h = self.norm(x)
+        if self.kind == "M":
+            return x + self.mixer.decode(h, cache)
+        if self.kind == "*":
+            return x + self.mixer.decode_static(h, cache)
+        return x + self.mixer(h)
+
     def extra_repr(self) -> str:
         ac = ", activation_checkpointing" if self.activation_checkpointing else ""
         return f"layer={self.layer_idx}, kind={self.kind!r}{ac}"
@@ -271,6 +280,24 @@ class HybridLM(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         return self.lm_head(self.hidden_states(input_ids, seq_idx), labels, temperature=temperature, entropy=entropy)
+
+    def decode_step(self, tokens: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+        """The static-shape decode step: ``tokens`` [B] (row ``b``'s token goes to position
+        ``cache.lengths[b]``) → logits [B, V].
+
+        Every shape is fixed by the cache (batch, ``max_len``), nothing reads a tensor on the host and
+        nothing depends on Python-side counters, so ``torch.compile`` traces it once for a whole generation:
+        attention writes its key/value by index and attends over the whole ``max_len`` under a position
+        mask (:meth:`Attention.decode_static <tandem.model.attention.Attention.decode_static>`); Mamba's
+        conv window and SSM state are updated in place at their fixed sizes; MoE routing is per token with
+        static-size counts. It does **not** advance ``cache.lengths``: the caller adds 1 to the rows that go
+        on (finished rows stay in place and are simply not advanced), so the step never changes shape.
+        No checks here (they would cost host work every token); the engine validates once per wave.
+        """
+        h = self.backbone.embeddings(tokens[:, None])
+        for layer in self.backbone.layers:
+            h = layer.decode_static(h, cache)
+        return self.lm_head(self.backbone.norm_f(h))[:, 0]
 
     # ------------------------------------------------------------------------------------------------
     def set_activation_checkpointing(self, kinds) -> frozenset[str]:

@@ -235,10 +235,18 @@ class Mamba2Mixer(nn.Module):
         # Heads grouped [B, g, h/g, ...] so B/C broadcast over the heads that share them (no repeat).
         x = x.view(b, g, hg, p)
         Sg = S.view(b, g, hg, p, n)
-        # In place, no [B, h, p, N] temporary: the state is the largest tensor a decode step touches
-        # (at batch 8 it outweighs the layer's weights), so each pass over it counts.
-        Sg.mul_(dA.view(b, g, hg, 1, 1)).addcmul_((dt.view(b, g, hg, 1) * x)[..., None], B.view(b, g, 1, 1, n))
-        # read-out as one [h/g·p, N] @ [N, 1] product per group (3× faster on CPU than per-head bmm)
-        y = torch.matmul(S.view(b, g, hg * p, n), C.view(b, g, n, 1)).view(b, g, hg, p)
+        if torch.compiler.is_compiling():
+            # Compiled (the engine's static decode step): written as one expression so the compiler fuses
+            # decay, input and read-out into a single pass over the state (eager, this form would build a
+            # [B, h, p, N] temporary; the in-place form below then wins).
+            S_new = Sg * dA.view(b, g, hg, 1, 1) + (dt.view(b, g, hg, 1) * x)[..., None] * B.view(b, g, 1, 1, n)
+            Sg.copy_(S_new)
+            y = (S_new * C.view(b, g, 1, 1, n)).sum(-1)
+        else:
+            # In place, no [B, h, p, N] temporary: the state is the largest tensor a decode step touches
+            # (at batch 8 it outweighs the layer's weights), so each pass over it counts.
+            Sg.mul_(dA.view(b, g, hg, 1, 1)).addcmul_((dt.view(b, g, hg, 1) * x)[..., None], B.view(b, g, 1, 1, n))
+            # read-out as one [h/g·p, N] @ [N, 1] product per group (3× faster on CPU than per-head bmm)
+            y = torch.matmul(S.view(b, g, hg * p, n), C.view(b, g, n, 1)).view(b, g, hg, p)
         y = y + self.D.float().view(1, g, hg, 1) * x
         return self._gated_out(y.reshape(b, 1, self.d_inner).to(hidden.dtype), z[:, None], hidden.dtype)

@@ -52,6 +52,8 @@ from torch import nn
 
 from tandem.model.cache import HybridCache
 
+from .static import DEFAULT_SYNC_EVERY, MAX_LEN_BUCKET, _check_static_model, compile_decode_step, generate_wave_static
+
 __all__ = ["DEFAULT_PREFILL_CHUNK", "SamplingParams", "ThinkTokens", "GenerationResult", "GenerationEngine",
            "prefill", "sample_next"]
 
@@ -216,7 +218,9 @@ class GenerationEngine:
     """
 
     def __init__(self, model: nn.Module, *, max_batch: int = 8, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+                 dtype: torch.dtype | None = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                 static: bool = False, compile: bool = False, compile_mode: str | None = None,
+                 sync_every: int = DEFAULT_SYNC_EVERY):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -227,6 +231,15 @@ class GenerationEngine:
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
         self.dtype = dtype or p.dtype
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        self.static = static or compile
+        self.compiled = compile
+        self.sync_every = sync_every
+        self._step = None
+        if self.static:
+            _check_static_model(model)
+            self._step = compile_decode_step(model, compile_mode) if compile else model.decode_step
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *,
                  think_ids: ThinkTokens | None = None) -> list[GenerationResult]:
@@ -244,7 +257,14 @@ class GenerationEngine:
             with _no_autograd(self.model):
                 out: list[GenerationResult] = []
                 for i in range(0, len(prompts), self.max_batch):
-                    out += self._generate_wave(prompts[i : i + self.max_batch], params, think_ids, generator)
+                    wave = prompts[i : i + self.max_batch]
+                    if self.static:
+                        out += generate_wave_static(
+                            self, wave, params, think_ids, generator, self._step, sync_every=self.sync_every,
+                            batch=self.max_batch if self.compiled else None,
+                            bucket=MAX_LEN_BUCKET if self.compiled else None)
+                    else:
+                        out += self._generate_wave(wave, params, think_ids, generator)
                 return out
         finally:
             self.model.train(was_training)
