@@ -281,22 +281,24 @@ class HybridLM(nn.Module):
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         return self.lm_head(self.hidden_states(input_ids, seq_idx), labels, temperature=temperature, entropy=entropy)
 
-    def decode_step(self, tokens: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, cache: HybridCache, advance: torch.Tensor | None = None) -> torch.Tensor:
         """The static-shape decode step: ``tokens`` [B] (row ``b``'s token goes to position
-        ``cache.lengths[b]``) → logits [B, V].
+        ``cache.lengths[b]``) → logits [B, V]; then ``cache.lengths += advance`` ([B] of 0/1, None: all 1).
 
         Every shape is fixed by the cache (batch, ``max_len``), nothing reads a tensor on the host and
         nothing depends on Python-side counters, so ``torch.compile`` traces it once for a whole generation:
         attention writes its key/value by index and attends over the whole ``max_len`` under a position
         mask (:meth:`Attention.decode_static <tandem.model.attention.Attention.decode_static>`); Mamba's
         conv window and SSM state are updated in place at their fixed sizes; MoE routing is per token with
-        static-size counts. It does **not** advance ``cache.lengths``: the caller adds 1 to the rows that go
-        on (finished rows stay in place and are simply not advanced), so the step never changes shape.
-        No checks here (they would cost host work every token); the engine validates once per wave.
+        static-size counts. A finished row stays in the batch with ``advance = 0``: it keeps rewriting its
+        own next slot and never outgrows ``max_len``, so the step never changes shape. No checks here (they
+        would cost host work every token); the engine validates once per wave. ``cache.seen`` is not
+        touched (the static path never slices by it).
         """
         h = self.backbone.embeddings(tokens[:, None])
         for layer in self.backbone.layers:
             h = layer.decode_static(h, cache)
+        cache.lengths.add_(1 if advance is None else advance)
         return self.lm_head(self.backbone.norm_f(h))[:, 0]
 
     # ------------------------------------------------------------------------------------------------

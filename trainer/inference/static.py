@@ -121,8 +121,8 @@ class _ThinkState:
 def generate_wave_static(engine, prompts: list[list[int]], params, think, generator, step_fn, *,
                          batch: int | None = None, bucket: int | None = None,
                          sync_every: int = DEFAULT_SYNC_EVERY) -> list:
-    """Decode one wave of ``prompts`` at fixed shapes (module doc). ``step_fn(tokens [B], cache) →
-    logits [B, V]`` is ``model.decode_step`` or its compiled form; ``batch`` pads the wave to that many
+    """Decode one wave of ``prompts`` at fixed shapes (module doc). ``step_fn(tokens [B], cache, advance [B])
+    → logits [B, V]`` is ``model.decode_step`` or its compiled form; ``batch`` pads the wave to that many
     rows, ``bucket`` rounds the cache length up to a multiple of it (both for the compiled step)."""
     from .engine import GenerationResult, prefill, sample_next
 
@@ -167,9 +167,7 @@ def generate_wave_static(engine, prompts: list[list[int]], params, think, genera
         done = done | hit | (count >= new)
         if i == new - 1 or ((i + 1) % sync_every == 0 and bool(done.all())):
             break
-        logits = step_fn(tok, cache)
-        cache.lengths += (~done).long()  # finished rows keep their slot: the next step rewrites it
-        cache.seen += 1
+        logits = step_fn(tok, cache, (~done).long())  # finished rows keep their slot: the next step rewrites it
 
     # the one read of the wave's results
     tokens_l, logprobs_l, forced_l = tokens.tolist(), logprobs.tolist(), forced_buf.tolist()
