@@ -8,7 +8,10 @@
 
 How it runs: up to ``max_batch`` prompts are prefilled together (right-padded, each row's state taken at
 its own length, see :mod:`model.cache`), then decoded one token per step together. A row that finishes
-is dropped from the batch (its cache rows are removed), so it costs nothing afterwards.
+is dropped from the batch (its cache rows are removed), so it costs nothing afterwards. With
+``static=True`` (or ``compile=True``: the same, with the step through ``torch.compile``) the decode runs at
+fixed shapes with its bookkeeping on the device instead (:mod:`~tandem.trainer.inference.static`: finished
+rows stay in place, no host read per token, the thinking budget as tensor ops; same tokens).
 
 Chunked prefill: the prompts are fed ``prefill_chunk`` positions at a time (default
 :data:`DEFAULT_PREFILL_CHUNK`; ``None`` = the whole prompt in one forward). Each chunk continues from the
@@ -215,6 +218,12 @@ class GenerationEngine:
     dtype (default the model's); ``prefill_chunk`` prompt positions are prefilled per forward (None: the
     whole prompt at once; see the module doc). The model is run in eval mode under ``torch.inference_mode`` (``no_grad`` when FSDP2 shards it) and put
     back in its previous mode afterwards.
+
+    ``static=True`` decodes with :func:`~tandem.trainer.inference.static.generate_wave_static` (the model
+    needs ``decode_step``, i.e. a :class:`model.HybridLM`); ``compile=True`` also compiles that step
+    (``compile_mode`` is ``torch.compile``'s ``mode``; None = default, the one for CPU). ``sync_every``:
+    static decode steps between the host's checks whether every row has finished. The thinking budget
+    works on both paths (no fallback); see docs/GENERATION.md for what "same tokens" means under a seed.
     """
 
     def __init__(self, model: nn.Module, *, max_batch: int = 8, device: torch.device | str | None = None,
