@@ -237,8 +237,8 @@ class Mamba2Mixer(nn.Module):
         Sg = S.view(b, g, hg, p, n)
         if torch.compiler.is_compiling():
             # Compiled (the engine's static decode step): written as one expression so the compiler fuses
-            # decay, input and read-out into a single pass over the state (eager, this form would build a
-            # [B, h, p, N] temporary; the in-place form below then wins).
+            # decay, input and read-out into one kernel (no matmul call, no separate passes per op); eager,
+            # this form would build a [B, h, p, N] temporary, so the in-place form below wins there.
             S_new = Sg * dA.view(b, g, hg, 1, 1) + (dt.view(b, g, hg, 1) * x)[..., None] * B.view(b, g, 1, 1, n)
             Sg.copy_(S_new)
             y = (S_new * C.view(b, g, 1, 1, n)).sum(-1)
