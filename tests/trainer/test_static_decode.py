@@ -88,5 +88,11 @@ def test_compiled_step_one_graph_no_breaks_same_tokens():
     compiled += engine.generate(prompts[:1], SamplingParams(max_new_tokens=6, greedy=True))
     _same(eager, compiled[:5], atol=1e-4)
     assert compiled[5].tokens == eager[0].tokens[:6]
+    # weights changed in place (an optimizer step between GRPO rollouts): the compiled step sees them
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    after = engine.generate(prompts[:2], params)
+    _same(GenerationEngine(model, max_batch=2).generate(prompts[:2], params), after, atol=1e-4)
+    assert [r.tokens for r in after] != [r.tokens for r in compiled[:2]]
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1  # one trace for every step of every wave
