@@ -55,7 +55,7 @@ from torch import nn
 
 from tandem.model.cache import HybridCache
 
-from .static import DEFAULT_SYNC_EVERY, MAX_LEN_BUCKET, _check_static_model, compile_decode_step, generate_wave_static
+from .static import DEFAULT_SYNC_EVERY, MAX_LEN_BUCKET, ThinkState, check_static_model, compile_decode_step
 
 __all__ = ["DEFAULT_PREFILL_CHUNK", "SamplingParams", "ThinkTokens", "GenerationResult", "GenerationEngine",
            "prefill", "sample_next"]
@@ -219,7 +219,7 @@ class GenerationEngine:
     whole prompt at once; see the module doc). The model is run in eval mode under ``torch.inference_mode`` (``no_grad`` when FSDP2 shards it) and put
     back in its previous mode afterwards.
 
-    ``static=True`` decodes with :func:`~tandem.trainer.inference.static.generate_wave_static` (the model
+    ``static=True`` decodes with :meth:`_generate_wave_static` (:mod:`~tandem.trainer.inference.static`; the model
     needs ``decode_step``, i.e. a :class:`model.HybridLM`); ``compile=True`` also compiles that step
     (``compile_mode`` is ``torch.compile``'s ``mode``; None = default, the one for CPU). ``sync_every``:
     static decode steps between the host's checks whether every row has finished. The thinking budget
@@ -247,7 +247,7 @@ class GenerationEngine:
         self.sync_every = sync_every
         self._step = None
         if self.static:
-            _check_static_model(model)
+            check_static_model(model)
             self._step = compile_decode_step(model, compile_mode) if compile else model.decode_step
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *,
@@ -267,13 +267,8 @@ class GenerationEngine:
                 out: list[GenerationResult] = []
                 for i in range(0, len(prompts), self.max_batch):
                     wave = prompts[i : i + self.max_batch]
-                    if self.static:
-                        out += generate_wave_static(
-                            self, wave, params, think_ids, generator, self._step, sync_every=self.sync_every,
-                            batch=self.max_batch if self.compiled else None,
-                            bucket=MAX_LEN_BUCKET if self.compiled else None)
-                    else:
-                        out += self._generate_wave(wave, params, think_ids, generator)
+                    run = self._generate_wave_static if self.static else self._generate_wave
+                    out += run(wave, params, think_ids, generator)
                 return out
         finally:
             self.model.train(was_training)
@@ -322,6 +317,71 @@ class GenerationEngine:
             step = torch.tensor(next_tokens, dtype=torch.long, device=self.device)[:, None]
             logits = self.model(step, cache=cache)[:, 0]
         return [r.result for r in rows]
+
+    def _generate_wave_static(self, prompts: list[list[int]], params, think, generator) -> list[GenerationResult]:
+        """Decode one wave of ``prompts`` at fixed shapes (:mod:`~tandem.trainer.inference.static`). The step is
+        ``model.decode_step`` or its compiled form; compiled, the wave is padded to ``max_batch`` rows and the
+        cache length rounded up to a multiple of :data:`MAX_LEN_BUCKET` (one graph for every wave)."""
+        model, device = self.model, self.device
+        batch = self.max_batch if self.compiled else None
+        bucket = MAX_LEN_BUCKET if self.compiled else None
+        n_real = len(prompts)
+        b = max(batch or n_real, n_real)
+        rows = list(prompts) + [[0]] * (b - n_real)  # dummy rows: one token, finished from the start
+        lengths = [len(p) for p in rows]
+        max_len = max(lengths) + params.max_new_tokens
+        if bucket:
+            max_len = -(-max_len // bucket) * bucket
+        cache = HybridCache.allocate(model.config, b, max_len, device=device, dtype=self.dtype)
+        ids = torch.zeros(b, max(lengths), dtype=torch.long)
+        for i, p in enumerate(rows):
+            ids[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+        logits = model.lm_head(prefill(model, ids.to(device), lengths, cache, self.prefill_chunk))
+
+        new = params.max_new_tokens
+        tokens = torch.zeros(b, new, dtype=torch.long, device=device)
+        logprobs = torch.zeros(b, new, dtype=torch.float32, device=device)
+        forced_buf = torch.zeros(b, new, dtype=torch.bool, device=device)
+        done = torch.arange(b, device=device) >= n_real
+        count = torch.zeros(b, dtype=torch.long, device=device)  # tokens generated per row
+        stopped = torch.zeros(b, dtype=torch.bool, device=device)
+        stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
+        ts = ThinkState(prompts, think, params, b, device) if think is not None else None
+        for i in range(new):
+            sampled, logp = sample_next(logits, params, generator)
+            active = ~done
+            if ts is not None:
+                tok, forced = ts.force(sampled, active)
+            else:
+                tok, forced = sampled, torch.zeros_like(active)
+            tokens[:, i] = tok
+            logprobs[:, i] = logp.gather(1, tok[:, None])[:, 0]
+            forced_buf[:, i] = forced
+            count += active.long()
+            hit = active & ~forced & torch.isin(tok, stop_ids) if stop_ids.numel() else torch.zeros_like(active)
+            stopped |= hit
+            if ts is not None:
+                ts.update(tok, active & ~forced)
+            done = done | hit | (count >= new)
+            if i == new - 1 or ((i + 1) % self.sync_every == 0 and bool(done.all())):
+                break
+            logits = self._step(tok, cache, (~done).long())  # finished rows keep their slot: the next step rewrites it
+
+        # the one read of the wave's results
+        tokens_l, logprobs_l, forced_l = tokens.tolist(), logprobs.tolist(), forced_buf.tolist()
+        count_l, stopped_l = count.tolist(), stopped.tolist()
+        reasoning_l = ts.count.tolist() if ts is not None else [0] * b
+        kind_l = ts.kind.tolist() if ts is not None else [0] * b
+        out = []
+        for r in range(n_real):
+            n = count_l[r]
+            res = GenerationResult(prompt_ids=list(prompts[r]), tokens=tokens_l[r][:n], logprobs=logprobs_l[r][:n],
+                                   forced=forced_l[r][:n], reasoning_tokens=reasoning_l[r],
+                                   thinking_forced=(None, "budget", "hard")[kind_l[r]])
+            if stopped_l[r]:
+                res.finish_reason, res.stop_token = "stop", res.tokens[-1]
+            out.append(res)
+        return out
 
     @staticmethod
     def _thinking(row: _Row, tok: int, params: SamplingParams, think: ThinkTokens) -> None:

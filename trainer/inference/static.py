@@ -1,7 +1,8 @@
 """Static-shape decoding: one wave of rows decoded at fixed shapes, bookkeeping on the device.
 
 :class:`GenerationEngine(..., static=True) <tandem.trainer.inference.engine.GenerationEngine>` runs a wave
-through :func:`generate_wave_static` instead of the eager loop. The prefill is the same (chunked,
+through ``GenerationEngine._generate_wave_static`` instead of the eager loop; this module holds its parts
+that do not depend on the engine (the compiled step, the thinking budget as tensors, the constants). The prefill is the same (chunked,
 :func:`~tandem.trainer.inference.engine.prefill`); decoding differs in *how*, not *what*:
 
 - **Fixed shapes.** The wave keeps all its rows until the end: a finished row stays in the cache, is fed a
@@ -41,9 +42,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tandem.model.cache import HybridCache
-
-__all__ = ["MAX_LEN_BUCKET", "DEFAULT_SYNC_EVERY", "generate_wave_static", "compile_decode_step"]
+__all__ = ["DEFAULT_SYNC_EVERY", "MAX_LEN_BUCKET", "ThinkState", "check_static_model", "compile_decode_step"]
 
 #: the compiled path rounds a wave's cache length up to a multiple of this (one graph per bucket)
 MAX_LEN_BUCKET = 256
@@ -58,7 +57,7 @@ def compile_decode_step(model: nn.Module, mode: str | None = None):
     return torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
 
 
-class _ThinkState:
+class ThinkState:
     """The thinking budget as [B] tensors (see the engine's module doc for the rules)."""
 
     def __init__(self, prompts, think, params, batch: int, device):
@@ -87,6 +86,9 @@ class _ThinkState:
         if think.newline_ids:
             self.newline_mask[torch.tensor(sorted(think.newline_ids), device=device)] = True
 
+    def _padded(self, seq: torch.Tensor) -> torch.Tensor:
+        return torch.cat([seq, seq.new_zeros(self.queue.shape[1] - seq.numel())])
+
     def force(self, sampled: torch.Tensor, active: torch.Tensor):
         """(token per row, forced [B]): the head of an active row's queue replaces its sample."""
         forced = active & (self.queued > 0)
@@ -110,83 +112,15 @@ class _ThinkState:
         newline = self.newline_mask[tok.clamp(max=self.newline_mask.numel() - 1)] & in_vocab
         soft = counting & (self.count >= budget) & newline
         hard = counting & ~soft & (self.count >= budget + self.params.thinking_grace)
-        width = self.queue.shape[1]
-        pad = lambda seq: torch.cat([seq, seq.new_zeros(width - seq.numel())])  # noqa: E731
-        self.queue = torch.where(soft[:, None], pad(self.budget_seq), torch.where(hard[:, None], pad(self.hard_seq), self.queue))
+        soft_q, hard_q = self._padded(self.budget_seq), self._padded(self.hard_seq)
+        self.queue = torch.where(soft[:, None], soft_q, torch.where(hard[:, None], hard_q, self.queue))
         self.queued = torch.where(soft, self.budget_seq.numel(), torch.where(hard, self.hard_seq.numel(), self.queued))
         self.kind = torch.where(soft, 1, torch.where(hard, 2, self.kind))
         self.in_r = self.in_r & ~(soft | hard)
 
 
-def generate_wave_static(engine, prompts: list[list[int]], params, think, generator, step_fn, *,
-                         batch: int | None = None, bucket: int | None = None,
-                         sync_every: int = DEFAULT_SYNC_EVERY) -> list:
-    """Decode one wave of ``prompts`` at fixed shapes (module doc). ``step_fn(tokens [B], cache, advance [B])
-    → logits [B, V]`` is ``model.decode_step`` or its compiled form; ``batch`` pads the wave to that many
-    rows, ``bucket`` rounds the cache length up to a multiple of it (both for the compiled step)."""
-    from .engine import GenerationResult, prefill, sample_next
-
-    model, device = engine.model, engine.device
-    n_real = len(prompts)
-    b = max(batch or n_real, n_real)
-    rows = list(prompts) + [[0]] * (b - n_real)  # dummy rows: one token, finished from the start
-    lengths = [len(p) for p in rows]
-    max_len = max(lengths) + params.max_new_tokens
-    if bucket:
-        max_len = -(-max_len // bucket) * bucket
-    cache = HybridCache.allocate(model.config, b, max_len, device=device, dtype=engine.dtype)
-    ids = torch.zeros(b, max(lengths), dtype=torch.long)
-    for i, p in enumerate(rows):
-        ids[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
-    logits = model.lm_head(prefill(model, ids.to(device), lengths, cache, engine.prefill_chunk))
-
-    new = params.max_new_tokens
-    tokens = torch.zeros(b, new, dtype=torch.long, device=device)
-    logprobs = torch.zeros(b, new, dtype=torch.float32, device=device)
-    forced_buf = torch.zeros(b, new, dtype=torch.bool, device=device)
-    done = torch.arange(b, device=device) >= n_real
-    count = torch.zeros(b, dtype=torch.long, device=device)  # tokens generated per row
-    stopped = torch.zeros(b, dtype=torch.bool, device=device)
-    stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
-    ts = _ThinkState(prompts, think, params, b, device) if think is not None else None
-    for i in range(new):
-        sampled, logp = sample_next(logits, params, generator)
-        active = ~done
-        if ts is not None:
-            tok, forced = ts.force(sampled, active)
-        else:
-            tok, forced = sampled, torch.zeros_like(active)
-        tokens[:, i] = tok
-        logprobs[:, i] = logp.gather(1, tok[:, None])[:, 0]
-        forced_buf[:, i] = forced
-        count += active.long()
-        hit = active & ~forced & torch.isin(tok, stop_ids) if stop_ids.numel() else torch.zeros_like(active)
-        stopped |= hit
-        if ts is not None:
-            ts.update(tok, active & ~forced)
-        done = done | hit | (count >= new)
-        if i == new - 1 or ((i + 1) % sync_every == 0 and bool(done.all())):
-            break
-        logits = step_fn(tok, cache, (~done).long())  # finished rows keep their slot: the next step rewrites it
-
-    # the one read of the wave's results
-    tokens_l, logprobs_l, forced_l = tokens.tolist(), logprobs.tolist(), forced_buf.tolist()
-    count_l, stopped_l = count.tolist(), stopped.tolist()
-    reasoning_l = ts.count.tolist() if ts is not None else [0] * b
-    kind_l = ts.kind.tolist() if ts is not None else [0] * b
-    out = []
-    for r in range(n_real):
-        n = count_l[r]
-        res = GenerationResult(prompt_ids=list(prompts[r]), tokens=tokens_l[r][:n], logprobs=logprobs_l[r][:n],
-                               forced=forced_l[r][:n], reasoning_tokens=reasoning_l[r],
-                               thinking_forced=(None, "budget", "hard")[kind_l[r]])
-        if stopped_l[r]:
-            res.finish_reason, res.stop_token = "stop", res.tokens[-1]
-        out.append(res)
-    return out
-
-
-def _check_static_model(model: nn.Module) -> None:
+def check_static_model(model: nn.Module) -> None:
+    """Raise unless ``model`` has the static step (``decode_step``) the static engine runs."""
     if not callable(getattr(model, "decode_step", None)):
         raise ValueError(f"static decoding needs a model with decode_step(tokens, cache) (model.HybridLM); "
                          f"{type(model).__name__} has none: use GenerationEngine(..., static=False)")
