@@ -6,6 +6,7 @@ compiled step is one graph (no breaks, no recompiles across steps and waves)."""
 import pytest
 import torch
 
+from tandem.trainer.inference import static
 from tandem.trainer.inference.engine import GenerationEngine, SamplingParams
 from tests.trainer.test_generation import (A, B, C, END_THINK, GREEDY, IM_END, IM_START, NL, PROMPT, THINK,
                                            THINK_IDS, Scripted, _script, _tiny)
@@ -73,7 +74,7 @@ def test_static_seeded_sampling_same_stream_while_all_rows_run_then_deterministi
         assert r.finish_reason == "stop" or len(r.tokens) == 12
 
 
-def test_compiled_step_one_graph_no_breaks_same_tokens():
+def test_compiled_step_one_graph_no_breaks_same_tokens(monkeypatch):
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
@@ -96,3 +97,12 @@ def test_compiled_step_one_graph_no_breaks_same_tokens():
     assert [r.tokens for r in after] != [r.tokens for r in compiled[:2]]
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1  # one trace for every step of every wave
+    # past the recompile limit (fullgraph would raise) the step warns and runs eagerly, same tokens
+    monkeypatch.setattr(static, "RECOMPILE_LIMIT", 1)
+    torch._dynamo.reset()
+    limited = GenerationEngine(model, max_batch=2, compile=True)
+    limited.generate(prompts[:2], params)  # bucket 256: the one graph allowed
+    long = [prompts[0] * 60]  # 300 tokens: bucket 512, a second graph
+    with pytest.warns(UserWarning, match="running it eagerly"):
+        out = limited.generate(long, params)
+    _same(GenerationEngine(model, max_batch=2).generate(long, params), out, atol=1e-4)

@@ -55,7 +55,7 @@ from torch import nn
 
 from tandem.model.cache import HybridCache
 
-from .static import DEFAULT_SYNC_EVERY, MAX_LEN_BUCKET, ThinkState, check_static_model, compile_decode_step
+from .static import DEFAULT_SYNC_EVERY, ThinkState, bucket_length, check_static_model, compile_decode_step
 
 __all__ = ["DEFAULT_PREFILL_CHUNK", "SamplingParams", "ThinkTokens", "GenerationResult", "GenerationEngine",
            "prefill", "sample_next"]
@@ -321,17 +321,15 @@ class GenerationEngine:
     def _generate_wave_static(self, prompts: list[list[int]], params, think, generator) -> list[GenerationResult]:
         """Decode one wave of ``prompts`` at fixed shapes (:mod:`~tandem.trainer.inference.static`). The step is
         ``model.decode_step`` or its compiled form; compiled, the wave is padded to ``max_batch`` rows and the
-        cache length rounded up to a multiple of :data:`MAX_LEN_BUCKET` (one graph for every wave)."""
+        cache length rounded up by :func:`~tandem.trainer.inference.static.bucket_length` (few graphs)."""
         model, device = self.model, self.device
-        batch = self.max_batch if self.compiled else None
-        bucket = MAX_LEN_BUCKET if self.compiled else None
         n_real = len(prompts)
-        b = max(batch or n_real, n_real)
+        b = self.max_batch if self.compiled else n_real
         rows = list(prompts) + [[0]] * (b - n_real)  # dummy rows: one token, finished from the start
         lengths = [len(p) for p in rows]
         max_len = max(lengths) + params.max_new_tokens
-        if bucket:
-            max_len = -(-max_len // bucket) * bucket
+        if self.compiled:
+            max_len = bucket_length(max_len)
         cache = HybridCache.allocate(model.config, b, max_len, device=device, dtype=self.dtype)
         ids = torch.zeros(b, max(lengths), dtype=torch.long)
         for i, p in enumerate(rows):

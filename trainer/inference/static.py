@@ -24,8 +24,9 @@ that do not depend on the engine (the compiled step, the thinking budget as tens
   eager engine's). The compiled step reads the model's parameters as they are at each call (no
   freezing), so a GRPO trainer may update the weights between calls. To keep one graph across waves the
   compiled path pads a short wave to ``max_batch`` rows (dummy one-token prompts, finished from the
-  start) and rounds the cache's ``max_len`` up to a multiple of :data:`MAX_LEN_BUCKET`; a new bucket is
-  one more compile.
+  start) and rounds the cache's ``max_len`` up to a power of two (≥ :data:`MAX_LEN_BUCKET`,
+  :func:`bucket_length`); a new bucket is one more compile, and past :data:`RECOMPILE_LIMIT` graphs the
+  step runs eagerly (a warning; ``fullgraph`` would otherwise make the limit a hard error).
 
 Same results as the eager engine: greedy tokens are the same (the static step computes the same maths;
 attention's masked tail adds exact zeros, and the compiled Mamba read-out sums in another order, so
@@ -39,22 +40,52 @@ dummy rows too.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_SYNC_EVERY", "MAX_LEN_BUCKET", "ThinkState", "check_static_model", "compile_decode_step"]
+__all__ = ["DEFAULT_SYNC_EVERY", "MAX_LEN_BUCKET", "RECOMPILE_LIMIT", "ThinkState", "bucket_length",
+           "check_static_model", "compile_decode_step"]
 
-#: the compiled path rounds a wave's cache length up to a multiple of this (one graph per bucket)
+#: the compiled path rounds a wave's cache length up to a power of two, at least this (one graph per
+#: bucket: a handful for any mix of lengths, at the cost of at most 2× the KV length a wave needs)
 MAX_LEN_BUCKET = 256
+#: graphs the compiled step may hold (batch sizes × length buckets) before it runs eagerly instead
+RECOMPILE_LIMIT = 32
 #: decode steps between the host's checks whether every row has finished
 DEFAULT_SYNC_EVERY = 16
+
+
+def bucket_length(n: int) -> int:
+    """The compiled path's cache length for a wave needing ``n`` positions: the next power of two
+    ≥ max(n, :data:`MAX_LEN_BUCKET`)."""
+    return max(MAX_LEN_BUCKET, 1 << (n - 1).bit_length())
 
 
 def compile_decode_step(model: nn.Module, mode: str | None = None):
     """``torch.compile`` of :meth:`HybridLM.decode_step`: one graph, no breaks (``fullgraph``), static
     shapes. ``mode`` is passed to ``torch.compile`` (None = its default, the one that fits CPU;
-    ``"reduce-overhead"`` adds CUDA graphs on GPU — not measured here, no GPU)."""
-    return torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
+    ``"reduce-overhead"`` adds CUDA graphs on GPU — not measured here, no GPU).
+
+    With ``fullgraph`` a shape beyond dynamo's recompile limit is a hard error, so the returned step
+    catches it once, warns, and runs ``model.decode_step`` eagerly from then on (same results, slower).
+    """
+    compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode,
+                             recompile_limit=RECOMPILE_LIMIT)
+    state = {"eager": False}
+
+    def step(tokens, cache, advance=None):
+        if not state["eager"]:
+            try:
+                return compiled(tokens, cache, advance)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                warnings.warn(f"the compiled decode step reached {RECOMPILE_LIMIT} graphs (batch sizes × "
+                              f"length buckets); running it eagerly from now on", stacklevel=2)
+                state["eager"] = True
+        return model.decode_step(tokens, cache, advance)
+
+    return step
 
 
 class ThinkState:
