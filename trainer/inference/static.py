@@ -2,8 +2,9 @@
 
 :class:`GenerationEngine(..., static=True) <tandem.trainer.inference.engine.GenerationEngine>` runs a wave
 through ``GenerationEngine._generate_wave_static`` instead of the eager loop; this module holds its parts
-that do not depend on the engine (the compiled step, the thinking budget as tensors, the constants). The prefill is the same (chunked,
-:func:`~tandem.trainer.inference.engine.prefill`); decoding differs in *how*, not *what*:
+that do not depend on the engine (the compiled step, the thinking budget as tensors, the constants). The
+prefill is the same (chunked, :func:`~tandem.trainer.inference.engine.prefill`); decoding differs in
+*how*, not *what*:
 
 - **Fixed shapes.** The wave keeps all its rows until the end: a finished row stays in the cache, is fed a
   token like the others and is simply not advanced (its ``cache.lengths`` stays put, so it only ever
@@ -27,6 +28,11 @@ that do not depend on the engine (the compiled step, the thinking budget as tens
   start) and rounds the cache's ``max_len`` up to a power of two (≥ :data:`MAX_LEN_BUCKET`,
   :func:`bucket_length`); a new bucket is one more compile, and past :data:`RECOMPILE_LIMIT` graphs the
   step runs eagerly (a warning; ``fullgraph`` would otherwise make the limit a hard error).
+
+Why not a serving library: vLLM / SGLang run their own model code and weights copy (a separate back-end,
+not this in-process engine), and transformers' ``StaticCache`` serves its own attention models, not
+tandem's hybrid cache; the rollouts of GRPO need the training model itself, in process, with the weights
+of the current step. So the static step is tandem's own, and the compiler is ``torch.compile``.
 
 Same results as the eager engine: greedy tokens are the same (the static step computes the same maths;
 attention's masked tail adds exact zeros, and the compiled Mamba read-out sums in another order, so
