@@ -92,7 +92,10 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, *, world_size: int, param_dtype
             fully_shard(mixer.experts, mesh=meshes.edp, mp_policy=mp, reshard_after_forward=reshard_after_forward,
                         shard_placement_fn=expert_placement)
             mixer.experts.set_gradient_divide_factor(float(world_size))
-            if meshes.edp.device_type == "cpu":  # gloo has no PREMUL_SUM: scale around a plain SUM instead
+            # gloo has no PREMUL_SUM: scale around a plain SUM instead. Not on a one-rank mesh (world = EP): there
+            # torch 2.13's FSDP2 divides twice under forced-sum reduction (once in its no-communication copy,
+            # once after), halving the expert gradients (measured: grad norm 3e-4 off one process at world 2, EP 2)
+            if meshes.edp.device_type == "cpu" and edp_size > 1:
                 mixer.experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=meshes.dp, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         for m in (block, mixer.gate, mixer.experts) if isinstance(mixer, MoE) else (block,):
