@@ -36,10 +36,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import random
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,7 +50,7 @@ import torch.distributed as dist
 from tandem.data_pipelines.chat import render_prompt, thinking_mode
 from tandem.data_pipelines.packing import IGNORE_LABEL
 from tandem.data_pipelines.rl_prompts import RLPrompt, load_rl_prompts
-from tandem.data_pipelines.sft import first_fit_decreasing
+from tandem.data_pipelines.sft import first_fit_decreasing, sft_cache_key
 from tandem.data_pipelines.tokenizer import load_tokenizer
 from tandem.model.loss import logprobs_from_logits
 
@@ -62,6 +65,7 @@ from ..rl.advantages import GroupAdvantages, advantage_metrics, compute_advantag
 from ..rl.environments import ENVIRONMENTS, DispatchStats, score_batch
 from ..rl.losses import PolicyLossConfig, policy_loss, target_tokens
 from ..rl.multiturn import rollout_episodes
+from ..rl.prompt_store import RLPromptStore
 from .base import LossOutput, Stage
 
 log = logging.getLogger(__name__)
@@ -168,25 +172,33 @@ class GRPOStage(Stage):
         except (OSError, ValueError) as e:
             raise DataError(f"data.rl.tokenizer: {e}") from None
         tasks = sorted(ENVIRONMENTS)
-        try:  # schema errors name file:line
-            train = load_rl_prompts(list(rl.train), tasks=tasks)
-        except ValueError as e:
-            raise DataError(f"data.rl.train: {e}") from None
-        if rl.valid:
+
+        def load():  # on one process per node (trainer/rl/prompt_store.py); schema errors name file:line
             try:
-                valid = load_rl_prompts(list(rl.valid), tasks=tasks)
+                train = load_rl_prompts(list(rl.train), tasks=tasks)
             except ValueError as e:
-                raise DataError(f"data.rl.valid: {e}") from None
-        elif data.valid_fraction > 0 and g.eval_prompts > 0:
-            order = list(range(len(train)))
-            random.Random(data.seed).shuffle(order)
-            held = set(order[: max(1, round(len(train) * data.valid_fraction))])
-            valid = [p for i, p in enumerate(train) if i in held]
-            train = [p for i, p in enumerate(train) if i not in held]
-        else:
-            valid = []
+                raise ValueError(f"data.rl.train: {e}") from None
+            if rl.valid:
+                try:
+                    return train, load_rl_prompts(list(rl.valid), tasks=tasks)
+                except ValueError as e:
+                    raise ValueError(f"data.rl.valid: {e}") from None
+            if data.valid_fraction > 0 and g.eval_prompts > 0:
+                order = list(range(len(train)))
+                random.Random(data.seed).shuffle(order)
+                held = set(order[: max(1, round(len(train) * data.valid_fraction))])
+                return [p for i, p in enumerate(train) if i not in held], [p for i, p in enumerate(train) if i in held]
+            return train, []
+
+        key = sft_cache_key([*rl.train, *rl.valid], self.tokenizer, valid=[str(v) for v in rl.valid],
+                            valid_fraction=data.valid_fraction, seed=data.seed, held_out=g.eval_prompts > 0)
+        cache = Path(data.cache_dir) if data.cache_dir else Path(tempfile.mkdtemp(prefix="tandem-rl-"))
+        try:
+            store = RLPromptStore.build(cache, key, load)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        counts = store.counts
         # environments: configured, or every task of the data weighted by its prompt count
-        counts = {t: sum(p.task == t for p in train) for t in sorted({p.task for p in train})}
         envs = list(g.environments) or [{"task": t, "weight": float(n), "enable_thinking": None,
                                          "thinking_budget": None} for t, n in counts.items()]
         self.tasks = [e["task"] for e in envs]
@@ -221,12 +233,20 @@ class GRPOStage(Stage):
             raise DataError(f"data.rl.tokenizer: {self.tokenizer} has no <|im_end|> token to stop generation at")
         self.stop_ids = (stop,)
         self.pad_id = self.tokenizer.eod
-        self.train = [p for p in train if p.task in self.mode]
-        self.pools = {t: [i for i, p in enumerate(self.train) if p.task == t] for t in self.tasks}
-        self.valid = [p for p in valid if p.task in self.mode][: g.eval_prompts]
-        self.train_ids = [self._render(p) for p in self.train]
+        # Records and rendered ids on disk, memory-mapped (one copy per node); pools are store indices per task
+        self.train = store
+        self.pools = {t: store.pool(t) for t in self.tasks}
+        self.valid = [p for p in store.valid if p.task in self.mode][: g.eval_prompts]
+        render_key = hashlib.blake2b(json.dumps(
+            {"mode": self.mode, "tools": {t: repr(getattr(self.envs[t], "tools", None)) for t in self.tasks},
+             "seq_len": self.data.seq_len, "max_new_tokens": g.max_new_tokens}, sort_keys=True).encode(),
+            digest_size=8).hexdigest()
+        try:
+            store.render(render_key, self._render, keep=lambda task: task in self.mode)
+        except ValueError as e:
+            raise DataError(str(e)) from None
         self.valid_ids = [self._render(p) for p in self.valid]
-        self.fingerprint = hashlib.blake2b(repr(self.train_ids).encode(), digest_size=8).hexdigest()
+        self.fingerprint = hashlib.blake2b(f"{key}|{render_key}".encode(), digest_size=8).hexdigest()
         self.model = self.info = self.engine = self.reference = None
         self.precision = "auto"
         self._pending: dict = {}
@@ -234,7 +254,7 @@ class GRPOStage(Stage):
         self._served = -1  # the last step whose micro-batches were handed out
         self._times: dict = {}
         self.last_rewards: torch.Tensor | None = None
-        log.info("GRPO data: %d train / %d held-out prompts; environments %s (weights %s)", len(self.train),
+        log.info("GRPO data: %d train / %d held-out prompts; environments %s (weights %s)", sum(map(len, self.pools.values())),
                  len(self.valid), self.tasks, [round(float(w), 3) for w in self.weights / self.weights.sum()])
 
     def _render(self, p: RLPrompt) -> list[int]:
@@ -286,7 +306,7 @@ class GRPOStage(Stage):
         out = []
         for e in env:
             t = self.tasks[e]
-            out.append(self.pools[t][orders[t][used[t] % len(orders[t])]])
+            out.append(int(self.pools[t][orders[t][used[t] % len(orders[t])]]))
             used[t] += 1
         return out
 
@@ -373,7 +393,7 @@ class GRPOStage(Stage):
             slots = self.prompts_for_step(b) if rnd == 0 else self.prompts_for_step(b, rnd)
             mine = [(rnd * P + i, slots[i]) for i in range(first, first + L)]
             with self._generating():
-                results = [self._generate([self.train_ids[pidx]] * G, self._params(self.train[pidx].task, self._slot_seed(b, slot)),
+                results = [self._generate([self.train.ids(pidx)] * G, self._params(self.train[pidx].task, self._slot_seed(b, slot)),
                                           [self.train[pidx]] * G) for slot, pidx in mine]
             t1 = time.perf_counter()
             rewards, dstats = self.score_groups(b, mine, results)

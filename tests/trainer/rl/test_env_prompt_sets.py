@@ -74,9 +74,9 @@ def test_mixed_recipe_step_scores_every_environment(tmp_path):
     assert stage.tasks == ["math", "code", "instructions", "structured", "tools"] and stage.turns["tools"] == 3
     drawn = {stage.train[i].task for step in range(4) for i in stage.prompts_for_step(step)}
     assert drawn == set(ENVS)  # the weighted draw reaches every environment within a few steps
-    tools_prompt = stage.tokenizer.decode(stage.train_ids[stage.pools["tools"][0]])
+    tools_prompt = stage.tokenizer.decode(stage.train.ids(stage.pools["tools"][0]))
     assert "# Tools" in tools_prompt and "kv_set" in tools_prompt  # the tool world's tools in the system block
-    assert "# Tools" not in stage.tokenizer.decode(stage.train_ids[stage.pools["math"][0]])
+    assert "# Tools" not in stage.tokenizer.decode(stage.train.ids(stage.pools["math"][0]))
     one_each = [stage.pools[t][0] for t in stage.tasks]
     stage.prompts_for_step = lambda step: one_each  # this step: one prompt of each environment (cheap, all five)
     torch.manual_seed(0)
