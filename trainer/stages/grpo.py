@@ -56,7 +56,8 @@ from tandem.model.checkpoint import CheckpointError
 from ..autocast import autocast_context
 from ..config import ConfigError, DataConfig, StageConfig
 from ..data import DataError
-from ..inference.engine import GenerationEngine, SamplingParams, ThinkTokens
+from ..inference.backends import build_backend, check_backend
+from ..inference.engine import SamplingParams, ThinkTokens
 from ..parallel.lockstep import LockstepGeneration
 from ..rl.advantages import GroupAdvantages, advantage_metrics, compute_advantages, group_std
 from ..rl.environments import ENVIRONMENTS, DispatchStats, score_batch
@@ -227,7 +228,7 @@ class GRPOStage(Stage):
         self.train_ids = [self._render(p) for p in self.train]
         self.valid_ids = [self._render(p) for p in self.valid]
         self.fingerprint = hashlib.blake2b(repr(self.train_ids).encode(), digest_size=8).hexdigest()
-        self.model = self.info = self.engine = self.reference = None
+        self.model = self.info = self.engine = self.backend = self.reference = None
         self.precision = "auto"
         self._pending: dict = {}
         self._cache: dict | None = None  # the current rollout batch: {"batch": b, "minibatches": [[micro-batch]]}
@@ -267,7 +268,13 @@ class GRPOStage(Stage):
         # all-gathers, which the engine installs after bind), so every rank runs as many forwards as the
         # busiest one (see _generating). Over the whole world: rollouts end in a world collective anyway.
         self.lockstep = LockstepGeneration(model, dist.group.WORLD) if info.distributed else None
-        self.engine = GenerationEngine(self.lockstep or model, max_batch=self.g.generations_per_prompt)
+        # the rollout back-end (stage.grpo.rollout_backend): the engine runs the model bind was given (or its
+        # lock-step wrapper); vLLM is refitted from self.model before each rollout batch / evaluation
+        check_backend(self.g.rollout_backend, self.g, info.world_size)  # this machine can run it, before anything is written
+        gen_model = (self.lockstep or model) if self.g.rollout_backend == "engine" else model
+        self.backend = build_backend(self.g.rollout_backend, gen_model, max_batch=self.g.generations_per_prompt,
+                                     max_len=self.data.seq_len, grpo=self.g, seed=self.stage.seed)
+        self.engine = getattr(self.backend, "engine", None)  # the in-process GenerationEngine when that back-end runs
         if self.g.kl_beta > 0:
             from ..checkpoint import load_weights
 
@@ -298,7 +305,7 @@ class GRPOStage(Stage):
     def _generate(self, prompts: list[list[int]], params: SamplingParams, samples: list[RLPrompt]):
         """Rollouts of ``prompts`` (one task; ``samples``: their prompt records): the engine's, or the rollout
         driver's episodes when the task has ``max_turns > 1``."""
-        generate = lambda ids, prm: self.engine.generate(ids, prm, think_ids=self.think_ids)  # noqa: E731
+        generate = lambda ids, prm: self.backend.generate(ids, prm, think_ids=self.think_ids)  # noqa: E731
         task = samples[0].task
         if self.turns[task] == 1:
             return generate(prompts, params)
@@ -367,6 +374,7 @@ class GRPOStage(Stage):
         groups = []  # this rank's groups of every round: (round, global slot, prompt index, results)
         verdict_rows, informative = [], []  # per round: local rewards [L, G]; global "std > 0" flags [P]
         dstats_all = []
+        self.backend.refit(self.model)  # generate from the weights of the last optimizer step
         for rnd in range(1 + g.dynamic_sampling_rounds):
             t0 = time.perf_counter()
             # round > 0: dynamic sampling's refill, drawn from its own seed
@@ -386,6 +394,7 @@ class GRPOStage(Stage):
             informative.append(self._all_gather((group_std(rewards).flatten() > 0).float()).bool())
             if int(torch.cat(informative).sum()) >= P:
                 break
+        self.backend.offload()  # generation done until the next batch: the device memory is training's
         t2 = time.perf_counter()
         rewards = torch.cat(verdict_rows)  # [rounds · L, G], this rank's groups in (round, slot) order
         truncated = torch.tensor([r.finish_reason == "length" for *_, grp in groups for r in grp]).view(-1, G)
@@ -554,6 +563,7 @@ class GRPOStage(Stage):
         comp_keys = [(t, n) for t in self.tasks for n in getattr(self.envs[t], "components", ())]
         comps = torch.zeros(2 * len(comp_keys), dtype=torch.float64)
         length = torch.zeros(1, dtype=torch.float64)  # generated tokens over all held-out rollouts
+        self.backend.refit(self.model)
         with self._generating():  # no collective inside: the reductions come after
             for c, start in enumerate(range(0, len(self.valid), G)):
                 if c % self.world_size != self.rank:
@@ -580,6 +590,7 @@ class GRPOStage(Stage):
                             if kt == t and name in v.components:
                                 comps[2 * k] += float(v.components[name])
                                 comps[2 * k + 1] += 1
+        self.backend.offload()
         sums = self._all_reduce(torch.cat([sums, length]))
         sums, length = sums[:-1], sums[-1]
         comps = self._all_reduce(comps) if comp_keys else comps
