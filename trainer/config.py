@@ -621,7 +621,10 @@ def validate_grpo(g: Any) -> None:
         if e.max_turns < 1:
             bad(f"environments.{i}.max_turns", "must be >= 1", e.max_turns)
     if g.rollout_backend == "vllm":  # what vLLM cannot do like the engine (the machine is checked at bind)
-        check_vllm_config(g)
+        try:
+            check_vllm_config(g)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def validate_rlhf(r: Any, required: bool = False) -> None:

@@ -51,7 +51,7 @@ class RolloutBackend(Protocol):
 class BackendSpec:
     name: str
     build: Callable  # (model, *, max_batch, max_len, grpo, seed) -> RolloutBackend
-    check: Callable | None = None  # (grpo, world_size) -> None; raises ConfigError when this machine cannot run it
+    check: Callable | None = None  # (grpo, world_size) -> None; raises ValueError when this machine cannot run it
 
 
 #: registered back-ends by name; :data:`DEFAULT_BACKEND` is ``stage.grpo.rollout_backend``'s default
@@ -73,7 +73,8 @@ def register_backend(name: str, *, check: Callable | None = None):
 
 
 def check_backend(name: str, grpo: Any, world_size: int) -> None:
-    """The back-end's start-time checks of this machine (ConfigError naming ``stage.grpo.rollout_backend``)."""
+    """The back-end's start-time checks of this machine: ValueError naming ``stage.grpo.rollout_backend`` (the
+    stage raises it as a ConfigError; this module does not import the config, which imports it)."""
     spec = ROLLOUT_BACKENDS[name]
     if spec.check is not None:
         spec.check(grpo, world_size)

@@ -67,33 +67,31 @@ _KEY = "stage.grpo.rollout_backend=vllm"
 # --------------------------------------------------------------------------------------------------
 # start-time checks
 def check_config(g: Any) -> None:
-    """Refusals of ``stage.grpo`` that need no machine (called by ``validate_grpo`` for ``rollout_backend=vllm``)."""
-    from ..config import ConfigError
-
+    """Refusals of ``stage.grpo`` that need no machine (``validate_grpo`` calls it for ``rollout_backend=vllm``
+    and raises its ValueError as a ConfigError: this module does not import the config, which imports it)."""
     budgets = [("stage.grpo.thinking_budget", g.thinking_budget)]
     budgets += [(f"stage.grpo.environments.{i}.thinking_budget", e.thinking_budget) for i, e in enumerate(g.environments)]
     for key, b in budgets:
         if b is not None:
-            raise ConfigError(f"{key}={b} with {_KEY}: vLLM cannot force the thinking budget's tokens (with their "
+            raise ValueError(f"{key}={b} with {_KEY}: vLLM cannot force the thinking budget's tokens (with their "
                               f"logprobs) mid-generation; set {key}=null or stage.grpo.rollout_backend=engine")
     try:
         logprobs_mode(g.temperature, g.top_p, greedy=g.eval_greedy)
     except ValueError as e:
-        raise ConfigError(f"stage.grpo.temperature={g.temperature} with {_KEY}: {e}; use temperature 1, or "
+        raise ValueError(f"stage.grpo.temperature={g.temperature} with {_KEY}: {e}; use temperature 1, or "
                           f"stage.grpo.top_p=1 and stage.grpo.eval_greedy=false, or rollout_backend=engine") from None
 
 
 def check_available(g: Any, world_size: int) -> None:
-    """Refuse a machine or layout this back-end cannot run on (ConfigError at start, before anything is written)."""
-    from ..config import ConfigError
-
+    """Refuse a machine or layout this back-end cannot run on (ValueError; the GRPO stage raises it as a
+    ConfigError at start, before anything is written)."""
     if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"{_KEY}: vllm is not installed ({INSTALL_HINT}), or use stage.grpo.rollout_backend=engine")
+        raise ValueError(f"{_KEY}: vllm is not installed ({INSTALL_HINT}), or use stage.grpo.rollout_backend=engine")
     if not torch.cuda.is_available():
-        raise ConfigError(f"{_KEY}: vLLM needs a CUDA GPU and none is visible; run on a GPU node ({INSTALL_HINT}) "
+        raise ValueError(f"{_KEY}: vLLM needs a CUDA GPU and none is visible; run on a GPU node ({INSTALL_HINT}) "
                           f"or use stage.grpo.rollout_backend=engine")
     if world_size != 1:
-        raise ConfigError(f"{_KEY} runs one in-process vLLM engine in a single-process run (world size 1, tensor "
+        raise ValueError(f"{_KEY} runs one in-process vLLM engine in a single-process run (world size 1, tensor "
                           f"parallel 1); this run has {world_size} ranks. Use stage.grpo.rollout_backend=engine "
                           f"under several ranks")
 

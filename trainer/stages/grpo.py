@@ -270,7 +270,10 @@ class GRPOStage(Stage):
         self.lockstep = LockstepGeneration(model, dist.group.WORLD) if info.distributed else None
         # the rollout back-end (stage.grpo.rollout_backend): the engine runs the model bind was given (or its
         # lock-step wrapper); vLLM is refitted from self.model before each rollout batch / evaluation
-        check_backend(self.g.rollout_backend, self.g, info.world_size)  # this machine can run it, before anything is written
+        try:  # this machine can run it: checked before anything is written
+            check_backend(self.g.rollout_backend, self.g, info.world_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         gen_model = (self.lockstep or model) if self.g.rollout_backend == "engine" else model
         self.backend = build_backend(self.g.rollout_backend, gen_model, max_batch=self.g.generations_per_prompt,
                                      max_len=self.data.seq_len, grpo=self.g, seed=self.stage.seed)
