@@ -6,10 +6,11 @@
    the configured weights and a prompt of that environment, from a generator seeded by
    ``(data.seed, step)`` — every rank computes the same list. Rank ``r`` takes the contiguous slots
    ``[r·P/W, (r+1)·P/W)``: a prompt's whole group lives on one rank.
-2. **Rollouts.** ``G`` completions per prompt from the *current* weights (:class:`GenerationEngine`, one
-   call per group, ``max_batch = G``), sampling seeded by ``(stage.seed, step, slot)``. The seed names the
-   global slot, not the rank, so the rollouts are a pure function of (weights, seeds, step) whatever the
-   number of ranks: 2 ranks train exactly like 1, and a resumed run regenerates the same rollouts.
+2. **Rollouts.** ``G`` completions per prompt from the *current* weights (the rollout back-end,
+   :class:`GenerationEngine` unless ``stage.grpo.rollout_backend`` says otherwise; one call per group,
+   ``max_batch = G``), sampling seeded by ``(stage.seed, step, slot)``. The seed names the global slot,
+   not the rank, so the rollouts are a pure function of (weights, seeds, step) whatever the number of ranks:
+   2 ranks train exactly like 1, and a resumed run regenerates the same rollouts.
 3. **Rewards** of whole groups from :meth:`GRPOStage.score_groups` (here: each rollout through the environment
    dispatcher, :func:`score_batch`; the ``rlhf`` stage overrides it with a judge), **advantages** per group
    (:func:`compute_advantages`: estimator, clip, overlong filtering).
