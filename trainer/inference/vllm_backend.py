@@ -74,12 +74,12 @@ def check_config(g: Any) -> None:
     for key, b in budgets:
         if b is not None:
             raise ValueError(f"{key}={b} with {_KEY}: vLLM cannot force the thinking budget's tokens (with their "
-                              f"logprobs) mid-generation; set {key}=null or stage.grpo.rollout_backend=engine")
+                             f"logprobs) mid-generation; set {key}=null or stage.grpo.rollout_backend=engine")
     try:
         logprobs_mode(g.temperature, g.top_p, greedy=g.eval_greedy)
     except ValueError as e:
         raise ValueError(f"stage.grpo.temperature={g.temperature} with {_KEY}: {e}; use temperature 1, or "
-                          f"stage.grpo.top_p=1 and stage.grpo.eval_greedy=false, or rollout_backend=engine") from None
+                         f"stage.grpo.top_p=1 and stage.grpo.eval_greedy=false, or rollout_backend=engine") from None
 
 
 def check_available(g: Any, world_size: int) -> None:
@@ -89,11 +89,11 @@ def check_available(g: Any, world_size: int) -> None:
         raise ValueError(f"{_KEY}: vllm is not installed ({INSTALL_HINT}), or use stage.grpo.rollout_backend=engine")
     if not torch.cuda.is_available():
         raise ValueError(f"{_KEY}: vLLM needs a CUDA GPU and none is visible; run on a GPU node ({INSTALL_HINT}) "
-                          f"or use stage.grpo.rollout_backend=engine")
+                         f"or use stage.grpo.rollout_backend=engine")
     if world_size != 1:
         raise ValueError(f"{_KEY} runs one in-process vLLM engine in a single-process run (world size 1, tensor "
-                          f"parallel 1); this run has {world_size} ranks. Use stage.grpo.rollout_backend=engine "
-                          f"under several ranks")
+                         f"parallel 1); this run has {world_size} ranks. Use stage.grpo.rollout_backend=engine "
+                         f"under several ranks")
 
 
 # --------------------------------------------------------------------------------------------------
