@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -194,7 +195,7 @@ def test_vllm_backend_refits_offloads_and_generates(model, monkeypatch):
     kw = llm.kwargs
     assert (kw["load_format"], kw["gpu_memory_utilization"], kw["max_model_len"], kw["logprobs_mode"]) == ("dummy", 0.3, 64, "raw_logprobs")
     assert kw["enable_sleep_mode"] and kw["skip_tokenizer_init"] and kw["tensor_parallel_size"] == 1
-    hf = json.loads((__import__("pathlib").Path(kw["model"]) / "config.json").read_text())
+    hf = json.loads((Path(kw["model"]) / "config.json").read_text())
     assert hf["architectures"] == ["NemotronHForCausalLM"]
     assert llm.calls == ["load", "reset"] and llm.weights.keys() == dict(checkpoint_items(m.state_dict())).keys()
     res = backend.generate([[5, 6], [7]], SamplingParams(stop_token_ids=(9,), seed=1))
