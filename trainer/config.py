@@ -332,6 +332,10 @@ class GRPOConfig:
     score_backend: str = "thread"  # thread | process (trainer/rl/environments/base.py)
     eval_prompts: int = 64  # held-out prompts scored at each evaluation (stage.eval_every; 0 = none)
     eval_greedy: bool = False  # held-out rollouts greedy; false = sampled like training, fixed seeds
+    # what generates the rollouts (trainer/inference/backends.py): engine = the in-process GenerationEngine on
+    # the training model; vllm = a colocated vLLM engine refitted each step (GPU, pip install 'tandem[vllm]')
+    rollout_backend: str = "engine"
+    vllm_gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU (weights + KV cache), in (0, 1)
 
 
 @dataclass
@@ -559,6 +563,8 @@ def validate_parallel(p: Any) -> None:
 
 def validate_grpo(g: Any) -> None:
     """Range and choice checks of ``stage.grpo`` (ConfigError naming the key)."""
+    from .inference.backends import ROLLOUT_BACKENDS
+    from .inference.vllm_backend import check_config as check_vllm_config
     from .rl.advantages import ADVANTAGE_ESTIMATORS
     from .rl.environments.base import BACKENDS
     from .rl.losses import POLICY_LOSSES
@@ -599,6 +605,11 @@ def validate_grpo(g: Any) -> None:
         bad("score_backend", f"must be one of {sorted(BACKENDS)}", g.score_backend)
     if g.thinking_budget is not None and g.thinking_budget < 0:
         bad("thinking_budget", "must be >= 0 or null", g.thinking_budget)
+    if g.rollout_backend not in ROLLOUT_BACKENDS:
+        bad("rollout_backend", f"must be one of {sorted(ROLLOUT_BACKENDS)}", g.rollout_backend)
+    if not 0 < g.vllm_gpu_memory_utilization < 1:
+        bad("vllm_gpu_memory_utilization", "must be in (0, 1): the trainer needs the rest of the GPU",
+            g.vllm_gpu_memory_utilization)
     tasks = [e.task for e in g.environments]
     if len(set(tasks)) != len(tasks):
         bad("environments", "lists a task twice", tasks)
@@ -609,6 +620,11 @@ def validate_grpo(g: Any) -> None:
             bad(f"environments.{i}.thinking_budget", "must be >= 0 or null", e.thinking_budget)
         if e.max_turns < 1:
             bad(f"environments.{i}.max_turns", "must be >= 1", e.max_turns)
+    if g.rollout_backend == "vllm":  # what vLLM cannot do like the engine (the machine is checked at bind)
+        try:
+            check_vllm_config(g)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def validate_rlhf(r: Any, required: bool = False) -> None:

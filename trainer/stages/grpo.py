@@ -6,10 +6,11 @@
    the configured weights and a prompt of that environment, from a generator seeded by
    ``(data.seed, step)`` — every rank computes the same list. Rank ``r`` takes the contiguous slots
    ``[r·P/W, (r+1)·P/W)``: a prompt's whole group lives on one rank.
-2. **Rollouts.** ``G`` completions per prompt from the *current* weights (:class:`GenerationEngine`, one
-   call per group, ``max_batch = G``), sampling seeded by ``(stage.seed, step, slot)``. The seed names the
-   global slot, not the rank, so the rollouts are a pure function of (weights, seeds, step) whatever the
-   number of ranks: 2 ranks train exactly like 1, and a resumed run regenerates the same rollouts.
+2. **Rollouts.** ``G`` completions per prompt from the *current* weights (the rollout back-end,
+   :class:`GenerationEngine` unless ``stage.grpo.rollout_backend`` says otherwise; one call per group,
+   ``max_batch = G``), sampling seeded by ``(stage.seed, step, slot)``. The seed names the global slot,
+   not the rank, so the rollouts are a pure function of (weights, seeds, step) whatever the number of ranks:
+   2 ranks train exactly like 1, and a resumed run regenerates the same rollouts.
 3. **Rewards** of whole groups from :meth:`GRPOStage.score_groups` (here: each rollout through the environment
    dispatcher, :func:`score_batch`; the ``rlhf`` stage overrides it with a judge), **advantages** per group
    (:func:`compute_advantages`: estimator, clip, overlong filtering).
@@ -59,7 +60,8 @@ from tandem.model.checkpoint import CheckpointError
 from ..autocast import autocast_context
 from ..config import ConfigError, DataConfig, StageConfig
 from ..data import DataError
-from ..inference.engine import GenerationEngine, SamplingParams, ThinkTokens
+from ..inference.backends import build_backend, check_backend
+from ..inference.engine import SamplingParams, ThinkTokens
 from ..parallel.lockstep import LockstepGeneration
 from ..rl.advantages import GroupAdvantages, advantage_metrics, compute_advantages, group_std
 from ..rl.environments import ENVIRONMENTS, DispatchStats, score_batch
@@ -164,6 +166,10 @@ class GRPOStage(Stage):
             raise ConfigError(f"stage.grpo.minibatches ({g.minibatches}) must divide each rank's share of the "
                               f"prompts (stage.grpo.prompts_per_step {g.prompts_per_step} / {world_size} ranks): "
                               f"every minibatch holds whole groups, the same number on every rank")
+        try:  # this machine can run the rollout back-end: checked before anything (the prompt store) is written
+            check_backend(g.rollout_backend, g, world_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         rl = data.rl
         if not rl.train:
             raise DataError("data.rl.train: no RL prompt files given (JSONL / Parquet / HF dataset folders)")
@@ -247,7 +253,7 @@ class GRPOStage(Stage):
             raise DataError(str(e)) from None
         self.valid_ids = [self._render(p) for p in self.valid]
         self.fingerprint = hashlib.blake2b(f"{key}|{render_key}".encode(), digest_size=8).hexdigest()
-        self.model = self.info = self.engine = self.reference = None
+        self.model = self.info = self.engine = self.backend = self.reference = None
         self.precision = "auto"
         self._pending: dict = {}
         self._cache: dict | None = None  # the current rollout batch: {"batch": b, "minibatches": [[micro-batch]]}
@@ -287,7 +293,12 @@ class GRPOStage(Stage):
         # all-gathers, which the engine installs after bind), so every rank runs as many forwards as the
         # busiest one (see _generating). Over the whole world: rollouts end in a world collective anyway.
         self.lockstep = LockstepGeneration(model, dist.group.WORLD) if info.distributed else None
-        self.engine = GenerationEngine(self.lockstep or model, max_batch=self.g.generations_per_prompt)
+        # the rollout back-end (stage.grpo.rollout_backend): the engine runs the model bind was given (or its
+        # lock-step wrapper); vLLM is refitted from self.model before each rollout batch / evaluation
+        gen_model = (self.lockstep or model) if self.g.rollout_backend == "engine" else model
+        self.backend = build_backend(self.g.rollout_backend, gen_model, max_batch=self.g.generations_per_prompt,
+                                     max_len=self.data.seq_len, grpo=self.g, seed=self.stage.seed)
+        self.engine = getattr(self.backend, "engine", None)  # the in-process GenerationEngine when that back-end runs
         if self.g.kl_beta > 0:
             from ..checkpoint import load_weights
 
@@ -318,7 +329,7 @@ class GRPOStage(Stage):
     def _generate(self, prompts: list[list[int]], params: SamplingParams, samples: list[RLPrompt]):
         """Rollouts of ``prompts`` (one task; ``samples``: their prompt records): the engine's, or the rollout
         driver's episodes when the task has ``max_turns > 1``."""
-        generate = lambda ids, prm: self.engine.generate(ids, prm, think_ids=self.think_ids)  # noqa: E731
+        generate = lambda ids, prm: self.backend.generate(ids, prm, think_ids=self.think_ids)  # noqa: E731
         task = samples[0].task
         if self.turns[task] == 1:
             return generate(prompts, params)
@@ -387,6 +398,7 @@ class GRPOStage(Stage):
         groups = []  # this rank's groups of every round: (round, global slot, prompt index, results)
         verdict_rows, informative = [], []  # per round: local rewards [L, G]; global "std > 0" flags [P]
         dstats_all = []
+        self.backend.refit(self.model)  # generate from the weights of the last optimizer step
         for rnd in range(1 + g.dynamic_sampling_rounds):
             t0 = time.perf_counter()
             # round > 0: dynamic sampling's refill, drawn from its own seed
@@ -406,6 +418,7 @@ class GRPOStage(Stage):
             informative.append(self._all_gather((group_std(rewards).flatten() > 0).float()).bool())
             if int(torch.cat(informative).sum()) >= P:
                 break
+        self.backend.offload()  # generation done until the next batch: the device memory is training's
         t2 = time.perf_counter()
         rewards = torch.cat(verdict_rows)  # [rounds · L, G], this rank's groups in (round, slot) order
         truncated = torch.tensor([r.finish_reason == "length" for *_, grp in groups for r in grp]).view(-1, G)
@@ -574,6 +587,7 @@ class GRPOStage(Stage):
         comp_keys = [(t, n) for t in self.tasks for n in getattr(self.envs[t], "components", ())]
         comps = torch.zeros(2 * len(comp_keys), dtype=torch.float64)
         length = torch.zeros(1, dtype=torch.float64)  # generated tokens over all held-out rollouts
+        self.backend.refit(self.model)
         with self._generating():  # no collective inside: the reductions come after
             for c, start in enumerate(range(0, len(self.valid), G)):
                 if c % self.world_size != self.rank:
@@ -600,6 +614,7 @@ class GRPOStage(Stage):
                             if kt == t and name in v.components:
                                 comps[2 * k] += float(v.components[name])
                                 comps[2 * k + 1] += 1
+        self.backend.offload()
         sums = self._all_reduce(torch.cat([sums, length]))
         sums, length = sums[:-1], sums[-1]
         comps = self._all_reduce(comps) if comp_keys else comps
