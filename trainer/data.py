@@ -16,10 +16,15 @@ byte-level synthetic/text sources carry their own ids and cannot share a run wit
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DataError", "PretrainPlan", "pretrain_plan"]
+import torch.distributed as dist
+
+__all__ = ["DataError", "PretrainPlan", "build_once_per_node", "pretrain_plan"]
 
 
 class DataError(ValueError):
@@ -107,3 +112,21 @@ def pretrain_plan(data) -> PretrainPlan:
     except ValueError as e:
         raise DataError(f"data: {e}") from None
     return PretrainPlan(cfg, tokenizer, [k for _, k in phases])
+
+
+def build_once_per_node(where: Path, build: Callable[[Path], None], marker: str) -> None:
+    """``build(where)`` on local rank 0 of each node unless ``where/marker`` exists; every rank returns once
+    every builder has finished. A builder's ``ValueError`` / ``OSError`` is raised on every rank (as
+    ``ValueError`` with its message). Collective when a process group exists."""
+    error = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (where / marker).is_file():
+        try:
+            build(where)
+        except (OSError, ValueError) as e:
+            error = str(e)
+    if dist.is_available() and dist.is_initialized():
+        verdicts = [None] * dist.get_world_size()
+        dist.all_gather_object(verdicts, error)  # also the barrier: every builder has finished writing
+        error = next((v for v in verdicts if v is not None), None)
+    if error is not None:
+        raise ValueError(error)

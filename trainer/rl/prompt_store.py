@@ -30,31 +30,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 
 from tandem.data_pipelines.rl_prompts import RLPrompt
 
-__all__ = ["RLPromptStore", "build_once_per_node"]
+from ..data import build_once_per_node
+
+__all__ = ["RLPromptStore"]
 
 _DONE = "meta.json"
-
-
-def build_once_per_node(where: Path, build: Callable[[Path], None], marker: str = _DONE) -> None:
-    """``build(where)`` on local rank 0 of each node unless ``where/marker`` exists; every rank returns once
-    every builder has finished. A builder's ``ValueError`` / ``OSError`` is raised on every rank (as
-    ``ValueError`` with its message). Collective when a process group exists."""
-    error = None
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (where / marker).is_file():
-        try:
-            build(where)
-        except (OSError, ValueError) as e:
-            error = str(e)
-    if dist.is_available() and dist.is_initialized():
-        verdicts = [None] * dist.get_world_size()
-        dist.all_gather_object(verdicts, error)  # also the barrier: every builder has finished writing
-        error = next((v for v in verdicts if v is not None), None)
-    if error is not None:
-        raise ValueError(error)
 
 
 def _write_records(path: Path, prompts: Sequence[RLPrompt]) -> np.ndarray:
@@ -112,7 +95,7 @@ class RLPromptStore:
             _write_records(root / "valid.jsonl", valid)
             (root / _DONE).write_text(json.dumps({"key": key, "tasks": tasks, "train": len(train), "valid": len(valid)}))
 
-        build_once_per_node(where, write)
+        build_once_per_node(where, write, marker=_DONE)
         return cls(where)
 
     def render(self, key: str, render: Callable[[RLPrompt], list[int]], keep: Callable[[str], bool]) -> None:

@@ -18,11 +18,9 @@ exact without any data state beyond a fingerprint that detects changed data on r
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from tandem.data_pipelines.chat import TRAIN_ON
 from tandem.data_pipelines.packing import Collator
@@ -31,6 +29,7 @@ from tandem.data_pipelines.tokenizer import load_tokenizer
 
 from ..config import DataConfig, StageConfig
 from ..data import DataError
+from ..data import build_once_per_node
 from .base import Stage, check_batch_split
 
 log = logging.getLogger(__name__)
@@ -44,18 +43,7 @@ def shared_sft_dataset(cache_dir, name: str, paths, **kwargs) -> SFTPackedDatase
         return SFTPackedDataset(paths, **kwargs)
     opts = {k: v for k, v in kwargs.items() if k != "tokenizer"}
     where = Path(cache_dir) / "sft" / f"{name}-{sft_cache_key(paths, kwargs.get('tokenizer'), **opts)}"
-    error = None
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (where / "meta.json").is_file():
-        try:
-            SFTPackedDataset(paths, **kwargs).save(where)
-        except (OSError, ValueError) as e:
-            error = str(e)
-    if dist.is_available() and dist.is_initialized():
-        verdicts = [None] * dist.get_world_size()
-        dist.all_gather_object(verdicts, error)  # also the barrier: every builder has finished writing
-        error = next((v for v in verdicts if v is not None), None)
-    if error is not None:
-        raise ValueError(error)
+    build_once_per_node(where, lambda root: SFTPackedDataset(paths, **kwargs).save(root), marker="meta.json")
     return SFTPackedDataset.load(where)
 
 
