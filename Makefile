@@ -68,7 +68,7 @@ smoke: setup
 	$(VENV)/bin/tandem report $(SMOKE_DIR) --title "make smoke: the whole pipeline"
 
 test: setup
-	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -180,12 +180,3 @@ def test_nothing_imports_the_old_top_level_names():
                 mods = [node.module]
             bad += [f"{f.relative_to(REPO)}:{node.lineno}: {m}" for m in mods if m.split(".")[0] in OLD_TOP_LEVEL]
     assert not bad, "\n".join(bad)
-
-
-def test_longest_first_names_existing_test_files():
-    """tests/conftest.py schedules these files first under xdist; a renamed file would silently fall back
-    to collection order."""
-    from tests.conftest import LONGEST_FIRST
-
-    missing = [p for p in LONGEST_FIRST if not (REPO / p).is_file()]
-    assert not missing, missing
