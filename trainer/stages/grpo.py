@@ -338,16 +338,11 @@ class GRPOStage(Stage):
                                 tokenizer=self.tokenizer, thinking=[thinking_mode(m, self.mode[task]) for m in msgs],
                                 max_turns=self.turns[task], max_tokens=self.data.seq_len, stop_ids=self.stop_ids)
 
-    @contextlib.contextmanager
     def _generating(self):
         """A stretch of generation with no other collective in it. With several ranks it ends with a drain: a
         rank done with its prompts keeps partnering the others' forwards (their MoE all-to-alls, FSDP
         all-gathers) until every rank is done (:class:`~tandem.trainer.parallel.lockstep.LockstepGeneration`)."""
-        if self.lockstep is None:
-            yield
-            return
-        with self.lockstep:
-            yield
+        return self.lockstep or contextlib.nullcontext()
 
     def _all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of every rank in rank order (same shape on every rank)."""
