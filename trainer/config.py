@@ -353,6 +353,7 @@ class RLHFConfig:
     judge_enable_thinking: bool = True  # the judge reasons before its verdict
     judge_instructions: str = "full"  # the judging instructions (preferences.JUDGE_TEMPLATES) the judge was trained on
     judge_batch: int = 16  # judge prompts generated together (rows of the judge's generation engine)
+    judge_dtype: str = "auto"  # the frozen judge's weights: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     tie_break: bool = True  # equal scores: adj = 3.5 - ranking, score_1 += adj, score_2 -= adj
     shortest_top_bonus: float = 0.0  # added to the shortest of each group's top-reward rollouts (0 = off)
     length_penalty: float = 0.0  # zero-centred: reward -= c * (length - group mean) / group mean (0 = off)
@@ -627,6 +628,10 @@ def validate_grpo(g: Any) -> None:
             raise ConfigError(str(e)) from None
 
 
+#: ``stage.rlhf.judge_dtype`` choices (auto: bf16 on CUDA, fp32 on CPU)
+JUDGE_DTYPES = ("auto", "bf16", "fp32")
+
+
 def validate_rlhf(r: Any, required: bool = False) -> None:
     """Range and choice checks of ``stage.rlhf`` (ConfigError naming the key); ``required``: the judge must be named."""
     from .rl.genrm import PAIRINGS
@@ -647,6 +652,8 @@ def validate_rlhf(r: Any, required: bool = False) -> None:
             bad(key, f"must be >= {least}", r[key])
     if not r.judge_temperature > 0:
         bad("judge_temperature", "must be > 0", r.judge_temperature)
+    if getattr(r, "judge_dtype", "auto") not in JUDGE_DTYPES:
+        bad("judge_dtype", f"must be one of {list(JUDGE_DTYPES)}", r.judge_dtype)
     for key in ("shortest_top_bonus", "length_penalty"):
         if not r[key] >= 0:
             bad(key, "must be >= 0", r[key])

@@ -1,5 +1,7 @@
-"""Run by torchrun (2 processes, gloo): generation under EP=2 in lockstep vs all experts in one process
-(argv[2] = ``fsdp``: the EP model also FSDP2-sharded, as GRPO's ``parallel=fsdp_ep2`` runs it).
+"""Run by torchrun (2 processes, gloo): generation under EP=2 in lockstep vs all experts in one process.
+argv[2] says how the EP model is made: ``frozen`` — saved, then read back by ``load_frozen`` (each rank
+allocates and reads only its experts; the RLHF judge's path); ``fsdp`` — also FSDP2-sharded, as GRPO's
+``parallel=fsdp_ep2`` runs it.
 
 The ranks generate different prompts, a different number of ``generate`` calls and rows that stop at
 different steps (so their forward counts differ); each rank's tokens must equal what its model with every
@@ -17,6 +19,7 @@ import torch.distributed as dist
 from tandem.model import HybridConfig, HybridLM
 from tandem.trainer.config import ParallelConfig
 from tandem.trainer.inference.engine import GenerationEngine, SamplingParams
+from tandem.trainer.parallel import load_frozen
 from tandem.trainer.parallel.distributed import device_meshes, init_distributed
 from tandem.trainer.parallel.fsdp import apply_fsdp
 from tandem.trainer.parallel.expert import apply_expert_parallel
@@ -29,7 +32,7 @@ CALLS = {
 }
 
 
-def main(out_path, mode):
+def main(out_path, mode, folder=None):
     info = init_distributed(ParallelConfig(backend="gloo", ep=2, engine="fsdp" if mode == "fsdp" else "auto"))
     rank = info.rank
     cfg = HybridConfig.preset("tiny", hybrid_override_pattern="E*EM")
@@ -38,8 +41,17 @@ def main(out_path, mode):
         for name, p in ref.named_parameters():
             if p.dim() >= 2 and "conv1d" not in name:
                 p.normal_(std=p.shape[-1] ** -0.5, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
-    ep_model = copy.deepcopy(ref)
-    apply_expert_parallel(ep_model, info.ep_group)
+    if mode == "frozen":
+        if rank == 0:
+            ref.save_pretrained(folder)
+        dist.barrier()
+        ep_model = load_frozen(folder, info, dtype=torch.float32)
+        local = [m.num_experts for m in ep_model.modules() if hasattr(m, "expert_offset")]
+        assert local == [cfg.n_routed_experts // 2] * 2, local  # this rank's half of each MoE layer's experts
+        assert not any(p.requires_grad for p in ep_model.parameters()) and not ep_model.training
+    else:
+        ep_model = copy.deepcopy(ref)
+        apply_expert_parallel(ep_model, info.ep_group)
     if mode == "fsdp":
         apply_fsdp(ep_model, device_meshes(info), world_size=info.world_size, param_dtype=None)
     gen = torch.Generator().manual_seed(100 + rank)
@@ -77,4 +89,4 @@ def main(out_path, mode):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ep")
+    main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)

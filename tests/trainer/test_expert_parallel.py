@@ -70,14 +70,17 @@ def test_source_to_expert_major_regroups_by_hand():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ep", "fsdp"])
+@pytest.mark.parametrize("mode", ["frozen", "fsdp"])
 def test_ep2_generation_in_lockstep_equals_all_experts_local(tmp_path, mode):
-    """GRPO's rollouts under expert parallelism (and FSDP2 × EP): ranks with different prompts, call counts
-    and stopping steps generate the tokens their model would with every expert local and whole weights; the
-    rank that finishes first partners the other's forwards (dummy one-token forwards) instead of hanging it.
-    Under FSDP2 the weights are gathered once on entering the region, never while generating."""
+    """GRPO's rollouts and the RLHF judge under expert parallelism (and FSDP2 × EP): ranks with different
+    prompts, call counts and stopping steps generate the tokens their model would with every expert local and
+    whole weights; the rank that finishes first partners the other's forwards (dummy one-token forwards)
+    instead of hanging it. ``frozen``: the EP model is read from a saved folder by ``load_frozen`` (the judge's
+    path: each rank builds on meta and reads only its experts). Under FSDP2 the weights are gathered once on
+    entering the region, never while generating."""
     out = tmp_path / "verdict.json"
-    res = _torchrun(str(REPO / "tests" / "trainer" / "ep_generate_worker.py"), str(out), mode, timeout=300)
+    res = _torchrun(str(REPO / "tests" / "trainer" / "ep_generate_worker.py"), str(out), mode, str(tmp_path / "saved"),
+                    timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     v = json.loads(out.read_text())
     for rank_v in v:

@@ -10,16 +10,27 @@ any world size and expert-parallel size. Peak memory while building is what the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 import torch.distributed as dist
 
 from tandem.model import HybridConfig, HybridLM
+from tandem.model.checkpoint import load_checkpoint_into, read_config
 from tandem.trainer.config import ConfigError
 
 from .distributed import DistInfo
 from .context import apply_context_parallel
 from .expert import apply_expert_parallel, shard_experts
 
-__all__ = ["build_model"]
+__all__ = ["build_model", "load_frozen"]
+
+
+def _check_ep(config: HybridConfig, ep: int, what: str = "the model") -> None:
+    if "E" not in config.hybrid_override_pattern:
+        raise ConfigError(f"parallel.ep={ep} but {what} has no MoE layer")
+    if config.n_routed_experts % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide n_routed_experts ({config.n_routed_experts}) of {what}")
 
 
 def build_model(config: HybridConfig, info: DistInfo, *, init_seed: int | None, cp_attention: str = "sdpa") -> HybridLM:
@@ -30,10 +41,7 @@ def build_model(config: HybridConfig, info: DistInfo, *, init_seed: int | None, 
     """
     model = HybridLM(config, device="meta")
     if info.ep > 1:
-        if "E" not in config.hybrid_override_pattern:
-            raise ConfigError(f"parallel.ep={info.ep} but the model has no MoE layer")
-        if config.n_routed_experts % info.ep:
-            raise ConfigError(f"parallel.ep={info.ep} must divide n_routed_experts ({config.n_routed_experts})")
+        _check_ep(config, info.ep)
         shard_experts(model, info.ep, dist.get_rank(info.ep_group))
     model.to_empty(device=info.device)
     model.init_weights(seed=init_seed)
@@ -42,3 +50,26 @@ def build_model(config: HybridConfig, info: DistInfo, *, init_seed: int | None, 
     if info.cp > 1:
         apply_context_parallel(model, info.cp_group, cp_attention)  # K/V gathers and Mamba state passing over the CP group
     return model
+
+
+def load_frozen(folder: str | Path, info: DistInfo, *, dtype: torch.dtype, what: str = "the model") -> HybridLM:
+    """A frozen model read from a weights folder (``config.json`` + safetensors: tandem's or the released
+    NemotronH layout), laid out like the trained model: under expert parallelism it is built on ``meta``, cut
+    to this rank's experts, and only those are allocated and read from the files; its MoE layers then
+    exchange tokens over the same EP group (so its forward is collective: generate with it through
+    :class:`~.lockstep.LockstepGeneration`). Dense weights are whole on every rank (a frozen model has no
+    gradients or optimizer state to shard, and decoding from gathered weights is what FSDP would do anyway).
+    Parameters in ``dtype`` (the MoE router stays fp32), eval mode, ``requires_grad`` off.
+
+    Used for the RLHF judge (its own architecture, read from its folder; ``what`` names it in errors).
+    """
+    config = read_config(folder)
+    model = HybridLM(config, device="meta")
+    if info.ep > 1:
+        _check_ep(config, info.ep, what)
+        shard_experts(model, info.ep, dist.get_rank(info.ep_group))
+    model = model.to(dtype=dtype).to_empty(device=info.device)
+    load_checkpoint_into(model, folder)  # under EP: only this rank's experts are read
+    if info.ep > 1:
+        apply_expert_parallel(model, info.ep_group)
+    return model.eval().requires_grad_(False)

@@ -19,24 +19,31 @@ the group-level scoring hook :meth:`GRPOStage.score_groups` is replaced:
 The held-out evaluation is GRPO's: each held-out prompt's own environment (e.g. ``math``) scores one
 rollout, so ``grpo/val_reward`` measures the policy independently of the judge.
 
-**The judge** (``stage.rlhf.judge``): a tandem run / checkpoint or an HF NemotronH folder, loaded with
-:meth:`HybridLM.from_pretrained` on this rank's device, frozen, eval mode; it must share the policy's
-tokenizer (its vocabulary is checked). Each rank holds a whole copy of it: right for one machine and small
-judges, not for a 30B judge beside a 30B policy on every GPU — there the judge belongs in its own servers
-(an HTTP judge in NeMo Gym's form), which this stage does not have yet (docs/RLHF.md).
+**The judge** (``stage.rlhf.judge``): a tandem run / checkpoint or an HF NemotronH folder, frozen, eval mode,
+in ``stage.rlhf.judge_dtype`` (auto: bf16 on CUDA, fp32 on CPU); it must share the policy's tokenizer (its
+vocabulary is checked). It is laid out like the policy: under expert parallelism each rank builds it on
+``meta`` and allocates and reads only its own experts (:func:`~tandem.trainer.parallel.load_frozen`), so a
+30B judge beside a 30B policy costs a rank its dense weights + 1/EP of the experts (``tandem plan`` counts
+it); with several ranks every judge forward is a lockstep round over the world
+(:class:`~tandem.trainer.parallel.lockstep.LockstepGeneration`), as the policy's rollouts are, because
+ranks judge different groups and re-sample different verdicts. Its dense weights are not FSDP-sharded: a
+frozen model has no gradients or optimizer state, and decoding would gather them anyway. A judge served
+over HTTP (NeMo Gym's form) is not built (docs/RLHF.md).
 
 Metrics (over all ranks' groups; with dynamic sampling, of the last round): ``rlhf/judged_score_mean`` (before shaping),
 ``rlhf/judge_format_error_frac`` (after retries), ``rlhf/judge_retry_frac``, ``rlhf/comparisons``,
-``rlhf/tie_frac``, ``rlhf/swap_consistency`` (circular pairing with G = 2 compares each pair in both orders:
+``rlhf/tie_frac``, ``rlhf/judge_tokens`` (tokens the judge generated, every attempt: its cost), ``rlhf/swap_consistency`` (circular pairing with G = 2 compares each pair in both orders:
 the fraction whose two verdicts prefer the same rollout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 
 import torch
+import torch.distributed as dist
 
 from tandem.data_pipelines.chat import render_prompt
 from tandem.data_pipelines.preferences import final_answer, judge_messages
@@ -44,6 +51,8 @@ from tandem.model.checkpoint import CheckpointError
 
 from ..config import ConfigError, DataConfig, StageConfig, validate_rlhf
 from ..inference.engine import GenerationEngine, SamplingParams
+from ..parallel import DistInfo, load_frozen
+from ..parallel.lockstep import LockstepGeneration
 from ..rl.environments import DispatchStats
 from ..rl.genrm import (
     ParseCounter, comparison_pairs, length_penalty, parse_judgement, rollout_rewards, shortest_top_bonus,
@@ -53,7 +62,7 @@ from .grpo import GRPOStage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RLHFStage", "load_judge"]
+__all__ = ["RLHFStage", "judge_dtype", "load_judge"]
 
 
 
@@ -64,18 +73,24 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
-def load_judge(source: str, device: torch.device):
-    """The frozen judge: a tandem run / checkpoint or an HF NemotronH folder (CheckpointError naming it)."""
-    from tandem.model import HybridLM
+def judge_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``stage.rlhf.judge_dtype``: auto = bf16 on CUDA (a frozen model needs no fp32 master copy), fp32 on CPU."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
+
+def load_judge(source: str, info: DistInfo, dtype: torch.dtype = torch.float32):
+    """The frozen judge: a tandem run / checkpoint or an HF NemotronH folder, laid out like the policy (under
+    expert parallelism only this rank's experts are read; :func:`~tandem.trainer.parallel.load_frozen`);
+    CheckpointError naming the source."""
     from ..checkpoint.manager import weights_dir
 
     folder = weights_dir(source)
     try:
-        judge = HybridLM.from_pretrained(folder, device=device)
+        return load_frozen(folder, info, dtype=dtype, what=f"the judge ({folder})")
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"stage.rlhf.judge={source}: cannot load the judge from {folder}: {e}") from None
-    return judge.eval().requires_grad_(False)
 
 
 class RLHFStage(GRPOStage):
@@ -85,18 +100,21 @@ class RLHFStage(GRPOStage):
         validate_rlhf(stage.rlhf, required=True)
         super().__init__(data, stage, rank, world_size)
         self.r = stage.rlhf
-        self.judge = self.judge_engine = None
+        self.judge = self.judge_engine = self.judge_lockstep = None
         self.pairs = comparison_pairs(self.g.generations_per_prompt, self.r.pairing).repeat_interleave(
             self.r.judge_samples, dim=0)  # [K·S, 2]: each pair judge_samples times, adjacent
 
     def bind(self, model, info, precision: str = "auto") -> None:
         super().bind(model, info, precision)
-        self.judge = load_judge(self.r.judge, info.device)
+        self.judge = load_judge(self.r.judge, info, judge_dtype(self.r.judge_dtype, info.device))
         if self.judge.config.vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(f"stage.rlhf.judge={self.r.judge}: its vocabulary ({self.judge.config.vocab_size}) is "
                               f"smaller than the policy tokenizer's ({self.tokenizer.vocab_size}); the judge must "
                               f"share the policy's tokenizer")
-        self.judge_engine = GenerationEngine(self.judge, max_batch=self.r.judge_batch)
+        # several ranks: every judge forward is a lockstep round over the world (its MoE all-to-all under EP;
+        # ranks judge different groups and retry different verdicts), as the policy's rollouts are
+        self.judge_lockstep = LockstepGeneration(self.judge, dist.group.WORLD) if info.distributed else None
+        self.judge_engine = GenerationEngine(self.judge_lockstep or self.judge, max_batch=self.r.judge_batch)
 
     def _judge_params(self, seed: int) -> SamplingParams:
         r = self.r
@@ -109,15 +127,16 @@ class RLHFStage(GRPOStage):
         return ("<think>\n" if self.r.judge_enable_thinking else "<think></think>") + self.tokenizer.decode(tokens)
 
     def judge_group(self, conversation: list[dict], answers: list[str], seed: int, counter: ParseCounter):
-        """Verdicts ``(score_1, score_2, ranking)`` tensors ``[K·S]`` of one group's comparisons, and how many
-        judgements were re-sampled."""
+        """Verdicts ``(score_1, score_2, ranking)`` tensors ``[K·S]`` of one group's comparisons, how many
+        judgements were re-sampled and how many tokens the judge generated (every attempt)."""
         prompts = [render_prompt(judge_messages(conversation, answers[i], answers[j], self.r.judge_instructions),
                                  self.tokenizer,
                                  enable_thinking=self.r.judge_enable_thinking) for i, j in self.pairs.tolist()]
         verdicts = [None] * len(prompts)
-        todo, retried = list(range(len(prompts))), 0
+        todo, retried, generated = list(range(len(prompts))), 0, 0
         for attempt in range(1 + self.r.retries):
             results = self.judge_engine.generate([prompts[k] for k in todo], self._judge_params(_seed(seed, attempt)))
+            generated += sum(len(res.tokens) for res in results)
             failed = []
             for k, res in zip(todo, results):
                 j = parse_judgement(self._judge_text(res.tokens))
@@ -131,19 +150,20 @@ class RLHFStage(GRPOStage):
         for j in verdicts:
             counter.add(j)
         values = torch.tensor([with_default(j) for j in verdicts], dtype=torch.float64)
-        return values[:, 0], values[:, 1], values[:, 2], retried
+        return values[:, 0], values[:, 1], values[:, 2], retried, generated
 
     def score_groups(self, b, slots, results):
         G, N = self.g.generations_per_prompt, len(slots)
-        counter, retried = ParseCounter(), 0
+        counter, retried, generated = ParseCounter(), 0, 0
         s1, s2, rk = (torch.zeros(N, len(self.pairs), dtype=torch.float64) for _ in range(3))
-        for n, ((slot, pidx), group) in enumerate(zip(slots, results)):
-            p = self.train[pidx]
-            conversation = p.messages if p.messages is not None else [{"role": "user", "content": p.prompt}]
-            answers = [final_answer(self._completion_text(p, r.tokens)) for r in group]
-            a, c, k, n_retry = self.judge_group(conversation, answers, _seed(self.stage.seed, b, slot), counter)
-            s1[n], s2[n], rk[n] = a, c, k
-            retried += n_retry
+        with self.judge_lockstep or contextlib.nullcontext():  # no other collective inside: the reduction comes after
+            for n, ((slot, pidx), group) in enumerate(zip(slots, results)):
+                p = self.train[pidx]
+                conversation = p.messages if p.messages is not None else [{"role": "user", "content": p.prompt}]
+                answers = [final_answer(self._completion_text(p, r.tokens)) for r in group]
+                a, c, k, n_retry, n_tokens = self.judge_group(conversation, answers, _seed(self.stage.seed, b, slot), counter)
+                s1[n], s2[n], rk[n] = a, c, k
+                retried, generated = retried + n_retry, generated + n_tokens
         r = self.r
         rewards = rollout_rewards(s1, s2, rk, self.pairs, G, tie_break=r.tie_break)
         judged = rewards.clone()
@@ -158,11 +178,12 @@ class RLHFStage(GRPOStage):
                     for n in range(N) for i in range(r.judge_samples)]
         # summed over ranks (every rank scores the same number of rounds, so this collective is matched)
         t = self._all_reduce(torch.tensor([float(judged.sum()), float(judged.numel()), counter.errors, counter.total,
-                                           retried, float((s1 == s2).sum()), sum(cons), len(cons)], dtype=torch.float64))
+                                           retried, float((s1 == s2).sum()), sum(cons), len(cons), generated],
+                                          dtype=torch.float64))
         metrics = {"rlhf/judged_score_mean": float(t[0] / t[1].clamp(min=1)),
                    "rlhf/judge_format_error_frac": float(t[2] / t[3].clamp(min=1)),
                    "rlhf/judge_retry_frac": float(t[4] / t[3].clamp(min=1)), "rlhf/comparisons": float(t[3]),
-                   "rlhf/tie_frac": float(t[5] / t[3].clamp(min=1))}
+                   "rlhf/tie_frac": float(t[5] / t[3].clamp(min=1)), "rlhf/judge_tokens": float(t[8])}
         if cons:
             metrics["rlhf/swap_consistency"] = float(t[6] / t[7])
         self._pending.update(metrics)

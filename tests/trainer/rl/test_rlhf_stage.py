@@ -123,3 +123,35 @@ def test_judge_seeds_name_the_global_slot_not_the_rank_share(files):
     r_shared, _ = stage.score_groups(7, [(4, 1), (5, 0)], [group, group])
     assert shared.calls[1] == alone.calls[0] and shared.calls[0] != alone.calls[0]
     assert r_shared[1].tolist() == r_alone[0].tolist() == [3.0, 3.0]  # (4 + 2) / 2 for both rollouts
+
+
+@pytest.mark.slow
+def test_two_ranks_fsdp_ep2_judge_like_one_rank(files, tmp_path):
+    """Under ``parallel=fsdp_ep2`` the policy is FSDP2 × EP 2 and the judge EP 2 (each rank reads only its
+    experts from the judge folder); every judge forward is a lockstep round (the ranks judge different groups
+    and may re-sample different verdicts). 2 ranks judge and train like 1 with the same global batch: the
+    same judge tokens (sampled at temperature 1 from an untrained judge: ~7% of its rows stop early, so a
+    difference in its logits would change where they stop), verdict counts and losses. The untrained
+    judge's verdicts never parse (every reward is the default 3, so the losses are 0 here): the token-exact
+    EP judge is proven in tests/trainer/test_expert_parallel.py (``frozen``), the verdict → reward maths by
+    the scripted tests above."""
+    from ..conftest import read_records, run_cli, run_torchrun
+
+    args = ["-cn", "rlhf", "model.preset=tiny", "model.init_from=null", "model.init_seed=3",
+            f"data.rl.train=[{files / 'prompts.jsonl'}]", "data.rl.valid=[]", f"stage.rlhf.judge={files / 'judge'}",
+            "stage.eval_batches=0", "stage.steps=2", "stage.save_every=0", "stage.micro_batch=4",
+            "stage.grpo.prompts_per_step=4", "stage.grpo.generations_per_prompt=2", "stage.grpo.max_new_tokens=6",
+            "stage.rlhf.judge_max_new_tokens=24", "stage.rlhf.retries=1", "logger.progress_bar=false", "logger.log_every=1"]
+    single = run_cli(*args, f"run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = run_torchrun(*args, "parallel=fsdp_ep2", "parallel.backend=gloo", f"run.dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_records(tmp_path / "single"), read_records(tmp_path / "two")
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for k in ("rlhf/judge_tokens", "rlhf/comparisons", "rlhf/judge_format_error_frac", "rlhf/judge_retry_frac",
+                  "rlhf/judged_score_mean", "grpo/reward_mean", "grpo/response_length_mean", "target_tokens"):
+            assert x[k] == y[k], (k, x[k], y[k])
+        for k in ("loss", "grad_norm"):
+            assert abs(x[k] - y[k]) <= 1e-5 * max(abs(x[k]), 1.0), (k, x[k], y[k])
+    assert a[0]["rlhf/comparisons"] == 4 * 2 and a[0]["rlhf/judge_tokens"] > 4 * 2
