@@ -215,7 +215,9 @@ class GenerationEngine:
     ``hidden_states(input_ids, cache=, lengths=)``, ``lm_head`` and ``forward(input_ids, cache=)``).
 
     ``max_batch`` rows run together (more prompts run in successive waves); ``dtype`` is the KV cache's
-    dtype (default the model's); ``prefill_chunk`` prompt positions are prefilled per forward (None: the
+    dtype (default: the model's parameter dtype when each wave starts — under FSDP2 mixed precision, inside a
+    :class:`~tandem.trainer.parallel.lockstep.LockstepGeneration` region, that is the gathered compute dtype,
+    not the fp32 of the sharded master weights); ``prefill_chunk`` prompt positions are prefilled per forward (None: the
     whole prompt at once; see the module doc). The model is run in eval mode under ``torch.inference_mode`` (``no_grad`` when FSDP2 shards it) and put
     back in its previous mode afterwards.
 
@@ -239,7 +241,7 @@ class GenerationEngine:
         self.prefill_chunk = prefill_chunk
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
-        self.dtype = dtype or p.dtype
+        self._dtype = dtype
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self.static = static or compile
@@ -249,6 +251,11 @@ class GenerationEngine:
         if self.static:
             check_static_model(model)
             self._step = compile_decode_step(model, compile_mode) if compile else model.decode_step
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The KV cache's dtype: the one given, else the model's parameters' now (see the class doc)."""
+        return self._dtype or next(self.model.parameters()).dtype
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *,
                  think_ids: ThinkTokens | None = None) -> list[GenerationResult]:

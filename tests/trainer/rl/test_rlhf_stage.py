@@ -155,3 +155,11 @@ def test_two_ranks_fsdp_ep2_judge_like_one_rank(files, tmp_path):
         for k in ("loss", "grad_norm"):
             assert abs(x[k] - y[k]) <= 1e-5 * max(abs(x[k]), 1.0), (k, x[k], y[k])
     assert a[0]["rlhf/comparisons"] == 4 * 2 and a[0]["rlhf/judge_tokens"] > 4 * 2
+    # The cluster's numerics: FSDP2 gathers bf16 weights (its default on CUDA) and the judge is bf16. The
+    # rollouts' KV cache takes the gathered compute dtype (it was the sharded fp32 masters' dtype, and the
+    # first decoded token failed: "Index put requires the source and destination dtypes match").
+    bf16 = run_torchrun(*args, "stage.steps=1", "parallel=fsdp_ep2", "parallel.backend=gloo",
+                        "parallel.fsdp_param_dtype=bf16", "stage.rlhf.judge_dtype=bf16", f"run.dir={tmp_path / 'bf16'}")
+    assert bf16.returncode == 0, bf16.stderr[-3000:]
+    (c,) = read_records(tmp_path / "bf16")
+    assert c["rlhf/comparisons"] == 8 and c["rlhf/judge_tokens"] > 8 and c["grpo/rollouts"] == 8, c
