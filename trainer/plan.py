@@ -26,6 +26,16 @@ Peak per rank = weights + gradients + optimizer + master + max(activations kept 
 the optimizer step's temporaries). Gradients are counted whole from the first micro-batch on, since with
 gradient accumulation they coexist with the next micro-batch's activations.
 
+**Generating stages** (``grpo``, ``rlhf``) also hold, while they generate (never during the training
+forward/backward, so the peak takes the larger): the policy's weights gathered in the compute dtype under
+FSDP2 (the lockstep region unshards every block once), the rollouts' KV + SSM cache
+(:meth:`~tandem.model.cache.HybridCache.bytes_for`: ``generations_per_prompt`` rows of up to
+``data.seq_len`` tokens) and a prefill forward's live tensors (bounded by one block's training activations
+at ``rows × prefill chunk`` tokens). ``rlhf`` adds its frozen judge: its weights for the whole run (in
+``stage.rlhf.judge_dtype``: dense whole, experts cut ``ep`` ways) and, while it judges, its own cache and
+forward; its architecture is read from ``stage.rlhf.judge`` when that folder is there, else assumed to be
+the policy's (said in the output).
+
 Validated against measured peaks (``mem_peak_gb − mem_base_gb`` of real runs, VmHWM on CPU) in
 ``tests/trainer/test_plan.py``; the tables in docs/PARALLELISM.md and docs/CLUSTER.md are printed by it.
 """
@@ -45,7 +55,8 @@ import torch
 
 from tandem.model.config import HybridConfig
 
-__all__ = ["Cluster", "Layout", "ParamInventory", "Plan", "inventory", "plan", "plan_main", "probe_block", "probe_head"]
+__all__ = ["Cluster", "Generation", "Layout", "ParamInventory", "Plan", "generation_from_config", "inventory", "plan",
+           "plan_main", "probe_block", "probe_head"]
 
 GB = 1e9
 
@@ -88,6 +99,19 @@ class Layout:
     cp: int = 1  # context parallelism: each rank holds seq_len / cp tokens of every row
 
 
+@dataclass(frozen=True)
+class Generation:
+    """What a generating stage holds while it generates (see the module doc)."""
+
+    rows: int  # rows of one generate call (GRPO: generations_per_prompt)
+    max_len: int  # prompt + new tokens per row, at most
+    prefill_chunk: int = 2048  # prompt positions per prefill forward (the engine's default)
+    judge: HybridConfig | None = None  # rlhf: the frozen judge's architecture
+    judge_rows: int = 0  # stage.rlhf.judge_batch
+    judge_max_len: int = 0  # judge prompt + verdict tokens, at most
+    judge_bytes: int = 2  # bytes per judge parameter (stage.rlhf.judge_dtype)
+
+
 @dataclass
 class Plan:
     cluster: Cluster
@@ -105,11 +129,12 @@ class Plan:
         lines = [f"layout {describe(self.layout)} on {self.cluster.nodes}×{self.cluster.gpus_per_node} "
                  f"{self.cluster.device} ({self.cluster.gpu_mem_gb:g} GB each), {self.tokens} tokens per micro-batch:"]
         for name, b in self.rows.items():
-            lines.append(f"  {name:<28} {b / GB:8.2f} GB")
-        for kind, b in self.activations_by_kind.items():
-            lines.append(f"    activations kept, {kind:<10} {b / GB:8.2f} GB")
+            lines.append(f"  {name:<36} {b / GB:8.2f} GB")
+            if name.startswith("activations"):
+                for kind, kb in self.activations_by_kind.items():
+                    lines.append(f"    {'kept, ' + kind:<34} {kb / GB:8.2f} GB")
         verdict = "fits" if self.fits else "does NOT fit"
-        lines.append(f"  {'peak per rank':<28} {self.peak / GB:8.2f} GB  → {verdict}")
+        lines.append(f"  {'peak per rank':<36} {self.peak / GB:8.2f} GB  → {verdict}")
         return "\n".join(lines)
 
 
@@ -393,9 +418,10 @@ def _numerics(precision: str, device: str) -> str:
 
 
 def plan(config: HybridConfig, cluster: Cluster, layout: Layout, *, tokens: int, batch_rows: int = 1,
-         precision: str = "auto", accumulating: bool = True) -> Plan:
+         precision: str = "auto", accumulating: bool = True, generation: Generation | None = None) -> Plan:
     """Bytes per rank of ``layout`` on ``cluster`` for micro-batches of ``tokens`` tokens in ``batch_rows``
-    rows (``accumulating``: more than one micro-batch per rank per step)."""
+    rows (``accumulating``: more than one micro-batch per rank per step; ``generation``: what a GRPO / RLHF
+    stage holds while it generates)."""
     if cluster.world % layout.ep:
         raise ValueError(f"parallel.ep={layout.ep} must divide the world size {cluster.world}")
     if cluster.world % layout.cp:
@@ -448,12 +474,47 @@ def plan(config: HybridConfig, cluster: Cluster, layout: Layout, *, tokens: int,
         rows["autocast bf16 weight copies"] = 2 * (inv.dense + inv.expert / layout.ep)
     static = sum(rows[k] for k in ("weights", "gradients", "optimizer (AdamW moments)")) + rows.get("master weights (fp32)", 0.0)
     during = activations + transient + rows.get("autocast bf16 weight copies", 0.0)
+    others = [rows["optimizer step temporaries"]]
     if layout.engine in _PERSISTENT_BUFFERS:
         static += rows["communication buffers"]
-        peak = static + max(during, rows["optimizer step temporaries"])
     else:
-        peak = static + max(during, rows["communication buffers"], rows["optimizer step temporaries"])
+        others.append(rows["communication buffers"])
+    if generation is not None:
+        regions = _generation_rows(config, generation, layout, inv, numerics, param_bytes, triton)
+        rows.update(regions.pop("rows"))
+        static += rows.get("judge weights (frozen)", 0.0)
+        others += list(regions.values())
+    peak = static + max(during, *others)
     return Plan(cluster, layout, tokens // layout.cp, rows, by_kind, peak)
+
+
+def _generation_rows(config: HybridConfig, gen: Generation, layout: Layout, inv: ParamInventory, numerics: str,
+                     param_bytes: int, triton: bool) -> dict:
+    """Rows of a generating stage, and the bytes of each region it generates in (policy rollouts; judging)."""
+    from tandem.model.cache import HybridCache
+
+    dtype = torch.bfloat16 if numerics == "bf16" else torch.float32
+
+    def forward_bound(cfg: HybridConfig, rows: int, max_len: int) -> float:
+        # a prefill forward (no autograd) holds at most what training keeps of one block at its tokens
+        chunk = min(gen.prefill_chunk, max_len)
+        return max(probe_block(cfg, kind, rows, chunk, numerics, triton, False, layout.ep)[0]
+                   for kind in set(cfg.hybrid_override_pattern))
+
+    held = inv.dense + inv.expert / layout.ep
+    out = {"rollout weights gathered (fsdp)": param_bytes * held if layout.engine == "fsdp" else 0.0,
+           "rollout KV + SSM cache": float(HybridCache.bytes_for(config, gen.rows, gen.max_len, dtype).total),
+           "rollout forward (bound)": float(forward_bound(config, gen.rows, gen.max_len))}
+    regions = {"rollouts": sum(out.values())}
+    if gen.judge is not None:
+        jinv = inventory(gen.judge)
+        jdtype = torch.bfloat16 if gen.judge_bytes == 2 else torch.float32
+        judge = {"judge weights (frozen)": gen.judge_bytes * (jinv.dense + jinv.expert / layout.ep),
+                 "judge KV + SSM cache": float(HybridCache.bytes_for(gen.judge, gen.judge_rows, gen.judge_max_len, jdtype).total),
+                 "judge forward (bound)": float(forward_bound(gen.judge, gen.judge_rows, gen.judge_max_len))}
+        out.update(judge)
+        regions["judging"] = judge["judge KV + SSM cache"] + judge["judge forward (bound)"]
+    return {"rows": out, **regions}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -472,6 +533,36 @@ def layout_from_config(cfg, cluster: Cluster) -> Layout:
     spec = cfg.model.get("activation_checkpointing", None)
     spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
     return Layout(engine, int(cfg.parallel.ep), activation_checkpointing_kinds(spec), int(cfg.parallel.get("cp", 1) or 1))
+
+
+def generation_from_config(cfg, model_cfg: HybridConfig, cluster: Cluster) -> tuple[Generation | None, str]:
+    """What a GRPO / RLHF run generates with (None for other stages), and a note on how the judge's
+    architecture was found."""
+    name = str(cfg.stage.name)
+    if name not in ("grpo", "rlhf"):
+        return None, ""
+    g = cfg.stage.grpo
+    seq_len = int(cfg.data.seq_len)
+    if name == "grpo":
+        return Generation(rows=int(g.generations_per_prompt), max_len=seq_len), ""
+    r = cfg.stage.rlhf
+    judge, note = model_cfg, "judge: assumed to be the policy's architecture"
+    if r.judge:
+        from tandem.model.checkpoint import CheckpointError, read_config
+        from .checkpoint.manager import weights_dir
+
+        try:
+            judge = read_config(weights_dir(str(r.judge)))
+            note = f"judge: the architecture of {r.judge}"
+        except (CheckpointError, OSError, ValueError):
+            note += f" ({r.judge} is not readable here)"
+    jdtype = str(r.get("judge_dtype", "auto"))
+    judge_bytes = 4 if jdtype == "fp32" or (jdtype == "auto" and cluster.device != "cuda") else 2
+    # a judge prompt: the conversation (≤ seq_len − max_new_tokens) + two final answers (≤ max_new_tokens each)
+    # + the instructions (a few hundred tokens, not counted) — then its verdict
+    judge_len = seq_len + int(g.max_new_tokens) + int(r.judge_max_new_tokens)
+    return (Generation(rows=int(g.generations_per_prompt), max_len=seq_len, judge=judge, judge_rows=int(r.judge_batch),
+                       judge_max_len=judge_len, judge_bytes=judge_bytes), note)
 
 
 def candidate_layouts(base: Layout, world: int, seq_len: int | None = None) -> list[Layout]:
@@ -552,7 +643,10 @@ def plan_main(argv: list[str]) -> int:
             cfg = compose(config_name=args.config_name, overrides=list(args.overrides))
         model_cfg = build_hybrid_config(cfg.model)
     except (HydraException, OmegaConfBaseException, ConfigError, ValueError) as e:
-        fail(str(e).splitlines()[0])
+        msg = str(e).splitlines()[0]
+        if "init_from" in msg:  # a recipe that starts from a checkpoint: plan its architecture by name instead
+            msg += " (its config.json is read), or name the architecture to plan: model.preset=nano3"
+        fail(msg)
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.device)
     base = layout_from_config(cfg, cluster)
     if cluster.world % base.ep:
@@ -561,8 +655,9 @@ def plan_main(argv: list[str]) -> int:
     tokens = int(cfg.stage.micro_batch) * seq_len
     # data-parallel replicas: world / cp (the CP ranks of a replica share its rows)
     accumulating = int(cfg.stage.global_batch) > int(cfg.stage.micro_batch) * cluster.world // base.cp
+    generation, note = generation_from_config(cfg, model_cfg, cluster)
     kwargs = dict(tokens=tokens, batch_rows=int(cfg.stage.micro_batch), precision=str(cfg.precision.name),
-                  accumulating=accumulating)
+                  accumulating=accumulating, generation=generation)
     print(f"{args.config_name}: {model_cfg.hybrid_override_pattern[:40]}{'…' if len(model_cfg.hybrid_override_pattern) > 40 else ''} "
           f"(measuring activations per layer kind on this CPU …)", flush=True)
     mine = plan(model_cfg, cluster, base, **kwargs)
@@ -572,6 +667,8 @@ def plan_main(argv: list[str]) -> int:
     others = [plan(model_cfg, cluster, l, **kwargs)
               for l in candidate_layouts(base, cluster.world, seq_len)[1:]]
     print(mine.table())
+    if note:
+        print(note)
     if args.all:
         print(f"\n{'layout':<40} {'peak/rank':>10}  fits")
         for o in [mine, *others]:

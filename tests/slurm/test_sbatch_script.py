@@ -170,7 +170,7 @@ def test_bad_setup_says_what_to_fix(fake, env, args, message):
     assert "srun" not in calls
 
 
-@pytest.mark.parametrize("script", ["smoke.sbatch", "pretrain.sbatch", "sft.sbatch", "cpt.sbatch", "rlvr.sbatch"])
+@pytest.mark.parametrize("script", ["smoke.sbatch", "pretrain.sbatch", "sft.sbatch", "cpt.sbatch", "rlvr.sbatch", "rlhf.sbatch"])
 def test_scripts_ask_for_preemption_notice_requeue_and_appended_logs(script):
     directives = [l.split(None, 1)[1] for l in (REPO / "slurm" / script).read_text().splitlines()
                   if l.startswith("#SBATCH ")]

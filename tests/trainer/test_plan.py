@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tandem.model import HybridConfig, HybridLM
-from tandem.trainer.plan import Cluster, Layout, _run_tracked, inventory, plan, probe_block
+from tandem.trainer.plan import Cluster, Generation, Layout, _run_tracked, generation_from_config, inventory, plan, probe_block
 
 from .conftest import REPO, compose_recipe, run_cli, run_torchrun
 
@@ -119,16 +119,22 @@ def test_nano3_recipes_fit_the_cluster_their_sbatch_names():
 
     for recipe, script in [("nano3_pretrain", "pretrain.sbatch"), ("sft", "sft.sbatch"),
                            ("finetune_from_release", "sft.sbatch"), ("nano3_cpt_512k", "cpt.sbatch"),
-                           ("nano3_rlvr", "rlvr.sbatch")]:
+                           ("nano3_rlvr", "rlvr.sbatch"), ("nano3_rlhf", "rlhf.sbatch")]:
         nodes, gpus = _sbatch_shape(script)
         cfg = compose_recipe(recipe, ["model.preset=nano3"])
         cluster = Cluster(nodes, gpus, 80.0, "cuda")
         layout = layout_from_config(cfg, cluster)
-        p = plan(build_hybrid_config(cfg.model), cluster, layout,
+        model_cfg = build_hybrid_config(cfg.model)
+        generation, _ = generation_from_config(cfg, model_cfg, cluster)
+        p = plan(model_cfg, cluster, layout,
                  tokens=cfg.stage.micro_batch * row_length(cfg)[0], batch_rows=cfg.stage.micro_batch,
-                 accumulating=cfg.stage.global_batch > cfg.stage.micro_batch * cluster.world // layout.cp)
+                 accumulating=cfg.stage.global_batch > cfg.stage.micro_batch * cluster.world // layout.cp,
+                 generation=generation)
         assert p.layout.engine == "fsdp" and p.layout.ep == 8, (recipe, p.layout)
         assert p.fits, (recipe, p.table())
+        if recipe in ("nano3_rlvr", "nano3_rlhf"):  # generation is planned: the gathered weights, caches (and judge)
+            assert p.rows["rollout weights gathered (fsdp)"] > 10e9 and p.rows["rollout KV + SSM cache"] > 1e9, p.table()
+            assert ("judge weights (frozen)" in p.rows) == (recipe == "nano3_rlhf"), p.table()
         if recipe == "nano3_cpt_512k":
             assert p.layout.cp == 16 and (nodes, gpus) == (8, 8), p.layout
 
@@ -138,3 +144,32 @@ def test_plan_bad_input_is_one_line_exit_2():
     assert res.returncode == 2 and "--nodes" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = run_cli("plan", "-cn", "smoke", "parallel.ep=3", "--gpus-per-node", "2")
     assert res.returncode == 2 and "parallel.ep=3" in res.stderr, res.stderr
+
+
+def test_generation_rows_are_what_generation_allocates(tmp_path):
+    """The planner's generation rows against the real objects: the rollout cache against
+    ``HybridCache.allocate`` at the same shape, the judge's weights against a judge loaded by the RLHF path
+    (EP 1 here: whole), and a generating stage's peak takes the larger of training and generating."""
+    from tandem.model.cache import HybridCache
+    from tandem.trainer.parallel import DistInfo
+    from tandem.trainer.stages.rlhf import load_judge
+
+    cfg = HybridConfig.preset("tiny")
+    HybridLM(cfg, init_seed=0).save_pretrained(tmp_path / "judge")
+    judge = load_judge(str(tmp_path / "judge"), DistInfo(0, 1, 0, torch.device("cpu")), torch.float32)
+    cluster = Cluster(1, 1, 80, "cpu")
+    gen = Generation(rows=4, max_len=96, judge=cfg, judge_rows=3, judge_max_len=200, judge_bytes=4)
+    base = plan(cfg, cluster, Layout("ddp", 1), tokens=256, batch_rows=4)
+    p = plan(cfg, cluster, Layout("ddp", 1), tokens=256, batch_rows=4, generation=gen)
+    assert p.rows["rollout KV + SSM cache"] == HybridCache.allocate(cfg, 4, 96).nbytes().total
+    assert p.rows["judge KV + SSM cache"] == HybridCache.allocate(cfg, 3, 200).nbytes().total
+    assert p.rows["judge weights (frozen)"] == sum(t.numel() * t.element_size() for t in judge.parameters())
+    assert p.rows["rollout weights gathered (fsdp)"] == 0  # ddp generates from the weights it trains
+    assert p.peak >= base.peak + p.rows["judge weights (frozen)"]
+    # a composed rlhf recipe: the judge's architecture from its folder when it is there
+    rc = compose_recipe("rlhf", ["model.preset=tiny", "model.init_from=null", f"stage.rlhf.judge={tmp_path / 'judge'}"])
+    g, note = generation_from_config(rc, cfg, cluster)
+    assert g.judge == judge.config and str(tmp_path / "judge") in note and g.judge_bytes == 4
+    rc = compose_recipe("rlhf", ["model.preset=tiny", "model.init_from=null", f"stage.rlhf.judge={tmp_path / 'nope'}"])
+    g, note = generation_from_config(rc, cfg, Cluster(1, 8, 80, "cuda"))
+    assert g.judge == cfg and "assumed to be the policy's architecture" in note and g.judge_bytes == 2

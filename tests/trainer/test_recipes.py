@@ -18,7 +18,7 @@ RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
 
 def test_recipes_exist():
     assert {"smoke", "nano3_pretrain", "nano3_pretrain_phase1", "nano3_pretrain_phase2", "smoke_sft", "sft",
-            "finetune_from_release", "grpo", "smoke_grpo", "nano3_rlvr"} <= set(RECIPE_NAMES)
+            "finetune_from_release", "grpo", "smoke_grpo", "nano3_rlvr", "rlhf", "nano3_rlhf"} <= set(RECIPE_NAMES)
     for group in ("model", "data", "optim", "parallel", "precision", "logger", "stage"):
         assert list((RECIPES / group).glob("*.yaml")), group
 
@@ -44,6 +44,8 @@ def test_recipe_composes_and_builds_on_meta(name, release_dir):
         overrides.append("data.chat.train=[/data/sft.jsonl]")
     if cfg.stage.name in ("grpo", "rlhf") and not cfg.data.rl.train:
         overrides.append("data.rl.train=[/data/rl.jsonl]")
+    if cfg.stage.name == "rlhf" and not cfg.stage.rlhf.judge:  # the judge, like the checkpoint, is the user's
+        overrides.append("stage.rlhf.judge=/ckpt/genrm")
     if overrides:
         cfg = compose_recipe(name, overrides)
     OmegaConf.to_yaml(cfg, resolve=True)  # every interpolation resolves
