@@ -335,6 +335,9 @@ class GRPOConfig:
     # what generates the rollouts (trainer/inference/backends.py): engine = the in-process GenerationEngine on
     # the training model; vllm = a colocated vLLM engine refitted each step (GPU, pip install 'tandem[vllm]')
     rollout_backend: str = "engine"
+    # how the engine back-end decodes (docs/GENERATION.md): eager | static (fixed shapes, sampling and stops on
+    # the device; any layout) | compiled (static + torch.compile of the decode step; one process only)
+    rollout_engine: str = "eager"
     vllm_gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU (weights + KV cache), in (0, 1)
 
 
@@ -564,7 +567,7 @@ def validate_parallel(p: Any) -> None:
 
 def validate_grpo(g: Any) -> None:
     """Range and choice checks of ``stage.grpo`` (ConfigError naming the key)."""
-    from .inference.backends import ROLLOUT_BACKENDS
+    from .inference.backends import ROLLOUT_BACKENDS, ROLLOUT_ENGINES
     from .inference.vllm_backend import check_config as check_vllm_config
     from .rl.advantages import ADVANTAGE_ESTIMATORS
     from .rl.environments.base import BACKENDS
@@ -608,6 +611,11 @@ def validate_grpo(g: Any) -> None:
         bad("thinking_budget", "must be >= 0 or null", g.thinking_budget)
     if g.rollout_backend not in ROLLOUT_BACKENDS:
         bad("rollout_backend", f"must be one of {sorted(ROLLOUT_BACKENDS)}", g.rollout_backend)
+    if g.rollout_engine not in ROLLOUT_ENGINES:
+        bad("rollout_engine", f"must be one of {list(ROLLOUT_ENGINES)}", g.rollout_engine)
+    if g.rollout_engine != "eager" and g.rollout_backend != "engine":
+        bad("rollout_engine", f"applies to rollout_backend=engine only (rollout_backend={g.rollout_backend})",
+            g.rollout_engine)
     if not 0 < g.vllm_gpu_memory_utilization < 1:
         bad("vllm_gpu_memory_utilization", "must be in (0, 1): the trainer needs the rest of the GPU",
             g.vllm_gpu_memory_utilization)

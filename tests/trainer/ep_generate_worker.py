@@ -1,7 +1,8 @@
 """Run by torchrun (2 processes, gloo): generation under EP=2 in lockstep vs all experts in one process.
 argv[2] says how the EP model is made: ``frozen`` — saved, then read back by ``load_frozen`` (each rank
-allocates and reads only its experts; the RLHF judge's path); ``fsdp`` — also FSDP2-sharded, as GRPO's
-``parallel=fsdp_ep2`` runs it.
+allocates and reads only its experts; the RLHF judge's path), decoding with the static engine
+(``stage.grpo.rollout_engine=static``: ``LockstepGeneration.decode_step``) against the static engine on the
+whole model; ``fsdp`` — also FSDP2-sharded, as GRPO's ``parallel=fsdp_ep2`` runs it, eager engine.
 
 The ranks generate different prompts, a different number of ``generate`` calls and rows that stop at
 different steps (so their forward counts differ); each rank's tokens must equal what its model with every
@@ -58,9 +59,10 @@ def main(out_path, mode, folder=None):
     calls = [([torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths],
               SamplingParams(max_new_tokens=new, greedy=not sampled, temperature=1.0 if not sampled else 0.8,
                              seed=rank + 1)) for lengths, new, sampled in CALLS[rank]]
-    expected = [GenerationEngine(ref, max_batch=2, prefill_chunk=8).generate(p, prm) for p, prm in calls]
+    static = mode == "frozen"
+    expected = [GenerationEngine(ref, max_batch=2, prefill_chunk=8, static=static).generate(p, prm) for p, prm in calls]
     lockstep = LockstepGeneration(ep_model, info.ep_group)
-    engine = GenerationEngine(lockstep, max_batch=2, prefill_chunk=8)
+    engine = GenerationEngine(lockstep, max_batch=2, prefill_chunk=8, static=static)
     if mode == "fsdp":  # FSDP's lazy initialisation happens at the first forward: do it before counting
         with torch.no_grad():
             ep_model.hidden_states(torch.zeros(1, 1, dtype=torch.long))

@@ -76,7 +76,8 @@ def test_ep2_generation_in_lockstep_equals_all_experts_local(tmp_path, mode):
     prompts, call counts and stopping steps generate the tokens their model would with every expert local and
     whole weights; the rank that finishes first partners the other's forwards (dummy one-token forwards)
     instead of hanging it. ``frozen``: the EP model is read from a saved folder by ``load_frozen`` (the judge's
-    path: each rank builds on meta and reads only its experts). Under FSDP2 the weights are gathered once on
+    path: each rank builds on meta and reads only its experts) and decodes with the static engine
+    (``rollout_engine=static``, against the static engine on the whole model). Under FSDP2 the weights are gathered once on
     entering the region, never while generating."""
     out = tmp_path / "verdict.json"
     res = _torchrun(str(REPO / "tests" / "trainer" / "ep_generate_worker.py"), str(out), mode, str(tmp_path / "saved"),

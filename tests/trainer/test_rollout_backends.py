@@ -210,11 +210,37 @@ def test_vllm_backend_refits_offloads_and_generates(model, monkeypatch):
     assert torch.equal(llm.weights["lm_head.weight"], m.lm_head.weight)
 
 
+def test_engine_modes_through_the_registry(model):
+    """``stage.grpo.rollout_engine``: static and compiled engines behind the same back-end; greedy tokens
+    equal the eager engine's (the static step computes the same maths)."""
+    params = SamplingParams(max_new_tokens=5, greedy=True, stop_token_ids=(11,))
+    want = GenerationEngine(model, max_batch=2).generate(PROMPTS, params)
+    for mode in ("static", "compiled"):
+        backend = build_backend("engine", model, max_batch=2, max_len=64, grpo=SimpleNamespace(rollout_engine=mode))
+        assert backend.engine.static and backend.engine.compiled == (mode == "compiled")
+        got = backend.generate(PROMPTS, params)
+        assert [r.tokens for r in got] == [r.tokens for r in want], mode
+
+
+def test_compiled_rollouts_refused_on_several_ranks(rl_file, tmp_path):
+    cfg = compose_recipe("grpo", [*RUN, f"data.rl.train=[{rl_file}]", f"run.dir={tmp_path / 'r'}",
+                                  "stage.grpo.rollout_engine=compiled"])
+    with pytest.raises(ConfigError, match="stage.grpo.rollout_engine=compiled runs on one process"):
+        GRPOStage(cfg.data, cfg.stage, rank=0, world_size=2)
+    assert not (tmp_path / "r").exists()
+    stage = GRPOStage(cfg.data, cfg.stage)  # one process: the stage's rollouts run the compiled engine
+    stage.bind(HybridLM(HybridConfig.preset("tiny"), init_seed=0), DistInfo(0, 1, 0, torch.device("cpu")))
+    assert stage.engine.compiled and stage.engine.static
+
+
 # --- config refusals ----------------------------------------------------------------------------------
 def test_backend_config_errors_name_the_key(rl_file, tmp_path):
     from tandem.trainer.run import validate
 
     for bad, key in ((["stage.grpo.rollout_backend=nope"], "stage.grpo.rollout_backend"),
+                     (["stage.grpo.rollout_engine=fast"], r"stage.grpo.rollout_engine must be one of \['eager', 'static', 'compiled'\]"),
+                     (["stage.grpo.rollout_backend=vllm", "stage.grpo.rollout_engine=static"],
+                      "stage.grpo.rollout_engine applies to rollout_backend=engine only"),
                      (["stage.grpo.vllm_gpu_memory_utilization=1.5"], "stage.grpo.vllm_gpu_memory_utilization"),
                      (["stage.grpo.rollout_backend=vllm", "stage.grpo.temperature=0.7", "stage.grpo.top_p=0.9"],
                       "stage.grpo.temperature"),

@@ -28,8 +28,8 @@ from torch import nn
 
 from .engine import GenerationEngine, GenerationResult, SamplingParams, ThinkTokens
 
-__all__ = ["DEFAULT_BACKEND", "ROLLOUT_BACKENDS", "BackendSpec", "EngineBackend", "RolloutBackend", "build_backend",
-           "check_backend", "register_backend"]
+__all__ = ["DEFAULT_BACKEND", "ROLLOUT_BACKENDS", "ROLLOUT_ENGINES", "BackendSpec", "EngineBackend", "RolloutBackend",
+           "build_backend", "check_backend", "engine_for", "register_backend"]
 
 
 class RolloutBackend(Protocol):
@@ -92,8 +92,8 @@ class EngineBackend:
     """The in-process :class:`GenerationEngine` as a rollout back-end. ``model`` is what the engine runs: the
     training model, or under several ranks the stage's lock-step wrapper of it."""
 
-    def __init__(self, model: nn.Module, max_batch: int):
-        self.engine = GenerationEngine(model, max_batch=max_batch)
+    def __init__(self, model: nn.Module, max_batch: int, mode: str = "eager"):
+        self.engine = engine_for(model, max_batch, mode)
 
     def generate(self, prompts, params, think_ids=None):
         return self.engine.generate(prompts, params, think_ids=think_ids)
@@ -105,9 +105,28 @@ class EngineBackend:
         """Nothing held between generations (each wave allocates and drops its own cache)."""
 
 
-@register_backend("engine")
+#: ``stage.grpo.rollout_engine`` choices: how the in-process engine decodes
+ROLLOUT_ENGINES = ("eager", "static", "compiled")
+
+
+def engine_for(model: nn.Module, max_batch: int, mode: str = "eager") -> GenerationEngine:
+    """The in-process engine decoding as ``stage.grpo.rollout_engine`` says: ``eager``, ``static`` (fixed
+    shapes, bookkeeping on the device) or ``compiled`` (static + ``torch.compile`` of the step)."""
+    if mode not in ROLLOUT_ENGINES:
+        raise ValueError(f"stage.grpo.rollout_engine must be one of {list(ROLLOUT_ENGINES)}, got {mode!r}")
+    return GenerationEngine(model, max_batch=max_batch, static=mode != "eager", compile=mode == "compiled")
+
+
+def _check_engine(grpo, world_size):
+    if grpo is not None and getattr(grpo, "rollout_engine", "eager") == "compiled" and world_size > 1:
+        raise ValueError(f"stage.grpo.rollout_engine=compiled runs on one process (here {world_size} data-parallel "
+                         f"ranks): under expert parallelism the MoE all-to-all sizes its exchange on the host (a "
+                         f"graph break) and FSDP2 swaps the weights it gathers; use rollout_engine=static")
+
+
+@register_backend("engine", check=_check_engine)
 def _build_engine(model, *, max_batch, max_len, grpo=None, seed=0):
-    return EngineBackend(model, max_batch)
+    return EngineBackend(model, max_batch, getattr(grpo, "rollout_engine", "eager") if grpo is not None else "eager")
 
 
 def _check_vllm(grpo, world_size):

@@ -36,7 +36,8 @@ class LockstepGeneration(nn.Module):
     the forwards themselves gather nothing. Cost: one all-reduce of one integer per forward; a working rank never reads it (no host sync for it on
     the device), a draining rank does (it has nothing else to do). The tokens a rank generates are the ones
     it would generate alone with all experts and whole weights (the collectives only move data; tested).
-    Exposes what the engine uses: ``forward``, ``hidden_states``, ``lm_head``, ``config``.
+    Exposes what the engines use: ``forward``, ``hidden_states``, ``decode_step`` (the static engine),
+    ``lm_head``, ``config``.
     """
 
     def __init__(self, model: nn.Module, group):
@@ -70,6 +71,13 @@ class LockstepGeneration(nn.Module):
     def hidden_states(self, *args, **kwargs):
         self._round(1)
         return self.inner.hidden_states(*args, **kwargs)
+
+    def decode_step(self, tokens, cache, advance=None):
+        """The static engine's step (``HybridLM.decode_step``) as one round. Its collectives are those of
+        a one-token forward (the MoE all-to-all per MoE layer; under FSDP2 none: the region holds the
+        weights gathered), so a draining rank's dummy forward partners it."""
+        self._round(1)
+        return self.inner.decode_step(tokens, cache, advance)
 
     @torch.no_grad()  # not inference_mode: FSDP2 unsharding needs version counters
     def drain(self) -> int:

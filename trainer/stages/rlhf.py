@@ -50,7 +50,8 @@ from tandem.data_pipelines.preferences import final_answer, judge_messages
 from tandem.model.checkpoint import CheckpointError
 
 from ..config import ConfigError, DataConfig, StageConfig, validate_rlhf
-from ..inference.engine import GenerationEngine, SamplingParams
+from ..inference.backends import engine_for
+from ..inference.engine import SamplingParams
 from ..parallel import DistInfo, load_frozen
 from ..parallel.lockstep import LockstepGeneration
 from ..rl.environments import DispatchStats
@@ -114,7 +115,9 @@ class RLHFStage(GRPOStage):
         # several ranks: every judge forward is a lockstep round over the world (its MoE all-to-all under EP;
         # ranks judge different groups and retry different verdicts), as the policy's rollouts are
         self.judge_lockstep = LockstepGeneration(self.judge, dist.group.WORLD) if info.distributed else None
-        self.judge_engine = GenerationEngine(self.judge_lockstep or self.judge, max_batch=self.r.judge_batch)
+        # the judge decodes like the rollouts (stage.grpo.rollout_engine) when they run in process
+        mode = self.g.rollout_engine if self.g.rollout_backend == "engine" else "eager"
+        self.judge_engine = engine_for(self.judge_lockstep or self.judge, self.r.judge_batch, mode)
 
     def _judge_params(self, seed: int) -> SamplingParams:
         r = self.r
