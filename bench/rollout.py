@@ -2,16 +2,19 @@
 
     python bench/rollout.py                              # both parts, CPU
     python bench/rollout.py --prompts 4 --group 8 --new 64 --iters 3 --grpo-steps 4
+    python bench/rollout.py --engines eager,static,compiled   # each stage.grpo.rollout_engine, interleaved
 
 1. **Rollouts, tandem vs transformers.** The same random weights (``bench/generate.py``'s model, saved with
    ``save_pretrained`` and loaded by ``NemotronHForCausalLM``), ``--prompts`` prompts × ``--group`` sampled
    completions each (temperature 1, top-p 1 — GRPO's defaults), exactly ``--new`` new tokens (no stop token),
    the way the GRPO stage calls the engine (one call per group, ``max_batch = G``) against transformers'
    ``generate(do_sample=True)`` on the group's rows. Rollout tokens/s = P·G·new / wall time (prefill included:
-   it is part of a rollout); median over ``--iters``, the two sides interleaved.
+   it is part of a rollout); median over ``--iters``, the sides interleaved — one tandem side per
+   ``--engines`` mode (``stage.grpo.rollout_engine``: eager, static, compiled).
 2. **Where a GRPO step goes.** ``--grpo-steps`` steps of the real stage (``tandem -cn grpo``, tiny model,
    generated "Which is larger" prompts, 8 × 8 rollouts of up to 16 tokens): the medians of
-   ``grpo/time_{generate,score,logprob,train}_frac`` and ``grpo/rollout_tokens_per_s`` from its metrics.
+   ``grpo/time_{generate,score,logprob,train}_frac`` and ``grpo/rollout_tokens_per_s`` from its metrics,
+   one run per ``--engines`` mode.
    The anchor stacks spend 60–90% of a step generating; the target here is at most 50%.
 """
 
@@ -30,7 +33,8 @@ import torch
 
 from generate import build  # bench/generate.py (this script's folder is on sys.path)
 
-from tandem.trainer.inference.engine import GenerationEngine, SamplingParams
+from tandem.trainer.inference.backends import engine_for
+from tandem.trainer.inference.engine import SamplingParams
 
 
 def rollouts(args) -> None:
@@ -45,11 +49,14 @@ def rollouts(args) -> None:
     hf.generation_config.eos_token_id = None  # exactly --new tokens on both sides
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, args.vocab, (args.prompts, args.prompt), generator=g)
-    engine = GenerationEngine(model, max_batch=args.group)
+    engines = {mode: engine_for(model, args.group, mode) for mode in args.engines}
 
-    def ours():
-        for i, p in enumerate(prompts.tolist()):
-            engine.generate([p] * args.group, SamplingParams(max_new_tokens=args.new, temperature=1.0, top_p=1.0, seed=i))
+    def ours(engine):
+        def run():
+            for i, p in enumerate(prompts.tolist()):
+                engine.generate([p] * args.group, SamplingParams(max_new_tokens=args.new, temperature=1.0, top_p=1.0,
+                                                                 seed=i))
+        return run
 
     def theirs():
         with torch.inference_mode():
@@ -58,9 +65,9 @@ def rollouts(args) -> None:
                 hf.generate(rows, attention_mask=torch.ones_like(rows), do_sample=True, temperature=1.0, top_p=1.0,
                             top_k=0, max_new_tokens=args.new, pad_token_id=0)
 
-    sides = {"ours": ours, "hf": theirs}
+    sides = {**{mode: ours(e) for mode, e in engines.items()}, "hf": theirs}
     for fn in sides.values():
-        fn()  # warm-up
+        fn()  # warm-up (the compiled engine compiles here)
     times = {k: [] for k in sides}
     for _ in range(args.iters):
         for k, fn in sides.items():
@@ -71,8 +78,9 @@ def rollouts(args) -> None:
     rate = {k: n / statistics.median(v) for k, v in times.items()}
     print(f"rollouts: {args.prompts} prompts x {args.group} samples x {args.new} new tokens, prompt {args.prompt}, "
           f"pattern={args.pattern} hidden={args.hidden} vocab={args.vocab}, threads={torch.get_num_threads()}")
-    print(f"  tandem {rate['ours']:.0f} tok/s   transformers {rate['hf']:.0f} tok/s   "
-          f"tandem/transformers {rate['ours'] / rate['hf']:.2f}x   (medians of {args.iters})")
+    print(f"  transformers {rate['hf']:.0f} tok/s   (medians of {args.iters})")
+    for mode in engines:
+        print(f"  tandem {mode:<9} {rate[mode]:.0f} tok/s   tandem/transformers {rate[mode] / rate['hf']:.2f}x")
 
 
 def grpo_share(args) -> None:
@@ -81,21 +89,22 @@ def grpo_share(args) -> None:
         from tandem.data_pipelines import rl_synthetic
 
         rl_synthetic.write_prompts(d / "train.jsonl", 500, seed=2, kinds=("max",))
-        cmd = [sys.executable, "-m", "tandem.trainer.cli", "-cn", "grpo", "model.preset=tiny", "model.init_from=null",
-               f"data.rl.train=[{d / 'train.jsonl'}]", "data.seq_len=64", f"stage.steps={args.grpo_steps}",
-               "stage.micro_batch=16", "stage.eval_batches=0", "stage.save_every=0", "stage.grpo.prompts_per_step=8",
-               "stage.grpo.generations_per_prompt=8", "stage.grpo.max_new_tokens=16", "logger.log_every=1",
-               "logger.progress_bar=false", f"run.dir={d / 'run'}"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode:
-            raise SystemExit(res.stderr[-3000:])
-        records = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
-    records = records[1:] or records  # the first step also pays for start-up (allocations, first calls)
-    med = lambda k: statistics.median(r[k] for r in records)  # noqa: E731
-    print(f"GRPO step (tiny model, 8 prompts x 8 rollouts, <= 16 new tokens; median of {len(records)} steps): "
-          f"generate {med('grpo/time_generate_frac'):.0%}  score {med('grpo/time_score_frac'):.0%}  "
-          f"logprob {med('grpo/time_logprob_frac'):.0%}  train {med('grpo/time_train_frac'):.0%}  "
-          f"step {med('grpo/step_seconds'):.2f} s  rollout {med('grpo/rollout_tokens_per_s'):.0f} tok/s")
+        for mode in args.engines:
+            cmd = [sys.executable, "-m", "tandem.trainer.cli", "-cn", "grpo", "model.preset=tiny", "model.init_from=null",
+                   f"data.rl.train=[{d / 'train.jsonl'}]", "data.seq_len=64", f"stage.steps={args.grpo_steps}",
+                   "stage.micro_batch=16", "stage.eval_batches=0", "stage.save_every=0", "stage.grpo.prompts_per_step=8",
+                   "stage.grpo.generations_per_prompt=8", "stage.grpo.max_new_tokens=16", "logger.log_every=1",
+                   f"stage.grpo.rollout_engine={mode}", "logger.progress_bar=false", f"run.dir={d / mode}"]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                raise SystemExit(res.stderr[-3000:])
+            records = [json.loads(line) for line in (d / mode / "metrics.jsonl").read_text().splitlines()]
+            records = records[1:] or records  # the first step also pays for start-up (allocations, first calls, compiling)
+            med = lambda k: statistics.median(r[k] for r in records)  # noqa: E731
+            print(f"GRPO step, rollout_engine={mode} (tiny model, 8 prompts x 8 rollouts, <= 16 new tokens; median of "
+                  f"{len(records)} steps): generate {med('grpo/time_generate_frac'):.0%}  score {med('grpo/time_score_frac'):.0%}  "
+                  f"logprob {med('grpo/time_logprob_frac'):.0%}  train {med('grpo/time_train_frac'):.0%}  "
+                  f"step {med('grpo/step_seconds'):.2f} s  rollout {med('grpo/rollout_tokens_per_s'):.0f} tok/s", flush=True)
 
 
 def main() -> None:
@@ -110,7 +119,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--grpo-steps", type=int, default=4, help="0 = skip the GRPO step part")
     p.add_argument("--skip-rollouts", action="store_true")
+    p.add_argument("--engines", default="eager", help="comma-separated stage.grpo.rollout_engine modes to measure")
     args = p.parse_args()
+    args.engines = [m for m in args.engines.split(",") if m]
     if not args.skip_rollouts:
         rollouts(args)
     if args.grpo_steps:

@@ -2,7 +2,8 @@
 checkpoint into it, and measure this process's peak resident memory while doing so.
 
 argv: out.json, ep, checkpoint dir (or "-": no load), build mode ("sharded" = trainer's build_model,
-"full" = allocate the whole model then cut, the pre-meta way). Rank 0 writes every rank's figures (bytes) and
+"full" = allocate the whole model then cut, the pre-meta way). With a checkpoint, "sharded" also reads it
+into a frozen model through ``load_frozen`` (the RLHF judge's path) and measures that peak on its own. Rank 0 writes every rank's figures (bytes) and
 the sha256 per tensor of the full state dict as initialised (gathered over the EP group, before the load).
 """
 
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from tandem.model import HybridLM
 from tandem.model.checkpoint import load_checkpoint_into
 from tandem.trainer.config import ParallelConfig
-from tandem.trainer.parallel import apply_expert_parallel, build_model, gather_full_state_dict, init_distributed
+from tandem.trainer.parallel import apply_expert_parallel, build_model, gather_full_state_dict, init_distributed, load_frozen
 
 from tests.trainer.build_config import BUILD_CFG
 
@@ -54,6 +55,12 @@ def main(out_path, ep, ckpt, mode):
         load_peak = _status("VmHWM") - before + (before - base)  # relative to the RSS before the build
     peak = max(build_peak, load_peak)
     figures = {"rank": info.rank, "build_peak": build_peak, "load_peak": load_peak, "peak": peak, "held_bytes": held}
+    if ckpt != "-" and mode == "sharded":  # the RLHF judge's path: a frozen model read from the same folder
+        before = _status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        frozen = load_frozen(ckpt, info, dtype=torch.float32)
+        figures["frozen_peak"] = _status("VmHWM") - before
+        figures["frozen_held_bytes"] = sum(p.numel() * p.element_size() for p in frozen.parameters())
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, figures)
     if info.rank == 0:

@@ -50,6 +50,8 @@ def test_ep4_build_and_load_peak_is_a_quarter_of_the_model(reference, tmp_path):
         # each rank holds ~1/4 of the experts + the dense part; the peak of build + weight load stays near it
         assert r["held_bytes"] < (experts_share / 4 + (1 - experts_share) + 0.01) * full_bytes, r
         assert r["peak"] <= 0.35 * full_bytes, (r, full_bytes)
+        # a frozen model (the RLHF judge) read from the same files: only this rank's experts are allocated and read
+        assert r["frozen_held_bytes"] == r["held_bytes"] and r["frozen_peak"] <= 0.35 * full_bytes, (r, full_bytes)
 
 
 @pytest.mark.slow
