@@ -2,7 +2,8 @@
 #
 #   make setup   create .venv and install tandem (+ pinned deps)
 #   make smoke   the main job on one machine (CPU or one GPU)
-#   make test    the test suite (CPU; GPU tests run when CUDA is present)
+#   make test    the test suite (CPU; GPU tests run when CUDA is present), without the end-to-end smoke test
+#   make test-e2e  `make smoke` run and checked end to end by pytest (tests/test_smoke.py; CI runs both)
 #
 # TORCH_SPEC picks the torch build installed *before* tandem. The default is the CPU wheel this
 # project is developed against; on a GPU machine use e.g.
@@ -19,7 +20,7 @@ TEST_WORKERS ?= 2
 # Exact pins tested on the CPU machines; on a GPU machine whose torch needs another triton, pass CONSTRAINTS=
 CONSTRAINTS ?= requirements/constraints-cpu.txt
 
-.PHONY: setup smoke test clean
+.PHONY: setup smoke test test-e2e clean
 
 setup: $(STAMP)
 
@@ -67,8 +68,13 @@ smoke: setup
 	$(PY) -m tandem.trainer.rl.reward_curve $(SMOKE_DIR)/grpo --min-gain 0.15 --min-prompts 64
 	$(VENV)/bin/tandem report $(SMOKE_DIR) --title "make smoke: the whole pipeline"
 
+# The end-to-end test (`make smoke` under pytest, ~6-7 min) is its own target: it needs a core of its own
+# (beside the multi-process tests it takes > 3x as long) and has its own 10-minute budget, like make smoke.
 test: setup
-	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not e2e" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+
+test-e2e: setup
+	$(PY) -m pytest -q -m e2e tests/test_smoke.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

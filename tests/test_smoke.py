@@ -12,6 +12,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_make_smoke_learns(tmp_path):
     smoke = tmp_path / "smoke"

@@ -82,6 +82,17 @@ def main(out_path, mode, folder=None):
         "dummy_forwards": drained,
         "gathers_on_entry": start, "gathers_while_generating": gathers_while_generating,
     }
+    if mode == "fsdp":  # the cluster's numerics: FSDP2 gathers bf16 weights; the KV cache must follow them
+        bf = copy.deepcopy(ref)
+        apply_expert_parallel(bf, info.ep_group)
+        apply_fsdp(bf, device_meshes(info), world_size=info.world_size, param_dtype=torch.bfloat16)
+        with torch.no_grad():
+            bf.hidden_states(torch.zeros(1, 1, dtype=torch.long))
+        bf_lock = LockstepGeneration(bf, info.ep_group)
+        bf_engine = GenerationEngine(bf_lock, max_batch=2, prefill_chunk=8)
+        with bf_lock:
+            verdict["bf16_cache_dtype"] = str(bf_engine.dtype)
+            verdict["bf16_tokens"] = sum(len(r.tokens) for r in bf_engine.generate(*calls[0]))
     all_verdicts = [None, None]
     dist.all_gather_object(all_verdicts, verdict)
     if rank == 0:

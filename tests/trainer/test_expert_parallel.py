@@ -90,3 +90,7 @@ def test_ep2_generation_in_lockstep_equals_all_experts_local(tmp_path, mode):
         assert rank_v["gathers_while_generating"] == 0, v
         assert (rank_v["gathers_on_entry"] > 0) == (mode == "fsdp"), v
     assert v[1]["dummy_forwards"] > 0 and v[0]["dummy_forwards"] == 0, v  # rank 1 has far fewer forwards
+    if mode == "fsdp":  # bf16 compute (FSDP2's default on CUDA): the cache takes the gathered dtype, not the
+        # fp32 of the sharded masters (it did, and the first decoded token failed: "Index put requires the
+        # source and destination dtypes match")
+        assert all(r["bf16_cache_dtype"] == "torch.bfloat16" and r["bf16_tokens"] > 0 for r in v), v

@@ -250,7 +250,7 @@ def test_ctrl_c_checkpoints_and_prints_the_command_that_resumes(tmp_path):
 
     from .conftest import REPO, TINY_RUN, run_cli
 
-    steps = 40
+    steps = 16  # SIGINT lands after the third step is logged
     args = ["-cn", "smoke", *TINY_RUN, f"stage.steps={steps}", "stage.save_every=0"]
     proc = subprocess.Popen([sys.executable, "-m", "tandem.trainer.cli", *args, f"run.dir={tmp_path / 'p'}"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -133,13 +133,13 @@ def test_two_ranks_fsdp_ep2_judge_like_one_rank(files, tmp_path):
     same judge tokens (sampled at temperature 1 from an untrained judge: ~7% of its rows stop early, so a
     difference in its logits would change where they stop), verdict counts and losses. The untrained
     judge's verdicts never parse (every reward is the default 3, so the losses are 0 here): the token-exact
-    EP judge is proven in tests/trainer/test_expert_parallel.py (``frozen``), the verdict → reward maths by
-    the scripted tests above."""
+    EP judge is proven in tests/trainer/test_expert_parallel.py (``frozen``; its ``fsdp`` case runs bf16
+    compute, the cluster's numerics), the verdict → reward maths by the scripted tests above."""
     from ..conftest import read_records, run_cli, run_torchrun
 
     args = ["-cn", "rlhf", "model.preset=tiny", "model.init_from=null", "model.init_seed=3",
             f"data.rl.train=[{files / 'prompts.jsonl'}]", "data.rl.valid=[]", f"stage.rlhf.judge={files / 'judge'}",
-            "stage.eval_batches=0", "stage.steps=2", "stage.save_every=0", "stage.micro_batch=4",
+            "stage.eval_batches=0", "stage.steps=1", "stage.save_every=0", "stage.micro_batch=4",
             "stage.grpo.prompts_per_step=4", "stage.grpo.generations_per_prompt=2", "stage.grpo.max_new_tokens=6",
             "stage.rlhf.judge_max_new_tokens=24", "stage.rlhf.retries=1", "logger.progress_bar=false", "logger.log_every=1"]
     single = run_cli(*args, f"run.dir={tmp_path / 'single'}")
@@ -147,7 +147,7 @@ def test_two_ranks_fsdp_ep2_judge_like_one_rank(files, tmp_path):
     two = run_torchrun(*args, "parallel=fsdp_ep2", "parallel.backend=gloo", f"run.dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = read_records(tmp_path / "single"), read_records(tmp_path / "two")
-    assert len(a) == len(b) == 2
+    assert len(a) == len(b) == 1
     for x, y in zip(a, b):
         for k in ("rlhf/judge_tokens", "rlhf/comparisons", "rlhf/judge_format_error_frac", "rlhf/judge_retry_frac",
                   "rlhf/judged_score_mean", "grpo/reward_mean", "grpo/response_length_mean", "target_tokens"):
@@ -155,11 +155,3 @@ def test_two_ranks_fsdp_ep2_judge_like_one_rank(files, tmp_path):
         for k in ("loss", "grad_norm"):
             assert abs(x[k] - y[k]) <= 1e-5 * max(abs(x[k]), 1.0), (k, x[k], y[k])
     assert a[0]["rlhf/comparisons"] == 4 * 2 and a[0]["rlhf/judge_tokens"] > 4 * 2
-    # The cluster's numerics: FSDP2 gathers bf16 weights (its default on CUDA) and the judge is bf16. The
-    # rollouts' KV cache takes the gathered compute dtype (it was the sharded fp32 masters' dtype, and the
-    # first decoded token failed: "Index put requires the source and destination dtypes match").
-    bf16 = run_torchrun(*args, "stage.steps=1", "parallel=fsdp_ep2", "parallel.backend=gloo",
-                        "parallel.fsdp_param_dtype=bf16", "stage.rlhf.judge_dtype=bf16", f"run.dir={tmp_path / 'bf16'}")
-    assert bf16.returncode == 0, bf16.stderr[-3000:]
-    (c,) = read_records(tmp_path / "bf16")
-    assert c["rlhf/comparisons"] == 8 and c["rlhf/judge_tokens"] > 8 and c["grpo/rollouts"] == 8, c
