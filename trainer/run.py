@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -85,48 +87,52 @@ def run(cfg: DictConfig) -> dict:
         resume_from = resolve_checkpoint(cfg.run.resume)
     if resume_from is not None:
         check_stage_name(_saved_stage(resume_from), cfg.stage.name)
-    # data-parallel replicas read different rows; the CP ranks of one replica read the same rows and each
-    # trains on its load-balanced slice of them (trainer/parallel/context.py)
-    stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.dp_rank, info.dp_size)
-    stage.check_model(model_cfg)
-    if info.cp > 1:
-        shard_stage_batches(stage, ContextParallel(info.cp_group))
+    # Building the stage writes its data caches (the SFT token cache, the RL prompt store) into the run dir:
+    # a start that fails from here to the first step removes a run dir it created (nothing else was in it)
+    fresh = not run_dir.exists()
+    with _removed_on_failure(run_dir, fresh and info.is_main):
+        # data-parallel replicas read different rows; the CP ranks of one replica read the same rows and each
+        # trains on its load-balanced slice of them (trainer/parallel/context.py)
+        stage = STAGES[cfg.stage.name](cfg.data, cfg.stage, info.dp_rank, info.dp_size)
+        stage.check_model(model_cfg)
+        if info.cp > 1:
+            shard_stage_batches(stage, ContextParallel(info.cp_group))
 
-    torch.manual_seed(cfg.stage.seed + info.rank)
-    memory_base = memory_now_bytes(info.device)  # the runtime alone: what the planner's figures come on top of
-    model = build_model(model_cfg, info, init_seed=cfg.model.init_seed, cp_attention=cfg.parallel.cp_attention)  # only this rank's experts are allocated
-    configure_memory(model, cfg.model)  # activation checkpointing per layer kind, loss chunk size
-    try:
-        model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
-    except PrecisionError as e:
-        raise ConfigError(str(e)) from None
-    configure_compile(model, cfg.model)  # model.compile: each block's training body through torch.compile
-    optimizer = build_optimizer(model, cfg.optim)
-    checkpoints.tokenizer = getattr(stage, "tokenizer", None)  # saved in every checkpoint's model/
-    engine_spec = ENGINES[engine_name(cfg.parallel, info, cfg.stage)]
-
-    trainer = Trainer(cfg, model, stage, None, info, checkpoints)
-    trainer.memory_base = memory_base
-    optimizer_state = None
-    if resume_from is not None:
-        trainer_state, optimizer_state = checkpoints.load(resume_from, model, sharded_engine=engine_spec.sharded_checkpoints)
+        torch.manual_seed(cfg.stage.seed + info.rank)
+        memory_base = memory_now_bytes(info.device)  # the runtime alone: what the planner's figures come on top of
+        model = build_model(model_cfg, info, init_seed=cfg.model.init_seed, cp_attention=cfg.parallel.cp_attention)  # only this rank's experts are allocated
+        configure_memory(model, cfg.model)  # activation checkpointing per layer kind, loss chunk size
         try:
-            trainer.restore(trainer_state, source=resume_from)
-        except (KeyError, TypeError) as e:  # a trainer_state.json that parses but lacks fields
-            raise CheckpointError(f"{resume_from / 'trainer_state.json'}: not a tandem trainer state "
-                                  f"(missing or malformed {e})") from None
-        stage.load_rank_state(checkpoints.load_rank_state(resume_from), source=resume_from)
-        log.info("resumed from %s at step %d", resume_from, trainer.state.step)
-    elif cfg.model.init_from:
-        src = load_weights(model, cfg.model.init_from)
-        log.info("initial weights from %s", src)
-    stage.bind(model, info, precision=cfg.precision.name)  # the final weights: stages that generate (GRPO) keep the model
-    # The engine is built after the weights are final: DeepSpeed copies them into its partitions.
-    trainer.engine = engine_spec.build(model, optimizer, info, cfg.parallel, cfg.optim, cfg.stage)
-    if optimizer_state is not None:
-        trainer.engine.load_optimizer_state(optimizer_state, resume_from)
-    elif resume_from is not None:  # a sharded checkpoint into a sharded engine: weights and optimizer now
-        checkpoints.load_sharded(resume_from, trainer.engine)
+            model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
+        except PrecisionError as e:
+            raise ConfigError(str(e)) from None
+        configure_compile(model, cfg.model)  # model.compile: each block's training body through torch.compile
+        optimizer = build_optimizer(model, cfg.optim)
+        checkpoints.tokenizer = getattr(stage, "tokenizer", None)  # saved in every checkpoint's model/
+        engine_spec = ENGINES[engine_name(cfg.parallel, info, cfg.stage)]
+
+        trainer = Trainer(cfg, model, stage, None, info, checkpoints)
+        trainer.memory_base = memory_base
+        optimizer_state = None
+        if resume_from is not None:
+            trainer_state, optimizer_state = checkpoints.load(resume_from, model, sharded_engine=engine_spec.sharded_checkpoints)
+            try:
+                trainer.restore(trainer_state, source=resume_from)
+            except (KeyError, TypeError) as e:  # a trainer_state.json that parses but lacks fields
+                raise CheckpointError(f"{resume_from / 'trainer_state.json'}: not a tandem trainer state "
+                                      f"(missing or malformed {e})") from None
+            stage.load_rank_state(checkpoints.load_rank_state(resume_from), source=resume_from)
+            log.info("resumed from %s at step %d", resume_from, trainer.state.step)
+        elif cfg.model.init_from:
+            src = load_weights(model, cfg.model.init_from)
+            log.info("initial weights from %s", src)
+        stage.bind(model, info, precision=cfg.precision.name)  # the final weights: stages that generate (GRPO) keep the model
+        # The engine is built after the weights are final: DeepSpeed copies them into its partitions.
+        trainer.engine = engine_spec.build(model, optimizer, info, cfg.parallel, cfg.optim, cfg.stage)
+        if optimizer_state is not None:
+            trainer.engine.load_optimizer_state(optimizer_state, resume_from)
+        elif resume_from is not None:  # a sharded checkpoint into a sharded engine: weights and optimizer now
+            checkpoints.load_sharded(resume_from, trainer.engine)
     if trainer.state.step >= cfg.stage.steps:
         log.info("run already complete (%d/%d steps)", trainer.state.step, cfg.stage.steps)
         return {}
@@ -167,6 +173,17 @@ def run(cfg: DictConfig) -> dict:
     if after_fit is not None:
         after_fit(run_dir, checkpoints.latest(), info, init_from=cfg.model.init_from)
     return record
+
+
+@contextlib.contextmanager
+def _removed_on_failure(run_dir: Path, remove: bool):
+    """Remove ``run_dir`` if the body raises (``remove``: this start created it, on the main rank)."""
+    try:
+        yield
+    except BaseException:
+        if remove and run_dir.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _saved_stage(checkpoint: Path) -> str | None:

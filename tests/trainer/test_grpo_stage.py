@@ -367,3 +367,19 @@ def _same_grpo_run(a, b):
         assert x["grpo/ratio_max"] == pytest.approx(y["grpo/ratio_max"], abs=1e-5)
     assert any(abs(r["loss"]) > 1e-4 for r in a)  # the comparison saw real gradients
     assert a[-1]["grpo/val_reward"] == b[-1]["grpo/val_reward"] and b[-1]["grpo/val_prompts"] == 16
+
+
+def test_failed_start_after_the_prompt_store_leaves_no_run_dir(prompts, tmp_path):
+    """A prompt too long for data.seq_len is found while rendering, after the prompt store wrote its records
+    into the run dir's data cache: the start stops naming the prompt, and the run dir this start created is
+    gone. A run dir that existed before keeps what it had."""
+    from tandem.trainer.data import DataError
+
+    with pytest.raises(DataError, match="does not fit data.seq_len=24"):
+        run(_cfg(prompts, tmp_path / "r", "data.seq_len=24"))
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="does not fit data.seq_len=24"):
+        run(_cfg(prompts, tmp_path / "kept", "data.seq_len=24"))
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
