@@ -130,18 +130,20 @@ def test_bad_conversation_exits_2_naming_file_and_line(conversations, tmp_path):
 @pytest.mark.slow
 def test_two_process_sft_matches_single_process(conversations, tmp_path):
     """Ranks hold different conversations with different target counts; the global-token normalisation
-    makes 2 processes (gloo) train exactly like 1 with the same global batch."""
+    makes 2 processes (gloo) train exactly like 1 with the same global batch. The 2 processes read their
+    rows through a loader worker each (``data.num_workers=1``), the single one in process: the same rows."""
     from .conftest import read_records, run_torchrun
 
     args = ["-cn", "smoke_sft", *SFT_RUN, f"data.chat.train=[{conversations}]", "stage.eval_batches=2"]
-    single = run_cli(*args, f"run.dir={tmp_path / 'single'}")
+    single = run_cli(*args, "data.num_workers=0", f"run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = run_torchrun(*args, "parallel=ddp_gloo", f"run.dir={tmp_path / 'ddp'}")
+    ddp = run_torchrun(*args, "data.num_workers=1", "parallel=ddp_gloo", f"run.dir={tmp_path / 'ddp'}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = read_records(tmp_path / "single"), read_records(tmp_path / "ddp")
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"], (a, b)
+        assert x["target_tokens"] == y["target_tokens"] and 0 <= y["data/wait_fraction"] <= 1 and y["data/wait_s"] >= 0
     assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) <= 1e-5 * a[-1]["val_loss"]
 
 

@@ -13,11 +13,18 @@ The packed rows are a fixed, deterministic list (:class:`tandem.data_pipelines.s
 order of each epoch is a seeded permutation, and step ``s`` takes rows ``[s·B, (s+1)·B)`` of the
 concatenated epochs (rank ``r`` its slice). The position is a function of the step alone, so resume is
 exact without any data state beyond a fingerprint that detects changed data on resume.
+
+**Loaded ahead.** A step's rows are read from the memory-mapped copy and collated by a
+``torch.utils.data.DataLoader`` over steps (:class:`_StepRows`: item ``i`` = this rank's rows of step
+``start + i``, collated once) with ``data.num_workers`` worker processes, two steps in flight (0: in the
+training process, as the CPU smoke recipe runs it); the time a step waits for its rows is logged as
+``data/wait_s`` and ``data/wait_fraction``, as for pretraining. Same rows in the same order either way.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -49,6 +56,20 @@ def shared_sft_dataset(cache_dir, name: str, paths, **kwargs) -> SFTPackedDatase
 
 #: a step that holds each packed row this many times or more is warned about
 REPEAT_WARNING = 2.0
+
+
+class _StepRows(torch.utils.data.Dataset):
+    """Item ``i``: the collated rows of step ``start + i`` for this rank (a DataLoader over steps, so a
+    worker prepares a whole step and the transfer is one per step)."""
+
+    def __init__(self, stage: "SFTStage", start: int):
+        self.stage, self.start = stage, start
+
+    def __len__(self) -> int:
+        return max(self.stage.stage.steps - self.start, 0)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.stage._batch(self.stage.rank_rows(self.start + i))
 
 
 class SFTStage(Stage):
@@ -93,6 +114,8 @@ class SFTStage(Stage):
                     raise DataError(f"data.chat.valid: {e}") from None
                 log.warning("data.valid_fraction=%s held out no conversation: no evaluation", data.valid_fraction)
         self.collate = Collator(self.tokenizer.eod)
+        self.device = torch.device("cpu")
+        self._iter, self._next_step, self._wait, self._t_step = None, 0, 0.0, time.perf_counter()  # the step loader
         log.info("SFT data: %d train rows, %d valid rows of %d tokens; train %s", len(self.train_set),
                  len(self.valid_set or ()), data.seq_len, self.train_set.stats.as_dict())
         repeats = stage.global_batch / len(self.train_set)
@@ -128,12 +151,35 @@ class SFTStage(Stage):
             rows += self._order(epoch)[lo:hi].tolist()
         return rows
 
-    def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
-        rows = self.rows_for_step(step)
+    def rank_rows(self, step: int) -> list[int]:
+        """This rank's slice of step ``step``'s rows."""
         per_rank = self.stage.global_batch // self.world_size
-        mine = rows[self.rank * per_rank: (self.rank + 1) * per_rank]
+        return self.rows_for_step(step)[self.rank * per_rank: (self.rank + 1) * per_rank]
+
+    def _loader(self, step: int):
+        workers = self.data.num_workers
+        return iter(torch.utils.data.DataLoader(
+            _StepRows(self, step), batch_size=None, shuffle=False, num_workers=workers,
+            prefetch_factor=2 if workers else None, persistent_workers=False,
+            pin_memory=self.device.type == "cuda"))
+
+    def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        if self._iter is None or step != self._next_step:  # first step, or a jump
+            self._iter = self._loader(step)
+        self._t_step = t0 = time.perf_counter()
+        batch = next(self._iter)
+        self._wait = time.perf_counter() - t0
+        self._next_step = step + 1
         mb = self.stage.micro_batch
-        return [self._batch(mine[i: i + mb]) for i in range(0, len(mine), mb)]
+        return [dict(zip(batch, parts)) for parts in zip(*(v.split(mb) for v in batch.values()))]
+
+    def bind(self, model, info, precision: str = "auto") -> None:
+        self.device = info.device
+
+    def after_step(self, step: int, finite: bool) -> dict:
+        """This rank's time blocked on its rows in this step (seconds and share of the step)."""
+        elapsed = time.perf_counter() - self._t_step
+        return {"data/wait_s": self._wait, "data/wait_fraction": self._wait / max(elapsed, 1e-9)}
 
     def _batch(self, rows: list[int], dataset=None) -> dict[str, torch.Tensor]:
         dataset = dataset if dataset is not None else self.train_set
