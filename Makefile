@@ -71,7 +71,7 @@ smoke: setup
 # The end-to-end test (`make smoke` under pytest, ~6-7 min) is its own target: it needs a core of its own
 # (beside the multi-process tests it takes > 3x as long) and has its own 10-minute budget, like make smoke.
 test: setup
-	$(PY) -m pytest -q -m "not e2e" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS) -m "not e2e"
 
 test-e2e: setup
 	$(PY) -m pytest -q -m e2e tests/test_smoke.py $(PYTEST_ARGS)

@@ -294,6 +294,25 @@ def packed_attention(q, k, v, docs: PackedDocuments, *, scale: float, dropout_p:
     return varlen_document_attention(q, k, v, docs, scale=scale, dropout_p=dropout_p)
 
 
+def masked_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                         expand: bool | None = None) -> torch.Tensor:
+    """SDPA of ``q`` [B, H, T, D] over grouped ``k``/``v`` [B, Hkv, S, D] under a boolean ``mask``
+    (broadcastable to [B, H, T, S]) — the cached prefill of a chunk after the first.
+
+    On CUDA a boolean mask with ``enable_gqa`` leaves SDPA only its math kernel, which materialises the
+    [B, H, T, S] scores (for 16 rows × 32 heads × a 2048-token chunk × 20k cached keys, ~43 GB in bf16);
+    with the K/V heads expanded instead (``expand``, default: on CUDA), the memory-efficient kernel, which
+    takes a mask, is eligible and the transient is the expanded K/V ([B, H, S, D] each). The same maths either
+    way (tested on CPU, where ``enable_gqa`` is kept: its kernels take masks with GQA)."""
+    if expand is None:
+        expand = q.is_cuda
+    if not expand or q.shape[1] == k.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
+                                          attn_mask=mask, scale=scale)
+
+
 class Attention(nn.Module):
     #: context parallelism: set by the trainer (``trainer/parallel/context.py``); None = single rank
     cp = None
@@ -361,8 +380,7 @@ class Attention(nn.Module):
                 V[rows, :, pos] = v
             s = cache.seen + t  # ≥ every row's new length
             mask = cache._positions[:s][None, None, :] <= (start[:, None] + cache._positions[:t])[:, :, None]
-            o = F.scaled_dot_product_attention(q, K[:, :, :s], V[:, :, :s], attn_mask=mask[:, None],
-                                               scale=self.scale, enable_gqa=True)
+            o = masked_gqa_attention(q, K[:, :, :s], V[:, :, :s], mask[:, None], self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
     def decode_static(self, x: torch.Tensor, cache) -> torch.Tensor:

@@ -31,7 +31,9 @@ forward/backward, so the peak takes the larger): the policy's weights gathered i
 FSDP2 (the lockstep region unshards every block once), the rollouts' KV + SSM cache
 (:meth:`~tandem.model.cache.HybridCache.bytes_for`: ``generations_per_prompt`` rows of up to
 ``data.seq_len`` tokens) and a prefill forward's live tensors (bounded by one block's training activations
-at ``rows × prefill chunk`` tokens). ``rlhf`` adds its frozen judge: its weights for the whole run (in
+at ``rows × prefill chunk`` tokens, or an attention layer's K/V over the cache with its heads expanded, if
+larger). With ``kl_beta > 0`` the frozen reference copy of the policy is counted (fp32, the rank's share);
+with ``rollout_backend=vllm`` the rollouts are vLLM's GPU share instead (it sleeps during training). ``rlhf`` adds its frozen judge: its weights for the whole run (in
 ``stage.rlhf.judge_dtype``: dense whole, experts cut ``ep`` ways) and, while it judges, its own cache and
 forward; its architecture is read from ``stage.rlhf.judge`` when that folder is there, else assumed to be
 the policy's (said in the output).
@@ -110,6 +112,8 @@ class Generation:
     judge_rows: int = 0  # stage.rlhf.judge_batch
     judge_max_len: int = 0  # judge prompt + verdict tokens, at most
     judge_bytes: int = 2  # bytes per judge parameter (stage.rlhf.judge_dtype)
+    reference: bool = False  # kl_beta > 0: a frozen fp32 copy of the policy (the rank's share, as bound)
+    vllm_bytes: float = 0.0  # rollout_backend=vllm: its share of the GPU while generating (it sleeps in training)
 
 
 @dataclass
@@ -482,7 +486,7 @@ def plan(config: HybridConfig, cluster: Cluster, layout: Layout, *, tokens: int,
     if generation is not None:
         regions = _generation_rows(config, generation, layout, inv, numerics, param_bytes, triton)
         rows.update(regions.pop("rows"))
-        static += rows.get("judge weights (frozen)", 0.0)
+        static += rows.get("judge weights (frozen)", 0.0) + rows.get("reference model (kl_beta > 0)", 0.0)
         others += list(regions.values())
     peak = static + max(during, *others)
     return Plan(cluster, layout, tokens // layout.cp, rows, by_kind, peak)
@@ -495,23 +499,35 @@ def _generation_rows(config: HybridConfig, gen: Generation, layout: Layout, inv:
 
     dtype = torch.bfloat16 if numerics == "bf16" else torch.float32
 
-    def forward_bound(cfg: HybridConfig, rows: int, max_len: int) -> float:
-        # a prefill forward (no autograd) holds at most what training keeps of one block at its tokens
+    def forward_bound(cfg: HybridConfig, rows: int, max_len: int, item: int) -> float:
+        # a prefill forward (no autograd) holds at most what training keeps of one block at its tokens, and an
+        # attention layer's cached chunk also its K/V over the cached prefix, heads expanded (CUDA: so the
+        # masked SDPA can use the memory-efficient kernel; model.attention.masked_gqa_attention)
         chunk = min(gen.prefill_chunk, max_len)
-        return max(probe_block(cfg, kind, rows, chunk, numerics, triton, False, layout.ep)[0]
-                   for kind in set(cfg.hybrid_override_pattern))
+        block = max(probe_block(cfg, kind, rows, chunk, numerics, triton, False, layout.ep)[0]
+                    for kind in set(cfg.hybrid_override_pattern))
+        kv = 2 * rows * cfg.num_attention_heads * max_len * cfg.head_dim * item if "*" in cfg.hybrid_override_pattern else 0
+        return float(max(block, kv))
 
     held = inv.dense + inv.expert / layout.ep
-    out = {"rollout weights gathered (fsdp)": param_bytes * held if layout.engine == "fsdp" else 0.0,
-           "rollout KV + SSM cache": float(HybridCache.bytes_for(config, gen.rows, gen.max_len, dtype).total),
-           "rollout forward (bound)": float(forward_bound(config, gen.rows, gen.max_len))}
-    regions = {"rollouts": sum(out.values())}
+    out: dict[str, float] = {}
+    if gen.reference:
+        out["reference model (kl_beta > 0)"] = 4.0 * held
+    if gen.vllm_bytes:
+        out["vllm rollouts (its GPU share)"] = float(gen.vllm_bytes)
+        regions = {"rollouts": float(gen.vllm_bytes)}
+    else:
+        rollout = {"rollout weights gathered (fsdp)": param_bytes * held if layout.engine == "fsdp" else 0.0,
+                   "rollout KV + SSM cache": float(HybridCache.bytes_for(config, gen.rows, gen.max_len, dtype).total),
+                   "rollout forward (bound)": forward_bound(config, gen.rows, gen.max_len, param_bytes)}
+        out.update(rollout)
+        regions = {"rollouts": sum(rollout.values())}
     if gen.judge is not None:
         jinv = inventory(gen.judge)
         jdtype = torch.bfloat16 if gen.judge_bytes == 2 else torch.float32
         judge = {"judge weights (frozen)": gen.judge_bytes * (jinv.dense + jinv.expert / layout.ep),
                  "judge KV + SSM cache": float(HybridCache.bytes_for(gen.judge, gen.judge_rows, gen.judge_max_len, jdtype).total),
-                 "judge forward (bound)": float(forward_bound(gen.judge, gen.judge_rows, gen.judge_max_len))}
+                 "judge forward (bound)": forward_bound(gen.judge, gen.judge_rows, gen.judge_max_len, gen.judge_bytes)}
         out.update(judge)
         regions["judging"] = judge["judge KV + SSM cache"] + judge["judge forward (bound)"]
     return {"rows": out, **regions}
@@ -543,8 +559,11 @@ def generation_from_config(cfg, model_cfg: HybridConfig, cluster: Cluster) -> tu
         return None, ""
     g = cfg.stage.grpo
     seq_len = int(cfg.data.seq_len)
+    extra = dict(reference=float(g.get("kl_beta", 0.0) or 0.0) > 0,
+                 vllm_bytes=float(g.get("vllm_gpu_memory_utilization", 0.5)) * cluster.gpu_mem_gb * GB
+                 if str(g.get("rollout_backend", "engine")) == "vllm" else 0.0)
     if name == "grpo":
-        return Generation(rows=int(g.generations_per_prompt), max_len=seq_len), ""
+        return Generation(rows=int(g.generations_per_prompt), max_len=seq_len, **extra), ""
     r = cfg.stage.rlhf
     judge, note = model_cfg, "judge: assumed to be the policy's architecture"
     if r.judge:
@@ -561,8 +580,13 @@ def generation_from_config(cfg, model_cfg: HybridConfig, cluster: Cluster) -> tu
     # a judge prompt: the conversation (≤ seq_len − max_new_tokens) + two final answers (≤ max_new_tokens each)
     # + the instructions (a few hundred tokens, not counted) — then its verdict
     judge_len = seq_len + int(g.max_new_tokens) + int(r.judge_max_new_tokens)
-    return (Generation(rows=int(g.generations_per_prompt), max_len=seq_len, judge=judge, judge_rows=int(r.judge_batch),
-                       judge_max_len=judge_len, judge_bytes=judge_bytes), note)
+    # one judge call per group: its comparisons × judge_samples rows, at most judge_batch at once
+    from .rl.genrm import comparison_pairs
+
+    per_group = len(comparison_pairs(int(g.generations_per_prompt), str(r.pairing))) * int(r.judge_samples)
+    return (Generation(rows=int(g.generations_per_prompt), max_len=seq_len, judge=judge,
+                       judge_rows=min(int(r.judge_batch), per_group), judge_max_len=judge_len, judge_bytes=judge_bytes,
+                       **extra), note)
 
 
 def candidate_layouts(base: Layout, world: int, seq_len: int | None = None) -> list[Layout]:

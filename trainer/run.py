@@ -64,8 +64,11 @@ def run(cfg: DictConfig) -> dict:
     """
     configure_logging(int(os.environ.get("RANK", "0")), cfg.logger.verbose)  # rank 0 only, libraries quiet
     validate(cfg)
-    info = init_distributed(cfg.parallel)
     run_dir = Path(cfg.run.dir)
+    # whether this start creates the run dir: decided before the process group forms (a rendezvous every
+    # rank reaches before any writes anything), so no rank sees another's data caches here
+    fresh = not run_dir.exists()
+    info = init_distributed(cfg.parallel)
     try:
         model_cfg = build_hybrid_config(cfg.model)
     except ValueError as e:
@@ -89,7 +92,6 @@ def run(cfg: DictConfig) -> dict:
         check_stage_name(_saved_stage(resume_from), cfg.stage.name)
     # Building the stage writes its data caches (the SFT token cache, the RL prompt store) into the run dir:
     # a start that fails from here to the first step removes a run dir it created (nothing else was in it)
-    fresh = not run_dir.exists()
     with _removed_on_failure(run_dir, fresh and info.is_main):
         # data-parallel replicas read different rows; the CP ranks of one replica read the same rows and each
         # trains on its load-balanced slice of them (trainer/parallel/context.py)

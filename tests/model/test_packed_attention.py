@@ -152,3 +152,19 @@ def test_flex_compiled_on_cuda_equals_dense_forward_and_backward(layout):
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
     assert attention.packed_attention(q, k, v, PackedDocuments(seq_idx), scale=0.25).shape == ref.shape
+
+
+def test_masked_gqa_attention_expanded_heads_equal_enable_gqa():
+    """The cached-prefill attention after the first chunk: expanding the K/V heads (what CUDA runs, so the
+    memory-efficient kernel can take the mask instead of the math kernel's [B, H, T, S] scores) gives the
+    ``enable_gqa`` result."""
+    from tandem.model.attention import masked_gqa_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 5, 16, generator=g)
+    k, v = torch.randn(3, 2, 11, 16, generator=g), torch.randn(3, 2, 11, 16, generator=g)
+    lengths = torch.tensor([6, 3, 0])  # rows already hold this many tokens; the 5 new ones follow
+    mask = (torch.arange(11)[None, None, :] <= (lengths[:, None] + torch.arange(5))[:, :, None])[:, None]
+    a = masked_gqa_attention(q, k, v, mask, 0.25, expand=False)
+    b = masked_gqa_attention(q, k, v, mask, 0.25, expand=True)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -2,7 +2,8 @@
 argv[2] says how the EP model is made: ``frozen`` — saved, then read back by ``load_frozen`` (each rank
 allocates and reads only its experts; the RLHF judge's path), decoding with the static engine
 (``stage.grpo.rollout_engine=static``: ``LockstepGeneration.decode_step``) against the static engine on the
-whole model; ``fsdp`` — also FSDP2-sharded, as GRPO's ``parallel=fsdp_ep2`` runs it, eager engine.
+whole model; ``fsdp`` — also FSDP2-sharded, as GRPO's ``parallel=fsdp_ep2`` runs it: the eager engine,
+then the static one (each against the same engine on the whole model), then bf16 compute.
 
 The ranks generate different prompts, a different number of ``generate`` calls and rows that stop at
 different steps (so their forward counts differ); each rank's tokens must equal what its model with every
@@ -82,6 +83,12 @@ def main(out_path, mode, folder=None):
         "dummy_forwards": drained,
         "gathers_on_entry": start, "gathers_while_generating": gathers_while_generating,
     }
+    if mode == "fsdp":  # the static engine (rollout_engine=static) on the FSDP2 x EP model, in lockstep
+        want = [GenerationEngine(ref, max_batch=2, prefill_chunk=8, static=True).generate(p, prm) for p, prm in calls]
+        static_engine = GenerationEngine(lockstep, max_batch=2, prefill_chunk=8, static=True)
+        with lockstep:
+            got_static = [static_engine.generate(p, prm) for p, prm in calls]
+        verdict["static_tokens_equal"] = [[r.tokens for r in g] for g in got_static] == [[r.tokens for r in e] for e in want]
     if mode == "fsdp":  # the cluster's numerics: FSDP2 gathers bf16 weights; the KV cache must follow them
         bf = copy.deepcopy(ref)
         apply_expert_parallel(bf, info.ep_group)

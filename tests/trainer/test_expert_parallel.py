@@ -94,3 +94,4 @@ def test_ep2_generation_in_lockstep_equals_all_experts_local(tmp_path, mode):
         # fp32 of the sharded masters (it did, and the first decoded token failed: "Index put requires the
         # source and destination dtypes match")
         assert all(r["bf16_cache_dtype"] == "torch.bfloat16" and r["bf16_tokens"] > 0 for r in v), v
+        assert all(r["static_tokens_equal"] for r in v), v  # rollout_engine=static under FSDP2 x EP

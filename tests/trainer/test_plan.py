@@ -173,3 +173,12 @@ def test_generation_rows_are_what_generation_allocates(tmp_path):
     rc = compose_recipe("rlhf", ["model.preset=tiny", "model.init_from=null", f"stage.rlhf.judge={tmp_path / 'nope'}"])
     g, note = generation_from_config(rc, cfg, Cluster(1, 8, 80, "cuda"))
     assert g.judge == cfg and "assumed to be the policy's architecture" in note and g.judge_bytes == 2
+    assert g.judge_rows == 4  # one group's comparisons (circular, G = 4), not judge_batch = 16
+    # a KL reference is a persistent fp32 copy; vLLM's rollouts are its GPU share instead of the engine's rows
+    gc = compose_recipe("grpo", ["model.preset=tiny", "model.init_from=null", "stage.grpo.kl_beta=0.1",
+                                 "stage.grpo.kl_reference=x", "stage.grpo.rollout_backend=vllm"])
+    g, _ = generation_from_config(gc, cfg, Cluster(1, 8, 80, "cuda"))
+    p = plan(cfg, cluster, Layout("ddp", 1), tokens=256, batch_rows=4, generation=g)
+    assert p.rows["reference model (kl_beta > 0)"] == 4 * (inventory(cfg).dense + inventory(cfg).expert)
+    assert p.rows["vllm rollouts (its GPU share)"] == 0.5 * 80e9 and "rollout KV + SSM cache" not in p.rows
+    assert p.peak >= 0.5 * 80e9

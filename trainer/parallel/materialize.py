@@ -10,10 +10,12 @@ any world size and expert-parallel size. Peak memory while building is what the 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from tandem.model import HybridConfig, HybridLM
 from tandem.model.checkpoint import load_checkpoint_into, read_config
@@ -23,7 +25,9 @@ from .distributed import DistInfo
 from .context import apply_context_parallel
 from .expert import apply_expert_parallel, shard_experts
 
-__all__ = ["build_model", "load_frozen"]
+__all__ = ["build_model", "is_expert_parallel", "load_frozen"]
+
+log = logging.getLogger(__name__)
 
 
 def _check_ep(config: HybridConfig, ep: int, what: str = "the model") -> None:
@@ -56,20 +60,34 @@ def load_frozen(folder: str | Path, info: DistInfo, *, dtype: torch.dtype, what:
     """A frozen model read from a weights folder (``config.json`` + safetensors: tandem's or the released
     NemotronH layout), laid out like the trained model: under expert parallelism it is built on ``meta``, cut
     to this rank's experts, and only those are allocated and read from the files; its MoE layers then
-    exchange tokens over the same EP group (so its forward is collective: generate with it through
-    :class:`~.lockstep.LockstepGeneration`). Dense weights are whole on every rank (a frozen model has no
-    gradients or optimizer state to shard, and decoding from gathered weights is what FSDP would do anyway).
-    Parameters in ``dtype`` (the MoE router stays fp32), eval mode, ``requires_grad`` off.
+    exchange tokens over the same EP group (so its forward is collective — :func:`is_expert_parallel` — and
+    must be generated from through :class:`~.lockstep.LockstepGeneration`). A model without MoE layers, or
+    whose expert count the EP size does not divide, is read whole (no collective; logged). Dense weights are
+    whole on every rank (a frozen model has no gradients or optimizer state to shard, and decoding from
+    gathered weights is what FSDP would do anyway). Parameters in ``dtype`` (the MoE router stays fp32),
+    eval mode, ``requires_grad`` off.
 
-    Used for the RLHF judge (its own architecture, read from its folder; ``what`` names it in errors).
+    Used for the RLHF judge (its own architecture, read from its folder; ``what`` names it in logs).
     """
     config = read_config(folder)
     model = HybridLM(config, device="meta")
-    if info.ep > 1:
-        _check_ep(config, info.ep, what)
+    shard = info.ep > 1 and "E" in config.hybrid_override_pattern and config.n_routed_experts % info.ep == 0
+    if info.ep > 1 and not shard:
+        log.info("%s: no MoE layer or %d experts not divisible by parallel.ep=%d: read whole on every rank", what,
+                 config.n_routed_experts, info.ep)
+    if shard:
         shard_experts(model, info.ep, dist.get_rank(info.ep_group))
     model = model.to(dtype=dtype).to_empty(device=info.device)
+    for m in model.modules():  # the one non-persistent buffer (not in the files): per-expert token counts
+        if isinstance(getattr(m, "tokens_per_expert_acc", None), torch.Tensor):
+            m.tokens_per_expert_acc.zero_()
     load_checkpoint_into(model, folder)  # under EP: only this rank's experts are read
-    if info.ep > 1:
+    if shard:
         apply_expert_parallel(model, info.ep_group)
     return model.eval().requires_grad_(False)
+
+
+def is_expert_parallel(model: nn.Module) -> bool:
+    """Whether ``model`` holds a slice of some MoE layer's experts (its forward then runs an all-to-all)."""
+    return any(getattr(m, "num_experts", None) != getattr(m, "total_experts", None)
+               for m in model.modules() if hasattr(m, "expert_offset"))

@@ -52,7 +52,7 @@ from tandem.model.checkpoint import CheckpointError
 from ..config import ConfigError, DataConfig, StageConfig, validate_rlhf
 from ..inference.backends import engine_for
 from ..inference.engine import SamplingParams
-from ..parallel import DistInfo, load_frozen
+from ..parallel import DistInfo, is_expert_parallel, load_frozen
 from ..parallel.lockstep import LockstepGeneration
 from ..rl.environments import DispatchStats
 from ..rl.genrm import (
@@ -114,10 +114,13 @@ class RLHFStage(GRPOStage):
                               f"share the policy's tokenizer")
         # several ranks: every judge forward is a lockstep round over the world (its MoE all-to-all under EP;
         # ranks judge different groups and retry different verdicts), as the policy's rollouts are
-        self.judge_lockstep = LockstepGeneration(self.judge, dist.group.WORLD) if info.distributed else None
-        # the judge decodes like the rollouts (stage.grpo.rollout_engine) when they run in process
+        # (a judge read whole — no MoE, or experts EP does not divide — has no collective: no lockstep)
+        collective = info.distributed and is_expert_parallel(self.judge)
+        self.judge_lockstep = LockstepGeneration(self.judge, dist.group.WORLD) if collective else None
+        # the judge decodes like the rollouts (stage.grpo.rollout_engine) when they run in process; one call
+        # judges one group's comparisons, so a wave never needs more rows than that
         mode = self.g.rollout_engine if self.g.rollout_backend == "engine" else "eager"
-        self.judge_engine = engine_for(self.judge_lockstep or self.judge, self.r.judge_batch, mode)
+        self.judge_engine = engine_for(self.judge_lockstep or self.judge, min(self.r.judge_batch, len(self.pairs)), mode)
 
     def _judge_params(self, seed: int) -> SamplingParams:
         r = self.r

@@ -16,8 +16,8 @@ exact without any data state beyond a fingerprint that detects changed data on r
 
 **Loaded ahead.** A step's rows are read from the memory-mapped copy and collated by a
 ``torch.utils.data.DataLoader`` over steps (:class:`_StepRows`: item ``i`` = this rank's rows of step
-``start + i``, collated once) with ``data.num_workers`` worker processes, two steps in flight (0: in the
-training process, as the CPU smoke recipe runs it); the time a step waits for its rows is logged as
+``start + i``, collated once) with ``data.num_workers`` worker processes, each two steps ahead
+(``prefetch_factor=2``; 0: in the training process, as the CPU smoke recipe runs it); the time a step waits for its rows is logged as
 ``data/wait_s`` and ``data/wait_fraction``, as for pretraining. Same rows in the same order either way.
 """
 
@@ -164,6 +164,9 @@ class SFTStage(Stage):
             pin_memory=self.device.type == "cuda"))
 
     def batches_for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        if step >= self.stage.steps:  # past the schedule (the loader covers steps < stage.steps): read directly
+            mb, mine = self.stage.micro_batch, self.rank_rows(step)
+            return [self._batch(mine[i: i + mb]) for i in range(0, len(mine), mb)]
         if self._iter is None or step != self._next_step:  # first step, or a jump
             self._iter = self._loader(step)
         self._t_step = t0 = time.perf_counter()

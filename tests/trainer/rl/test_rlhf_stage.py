@@ -155,3 +155,20 @@ def test_two_ranks_fsdp_ep2_judge_like_one_rank(files, tmp_path):
         for k in ("loss", "grad_norm"):
             assert abs(x[k] - y[k]) <= 1e-5 * max(abs(x[k]), 1.0), (k, x[k], y[k])
     assert a[0]["rlhf/comparisons"] == 4 * 2 and a[0]["rlhf/judge_tokens"] > 4 * 2
+
+
+def test_bf16_judge_keeps_a_fp32_router_and_decodes_alike(files):
+    """``stage.rlhf.judge_dtype=bf16`` (the default on CUDA): bf16 weights, the MoE router fp32, a bf16 KV
+    cache; the static engine (rollout_engine=static) gives the eager engine's greedy tokens."""
+    from tandem.trainer.inference.backends import engine_for
+    from tandem.trainer.inference.engine import SamplingParams
+    from tandem.trainer.stages.rlhf import judge_dtype, load_judge
+
+    assert judge_dtype("auto", torch.device("cpu")) == torch.float32 and judge_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    judge = load_judge(str(files / "judge"), CPU, torch.bfloat16)
+    routers = [m.weight.dtype for m in judge.modules() if hasattr(m, "e_score_correction_bias")]
+    assert routers and set(routers) == {torch.float32} and judge.lm_head.weight.dtype == torch.bfloat16
+    prompts, prm = [[5, 9, 2], [3, 3, 3, 3]], SamplingParams(max_new_tokens=6, greedy=True)
+    eager, static = engine_for(judge, 2, "eager"), engine_for(judge, 2, "static")
+    assert eager.dtype == torch.bfloat16
+    assert [r.tokens for r in eager.generate(prompts, prm)] == [r.tokens for r in static.generate(prompts, prm)]
