@@ -89,7 +89,7 @@ def main(out_path, mode, folder=None):
         with lockstep:
             got_static = [static_engine.generate(p, prm) for p, prm in calls]
         verdict["static_tokens_equal"] = [[r.tokens for r in g] for g in got_static] == [[r.tokens for r in e] for e in want]
-    if mode == "fsdp":  # the cluster's numerics: FSDP2 gathers bf16 weights; the KV cache must follow them
+        # the cluster's numerics: FSDP2 gathers bf16 weights; the KV cache must follow them
         bf = copy.deepcopy(ref)
         apply_expert_parallel(bf, info.ep_group)
         apply_fsdp(bf, device_meshes(info), world_size=info.world_size, param_dtype=torch.bfloat16)

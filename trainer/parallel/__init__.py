@@ -14,9 +14,9 @@ from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .engines import ENGINES, Engine, build_engine, engine_name, register_engine
 from .expert import apply_expert_parallel, gather_full_state_dict, is_expert_param
 from .expert_balance import ExpertBalancer
-from .materialize import build_model, is_expert_parallel, load_frozen
+from .materialize import build_model, load_frozen
 
 __all__ = [
     "ContextParallel", "DistInfo", "ENGINES", "Engine", "ExpertBalancer", "all_reduce_sum", "apply_context_parallel", "apply_expert_parallel", "build_engine", "build_model", "engine_name",
-    "gather_full_state_dict", "init_distributed", "is_expert_param", "is_expert_parallel", "load_frozen", "register_engine",
+    "gather_full_state_dict", "init_distributed", "is_expert_param", "load_frozen", "register_engine",
 ]

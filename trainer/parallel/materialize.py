@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from tandem.model import HybridConfig, HybridLM
 from tandem.model.checkpoint import load_checkpoint_into, read_config
@@ -25,7 +24,7 @@ from .distributed import DistInfo
 from .context import apply_context_parallel
 from .expert import apply_expert_parallel, shard_experts
 
-__all__ = ["build_model", "is_expert_parallel", "load_frozen"]
+__all__ = ["build_model", "load_frozen"]
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +59,9 @@ def load_frozen(folder: str | Path, info: DistInfo, *, dtype: torch.dtype, what:
     """A frozen model read from a weights folder (``config.json`` + safetensors: tandem's or the released
     NemotronH layout), laid out like the trained model: under expert parallelism it is built on ``meta``, cut
     to this rank's experts, and only those are allocated and read from the files; its MoE layers then
-    exchange tokens over the same EP group (so its forward is collective — :func:`is_expert_parallel` — and
-    must be generated from through :class:`~.lockstep.LockstepGeneration`). A model without MoE layers, or
+    exchange tokens over the same EP group (so its forward is collective — its expert parameters are
+    marked, :func:`~.expert.is_expert_param` — and must be generated from through
+    :class:`~.lockstep.LockstepGeneration`). A model without MoE layers, or
     whose expert count the EP size does not divide, is read whole (no collective; logged). Dense weights are
     whole on every rank (a frozen model has no gradients or optimizer state to shard, and decoding from
     gathered weights is what FSDP would do anyway). Parameters in ``dtype`` (the MoE router stays fp32),
@@ -86,8 +86,3 @@ def load_frozen(folder: str | Path, info: DistInfo, *, dtype: torch.dtype, what:
         apply_expert_parallel(model, info.ep_group)
     return model.eval().requires_grad_(False)
 
-
-def is_expert_parallel(model: nn.Module) -> bool:
-    """Whether ``model`` holds a slice of some MoE layer's experts (its forward then runs an all-to-all)."""
-    return any(getattr(m, "num_experts", None) != getattr(m, "total_experts", None)
-               for m in model.modules() if hasattr(m, "expert_offset"))

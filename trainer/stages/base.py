@@ -10,6 +10,7 @@ optimizer steps and its ``loss`` applies the clipped policy objective to per-tok
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -43,6 +44,18 @@ def token_cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     if aux is not None:
         loss_sum = loss_sum + aux * batch.get("aux_weight_tokens", num_tokens)
     return LossOutput(loss_sum=loss_sum, num_tokens=num_tokens)
+
+
+def split_step(batch: dict[str, torch.Tensor], micro_batch: int) -> list[dict[str, torch.Tensor]]:
+    """A rank's whole-step batch (one loader item) as its micro-batches of ``micro_batch`` rows."""
+    return [dict(zip(batch, parts)) for parts in zip(*(v.split(micro_batch) for v in batch.values()))]
+
+
+def wait_metrics(wait_s: float, step_start: float) -> dict[str, float]:
+    """The time a step waited for its rows (from ``step_start``, a ``time.perf_counter()``, to now): seconds
+    and share of the step — near 0 while loading hides behind compute."""
+    elapsed = time.perf_counter() - step_start
+    return {"data/wait_s": wait_s, "data/wait_fraction": wait_s / max(elapsed, 1e-9)}
 
 
 def check_batch_split(stage, world_size: int) -> None:

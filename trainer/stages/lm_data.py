@@ -20,7 +20,7 @@ from tandem.data_pipelines.packing import build_dataloader
 from tandem.data_pipelines.sources import is_byte_level
 
 from ..data import DataError
-from .base import Stage
+from .base import Stage, split_step, wait_metrics
 
 __all__ = ["WindowStage", "check_plan_sources"]
 
@@ -104,11 +104,9 @@ class WindowStage(Stage):
         rows = next(self._iter)
         self._wait = time.perf_counter() - t0
         self._next_step = step + 1
-        mb = self.stage.micro_batch
-        return [dict(zip(rows, parts)) for parts in zip(*(v.split(mb) for v in rows.values()))]
+        return split_step(rows, self.stage.micro_batch)
 
     def after_step(self, step: int, finite: bool) -> dict:
         """This rank's time blocked on the loader in this step, in seconds and as a share of the step
         (from its batches to the end of the optimizer step): near 0 while loading hides behind compute."""
-        elapsed = time.perf_counter() - self._t_step
-        return {"data/wait_s": self._wait, "data/wait_fraction": self._wait / max(elapsed, 1e-9)}
+        return wait_metrics(self._wait, self._t_step)

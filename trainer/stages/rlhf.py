@@ -52,7 +52,7 @@ from tandem.model.checkpoint import CheckpointError
 from ..config import ConfigError, DataConfig, StageConfig, validate_rlhf
 from ..inference.backends import engine_for
 from ..inference.engine import SamplingParams
-from ..parallel import DistInfo, is_expert_parallel, load_frozen
+from ..parallel import DistInfo, is_expert_param, load_frozen
 from ..parallel.lockstep import LockstepGeneration
 from ..rl.environments import DispatchStats
 from ..rl.genrm import (
@@ -115,7 +115,7 @@ class RLHFStage(GRPOStage):
         # several ranks: every judge forward is a lockstep round over the world (its MoE all-to-all under EP;
         # ranks judge different groups and retry different verdicts), as the policy's rollouts are
         # (a judge read whole — no MoE, or experts EP does not divide — has no collective: no lockstep)
-        collective = info.distributed and is_expert_parallel(self.judge)
+        collective = info.distributed and any(is_expert_param(p) for p in self.judge.parameters())
         self.judge_lockstep = LockstepGeneration(self.judge, dist.group.WORLD) if collective else None
         # the judge decodes like the rollouts (stage.grpo.rollout_engine) when they run in process; one call
         # judges one group's comparisons, so a wave never needs more rows than that

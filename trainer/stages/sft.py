@@ -37,7 +37,7 @@ from tandem.data_pipelines.tokenizer import load_tokenizer
 from ..config import DataConfig, StageConfig
 from ..data import DataError
 from ..data import build_once_per_node
-from .base import Stage, check_batch_split
+from .base import Stage, check_batch_split, split_step, wait_metrics
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +173,14 @@ class SFTStage(Stage):
         batch = next(self._iter)
         self._wait = time.perf_counter() - t0
         self._next_step = step + 1
-        mb = self.stage.micro_batch
-        return [dict(zip(batch, parts)) for parts in zip(*(v.split(mb) for v in batch.values()))]
+        return split_step(batch, self.stage.micro_batch)
 
     def bind(self, model, info, precision: str = "auto") -> None:
         self.device = info.device
 
     def after_step(self, step: int, finite: bool) -> dict:
         """This rank's time blocked on its rows in this step (seconds and share of the step)."""
-        elapsed = time.perf_counter() - self._t_step
-        return {"data/wait_s": self._wait, "data/wait_fraction": self._wait / max(elapsed, 1e-9)}
+        return wait_metrics(self._wait, self._t_step)
 
     def _batch(self, rows: list[int], dataset=None) -> dict[str, torch.Tensor]:
         dataset = dataset if dataset is not None else self.train_set
