@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint_io import (CONFIG_NAME, INDEX_FILE, SINGLE_FILE, STACKED_EXPERT, CheckpointError, checkpoint_files,
-                            checkpoint_items, open_safetensors, read_json, staged_directory)
+from .checkpoint_io import (CONFIG_NAME, INDEX_FILE, SINGLE_FILE, STACKED_EXPERT, CheckpointError, LocalPiece,
+                            checkpoint_files, checkpoint_items, open_safetensors, read_json, staged_directory)
 from .checkpoint_nvfp4 import nvfp4_reader
 from .config import HybridConfig
 
@@ -55,14 +56,21 @@ def _target(key: str) -> tuple[str, int | None]:
 
 
 @torch.no_grad()
-def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool = True) -> dict[str, list[str]]:
+def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool = True, *,
+                         pieces: Mapping[str, LocalPiece] | None = None) -> dict[str, list[str]]:
     """Copy every tensor of the checkpoint at ``path`` into ``model``'s parameters and buffers.
+
+    ``pieces``: for a model whose tensors are cut across processes (a sharded data-parallel model), the
+    piece of each named tensor this process holds (:class:`~.checkpoint_io.LocalPiece`); only those rows are
+    read from the files (a dim-0 piece of a plain tensor reads just its bytes) and written. Shapes are
+    checked against the whole tensor.
 
     Raises :class:`CheckpointError` on a shape mismatch (key and both shapes), on missing keys (always:
     a missing tensor would leave uninitialised memory), and on unexpected keys when ``strict``.
     Returns ``{"unexpected": [...], "ignored": [...]}``.
     """
     path = Path(path)
+    pieces = pieces or {}
     state = model.state_dict(keep_vars=True)
     experts_filled: dict[str, set[int]] = {n: set() for n in state if STACKED_EXPERT.match(n)}
     # Under expert parallelism a process holds experts [offset, offset + local count) of each layer.
@@ -87,6 +95,8 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool 
                     unexpected.append(key)
                     continue
                 dest = state[name]
+                piece = pieces.get(name)
+                expected = tuple(dest.shape)  # the whole tensor's shape, also for a piece
                 if expert is not None:
                     offset, local, total = offsets.get(name, (0, dest.shape[0], dest.shape[0]))
                     if expert >= total:
@@ -96,23 +106,39 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, strict: bool 
                     if not offset <= expert < offset + local:
                         continue  # another expert-parallel rank's expert
                     expert -= offset
-                    dest = dest[expert]
+                    expected = expected[1:]
                 shape = f.shape(key)
                 if packed:
                     shape = nvfp4.logical_shape(key, shape)
-                if shape != tuple(dest.shape):
+                if shape != expected:
                     raise CheckpointError(
-                        f"{file}: shape mismatch for {key!r}: checkpoint has {shape}, model expects {tuple(dest.shape)}"
+                        f"{file}: shape mismatch for {key!r}: checkpoint has {shape}, model expects {expected}"
                     )
+                if piece is None:
+                    target, rows = (dest if expert is None else dest[expert]), None
+                elif expert is None:
+                    target, rows = piece.tensor, (piece.dim, piece.start, piece.length)
+                elif piece.dim == 0:  # this process holds experts [start, start + length) of the local ones
+                    if not piece.start <= expert < piece.start + piece.length:
+                        experts_filled[name].add(expert)  # another data-parallel shard's expert: seen, not read
+                        continue
+                    target, rows = piece.tensor[expert - piece.start], None
+                else:  # rows of every expert
+                    target, rows = piece.tensor[expert], (piece.dim - 1, piece.start, piece.length)
                 try:
-                    tensor = f.get_tensor(key)
+                    if rows is not None and rows[0] == 0 and not packed:
+                        tensor = f.get_rows(key, rows[1], rows[2])
+                    else:
+                        tensor = f.get_tensor(key)
+                        if packed:
+                            tensor = nvfp4.dequantize(key, tensor)
+                        if rows is not None:
+                            tensor = tensor.narrow(*rows)
                 except CheckpointError:
                     raise
                 except Exception as e:
                     raise CheckpointError(f"{file}: cannot read tensor {key!r}, file truncated or corrupt ({e})") from None
-                if packed:
-                    tensor = nvfp4.dequantize(key, tensor)
-                dest.copy_(tensor)
+                target.copy_(tensor)
                 if expert is None:
                     filled.add(name)
                 else:

@@ -19,12 +19,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 __all__ = [
     "CONFIG_NAME", "SINGLE_FILE", "INDEX_FILE", "SAFETENSORS_DTYPES", "STACKED_EXPERT", "CheckpointError",
-    "SafetensorsFile", "checkpoint_files", "checkpoint_items", "open_safetensors", "read_json", "staged_directory",
+    "LocalPiece", "SafetensorsFile", "checkpoint_files", "checkpoint_items", "open_safetensors", "read_json", "staged_directory",
     "swap_in",
 ]
 
@@ -39,6 +40,26 @@ CHECKPOINT_FILE_NAME = re.compile(r"^(config\.json|model\.safetensors|model\.saf
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be loaded as asked; the message names file and key."""
+
+
+class LocalPiece(NamedTuple):
+    """The part of one tensor this process holds: ``tensor`` is rows ``[start, start + tensor.shape[dim])``
+    along ``dim`` of the whole tensor (whole = what an unsharded process of the same expert-parallel layout
+    holds). Initialisation and loading write only the piece (a sharded data-parallel model: the trainer says
+    which piece each parameter is; the model code never sees how it was cut)."""
+
+    tensor: torch.Tensor
+    dim: int
+    start: int
+
+    @property
+    def length(self) -> int:
+        return self.tensor.shape[self.dim]
+
+    def take(self, whole: torch.Tensor, dim_offset: int = 0) -> torch.Tensor:
+        """This piece's rows of ``whole`` (``dim_offset``: ``whole`` lacks that many leading dims, e.g. one
+        expert's matrix of a stacked expert tensor)."""
+        return whole.narrow(self.dim - dim_offset, self.start, self.length)
 
 
 def read_json(path: Path) -> dict:
@@ -155,6 +176,22 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: cannot read tensor {key!r}, file truncated or corrupt")
             done += got
         return buf.view(dtype).reshape(shape)
+
+    def get_rows(self, key: str, start: int, length: int) -> torch.Tensor:
+        """Rows ``[start, start + length)`` of tensor ``key`` along dim 0, reading only their bytes (a
+        sharded process's piece: nothing else of the tensor is read)."""
+        dtype, shape, offset, nbytes = self._entries[key]
+        if not shape or not 0 <= start <= start + length <= shape[0]:
+            raise CheckpointError(f"{self.path}: rows [{start}, {start + length}) of tensor {key!r} with shape {shape}")
+        row = nbytes // shape[0] if shape[0] else 0
+        buf = torch.empty(length * row, dtype=torch.uint8)
+        view, done, want = memoryview(buf.numpy()), 0, length * row
+        while done < want:
+            got = os.preadv(self._fd, [view[done:]], offset + start * row + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}: cannot read tensor {key!r}, file truncated or corrupt")
+            done += got
+        return buf.view(dtype).reshape(length, *shape[1:])
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, PackedDocuments
 from .cache import HybridCache
+from .checkpoint_io import LocalPiece
 from .config import LAYER_KINDS, HybridConfig
 from .loss import LMHead
 from .mamba2 import Mamba2Mixer
@@ -335,7 +337,7 @@ class HybridLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self, seed: int | None = None, *, pieces: Mapping[str, LocalPiece] | None = None) -> None:
         """Initialise for pretraining from scratch (a no-op on the meta device).
 
         Linear/embedding/router/expert weights ~ N(0, initializer_range); biases 0; norms 1; conv1d
@@ -349,6 +351,10 @@ class HybridLM(nn.Module):
         its name (the expert's *global* id), so the values do not depend on what else this process holds:
         a model whose experts were cut to a slice (:meth:`GroupedExperts.keep_experts`, expert
         parallelism) gets the same values as the unsharded model, whatever the layout.
+
+        ``pieces`` (parameter name → :class:`~.checkpoint_io.LocalPiece`): parameters cut across processes
+        (a sharded data-parallel model) get only their piece of the same values — each tensor's whole value
+        is drawn (one tensor at a time) and its piece kept; experts another piece holds are not drawn.
         """
         if any(p.is_meta for p in self.parameters()):
             return
@@ -357,46 +363,77 @@ class HybridLM(nn.Module):
             seed = int(torch.randint(0, 2**62, (1,)).item())
         std = cfg.initializer_range
         rescale = 1.0 / math.sqrt(cfg.num_hidden_layers) if cfg.rescale_prenorm_residual else 1.0
+        pieces = pieces or {}
 
-        def normal_(t: torch.Tensor, key: str, s: float = std) -> None:
-            t.copy_(torch.randn(t.shape, generator=_generator(seed, key), dtype=torch.float32).mul_(s).to(t.dtype))
+        def put(name: str, t: torch.Tensor, value) -> None:
+            """Write ``value()`` (the whole tensor's fp32 value) into ``t`` or into its piece."""
+            piece = pieces.get(name)
+            if piece is None:
+                t.copy_(value().to(t.dtype))
+            elif piece.length:
+                piece.tensor.copy_(piece.take(value()).to(piece.tensor.dtype))
 
-        def uniform_(t: torch.Tensor, key: str, lo: float, hi: float) -> None:
-            u = torch.rand(t.shape, generator=_generator(seed, key), dtype=torch.float32)
-            t.copy_((u * (hi - lo) + lo).to(t.dtype))
+        def put_expert(name: str, t: torch.Tensor, i: int, value) -> None:
+            """Expert ``i`` (local index) of a stacked expert tensor."""
+            piece = pieces.get(name)
+            if piece is None:
+                t[i].copy_(value().to(t.dtype))
+            elif piece.dim == 0:
+                if piece.start <= i < piece.start + piece.length:
+                    piece.tensor[i - piece.start].copy_(value().to(piece.tensor.dtype))
+            elif piece.length:
+                piece.tensor[i].copy_(piece.take(value(), dim_offset=1).to(piece.tensor.dtype))
+
+        def normal(shape, key: str, s: float = std):
+            return lambda: torch.randn(shape, generator=_generator(seed, key), dtype=torch.float32).mul_(s)
+
+        def uniform(shape, key: str, lo: float, hi: float):
+            return lambda: torch.rand(shape, generator=_generator(seed, key), dtype=torch.float32) * (hi - lo) + lo
+
+        def const(shape, v: float):
+            return lambda: torch.full(shape, v, dtype=torch.float32)
 
         for name, module in self.named_modules():
+            pre = f"{name}." if name else ""
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 residual_out = name.endswith(("out_proj", "o_proj", "down_proj"))
-                normal_(module.weight, f"{name}.weight", std * (rescale if residual_out else 1.0))
+                w = module.weight
+                put(pre + "weight", w, normal(w.shape, f"{name}.weight", std * (rescale if residual_out else 1.0)))
                 if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+                    put(pre + "bias", module.bias, const(module.bias.shape, 0.0))
             elif isinstance(module, nn.Conv1d):
                 fan_in = module.weight.shape[1] * module.weight.shape[2]
                 bound = 1.0 / math.sqrt(fan_in)  # = PyTorch's default kaiming_uniform(a=√5) bound
-                uniform_(module.weight, f"{name}.weight", -bound, bound)
+                put(pre + "weight", module.weight, uniform(module.weight.shape, f"{name}.weight", -bound, bound))
                 if module.bias is not None:
-                    uniform_(module.bias, f"{name}.bias", -bound, bound)
+                    put(pre + "bias", module.bias, uniform(module.bias.shape, f"{name}.bias", -bound, bound))
             elif isinstance(module, (RMSNorm, GatedRMSNorm)):
-                module.weight.fill_(1.0)
+                put(pre + "weight", module.weight, const(module.weight.shape, 1.0))
             elif isinstance(module, TopKRouter):
-                normal_(module.weight, f"{name}.weight")
-                module.e_score_correction_bias.zero_()
+                put(pre + "weight", module.weight, normal(module.weight.shape, f"{name}.weight"))
+                module.e_score_correction_bias.zero_()  # a buffer: never cut
             elif isinstance(module, GroupedExperts):
                 # one stream per *global* expert: a shard holding experts [offset, offset + n) gets exactly
                 # the slices an unsharded model would
+                up, down = module.up_proj, module.down_proj
                 for i in range(module.num_experts):
                     e = module.expert_offset + i
-                    normal_(module.up_proj[i], f"{name}.up_proj.{e}")
-                    normal_(module.down_proj[i], f"{name}.down_proj.{e}", std * rescale)
+                    put_expert(pre + "up_proj", up, i, normal(up.shape[1:], f"{name}.up_proj.{e}"))
+                    put_expert(pre + "down_proj", down, i, normal(down.shape[1:], f"{name}.down_proj.{e}", std * rescale))
             elif isinstance(module, Mamba2Mixer):
                 lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
-                u = torch.rand(module.num_heads, generator=_generator(seed, f"{name}.dt_bias"))
-                dt = torch.exp(u * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
-                module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
-                A = torch.rand(module.num_heads, generator=_generator(seed, f"{name}.A_log")) * 15.0 + 1.0
-                module.A_log.copy_(torch.log(A))
-                module.D.fill_(1.0)
+
+                def dt_bias(module=module, name=name):
+                    u = torch.rand(module.num_heads, generator=_generator(seed, f"{name}.dt_bias"))
+                    dt = torch.exp(u * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
+                    return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(dt)
+
+                def a_log(module=module, name=name):
+                    return torch.log(torch.rand(module.num_heads, generator=_generator(seed, f"{name}.A_log")) * 15.0 + 1.0)
+
+                put(pre + "dt_bias", module.dt_bias, dt_bias)
+                put(pre + "A_log", module.A_log, a_log)
+                put(pre + "D", module.D, const(module.D.shape, 1.0))
 
     # ------------------------------------------------------------------------------------------------
     def parameter_count(self) -> ParameterCount:

@@ -189,9 +189,10 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def apply_precision(model: nn.Module, cfg: Any) -> nn.Module:
+def apply_precision(model: nn.Module, cfg: Any, device: torch.device | str | None = None) -> nn.Module:
     """Make ``model`` train in the precision ``cfg`` asks for (a :class:`PrecisionSpec` or a config with
-    the same fields). Must run before the optimizer is built only if a backend replaces parameters
+    the same fields). ``device``: where it will run (default: where its parameters are; give it for a model
+    still on ``meta``, whose backend — TE or emulation — depends on the device it will be materialised on). Must run before the optimizer is built only if a backend replaces parameters
     (neither does: ``QuantLinear`` reuses the Parameter objects). Returns the model; the plan is on
     ``model.precision_plan``.
     """
@@ -200,7 +201,7 @@ def apply_precision(model: nn.Module, cfg: Any) -> nn.Module:
     if not spec.quantized:
         model.precision_plan = PrecisionPlan(spec.name, "torch")
         return model
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     backend, notes = _choose_backend(spec, device)
     quantized, kept = quantized_module_names(model, spec)
     plan = PrecisionPlan(spec.name, backend, quantized, kept, notes)

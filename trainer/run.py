@@ -24,6 +24,7 @@ from .metrics import (ConsoleSink, JsonlSink, WandbSink, configure_logging, memo
                       peak_flops_per_device)
 from .parallel import ENGINES, ExpertBalancer, build_model, engine_name, init_distributed
 from .parallel.context import ContextParallel, check_context_parallel, shard_stage_batches
+from .parallel.fsdp import local_pieces
 from .optim import build_optimizer, validate_optim
 from .stages import STAGES
 
@@ -102,22 +103,31 @@ def run(cfg: DictConfig) -> dict:
 
         torch.manual_seed(cfg.stage.seed + info.rank)
         memory_base = memory_now_bytes(info.device)  # the runtime alone: what the planner's figures come on top of
-        model = build_model(model_cfg, info, init_seed=cfg.model.init_seed, cp_attention=cfg.parallel.cp_attention)  # only this rank's experts are allocated
-        configure_memory(model, cfg.model)  # activation checkpointing per layer kind, loss chunk size
-        try:
-            model = apply_precision(model, cfg.precision)  # low-precision recipes; state dict unchanged
-        except PrecisionError as e:
-            raise ConfigError(str(e)) from None
-        configure_compile(model, cfg.model)  # model.compile: each block's training body through torch.compile
+        engine_spec = ENGINES[engine_name(cfg.parallel, info, cfg.stage)]
+
+        def prepare(m) -> None:  # before any engine wraps the model (FSDP2: while it is still on meta)
+            configure_memory(m, cfg.model)  # activation checkpointing per layer kind, loss chunk size
+            try:
+                apply_precision(m, cfg.precision, device=info.device)  # low-precision recipes; state dict unchanged
+            except PrecisionError as e:
+                raise ConfigError(str(e)) from None
+            configure_compile(m, cfg.model)  # model.compile: each block's training body through torch.compile
+
+        shard = engine_spec.shard_on_meta
+        # only this rank's experts are allocated — and under FSDP2 only its shards of everything
+        model = build_model(model_cfg, info, init_seed=cfg.model.init_seed, cp_attention=cfg.parallel.cp_attention,
+                            prepare=prepare, shard=None if shard is None else (lambda m: shard(m, info, cfg.parallel)))
         optimizer = build_optimizer(model, cfg.optim)
         checkpoints.tokenizer = getattr(stage, "tokenizer", None)  # saved in every checkpoint's model/
-        engine_spec = ENGINES[engine_name(cfg.parallel, info, cfg.stage)]
 
         trainer = Trainer(cfg, model, stage, None, info, checkpoints)
         trainer.memory_base = memory_base
         optimizer_state = None
+        with torch.no_grad():  # an FSDP2-sharded model reads only its pieces of each tensor
+            pieces = local_pieces(model)
         if resume_from is not None:
-            trainer_state, optimizer_state = checkpoints.load(resume_from, model, sharded_engine=engine_spec.sharded_checkpoints)
+            trainer_state, optimizer_state = checkpoints.load(resume_from, model, sharded_engine=engine_spec.sharded_checkpoints,
+                                                              pieces=pieces)
             try:
                 trainer.restore(trainer_state, source=resume_from)
             except (KeyError, TypeError) as e:  # a trainer_state.json that parses but lacks fields
@@ -126,7 +136,7 @@ def run(cfg: DictConfig) -> dict:
             stage.load_rank_state(checkpoints.load_rank_state(resume_from), source=resume_from)
             log.info("resumed from %s at step %d", resume_from, trainer.state.step)
         elif cfg.model.init_from:
-            src = load_weights(model, cfg.model.init_from)
+            src = load_weights(model, cfg.model.init_from, pieces=pieces)
             log.info("initial weights from %s", src)
         stage.bind(model, info, precision=cfg.precision.name)  # the final weights: stages that generate (GRPO) keep the model
         # The engine is built after the weights are final: DeepSpeed copies them into its partitions.

@@ -1,4 +1,5 @@
-"""The expert-dominated config of the build-memory tests (≈97% of its parameters are routed experts)."""
+"""The configs of the build-memory tests: expert-dominated (≈97% of its parameters are routed experts) and
+dense (no MoE; no tensor above 6% of the model), each large enough that RSS measures it (~0.3–0.8 GB fp32)."""
 
 from tandem.model import HybridConfig
 
@@ -7,3 +8,9 @@ BUILD_CFG = HybridConfig.preset(
     num_experts_per_tok=2, moe_shared_expert_intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
     head_dim=64,
 )
+
+BUILD_DENSE_CFG = HybridConfig.preset(
+    "tiny", hybrid_override_pattern="M-M*M-M-M*M-M-", hidden_size=1024, intermediate_size=2048, num_attention_heads=8,
+    num_key_value_heads=2, head_dim=128, mamba_num_heads=32, mamba_head_dim=64,
+)
+CONFIGS = {"experts": BUILD_CFG, "dense": BUILD_DENSE_CFG}

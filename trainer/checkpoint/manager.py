@@ -262,7 +262,7 @@ class CheckpointManager:
         if self.world_size > 1:
             dist.barrier()
 
-    def load(self, path: Path, model, *, sharded_engine: bool = False) -> tuple[dict, dict | None]:
+    def load(self, path: Path, model, *, sharded_engine: bool = False, pieces=None) -> tuple[dict, dict | None]:
         """Restore the weights (this rank's expert shard) and this rank's RNG.
 
         Returns ``(trainer_state, optimizer_state)``; the engine loads the by-name optimizer state once it
@@ -283,7 +283,7 @@ class CheckpointManager:
         is_sharded = (path / sharded.DCP_DIR).exists()
         optimizer_state = None
         if not (sharded_engine and is_sharded):
-            load_checkpoint_into(model, path / "model")
+            _load_into(model, path / "model", pieces)
             optimizer_state = sharded.read_whole_optimizer(path) if is_sharded else load_torch_file(path / "optimizer.pt")
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
         if rng_file.exists():
@@ -327,8 +327,16 @@ def weights_dir(source: str | Path) -> Path:
     return resolve_checkpoint(source) / "model"
 
 
-def load_weights(model, source: str | Path) -> Path:
-    """Initial weights for a new stage: a released/HF-layout directory or a tandem run checkpoint."""
+def load_weights(model, source: str | Path, *, pieces=None) -> Path:
+    """Initial weights for a new stage: a released/HF-layout directory or a tandem run checkpoint.
+    ``pieces``: see :func:`tandem.model.checkpoint.load_checkpoint_into` (an FSDP2-sharded model)."""
     folder = weights_dir(source)
-    load_checkpoint_into(model, folder)
+    _load_into(model, folder, pieces)
     return folder
+
+
+def _load_into(model, folder: Path, pieces=None) -> None:
+    """Weights into ``model``; with ``pieces`` (a sharded model: ``parallel.fsdp.local_pieces``) each rank
+    reads only its pieces of each tensor."""
+    with torch.no_grad():
+        load_checkpoint_into(model, folder, pieces=pieces)

@@ -60,6 +60,9 @@ class EngineSpec:
     #: checkpoints through torch.distributed.checkpoint (each rank writes its shards) instead of the gathered
     #: layout (model/ + optimizer.pt written by rank 0); see tandem.trainer.checkpoint.manager
     sharded_checkpoints: bool = False
+    #: ``(model, info, parallel) -> None``: shard a model still on ``meta``, so that building it allocates only
+    #: this rank's shards (FSDP2); None = the engine wraps the built, whole model
+    shard_on_meta: Callable | None = None
 
 
 #: registered engines by name; :data:`DEFAULT_ENGINE` runs every config no other engine claims
@@ -67,14 +70,15 @@ ENGINES: dict[str, EngineSpec] = {}
 DEFAULT_ENGINE = "ddp"
 
 
-def register_engine(name: str, applies: Callable, *, sharded_checkpoints: bool = False):
+def register_engine(name: str, applies: Callable, *, sharded_checkpoints: bool = False,
+                    shard_on_meta: Callable | None = None):
     """Decorator: register ``build(model, optimizer, info, parallel, optim, stage)`` under ``name``;
     ``applies(parallel, info, stage)`` says whether ``parallel.engine=auto`` chooses it."""
 
     def deco(build):
         if name in ENGINES:
             raise ValueError(f"engine {name!r} is already registered")
-        ENGINES[name] = EngineSpec(name, applies, build, sharded_checkpoints)
+        ENGINES[name] = EngineSpec(name, applies, build, sharded_checkpoints, shard_on_meta)
         return build
 
     return deco
@@ -94,7 +98,13 @@ def _build_zero(model, optimizer, info: DistInfo, parallel, optim, stage):
     return DeepSpeedEngine(model, optimizer, info, parallel, optim, stage)
 
 
-@register_engine("fsdp", sharded_checkpoints=True,
+def _shard_fsdp(model, info: DistInfo, parallel):
+    from .fsdp import shard_model
+
+    shard_model(model, info, parallel)
+
+
+@register_engine("fsdp", sharded_checkpoints=True, shard_on_meta=_shard_fsdp,
                  applies=lambda parallel, info, stage=None: info.device.type == "cuda" and info.world_size > 1)
 def _build_fsdp(model, optimizer, info: DistInfo, parallel, optim, stage):
     """Also for stages that generate (GRPO, RLHF): their rollouts run the ranks' forwards in lockstep

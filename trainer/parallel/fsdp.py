@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tandem.model.checkpoint_io import CheckpointError
+from tandem.model.checkpoint_io import CheckpointError, LocalPiece
 from tandem.model.hybrid import HybridBlock
 from tandem.model.moe import GroupedExperts, MoE
 from tandem.trainer.config import ConfigError, ParallelConfig
@@ -44,7 +44,7 @@ from .distributed import DistInfo, Meshes, all_reduce_sum, device_meshes
 from .expert import is_expert_param
 from .lockstep import RESHARD_ATTR
 
-__all__ = ["FSDPEngine", "apply_fsdp", "expert_param_names", "fsdp_param_dtype"]
+__all__ = ["FSDPEngine", "apply_fsdp", "expert_param_names", "fsdp_param_dtype", "is_sharded", "local_pieces", "shard_model"]
 
 
 def fsdp_param_dtype(parallel: ParallelConfig, device: torch.device) -> torch.dtype | None:
@@ -108,6 +108,50 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, *, world_size: int, param_dtype
     register_fsdp_forward_method(model, "hidden_states")  # what generation and chunked losses call
 
 
+def shard_model(model: nn.Module, info: DistInfo, parallel: ParallelConfig) -> None:
+    """``fully_shard`` a model that is still on ``meta`` (:func:`~.materialize.build_model` then allocates
+    only each rank's shards): the run's meshes, mixed-precision policy and resharding choice, expert
+    parameters marked again (``fully_shard`` replaced the Parameter objects)."""
+    apply_fsdp(model, device_meshes(info), world_size=info.world_size, param_dtype=fsdp_param_dtype(parallel, info.device),
+               reshard_after_forward=parallel.fsdp_reshard_after_forward)
+    params = dict(model.named_parameters())
+    for n in expert_param_names(model):
+        params[n].expert_parallel = True
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local_pieces(model: nn.Module) -> dict[str, LocalPiece]:
+    """For every sharded (DTensor) parameter of ``model``: the piece this rank holds of the whole tensor — its
+    local shard and where that lies (FSDP2 cuts ``Shard(d)`` like ``torch.chunk``: ranks hold
+    ``ceil(n / size)`` rows each, the last ones fewer or none). What :meth:`HybridLM.init_weights` and
+    :func:`~tandem.model.checkpoint.load_checkpoint_into` write into (no collective). Empty for a model
+    without DTensors. Call under ``torch.no_grad()`` when the pieces will be written."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    out = {}
+    for name, p in model.named_parameters():
+        if not isinstance(p, DTensor):
+            continue
+        if p.device_mesh.ndim != 1 or len(p.placements) != 1 or not isinstance(p.placements[0], Shard):
+            raise RuntimeError(f"{name}: expected one Shard placement on a 1-D mesh, got {p.placements}")
+        dim = p.placements[0].dim
+        n, size, rank = p.shape[dim], p.device_mesh.size(), p.device_mesh.get_local_rank()
+        chunk = -(-n // size)
+        start = min(rank * chunk, n)
+        local = p.to_local()
+        if local.shape[dim] != min(n, start + chunk) - start:
+            raise RuntimeError(f"{name}: local shard {tuple(local.shape)} is not torch.chunk's piece {rank} of "
+                               f"{tuple(p.shape)} over {size} ranks along dim {dim}")
+        out[name] = LocalPiece(local, dim, start)
+    return out
+
+
 class FSDPEngine:
     """FSDP2 over the ``dp`` / ``edp`` meshes, same methods as :class:`~.data_parallel.DataParallelEngine`."""
 
@@ -119,16 +163,16 @@ class FSDPEngine:
 
         if optimizer.state:
             raise RuntimeError("build the FSDP engine before the optimizer has state (it re-binds the parameters)")
-        if any(isinstance(p, DTensor) for p in model.parameters()):
-            raise RuntimeError("the model is already sharded")
         self.model, self.optimizer, self.info = model, optimizer, info
         self.meshes = device_meshes(info)
         self.param_dtype = fsdp_param_dtype(parallel, info.device)
         names = {id(p): n for n, p in model.named_parameters()}
         group_names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-        self._broadcast_replicated()
-        apply_fsdp(model, self.meshes, world_size=info.world_size, param_dtype=self.param_dtype,
-                   reshard_after_forward=parallel.fsdp_reshard_after_forward)
+        if not is_sharded(model):  # built whole (tests, or a caller of its own): share rank 0's weights, then cut
+            self._broadcast_replicated()
+            apply_fsdp(model, self.meshes, world_size=info.world_size, param_dtype=self.param_dtype,
+                       reshard_after_forward=parallel.fsdp_reshard_after_forward)
+        # else sharded on meta by shard_model (what `tandem` runs): each rank already holds only its shards
         # fully_shard replaced every parameter by a DTensor parameter: point the optimizer at the new ones, and
         # mark the expert ones again (attributes do not carry over).
         params = dict(model.named_parameters())

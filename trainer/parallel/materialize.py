@@ -11,6 +11,7 @@ any world size and expert-parallel size. Peak memory while building is what the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from tandem.trainer.config import ConfigError
 from .distributed import DistInfo
 from .context import apply_context_parallel
 from .expert import apply_expert_parallel, shard_experts
+from .fsdp import local_pieces
 
 __all__ = ["build_model", "load_frozen"]
 
@@ -36,23 +38,56 @@ def _check_ep(config: HybridConfig, ep: int, what: str = "the model") -> None:
         raise ConfigError(f"parallel.ep={ep} must divide n_routed_experts ({config.n_routed_experts}) of {what}")
 
 
-def build_model(config: HybridConfig, info: DistInfo, *, init_seed: int | None, cp_attention: str = "sdpa") -> HybridLM:
+def build_model(config: HybridConfig, info: DistInfo, *, init_seed: int | None, cp_attention: str = "sdpa",
+                prepare: Callable[[HybridLM], object] | None = None,
+                shard: Callable[[HybridLM], None] | None = None) -> HybridLM:
     """The model this rank trains: its experts only under expert parallelism, initialised from ``init_seed``.
 
-    ``init_seed=None`` draws a seed from the global RNG (then identical on every rank only if the global
-    RNG is); the recipes always give one.
+    ``prepare(model)``: what must happen before any engine wraps the model (activation checkpointing,
+    precision recipes, compilation). ``shard(model)``: an engine that shards the model itself (FSDP2's
+    ``fully_shard``, :attr:`~.engines.EngineSpec.shard_on_meta`) — then the model is prepared and sharded
+    while still on ``meta``, and only this rank's shards are allocated and initialised (each tensor's value
+    drawn whole, one at a time, and its piece kept: the same values as an unsharded build). ``init_seed=None``
+    draws a seed on rank 0 and shares it; the recipes always give one.
     """
     model = HybridLM(config, device="meta")
     if info.ep > 1:
         _check_ep(config, info.ep)
         shard_experts(model, info.ep, dist.get_rank(info.ep_group))
-    model.to_empty(device=info.device)
-    model.init_weights(seed=init_seed)
+    seed = _shared_seed(init_seed, info)
+    if shard is None:
+        model.to_empty(device=info.device)
+        model.init_weights(seed=seed)
     if info.ep > 1:
         apply_expert_parallel(model, info.ep_group)  # marks expert parameters, installs the all-to-all
     if info.cp > 1:
         apply_context_parallel(model, info.cp_group, cp_attention)  # K/V gathers and Mamba state passing over the CP group
+    if prepare is not None:
+        prepare(model)
+    if shard is not None:
+        shard(model)
+        model.to_empty(device=info.device)
+        with torch.no_grad():
+            model.init_weights(seed=seed, pieces=local_pieces(model))
+    _zero_token_counts(model)
     return model
+
+
+def _shared_seed(seed: int | None, info: DistInfo) -> int:
+    if seed is not None:
+        return seed
+    drawn = torch.randint(0, 2**62, (1,))
+    if info.distributed:
+        drawn = drawn.to(info.device)
+        dist.broadcast(drawn, src=0)
+    return int(drawn.item())
+
+
+def _zero_token_counts(model: HybridLM) -> None:
+    """The one non-persistent buffer (not in checkpoints, not set by ``init_weights``): per-expert token counts."""
+    for m in model.modules():
+        if isinstance(getattr(m, "tokens_per_expert_acc", None), torch.Tensor):
+            m.tokens_per_expert_acc.zero_()
 
 
 def load_frozen(folder: str | Path, info: DistInfo, *, dtype: torch.dtype, what: str = "the model") -> HybridLM:
@@ -78,9 +113,7 @@ def load_frozen(folder: str | Path, info: DistInfo, *, dtype: torch.dtype, what:
     if shard:
         shard_experts(model, info.ep, dist.get_rank(info.ep_group))
     model = model.to(dtype=dtype).to_empty(device=info.device)
-    for m in model.modules():  # the one non-persistent buffer (not in the files): per-expert token counts
-        if isinstance(getattr(m, "tokens_per_expert_acc", None), torch.Tensor):
-            m.tokens_per_expert_acc.zero_()
+    _zero_token_counts(model)
     load_checkpoint_into(model, folder)  # under EP: only this rank's experts are read
     if shard:
         apply_expert_parallel(model, info.ep_group)

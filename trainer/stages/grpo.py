@@ -300,11 +300,22 @@ class GRPOStage(Stage):
                                      max_len=self.data.seq_len, grpo=self.g, seed=self.stage.seed)
         self.engine = getattr(self.backend, "engine", None)  # the in-process GenerationEngine when that back-end runs
         if self.g.kl_beta > 0:
-            from ..checkpoint import load_weights
+            from ..checkpoint import load_weights, weights_dir
 
-            self.reference = copy.deepcopy(model)
-            load_weights(self.reference, self.g.kl_reference)
-            self.reference.eval().requires_grad_(False)
+            from ..parallel import load_frozen
+            from ..parallel.fsdp import is_sharded
+
+            # A copy of the policy cannot be made under expert parallelism (its MoE layers hold the EP process
+            # group) or of FSDP2 shards (built on meta): a frozen model of the policy's layout, dense weights whole
+            # and this rank's experts only (its forward exchanges tokens over the same EP group, in the same
+            # micro-batches as the policy's).
+            if info.ep > 1 or is_sharded(model):
+                self.reference = load_frozen(weights_dir(self.g.kl_reference), info, dtype=torch.float32,
+                                             what="the KL reference")
+            else:
+                self.reference = copy.deepcopy(model)
+                load_weights(self.reference, self.g.kl_reference)
+                self.reference.eval().requires_grad_(False)
 
     def prompts_for_step(self, step: int, refill: int = 0) -> list[int]:
         """Global prompt indices (into ``self.train``) of rollout batch ``step``'s slots: environment by
