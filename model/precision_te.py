@@ -114,6 +114,11 @@ class TELinear(nn.Linear):
         object.__setattr__(self, "_recipe", recipe)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bind the Parameters this module holds *now*: a data-parallel engine may have replaced them since
+        # (FSDP2 swaps in sharded Parameters, and the gathered ones during forward)
+        self._te._parameters["weight"] = self.weight
+        if self.bias is not None:
+            self._te._parameters["bias"] = self.bias
         with te_autocast(self._recipe):
             return self._te(x)
 
