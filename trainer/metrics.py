@@ -113,18 +113,40 @@ def model_flops_per_token(cfg: HybridConfig, seq_len: int) -> float:
     return 3.0 * fwd
 
 
-_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12, "L40S": 362e12}
+#: dense (no sparsity) tensor-core peak FLOP/s per device by the format its GEMMs run in (vendor datasheets)
+PEAK_FLOPS = {
+    "bf16": {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12, "L40S": 362e12},
+    "fp8": {"H100": 1979e12, "H200": 1979e12, "B200": 4500e12, "GB200": 5000e12, "L40S": 733e12},
+    "fp4": {"B200": 9000e12, "GB200": 10000e12},
+}
 
 
-def peak_flops_per_device(override: float | None) -> float | None:
+def gemm_format(precision: str, backend: str) -> str | None:
+    """The format a run's GEMMs execute in: FP8 / FP4 only where Transformer Engine runs them (emulated
+    recipes quantise and dequantise, then multiply in bf16), bf16 for ``auto``/``bf16`` on GPUs; None for
+    fp32 (no tensor-core peak to compare with)."""
+    if backend == "te":
+        return "fp4" if precision == "nvfp4" else "fp8"
+    return None if precision == "fp32" else "bf16"
+
+
+def peak_flops_per_device(override: float | None, precision: str = "auto", backend: str = "emulate",
+                          device_name: str | None = None) -> float | None:
+    """The peak MFU is measured against: ``logger.peak_flops`` if set, else the table's entry for this GPU
+    and the precision in use (:func:`gemm_format`); None (MFU not reported) on CPU, for fp32, or for a GPU
+    or format the table lacks."""
     if override:
         return float(override)
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, peak in _PEAK_BF16.items():
-            if key in name:
-                return peak
-    return None  # CPU: no meaningful peak, MFU not reported
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None  # CPU: no meaningful peak, MFU not reported
+        device_name = torch.cuda.get_device_name()
+    fmt = gemm_format(precision, backend)
+    # the longest matching key first: "GB200" before "B200"
+    for key, peak in sorted(PEAK_FLOPS.get(fmt, {}).items(), key=lambda kv: -len(kv[0])):
+        if key in device_name:
+            return peak
+    return None
 
 
 class JsonlSink:

@@ -167,7 +167,9 @@ def run(cfg: DictConfig) -> dict:
         trainer.step_hooks.append(balancer)
     seq_len, _ = row_length(cfg)  # tokens per row
     trainer.flops_per_token = model_flops_per_token(model_cfg, seq_len)
-    trainer.peak_flops = peak_flops_per_device(cfg.logger.peak_flops)
+    plan = getattr(model, "precision_plan", None)
+    trainer.peak_flops = peak_flops_per_device(cfg.logger.peak_flops, cfg.precision.name,
+                                               plan.backend if plan is not None else "emulate")
     count = model.parameter_count()
     log.info("model %s: %.3gM parameters (%.3gM active); %d ranks on %s; %s precision; run dir %s",
              model_cfg.hybrid_override_pattern if len(model_cfg.hybrid_override_pattern) < 16 else cfg.model.preset,
