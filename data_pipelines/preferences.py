@@ -237,10 +237,16 @@ def _response(rng: random.Random, value: str, concise: bool, reasoning: bool) ->
 
 
 def synthetic_preferences(n: int, seed: int = 0, kinds=("max", "copy"), history_frac: float = 0.25,
-                          reasoning_frac: float = 0.25, styles: Sequence[str] = tuple(STYLES)) -> list[dict]:
+                          reasoning_frac: float = 0.25, styles: Sequence[str] = tuple(STYLES),
+                          same_style_frac: float = 0.0) -> list[dict]:
     """``n`` preference rows of the row schema (see the module doc), each pairing two different ``styles``
     (:data:`STYLES` names; e.g. only the two correct ones for a judge that should learn concision); seeded,
-    offline."""
+    offline. ``same_style_frac``: the share of rows whose two responses have the *same* style (equal scores,
+    ranking 3 or 4 at random: "slightly", the nearest the 1–6 scale has to a tie), so the judge's scores are
+    absolute — two good answers both score high — and a policy's mean judged score can rise, not only the
+    share of comparisons it wins."""
+    if not 0.0 <= same_style_frac <= 1.0:
+        raise ValueError(f"same_style_frac must be in [0, 1], got {same_style_frac}")
     from .rl_synthetic import problem
 
     names = list(dict.fromkeys(styles))
@@ -252,7 +258,8 @@ def synthetic_preferences(n: int, seed: int = 0, kinds=("max", "copy"), history_
     for i in range(n):
         kind = kinds[i % len(kinds)]
         q, answer, wrong = problem(rng, kind)
-        a, b = rng.sample(names, 2)
+        same = same_style_frac > 0 and rng.random() < same_style_frac
+        a, b = (rng.choice(names),) * 2 if same else rng.sample(names, 2)
         responses, scores = [], []
         for style in (a, b):
             correct, concise, score = STYLES[style]
@@ -265,7 +272,8 @@ def synthetic_preferences(n: int, seed: int = 0, kinds=("max", "copy"), history_
                         {"role": "assistant", "content": f"The answer is {ha}.", "reasoning_content": "checked"},
                         *messages]
         rows.append({"messages": messages, "response_1": responses[0], "response_2": responses[1],
-                     "score_1": scores[0], "score_2": scores[1], "ranking": ranking_from_scores(*scores),
+                     "score_1": scores[0], "score_2": scores[1],
+                     "ranking": rng.choice((3, 4)) if same else ranking_from_scores(*scores),
                      "id": f"syn-{seed}-{i}", "metadata": {"kind": kind, "answer": answer, "styles": [a, b]}})
     return rows
 
@@ -313,6 +321,8 @@ def main(argv=None) -> None:
     ap.add_argument("--judge-out", help="write the GenRM RL prompt rows (task genrm) here")
     ap.add_argument("--styles", default=",".join(STYLES),
                     help="response styles the synthetic pairs draw from (two different per pair)")
+    ap.add_argument("--same-style", type=float, default=0.0, metavar="FRAC",
+                    help="share of synthetic pairs whose two responses share a style (equal scores)")
     ap.add_argument("--instructions", default="full", choices=sorted(JUDGE_TEMPLATES),
                     help="the judging instructions in the judge prompts (a judge is used with the ones it was trained on)")
     ap.add_argument("--no-swap", action="store_true", help="do not add the position-swapped copy of each pair")
@@ -325,9 +335,12 @@ def main(argv=None) -> None:
         if args.synthetic < 1 or not args.out:
             raise SystemExit("preferences: --synthetic needs N >= 1 and --out")
         kinds = tuple(k for k in args.kinds.split(",") if k)
+        if not 0.0 <= args.same_style <= 1.0:
+            raise SystemExit(f"preferences: --same-style must be in [0, 1], got {args.same_style}")
         try:
             prefs = synthetic_preferences(args.synthetic, args.seed, kinds,
-                                          styles=tuple(s for s in args.styles.split(",") if s))
+                                          styles=tuple(s for s in args.styles.split(",") if s),
+                                          same_style_frac=args.same_style)
         except ValueError as e:
             raise SystemExit(f"preferences: --styles: {e}") from None
         print(_write(args.out, prefs))

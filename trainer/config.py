@@ -347,6 +347,7 @@ class RLHFConfig:
     comparing the rollouts of each group in pairs."""
 
     judge: Optional[str] = None  # the judge's weights: a tandem run / checkpoint or an HF NemotronH folder (required)
+    judge_tokenizer: Optional[str] = None  # null: the tokenizer saved beside the judge's weights, else the policy's
     pairing: str = "circular"  # circular: (i, i+1 mod G), G comparisons per group | all: G(G-1)/2 comparisons
     judge_samples: int = 1  # judge generations per pair (their scores all enter the means)
     retries: int = 1  # re-sample a judgement that does not parse this many times, then use score 3 / ranking 3.5

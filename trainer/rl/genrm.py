@@ -211,6 +211,15 @@ def prefers(ranking: float) -> int:
     return (ranking > 3.5) - (ranking < 3.5)
 
 
+def agrees(score_1: float, score_2: float, ranking: float, label) -> bool:
+    """A parsed verdict agrees with a label ``(ŝ1, ŝ2, r̂ank)``: it prefers the response the label prefers —
+    or, when the label scores both alike (a tie the 1–6 ranking can only call "slightly"), it scores them
+    alike too."""
+    if label[0] == label[1]:
+        return score_1 == score_2
+    return prefers(ranking) == prefers(label[2])
+
+
 def swap_consistent(ranking: float, ranking_swapped: float) -> bool:
     """The judge prefers the same *response* whichever slot it is shown in."""
     return prefers(ranking) == -prefers(ranking_swapped) != 0

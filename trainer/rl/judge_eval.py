@@ -5,7 +5,7 @@
 
 Each preference pair is judged in both orders (the position swap). Reported (one JSON object):
 
-- ``agreement``: the fraction of judgements (both orders) that prefer the response the label prefers;
+- ``agreement``: the fraction of judgements (both orders) that prefer the response the label prefers (or, where the label scores both alike, score them alike);
 - ``swap_consistency``: the fraction of pairs whose two judgements prefer the same response;
 - ``format_error_frac``: judgements that do not parse (they count as disagreeing and inconsistent);
 - ``reward_mean``: the mean GenRM training reward (C1 = 10, C2 = 1 unless given) of the judgements.
@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 from tandem.data_pipelines.chat import render_prompt
 from tandem.data_pipelines.preferences import JUDGE_TEMPLATES, judge_rows, load_preferences
 
-from .genrm import genrm_reward, parse_judgement, prefers, swap_consistent
+from .genrm import agrees, genrm_reward, parse_judgement, swap_consistent
 
 __all__ = ["judge_metrics", "evaluate_judge", "main"]
 
@@ -35,7 +35,7 @@ def judge_metrics(rows: Sequence[dict], outputs: Sequence[str], c1: float = 10.0
     if len(rows) != len(outputs) or len(rows) % 2:
         raise ValueError(f"need the two orders of every pair: {len(rows)} rows, {len(outputs)} outputs")
     js = [parse_judgement(o) for o in outputs]
-    agree = [j.ok and prefers(j.ranking) == prefers(r["answer"][2]) for j, r in zip(js, rows)]
+    agree = [j.ok and agrees(j.score_1, j.score_2, j.ranking, r["answer"]) for j, r in zip(js, rows)]
     consistent = [a.ok and b.ok and swap_consistent(a.ranking, b.ranking) for a, b in zip(js[0::2], js[1::2])]
     rewards = [genrm_reward(j, r["answer"], c1, c2) for j, r in zip(js, rows)]
     n = len(rows)

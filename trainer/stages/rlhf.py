@@ -6,7 +6,7 @@ the group-level scoring hook :meth:`GRPOStage.score_groups` is replaced:
 1. the G rollouts of a prompt are paired (``stage.rlhf.pairing``: circular ``(i, i+1 mod G)`` or all pairs,
    :func:`tandem.trainer.rl.genrm.comparison_pairs`), each pair ``judge_samples`` times;
 2. each pair becomes a judge prompt — the prompt's conversation + the two completions' final answers
-   (reasoning stripped) — rendered through the chat template with the policy's tokenizer;
+   (reasoning stripped), as text — rendered through the chat template with the *judge's* tokenizer;
 3. the judge generates its verdicts with the same :class:`GenerationEngine` (one call per group, the
    group's comparisons batched, ``judge_batch`` rows at once), sampling seeded by ``(stage.seed, batch,
    global slot, attempt)`` so judging, like the rollouts, does not depend on the number of ranks and a
@@ -20,8 +20,9 @@ The held-out evaluation is GRPO's: each held-out prompt's own environment (e.g. 
 rollout, so ``grpo/val_reward`` measures the policy independently of the judge.
 
 **The judge** (``stage.rlhf.judge``): a tandem run / checkpoint or an HF NemotronH folder, frozen, eval mode,
-in ``stage.rlhf.judge_dtype`` (auto: bf16 on CUDA, fp32 on CPU); it must share the policy's tokenizer (its
-vocabulary is checked). It is laid out like the policy: under expert parallelism each rank builds it on
+in ``stage.rlhf.judge_dtype`` (auto: bf16 on CUDA, fp32 on CPU), with its own tokenizer
+(:func:`judge_tokenizer`: ``stage.rlhf.judge_tokenizer``, else the one saved beside its weights, else the
+policy's; its vocabulary is checked against the judge's embedding). It is laid out like the policy: under expert parallelism each rank builds it on
 ``meta`` and allocates and reads only its own experts (:func:`~tandem.trainer.parallel.load_frozen`), so a
 30B judge beside a 30B policy costs a rank its dense weights + 1/EP of the experts (``tandem plan`` counts
 it); with several ranks every judge forward is a lockstep round over the world
@@ -63,7 +64,7 @@ from .grpo import GRPOStage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RLHFStage", "judge_dtype", "load_judge"]
+__all__ = ["RLHFStage", "judge_dtype", "judge_tokenizer", "load_judge"]
 
 
 
@@ -94,6 +95,26 @@ def load_judge(source: str, info: DistInfo, dtype: torch.dtype = torch.float32):
         raise CheckpointError(f"stage.rlhf.judge={source}: cannot load the judge from {folder}: {e}") from None
 
 
+def judge_tokenizer(r, policy_tokenizer):
+    """``(tokenizer, where it came from)`` the judge reads and writes with: ``stage.rlhf.judge_tokenizer`` when
+    set, else the tokenizer saved beside the judge's weights (a tandem checkpoint, or an HF folder with its
+    tokenizer files), else the policy's. DataError-free: a bad path is a ConfigError naming the key."""
+    from tandem.data_pipelines.tokenizer import load_tokenizer
+
+    from ..checkpoint.manager import weights_dir
+    from ..checkpoint.tokenizer_files import saved_tokenizer
+
+    if r.judge_tokenizer:
+        try:
+            return load_tokenizer(r.judge_tokenizer), f"stage.rlhf.judge_tokenizer={r.judge_tokenizer}"
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"stage.rlhf.judge_tokenizer={r.judge_tokenizer}: cannot load a tokenizer ({e})") from None
+    folder = saved_tokenizer(weights_dir(r.judge))
+    if folder is None:
+        return policy_tokenizer, "the policy's (none saved with the judge)"
+    return load_tokenizer(folder), f"saved with the judge ({folder})"
+
+
 class RLHFStage(GRPOStage):
     name = "rlhf"
 
@@ -108,10 +129,16 @@ class RLHFStage(GRPOStage):
     def bind(self, model, info, precision: str = "auto") -> None:
         super().bind(model, info, precision)
         self.judge = load_judge(self.r.judge, info, judge_dtype(self.r.judge_dtype, info.device))
-        if self.judge.config.vocab_size < self.tokenizer.vocab_size:
+        self.judge_tokenizer, source = judge_tokenizer(self.r, self.tokenizer)
+        if self.judge.config.vocab_size < self.judge_tokenizer.vocab_size:
             raise ConfigError(f"stage.rlhf.judge={self.r.judge}: its vocabulary ({self.judge.config.vocab_size}) is "
-                              f"smaller than the policy tokenizer's ({self.tokenizer.vocab_size}); the judge must "
-                              f"share the policy's tokenizer")
+                              f"smaller than its tokenizer's ({self.judge_tokenizer.vocab_size}, {source}); name the "
+                              f"judge's own tokenizer with stage.rlhf.judge_tokenizer")
+        stop = self.judge_tokenizer.token_to_id("<|im_end|>")
+        if stop is None:
+            raise ConfigError(f"stage.rlhf.judge_tokenizer: {source} has no <|im_end|> token to stop the judge at")
+        self.judge_stop_ids = (stop,)
+        log.info("judge %s, tokenizer: %s", self.r.judge, source)
         # several ranks: every judge forward is a lockstep round over the world (its MoE all-to-all under EP;
         # ranks judge different groups and retry different verdicts), as the policy's rollouts are
         # (a judge read whole — no MoE, or experts EP does not divide — has no collective: no lockstep)
@@ -125,18 +152,19 @@ class RLHFStage(GRPOStage):
     def _judge_params(self, seed: int) -> SamplingParams:
         r = self.r
         return SamplingParams(max_new_tokens=r.judge_max_new_tokens, temperature=r.judge_temperature,
-                              greedy=r.judge_greedy, seed=seed, stop_token_ids=self.stop_ids)
+                              greedy=r.judge_greedy, seed=seed, stop_token_ids=self.judge_stop_ids)
 
     def _judge_text(self, tokens: list[int]) -> str:
-        if tokens and tokens[-1] in self.stop_ids:
+        if tokens and tokens[-1] in self.judge_stop_ids:
             tokens = tokens[:-1]
-        return ("<think>\n" if self.r.judge_enable_thinking else "<think></think>") + self.tokenizer.decode(tokens)
+        return ("<think>\n" if self.r.judge_enable_thinking else "<think></think>") + self.judge_tokenizer.decode(tokens)
 
     def judge_group(self, conversation: list[dict], answers: list[str], seed: int, counter: ParseCounter):
         """Verdicts ``(score_1, score_2, ranking)`` tensors ``[K·S]`` of one group's comparisons, how many
         judgements were re-sampled and how many tokens the judge generated (every attempt)."""
+        # the policy's completions enter as text (decoded with its tokenizer), the judge reads them in its own
         prompts = [render_prompt(judge_messages(conversation, answers[i], answers[j], self.r.judge_instructions),
-                                 self.tokenizer,
+                                 self.judge_tokenizer,
                                  enable_thinking=self.r.judge_enable_thinking) for i, j in self.pairs.tolist()]
         verdicts = [None] * len(prompts)
         todo, retried, generated = list(range(len(prompts))), 0, 0

@@ -197,3 +197,31 @@ def test_judge_eval_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["pairs"] == 2 and m["judgements"] == 4 and 0 <= m["agreement"] <= 1
     assert json.loads(capsys.readouterr().out) == m
+
+
+def test_same_style_pairs_score_alike_and_agree_on_ties(tmp_path):
+    """--same-style: a share of pairs of one style, equal scores, ranking 3 or 4 ("slightly", the 1–6 scale's
+    nearest to a tie); agreement on such a label means scoring both alike, not picking its arbitrary side."""
+    from tandem.data_pipelines.preferences import main as prefs_main, synthetic_preferences
+    from tandem.trainer.rl.environments.genrm import GenRMEnv
+    from tandem.trainer.rl.genrm import agrees
+
+    rows = synthetic_preferences(400, seed=3, kinds=("copy",), styles=("correct_concise", "correct_rambling"),
+                                 same_style_frac=0.3)
+    same = [r for r in rows if r["metadata"]["styles"][0] == r["metadata"]["styles"][1]]
+    assert 0.2 < len(same) / len(rows) < 0.4
+    assert all(r["score_1"] == r["score_2"] and r["ranking"] in (3, 4) for r in same)
+    assert all(r["score_1"] != r["score_2"] for r in rows if r not in same)
+    # without the option the draws are what they always were
+    assert synthetic_preferences(50, seed=3) == synthetic_preferences(50, seed=3, same_style_frac=0.0)
+    with pytest.raises(ValueError, match="same_style_frac"):
+        synthetic_preferences(4, same_style_frac=1.5)
+    with pytest.raises(SystemExit, match="--same-style must be in"):
+        prefs_main(["--synthetic", "4", "--out", str(tmp_path / "p.jsonl"), "--same-style", "2"])
+
+    assert agrees(5, 5, 3, (5, 5, 4)) and agrees(3, 3, 4, (5, 5, 3))  # a tie scored as a tie
+    assert not agrees(5, 3, 2, (5, 5, 3))  # the label's "slightly 1" is no preference to agree with
+    assert agrees(4, 2, 2, (5, 3, 2)) and not agrees(2, 4, 5, (5, 3, 2))
+    env = GenRMEnv()
+    v = env.verify({"answer": [5, 5, 4]}, '{"score_1": 5, "score_2": 5, "ranking": 3}')
+    assert v.components["agree"] == 1.0 and v.reward == -1.0  # only the ranking is one off

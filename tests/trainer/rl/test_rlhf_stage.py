@@ -172,3 +172,45 @@ def test_bf16_judge_keeps_a_fp32_router_and_decodes_alike(files):
     eager, static = engine_for(judge, 2, "eager"), engine_for(judge, 2, "static")
     assert eager.dtype == torch.bfloat16
     assert [r.tokens for r in eager.generate(prompts, prm)] == [r.tokens for r in static.generate(prompts, prm)]
+
+
+def test_judge_reads_and_writes_with_its_own_tokenizer(files, tmp_path):
+    """A judge saved with a tokenizer of its own (another vocabulary than the policy's): its prompts are the
+    policy's completions as text, encoded with the judge's tokenizer; its verdicts are decoded with it."""
+    from tandem.data_pipelines.build_tokenizer import build
+    from tandem.data_pipelines.tokenizer import SHIPPED_TOKENIZER_DIR, load_tokenizer
+    from tandem.trainer.checkpoint.tokenizer_files import copy_tokenizer_files
+
+    judge_dir = tmp_path / "judge"
+    HybridLM(HybridConfig.preset("tiny", vocab_size=384), init_seed=2).save_pretrained(judge_dir)
+    copy_tokenizer_files(build(tmp_path / "tok", vocab_size=384, seed=1), judge_dir)
+    stage = _stage(files, f"stage.rlhf.judge={judge_dir}", "stage.rlhf.judge_enable_thinking=false")
+    own = load_tokenizer(judge_dir)
+    assert stage.judge_tokenizer.vocab_size == own.vocab_size == 384 != stage.tokenizer.vocab_size
+    assert stage.judge_stop_ids == (own.token_to_id("<|im_end|>"),)
+
+    class Recording(ScriptedJudge):
+        def generate(self, prompts, params):
+            self.prompts = prompts
+            assert params.stop_token_ids == stage.judge_stop_ids
+            return super().generate(prompts, params)
+
+    V = '{"score_1": 5, "score_2": 2, "ranking": 1}'
+    judge = Recording(own, [[V, V]])  # verdicts written in the judge's ids
+    stage.judge_engine = judge
+    answers = ["The answer is 7.", "The answer is 12."]
+    group = [GenerationResult([1], stage.tokenizer.encode(a) + [stage.stop_ids[0]]) for a in answers]
+    rewards, _ = stage.score_groups(0, [(0, 0)], [group])
+    assert rewards[0].tolist() == [(5 + 2) / 2, (2 + 5) / 2]  # each rollout once preferred: parsed, not defaulted
+    text = own.decode(judge.prompts[0])
+    assert "[Response 1]\nThe answer is 7." in text and "[Response 2]\nThe answer is 12." in text
+    assert judge.prompts[0] != stage.tokenizer.encode(stage.tokenizer.decode(judge.prompts[0]))  # not the policy's ids
+
+    # a tokenizer named by the key wins; one that does not load is an error naming it
+    named = _stage(files, f"stage.rlhf.judge_tokenizer={judge_dir}")
+    assert named.judge_tokenizer.vocab_size == 384
+    with pytest.raises(ConfigError, match="stage.rlhf.judge_tokenizer=/nonexistent"):
+        _stage(files, "stage.rlhf.judge_tokenizer=/nonexistent")
+    # a judge whose embedding is smaller than its tokenizer's vocabulary is refused
+    with pytest.raises(ConfigError, match=r"its vocabulary \(384\) is smaller than its tokenizer's \(512"):
+        _stage(files, f"stage.rlhf.judge={judge_dir}", f"stage.rlhf.judge_tokenizer={SHIPPED_TOKENIZER_DIR}")

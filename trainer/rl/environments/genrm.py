@@ -11,7 +11,8 @@ and scores ``R = −C1·[format error] − |s1−ŝ1| − |s2−ŝ2| − C2·|ra
 Options (``stage.grpo.environments[].options``): ``c1`` (default 10) and ``c2`` (default 1), both ≥ 0.
 
 Components: ``format_error`` (1/0), ``score_error`` (|s1−ŝ1| + |s2−ŝ2|), ``ranking_error`` (|rank−r̂ank|) and
-``agree`` (1 when the judge prefers the response the label prefers); ``info`` has the parsed verdict or the
+``agree`` (1 when the judge prefers the response the label prefers, or scores both alike where the label does:
+:func:`~tandem.trainer.rl.genrm.agrees`); ``info`` has the parsed verdict or the
 format error's reason.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..genrm import RANKING_RANGE, SCORE_RANGE, genrm_reward, parse_judgement, prefers
+from ..genrm import RANKING_RANGE, SCORE_RANGE, agrees, genrm_reward, parse_judgement
 from .base import Environment, Verdict, register_environment
 
 __all__ = ["GenRMEnv", "check_label"]
@@ -56,5 +57,5 @@ class GenRMEnv(Environment):
         if not j.ok:
             return Verdict(reward, {"format_error": 1.0, "agree": 0.0}, {"error": "format", "message": j.error})
         comps = {"format_error": 0.0, "score_error": abs(j.score_1 - label[0]) + abs(j.score_2 - label[1]),
-                 "ranking_error": abs(j.ranking - label[2]), "agree": float(prefers(j.ranking) == prefers(label[2]))}
+                 "ranking_error": abs(j.ranking - label[2]), "agree": float(agrees(j.score_1, j.score_2, j.ranking, label))}
         return Verdict(reward, comps, {"verdict": [j.score_1, j.score_2, j.ranking], "method": j.method})
