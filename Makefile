@@ -40,12 +40,21 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt
 # needle accuracy at 512 tokens must not fall below the pretraining weights' (CPT_MIN_GAIN) → SFT (from the
 # pretraining weights: the smoke CPT costs the GRPO gate, docs/LONG_CONTEXT.md) on generated reasoning conversations (ON and OFF) plus half-right answers to "Which is larger, a or b?" →
 # a reasoning-mode check and a chat in both modes → GRPO on that question, which must raise the held-out
-# reward (64 prompts) by at least 0.15.
+# reward (64 prompts) by at least 0.15 → GenRM: a judge (verdict-format SFT, right 70% of the time, then GRPO
+# with the verifiable GenRM reward) on concise-vs-rambling answers to "Repeat the number: n", whose held-out
+# agreement must rise → RLHF of the GRPO policy (first taught to ramble on half its answers) against that
+# judge, whose held-out answers must get shorter.
 SMOKE_DIR ?= runs/smoke
 # The smoke CPT gate: needle accuracy gain at the trained length over the pretraining weights. 0 = no
 # regression only: the tiny model has not been seen to learn retrieval in the smoke's 100 CPU steps
 # (docs/LONG_CONTEXT.md, "The smoke CPT", has the measured runs); raise it once a setting that learns is found.
 CPT_MIN_GAIN ?= 0
+# The judge's verdict warm-up is right this often (it learns the format and, partly, the preference), GenRM
+# GRPO must raise its held-out agreement by GENRM_MIN_GAIN, and RLHF against it must shorten the policy's
+# held-out answers by at least -RLHF_MAX_LENGTH_GAIN tokens (docs/RLHF.md, "The smoke GenRM and RLHF").
+JUDGE_WARMUP_ACCURACY ?= 0.7
+GENRM_MIN_GAIN ?= 0.1
+RLHF_MAX_LENGTH_GAIN ?= -4
 smoke: setup
 	rm -rf $(SMOKE_DIR)
 	$(PY) -m tandem.data_pipelines.smoke_data --out $(SMOKE_DIR)/corpus/phase1.jsonl --docs 3000 --seed 0
@@ -66,6 +75,16 @@ smoke: setup
 	$(VENV)/bin/tandem generate $(SMOKE_DIR)/sft --prompt "What is 12 + 34?" --greedy --no-think
 	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke_grpo
 	$(PY) -m tandem.trainer.rl.reward_curve $(SMOKE_DIR)/grpo --min-gain 0.15 --min-prompts 64
+	$(PY) -m tandem.data_pipelines.preferences --synthetic 1000 --seed 0 --kinds copy --styles correct_concise,correct_rambling --same-style 0.3 --instructions compact --out $(SMOKE_DIR)/genrm/prefs.jsonl --judge-out $(SMOKE_DIR)/genrm/judge_train.jsonl --sft-out $(SMOKE_DIR)/genrm/warmup.jsonl --sft-accuracy $(JUDGE_WARMUP_ACCURACY)
+	$(PY) -m tandem.data_pipelines.preferences --synthetic 32 --seed 7 --kinds copy --styles correct_concise,correct_rambling --same-style 0.3 --instructions compact --out $(SMOKE_DIR)/genrm/prefs_valid.jsonl --judge-out $(SMOKE_DIR)/genrm/judge_valid.jsonl
+	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke_judge
+	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke_genrm
+	$(PY) -m tandem.trainer.rl.reward_curve $(SMOKE_DIR)/genrm --metric val/genrm/agree --min-gain $(GENRM_MIN_GAIN)
+	$(PY) -m tandem.data_pipelines.rl_synthetic --kinds copy --out $(SMOKE_DIR)/rlhf/prompts.jsonl --prompts 2000 --seed 4 --sft-out $(SMOKE_DIR)/rlhf/warmup.jsonl --sft-samples 1000 --sft-accuracy 1.0 --sft-ramble 0.5
+	$(PY) -m tandem.data_pipelines.rl_synthetic --kinds copy --out $(SMOKE_DIR)/rlhf/valid.jsonl --prompts 64 --seed 5
+	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke_rlhf_warmup
+	TANDEM_SMOKE_DIR=$(SMOKE_DIR) $(VENV)/bin/tandem -cn smoke_rlhf
+	$(PY) -m tandem.trainer.rl.reward_curve $(SMOKE_DIR)/rlhf --metric val_response_length --max-gain $(RLHF_MAX_LENGTH_GAIN)
 	$(VENV)/bin/tandem report $(SMOKE_DIR) --title "make smoke: the whole pipeline"
 
 # The end-to-end test (`make smoke` under pytest, ~6-7 min) is its own target: it needs a core of its own

@@ -1,7 +1,7 @@
 """The main job, `make smoke`, end to end: generated corpus → tandem-preprocess → indexed datasets → the
 tiny model through both pretraining phases → long-context CPT (needle retrieval at 512 tokens must improve)
-→ SFT on generated reasoning conversations → generation in both reasoning modes → GRPO; it must learn, not
-just run."""
+→ SFT on generated reasoning conversations → generation in both reasoning modes → GRPO → a GenRM judge
+trained with GRPO → RLHF against it; it must learn, not just run."""
 
 import json
 import os
@@ -68,6 +68,19 @@ def test_make_smoke_learns(tmp_path):
     assert 0.1 < curve.rewards[0] < 0.8, curve  # partial accuracy from SFT: the format, not the answer
     assert curve.gain >= 0.15, curve
     assert "held-out reward" in res.stdout and "gain +" in res.stdout
+
+    # GenRM: GRPO of the verdict-warmed judge on concise-vs-rambling pairs; its held-out agreement (64
+    # judgements, both orders) rises by GENRM_MIN_GAIN — make fails otherwise
+    judge = read_curve(smoke / "genrm", metric="val/genrm/agree")
+    assert judge.steps == [0, 5, 10, 15] and min(judge.prompts) == 64, judge
+    assert judge.gain >= 0.1, judge
+    # RLHF against that judge from a policy that rambles on half its answers: held-out answers get shorter
+    # (measured without the judge) and the judged score rises
+    rlhf = read_curve(smoke / "rlhf", metric="val_response_length")
+    assert rlhf.steps == [0, 5, 10] and rlhf.gain <= -4, rlhf
+    judged = [json.loads(l)["rlhf/judged_score_mean"] for l in (smoke / "rlhf" / "metrics.jsonl").read_text().splitlines()
+              if "rlhf/judged_score_mean" in l]
+    assert judged[-1] > judged[0], judged
     # it ends with the whole pipeline's report, and says where it is
     assert f"report: {smoke / 'report' / 'index.html'}" in res.stdout
     assert {"loss.png", "lr.png", "index.html"} <= {p.name for p in (smoke / "report").iterdir()}
