@@ -13,4 +13,6 @@ BUILD_DENSE_CFG = HybridConfig.preset(
     "tiny", hybrid_override_pattern="M-M*M-M-M*M-M-", hidden_size=1024, intermediate_size=2048, num_attention_heads=8,
     num_key_value_heads=2, head_dim=128, mamba_num_heads=32, mamba_head_dim=64,
 )
-CONFIGS = {"experts": BUILD_CFG, "dense": BUILD_DENSE_CFG}
+#: fewer experts than expert-data-parallel ranks: FSDP2 cuts each expert's rows (Shard(1)) instead of the experts
+BUILD_FEW_EXPERTS_CFG = BUILD_CFG.replace(n_routed_experts=2, hidden_size=128, moe_intermediate_size=256)
+CONFIGS = {"experts": BUILD_CFG, "dense": BUILD_DENSE_CFG, "few_experts": BUILD_FEW_EXPERTS_CFG}

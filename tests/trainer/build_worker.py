@@ -76,6 +76,8 @@ def main(out_path, ep, ckpt, mode, config="experts"):
         load_peak = _status("VmHWM") - before + (before - base)  # relative to the RSS before the build
     peak = max(build_peak, load_peak)
     figures = {"rank": info.rank, "build_peak": build_peak, "load_peak": load_peak, "peak": peak, "held_bytes": held}
+    if mode == "fsdp":  # how FSDP2 cut the routed experts
+        figures["expert_placements"] = sorted({str(p.placements) for n, p in model.named_parameters() if ".experts." in n})
     loaded_digest = None
     if mode == "fsdp":
         if ckpt != "-":  # what the pieces read: the whole state dict gathered back

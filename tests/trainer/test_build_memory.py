@@ -12,7 +12,7 @@ import torch
 
 from tandem.model import HybridLM
 
-from .build_config import BUILD_CFG, BUILD_DENSE_CFG, CONFIGS
+from .build_config import BUILD_CFG, BUILD_DENSE_CFG, BUILD_FEW_EXPERTS_CFG, CONFIGS
 from .conftest import REPO
 
 WORKER = REPO / "tests" / "trainer" / "build_worker.py"
@@ -97,3 +97,15 @@ def test_fsdp_builds_and_loads_only_its_shards(config, ep, reference, dense_refe
                       if "experts." not in n)
         assert r["peak"] <= r["held_bytes"] + 2 * largest + 32 * 2**20, (r, full_bytes, largest)
         assert r["peak"] <= 0.45 * full_bytes, (r, full_bytes)
+
+
+@pytest.mark.slow
+def test_fsdp_cuts_expert_rows_when_experts_are_fewer_than_ranks(tmp_path):
+    """2 experts over 4 expert-data-parallel ranks: FSDP2 cuts each expert's rows (``Shard(1)``), so
+    initialisation and loading write row pieces of every expert — and still give one process's values."""
+    digest, _, ckpt, ckpt_digest = _reference(BUILD_FEW_EXPERTS_CFG, tmp_path)
+    out = tmp_path / "few.json"
+    _torchrun(4, out, 1, ckpt, "fsdp", "few_experts")
+    verdict = json.loads(out.read_text())
+    assert verdict["digest"] == digest and verdict["loaded_digest"] == ckpt_digest
+    assert all(r["expert_placements"] == ["(Shard(dim=1),)"] for r in verdict["ranks"]), verdict["ranks"]

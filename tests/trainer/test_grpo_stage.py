@@ -335,8 +335,9 @@ def test_two_ranks_match_one_rank(warm, tmp_path):
     experts (``parallel=ep2``: data parallel for the dense weights, expert parallel for the MoE), so every
     rollout goes through the MoE all-to-all with the ranks' forwards in lockstep; and again under FSDP2 ×
     EP 2 (``parallel=fsdp_ep2``), where every rollout forward also all-gathers each block's weights. A KL
-    term to the warm-up weights is on: the reference is a copy of the policy on one rank and under ``ep2``,
-    and under FSDP2 (whose policy is built sharded on meta) a frozen model read through ``load_frozen``."""
+    term to the warm-up weights is on: the reference is a copy of the policy on one rank, and under ``ep2``
+    and FSDP2 (whose policy holds the EP group / is built sharded on meta) a frozen model read through
+    ``load_frozen``."""
     args = ["-cn", "grpo", *_warm_args(warm, "stage.steps=4", "stage.grpo.prompts_per_step=4",
                                         "stage.grpo.generations_per_prompt=4", "stage.eval_every=0", "stage.eval_batches=1",
                                         "stage.grpo.minibatches=2", "stage.grpo.dynamic_sampling_rounds=2",

@@ -213,9 +213,9 @@ def prefers(ranking: float) -> int:
 
 def agrees(score_1: float, score_2: float, ranking: float, label) -> bool:
     """A parsed verdict agrees with a label ``(ŝ1, ŝ2, r̂ank)``: it prefers the response the label prefers —
-    or, when the label scores both alike (a tie the 1–6 ranking can only call "slightly"), it scores them
-    alike too."""
-    if label[0] == label[1]:
+    or, when the label is a tie (equal scores and a "slightly" ranking, 3 or 4: the nearest the 1–6 scale
+    has to one), it scores them alike too. Equal scores with a stronger ranking are a preference."""
+    if label[0] == label[1] and label[2] in (3, 4):
         return score_1 == score_2
     return prefers(ranking) == prefers(label[2])
 

@@ -107,7 +107,7 @@ def judge_tokenizer(r, policy_tokenizer):
     if r.judge_tokenizer:
         try:
             return load_tokenizer(r.judge_tokenizer), f"stage.rlhf.judge_tokenizer={r.judge_tokenizer}"
-        except (OSError, ValueError) as e:
+        except Exception as e:  # the tokenizers / transformers loaders raise their own types
             raise ConfigError(f"stage.rlhf.judge_tokenizer={r.judge_tokenizer}: cannot load a tokenizer ({e})") from None
     folder = saved_tokenizer(weights_dir(r.judge))
     if folder is None:

@@ -222,6 +222,7 @@ def test_same_style_pairs_score_alike_and_agree_on_ties(tmp_path):
     assert agrees(5, 5, 3, (5, 5, 4)) and agrees(3, 3, 4, (5, 5, 3))  # a tie scored as a tie
     assert not agrees(5, 3, 2, (5, 5, 3))  # the label's "slightly 1" is no preference to agree with
     assert agrees(4, 2, 2, (5, 3, 2)) and not agrees(2, 4, 5, (5, 3, 2))
+    assert agrees(4, 4, 1, (4, 4, 1)) and not agrees(4, 4, 6, (4, 4, 1))  # equal scores, a strong ranking: a preference
     env = GenRMEnv()
     v = env.verify({"answer": [5, 5, 4]}, '{"score_1": 5, "score_2": 5, "ranking": 3}')
     assert v.components["agree"] == 1.0 and v.reward == -1.0  # only the ranking is one off
