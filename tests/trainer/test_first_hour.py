@@ -89,7 +89,7 @@ def test_readme_commands_in_order_after_make_smoke():
             assert run_dir not in trained, f"{line!r} would find {run_dir}, trained by {trained[run_dir]!r}"
             trained[run_dir] = line
             made.add(run_dir)
-        for flag in ("--out", "-o", "--to", "--sft-out"):
+        for flag in ("--out", "-o", "--to", "--sft-out", "--judge-out"):
             if flag in words:
                 made.add(re.sub(r"\.(jsonl|json)$", "", words[words.index(flag) + 1]))
                 made.add(words[words.index(flag) + 1])
