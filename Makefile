@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt
 # The main job. Everything lives in $(SMOKE_DIR) (runs/smoke/), started afresh each time: a generated
 # corpus → tandem-preprocess → indexed datasets → the tiny model through both pretraining phases (128-token
 # windows) → long-context CPT at 512 tokens on generated needle documents mixed with the corpus, whose
-# needle accuracy at 512 tokens must not fall below the pretraining weights' (CPT_MIN_GAIN) → SFT (from the
+# needle accuracy at 512 tokens must rise over the pretraining weights' by CPT_MIN_GAIN → SFT (from the
 # pretraining weights: the smoke CPT costs the GRPO gate, docs/LONG_CONTEXT.md) on generated reasoning conversations (ON and OFF) plus half-right answers to "Which is larger, a or b?" →
 # a reasoning-mode check and a chat in both modes → GRPO on that question, which must raise the held-out
 # reward (64 prompts) by at least 0.15 → GenRM: a judge (verdict-format SFT, right 70% of the time, then GRPO
@@ -45,10 +45,9 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt
 # agreement must rise → RLHF of the GRPO policy (first taught to ramble on half its answers) against that
 # judge, whose held-out answers must get shorter.
 SMOKE_DIR ?= runs/smoke
-# The smoke CPT gate: needle accuracy gain at the trained length over the pretraining weights. 0 = no
-# regression only: the tiny model has not been seen to learn retrieval in the smoke's 100 CPU steps
-# (docs/LONG_CONTEXT.md, "The smoke CPT", has the measured runs); raise it once a setting that learns is found.
-CPT_MIN_GAIN ?= 0
+# The smoke CPT gate: needle accuracy gain at the trained length (512) over the pretraining weights (measured
+# 0.00 -> 0.80; another data seed 0.00 -> 0.40: docs/LONG_CONTEXT.md, "The smoke CPT").
+CPT_MIN_GAIN ?= 0.2
 # The judge's verdict warm-up is right this often (it learns the format and, partly, the preference), GenRM
 # GRPO must raise its held-out agreement by GENRM_MIN_GAIN, and RLHF against it must shorten the policy's
 # held-out answers by at least -RLHF_MAX_LENGTH_GAIN tokens (docs/RLHF.md, "The smoke GenRM and RLHF").

@@ -49,7 +49,7 @@ class LongShortMixture:
     """
 
     def __init__(self, long_ds, short_ds, *, long_fraction: float, long_length: int, short_length: int,
-                 num_rows: int, eod: int):
+                 num_rows: int, eod: int, answer_marker: Sequence[int] | None = None):
         if not 0 <= long_fraction <= 1:
             raise ValueError(f"long_fraction must be in [0, 1], got {long_fraction}")
         if short_length < 1 or long_length % short_length:
@@ -57,6 +57,9 @@ class LongShortMixture:
         from tandem.data_pipelines.blends import blend_schedule
 
         self.long_ds, self.short_ds, self.eod = long_ds, short_ds, int(eod)
+        self.answer_marker = None if answer_marker is None else torch.as_tensor(list(answer_marker), dtype=torch.long)
+        if self.answer_marker is not None and self.answer_marker.numel() == 0:
+            raise ValueError("answer_marker must be at least one token")
         self.long_length, self.short_length = long_length, short_length
         self.pieces = long_length // short_length
         weights = [long_fraction, 1 - long_fraction]
@@ -80,9 +83,13 @@ class LongShortMixture:
             s = self.long_ds[j]
             tokens = torch.as_tensor(s["tokens"], dtype=torch.long)
             is_eod = (tokens == self.eod).long()
-            return {"tokens": tokens, "labels": torch.as_tensor(s["labels"], dtype=torch.long),
-                    "loss_mask": torch.as_tensor(s["loss_mask"], dtype=torch.float32),
-                    "seq_idx": torch.cumsum(is_eod, 0) - is_eod, "is_long": True}
+            row = {"tokens": tokens, "labels": torch.as_tensor(s["labels"], dtype=torch.long),
+                   "loss_mask": torch.as_tensor(s["loss_mask"], dtype=torch.float32),
+                   "seq_idx": torch.cumsum(is_eod, 0) - is_eod, "is_long": True}
+            if self.answer_marker is not None:
+                row["loss_mask"], row["loss_weight"] = answer_loss_weights(tokens, row["loss_mask"], row["seq_idx"],
+                                                                           self.answer_marker)
+            return row
         parts = [self.short_ds[j * self.pieces + k] for k in range(self.pieces)]
         tokens = torch.cat([torch.as_tensor(p["tokens"], dtype=torch.long) for p in parts])
         if tokens.numel() != self.long_length:
@@ -91,15 +98,56 @@ class LongShortMixture:
         starts = torch.zeros_like(tokens, dtype=torch.long)
         starts[1:] = (tokens[:-1] == self.eod).long()
         starts[:: self.short_length] = 1
-        return {"tokens": tokens,
-                "labels": torch.cat([torch.as_tensor(p["labels"], dtype=torch.long) for p in parts]),
-                "loss_mask": torch.cat([torch.as_tensor(p["loss_mask"], dtype=torch.float32) for p in parts]),
-                "seq_idx": torch.cumsum(starts, 0) - 1, "is_long": False}
+        row = {"tokens": tokens,
+               "labels": torch.cat([torch.as_tensor(p["labels"], dtype=torch.long) for p in parts]),
+               "loss_mask": torch.cat([torch.as_tensor(p["loss_mask"], dtype=torch.float32) for p in parts]),
+               "seq_idx": torch.cumsum(starts, 0) - 1, "is_long": False}
+        if self.answer_marker is not None:
+            row["loss_weight"] = torch.ones(self.long_length, dtype=torch.float32)
+        return row
 
 
-def build_long_short_mixture(long_cfg, short_cfg, tokenizer, *, num_rows: int, long_fraction: float):
+def answer_loss_weights(tokens: torch.Tensor, loss_mask: torch.Tensor, seq_idx: torch.Tensor,
+                        marker: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion-only loss for a long row of task documents → ``(loss_mask, loss_weight)``.
+
+    Only targets after the *last* ``marker`` (e.g. the tokens of ``"\nAnswer:"``) of their document (a
+    ``seq_idx`` segment) keep their loss: each document's answer and its end, for the documents that begin
+    inside the row (after an EOD; the row's first segment may continue a document whose context was in the
+    previous row: its answer would teach guessing). Everything else — the contexts, the questions, a
+    document cut off by the row before its question — gets none. The weight
+    the row's masked-off tokens carried moves onto its answer tokens (each weighs ``kept before / answer
+    tokens``), so the row weighs as much in the step's mean as with the whole loss and the mixture's long
+    share stays the long share of the loss; a row without an answer trains on nothing. Why: the language-
+    model loss of a synthetic document is nearly all its filler, and measured, the tiny smoke model learns
+    the retrieval from a completion-only loss in ~100 steps and not in 450 from the whole loss
+    (docs/LONG_CONTEXT.md). Vectorised: no loop over tokens or documents.
+    """
+    n, m = tokens.numel(), marker.numel()
+    none = torch.zeros_like(loss_mask)
+    hits = ((tokens.unfold(0, m, 1) == marker.to(tokens.device)).all(dim=1).nonzero().flatten()
+            if n >= m else torch.zeros(0, dtype=torch.long, device=tokens.device))
+    if hits.numel() == 0:
+        return none, torch.ones_like(loss_mask)
+    # the position predicting the first answer token is the marker's last token: hit + m - 1
+    first = torch.full((int(seq_idx.max()) + 1,), -1, dtype=torch.long, device=tokens.device)
+    first.scatter_reduce_(0, seq_idx[hits], hits + m - 1, reduce="amax")
+    start = first[seq_idx]  # per position: where its document's answer begins, -1 = no marker in it
+    # and only documents that begin inside the row (after an EOD): the row's first segment may be the tail of
+    # a document whose context (the needle) was in the previous row, an answer nothing in this row supports
+    answer = (start >= 0) & (torch.arange(n, device=tokens.device) >= start) & (seq_idx > 0)
+    keep = torch.where(answer, loss_mask, none)
+    answers = keep.sum()
+    if answers == 0:
+        return keep, torch.ones_like(loss_mask)
+    return keep, torch.where(answer, loss_mask.sum() / answers, torch.ones_like(loss_mask))
+
+
+def build_long_short_mixture(long_cfg, short_cfg, tokenizer, *, num_rows: int, long_fraction: float,
+                             answer_marker: Sequence[int] | None = None):
     """Long/short CPT data from two ``blends.PretrainDataConfig`` (same sources or not; ``seq_length``
-    of each sets the long and short lengths). Returns a ``LongShortMixture`` of ``num_rows`` rows."""
+    of each sets the long and short lengths). Returns a ``LongShortMixture`` of ``num_rows`` rows;
+    ``answer_marker`` (token ids): completion-only loss for long task documents (:func:`answer_loss_weights`)."""
     from tandem.data_pipelines.blends import blend_schedule, build_pretrain_datasets
 
     if long_cfg.seq_length % short_cfg.seq_length:
@@ -113,7 +161,8 @@ def build_long_short_mixture(long_cfg, short_cfg, tokenizer, *, num_rows: int, l
     short_ds = (build_pretrain_datasets(short_cfg, tokenizer, int(taken[1]) * pieces, allow_empty_phases=True).train
                 if taken[1] else None)
     return LongShortMixture(long_ds, short_ds, long_fraction=long_fraction, long_length=long_cfg.seq_length,
-                            short_length=short_cfg.seq_length, num_rows=num_rows, eod=tokenizer.eod)
+                            short_length=short_cfg.seq_length, num_rows=num_rows, eod=tokenizer.eod,
+                            answer_marker=answer_marker)
 
 
 # --- synthetic tasks -------------------------------------------------------------------------------------

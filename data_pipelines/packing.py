@@ -43,6 +43,7 @@ class Collator:
     Accepts megatron samples (``tokens``/``labels``/``loss_mask``) and packed rows (``input_ids``...).
     Output: ``input_ids`` [B,T] long, ``labels`` [B,T] long, ``loss_mask`` [B,T] float, ``seq_idx`` [B,T]
     long, and when the samples have them ``position_ids``, ``valid`` [B,T] bool (False = padding),
+    ``loss_weight`` [B,T] float (a per-token weight of the loss, on top of ``loss_mask``),
     ``source``/``phase``/``is_long`` [B] long (blend / long-short bookkeeping for per-kind loss logging).
     """
 
@@ -68,7 +69,7 @@ class Collator:
         else:
             seq_idx = seq_idx_from_tokens(input_ids, self.eod)
         batch = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "seq_idx": seq_idx}
-        for key, dtype in (("position_ids", torch.long), ("valid", torch.bool)):
+        for key, dtype in (("position_ids", torch.long), ("valid", torch.bool), ("loss_weight", torch.float32)):
             if all(key in s for s in samples):
                 batch[key] = torch.stack([_as_tensor(s[key], dtype) for s in samples])
         for key in ("source", "phase", "is_long"):

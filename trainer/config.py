@@ -374,6 +374,10 @@ class CPTConfig:
     long_fraction: float = 0.5  # share of rows (= of tokens) that are long samples
     long: List[BlendEntry] = field(default_factory=list)  # the long sources (required)
     short: List[BlendEntry] = field(default_factory=list)  # the short sources; empty = the data.* blend / phases
+    # the loss of the long rows: all = every token; answers = completion-only, for long sources of task documents
+    # (only what follows a document's last answer_marker trains, carrying the row's whole weight)
+    long_loss: str = "all"
+    answer_marker: str = "\nAnswer:"
     # the long-context evaluation at the end of the stage (trainer/inference/long_eval.py)
     eval_tasks: List[str] = field(default_factory=lambda: ["needle", "kv_retrieval", "multi_hop", "aggregation"])
     eval_lengths: List[int] = field(default_factory=list)  # empty = short_length, long_length and 2 × long_length
@@ -668,6 +672,10 @@ def validate_rlhf(r: Any, required: bool = False) -> None:
             bad(key, "must be >= 0", r[key])
 
 
+#: ``stage.cpt.long_loss`` values
+LONG_LOSSES = ("all", "answers")
+
+
 def validate_cpt(c: Any, required: bool = False) -> None:
     """Range checks of ``stage.cpt`` (ConfigError naming the key); ``required``: the long sources must be given."""
     from tandem.data_pipelines.long_context import GENERATORS
@@ -683,6 +691,10 @@ def validate_cpt(c: Any, required: bool = False) -> None:
         bad("long_length", f"must be a multiple of stage.cpt.short_length ({c.short_length})", c.long_length)
     if not 0.0 <= c.long_fraction <= 1.0:
         bad("long_fraction", "must be in [0, 1]", c.long_fraction)
+    if c.long_loss not in LONG_LOSSES:
+        bad("long_loss", f"must be one of {list(LONG_LOSSES)}", c.long_loss)
+    if c.long_loss == "answers" and not c.answer_marker:
+        bad("answer_marker", "must be the text that precedes each answer when long_loss=answers", c.answer_marker)
     if required and c.long_fraction > 0 and not c.long:
         bad("long", "must list the long sources ([{path, weight}, ...]) when long_fraction > 0", list(c.long))
     for key in ("long", "short"):

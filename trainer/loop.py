@@ -128,10 +128,13 @@ class Trainer:
         batches = [{k: v.to(self.info.device) for k, v in b.items()} for b in batches]
         local_targets = sum(float(self.stage.target_tokens(b)) for b in batches)
         local_inputs = sum(float(self.stage.input_tokens(b)) for b in batches)
-        global_targets, global_inputs = engine.all_reduce_sum([local_targets, local_inputs])
-        if global_targets <= 0:
+        local_weight = (sum(float(self.stage.loss_weight_sum(b)) for b in batches)
+                        if any("loss_weight" in b for b in batches) else local_targets)
+        global_targets, global_inputs, global_weight = engine.all_reduce_sum([local_targets, local_inputs, local_weight])
+        if global_targets <= 0 or global_weight <= 0:
             raise TrainingDiverged(f"step {step}: the batch has no target tokens (every loss_mask is 0)")
-        scale = self.info.world_size / global_targets
+        # the loss is the weighted mean over all ranks' target tokens (weights 1 but for CPT's task documents)
+        scale = self.info.world_size / global_weight
         # loss and stage metrics accumulate on the device (float64) and come to the host once per step
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.info.device)
         metric_acc: dict[str, torch.Tensor] = {}
@@ -148,7 +151,7 @@ class Trainer:
         loss_sum, *values = torch.stack([loss_acc, *(metric_acc[n] for n in names)]).tolist()
         metric_sums = dict(zip(names, values))
         (global_loss,) = engine.all_reduce_sum([loss_sum])
-        loss = global_loss / global_targets
+        loss = global_loss / global_weight
         metrics = self._reduce_metrics(metric_sums, global_targets)
         # reduce gradients, clip, and step only if the loss and the gradient norm are finite
         grad_norm, finite = engine.finish_step(cfg.optim.clip_grad, loss_finite=math.isfinite(loss))

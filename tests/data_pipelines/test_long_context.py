@@ -140,6 +140,87 @@ def test_long_short_mixture(tmp_path, tok):
         lc.LongShortMixture(None, None, long_fraction=1.5, long_length=64, short_length=16, num_rows=4, eod=2)
 
 
+def test_answer_loss_weights_keep_only_the_answers_of_whole_documents():
+    """Hand-made row (EOD 0, marker [1, 2]): the first segment continues a document from the previous row
+    (its answer is not trained), then a whole task document, a document without the marker, and a task
+    document cut off by the row end right after its marker."""
+    marker = torch.tensor([1, 2])
+    tokens = torch.tensor([6, 1, 2, 9, 0,  5, 5, 1, 2, 7, 0,  3, 3, 3, 0,  4, 4, 1, 2])
+    is_eod = (tokens == 0).long()
+    seq_idx = torch.cumsum(is_eod, 0) - is_eod  # the EOD belongs to the document it ends
+    loss_mask = torch.ones(19)
+    loss_mask[14] = 0  # e.g. eod_mask_loss at an EOD input
+    keep, weight = lc.answer_loss_weights(tokens, loss_mask, seq_idx, marker)
+    # position p predicts tokens[p + 1]: the marker's last token (8) predicts the answer 7, 9 predicts the EOD,
+    # 10 (the EOD input) predicts the next document's first token; the cut document's answer starts at 18
+    expect = torch.zeros(19)
+    expect[[8, 9, 10, 18]] = 1
+    assert torch.equal(keep, expect)
+    # the row's weight (18 target tokens) moves onto its 4 answer targets; the rest weighs 1 but has no loss
+    assert torch.allclose(weight[[8, 9, 10, 18]], torch.full((4,), 18 / 4))
+    assert (weight[keep == 0] == 1).all() and float((keep * weight).sum()) == pytest.approx(float(loss_mask.sum()))
+    # no marker in the row: nothing trains; a row shorter than the marker too
+    keep, weight = lc.answer_loss_weights(tokens.clamp(min=3), loss_mask, seq_idx, marker)
+    assert keep.sum() == 0 and (weight == 1).all()
+    keep, _ = lc.answer_loss_weights(tokens[:1], loss_mask[:1], seq_idx[:1], torch.tensor([1, 2, 3]))
+    assert keep.sum() == 0
+
+
+def test_long_short_mixture_with_answer_marker(tmp_path, tok):
+    """A mixture of needle documents (long) and other text (short) with the answer marker: long rows keep
+    the loss on their answers only, whose labels are the needle digits and EOD; short rows are unchanged
+    and weigh 1; the collated batch carries ``loss_weight``."""
+    from tandem.data_pipelines.preprocess import preprocess
+
+    exs = lc.generate_examples("needle", lengths=[40, 60, 90], depths=[0.0, 0.5, 1.0], per_cell=8, seed=1,
+                               tokenizer=tok, value_digits=1)
+    lc.write_jsonl(tmp_path / "needles.jsonl", exs)
+    preprocess(tmp_path / "needles.jsonl", tmp_path / "needles", progress=False, log=lambda *_: None)
+    src = write_indexed(tmp_path / "s", 400, 3, 512, min_len=3, max_len=30)
+    long_cfg = PretrainDataConfig([Phase("cpt", {str(tmp_path / "needles"): 1.0})], seq_length=128,
+                                  cache_dir=str(tmp_path / "c"))
+    short_cfg = PretrainDataConfig([Phase("cpt", {src: 1.0})], seq_length=32, cache_dir=str(tmp_path / "c"))
+    marker = tok.encode("\nAnswer:")
+    mix = lc.build_long_short_mixture(long_cfg, short_cfg, tok, num_rows=12, long_fraction=0.5, answer_marker=marker)
+    plain = lc.build_long_short_mixture(long_cfg, short_cfg, tok, num_rows=12, long_fraction=0.5)
+    digits = {tok.encode(f" {d}")[-1] for d in range(10)}
+    answers = whole = 0
+    for i in range(12):
+        row, ref = mix[i], plain[i]
+        assert torch.equal(row["tokens"], ref["tokens"]) and row["loss_weight"].shape == (128,)
+        if not row["is_long"]:
+            assert torch.equal(row["loss_mask"], ref["loss_mask"]) and (row["loss_weight"] == 1).all()
+            continue
+        kept = row["loss_mask"].nonzero().flatten()
+        labels = set(row["labels"][kept].tolist())
+        assert labels <= digits | {tok.eod} | set(row["tokens"].tolist())
+        answers += sum(int(row["labels"][p]) in digits for p in kept.tolist())
+        # reference: documents that begin in the row (after its first EOD) and reach their answer in it
+        toks, seq = row["tokens"].tolist(), row["seq_idx"].tolist()
+        for d in range(1, max(seq) + 1):
+            doc = [t for t, s in zip(toks, seq) if s == d]
+            m = len(marker)
+            whole += any(doc[j:j + m] == marker for j in range(len(doc) - m)) and doc[-1] == tok.eod
+        assert float((row["loss_mask"] * row["loss_weight"]).sum()) == pytest.approx(float(ref["loss_mask"].sum())) \
+            or row["loss_mask"].sum() == 0
+    assert answers == whole > 0  # one answer digit per whole needle document of the long rows
+    batch = Collator(tok.eod)([mix[i] for i in range(4)])
+    assert batch["loss_weight"].shape == (4, 128)
+
+
+def test_token_cross_entropy_weighs_tokens():
+    from tandem.trainer.stages.base import token_cross_entropy
+
+    ce = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    model = lambda input_ids, seq_idx=None, labels=None: ce  # noqa: E731  (per-token CE, no aux loss)
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 4, dtype=torch.long),
+             "loss_mask": torch.tensor([[1.0, 0.0, 1.0, 1.0]])}
+    out = token_cross_entropy(model, batch)
+    assert float(out.loss_sum) == 8.0 and float(out.num_tokens) == 3.0
+    out = token_cross_entropy(model, {**batch, "loss_weight": torch.tensor([[1.0, 5.0, 2.0, 0.5]])})
+    assert float(out.loss_sum) == 1 + 6 + 2 and float(out.num_tokens) == 3.5
+
+
 def test_unknown_task_and_bad_depth():
     with pytest.raises(ValueError, match="unknown synthetic task 'haystack'"):
         lc.generate_examples("haystack", lengths=[10], depths=[0.5])

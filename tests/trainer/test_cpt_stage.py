@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tandem.model import HybridConfig, HybridLM
-from tandem.data_pipelines.long_context import generate_examples
+from tandem.data_pipelines.long_context import generate_examples, write_jsonl
 from tandem.data_pipelines.preprocess import preprocess
 from tandem.data_pipelines.smoke_data import write_smoke_corpus
 from tandem.data_pipelines.tokenizer import load_tokenizer
@@ -27,6 +27,10 @@ def cpt_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cpt_data")
     write_smoke_corpus(root / "short.jsonl", n_docs=40, seed=0)
     preprocess(root / "short.jsonl", root / "short", progress=False, log=lambda *a: None)
+    # and short needle documents, several whole ones per 128-token row (the completion-only loss)
+    write_jsonl(root / "needles.jsonl", generate_examples("needle", lengths=[40, 60], depths=[0.0, 0.5, 1.0],
+                                                          per_cell=8, seed=1, tokenizer=load_tokenizer(), value_digits=1))
+    preprocess(root / "needles.jsonl", root / "needles", progress=False, log=lambda *a: None)
     return root
 
 
@@ -42,7 +46,8 @@ def _overrides(data, run_dir, *extra):
         "stage.steps=4", "stage.global_batch=4", "stage.micro_batch=2", "stage.save_every=2",
         "stage.cpt.eval_tasks=[needle]", "stage.cpt.eval_lengths=[48,96]", "stage.cpt.eval_depths=[0.0,1.0]",
         "stage.cpt.eval_per_cell=1", "stage.cpt.eval_max_new_tokens=4", "stage.cpt.eval_prefill_chunk=40",
-        "logger.log_every=1", "logger.progress_bar=false", "optim.warmup_steps=1", f"run.dir={run_dir}", *extra]
+        "stage.cpt.long_loss=all", "logger.log_every=1", "logger.progress_bar=false", "optim.warmup_steps=1",
+        f"run.dir={run_dir}", *extra]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -51,6 +56,8 @@ def _overrides(data, run_dir, *extra):
     ("stage.cpt.long=[]", r"stage\.cpt\.long must list the long sources"),
     ("stage.cpt.eval_tasks=[haystack]", r"stage\.cpt\.eval_tasks must list tasks of"),
     ("stage.cpt.short_length=0", r"stage\.cpt\.short_length must be >= 1"),
+    ("stage.cpt.long_loss=answer", r"stage\.cpt\.long_loss must be one of \['all', 'answers'\], got 'answer'"),
+    ("stage.cpt.answer_marker=''", r"stage\.cpt\.answer_marker must be the text that precedes each answer"),
 ])
 def test_bad_cpt_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -114,12 +121,16 @@ def test_needle_value_digits_and_eval_task_options():
 @pytest.mark.slow
 def test_cpt_under_context_parallelism_equals_one_process(cpt_data, tmp_path):
     """parallel.cp=2 (2 gloo processes): the CP split applies to the CPT rows (stage.cpt.long_length, not
-    data.seq_len, is what must divide by 2·CP) and the losses and gradient norms equal one process's."""
+    data.seq_len, is what must divide by 2·CP) and the losses and gradient norms equal one process's. With
+    the completion-only loss of the smoke recipe (``long_loss=answers``: needle documents train on their
+    answers, weighted), so the per-token weights are split and normalised alike too."""
     from .conftest import run_cli, run_torchrun
 
     def args(run_dir):
         return ["-cn", "smoke_cpt", *_overrides(cpt_data, run_dir, "stage.steps=2", "stage.save_every=0",
-                                               "stage.cpt.eval_per_cell=0", "model.moe_aux_loss_coeff=0.01")]
+                                               "stage.cpt.eval_per_cell=0", "model.moe_aux_loss_coeff=0.01",
+                                               "stage.cpt.long_length=128", "stage.cpt.long_loss=answers",
+                                               f"stage.cpt.long=[{{path: 'indexed:{cpt_data / 'needles'}', weight: 1.0}}]")]
 
     one = run_cli(*args(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
@@ -129,4 +140,5 @@ def test_cpt_under_context_parallelism_equals_one_process(cpt_data, tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"] and abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * x["grad_norm"]
-        assert x["tokens"] == y["tokens"]
+        assert x["tokens"] == y["tokens"] and x["target_tokens"] == y["target_tokens"]
+    assert all(r["cpt/answer_share"] > 0 for r in a)  # answers were trained (weights other than 1)

@@ -243,7 +243,8 @@ def shard_batch(batch: dict, cp: ContextParallel) -> dict:
     if "loss_mask" in batch:
         # the MoE aux losses are per micro-batch means whose shares sum over the CP group; each share is
         # weighted by the whole micro-batch's target tokens (token_cross_entropy), as on one rank
-        out[AUX_WEIGHT_KEY] = batch["loss_mask"].sum()
+        w = batch["loss_mask"]
+        out[AUX_WEIGHT_KEY] = (w * batch["loss_weight"] if "loss_weight" in batch else w).sum()
     return out
 
 

@@ -26,8 +26,15 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)  # extra sums, reduced like loss_sum
 
 
+def loss_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each token's weight in the loss: ``loss_mask`` times ``loss_weight`` where the batch has one (CPT's
+    completion-only task documents), else ``loss_mask``."""
+    w = batch["loss_mask"]
+    return w * batch["loss_weight"] if "loss_weight" in batch else w
+
+
 def token_cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-    """Σ next-token cross-entropy over ``loss_mask`` (fp32), plus the MoE auxiliary losses.
+    """Σ next-token cross-entropy weighted by :func:`loss_weights` (fp32), plus the MoE auxiliary losses.
 
     The model computes the per-token cross-entropy in its forward (``labels=``), in chunks of tokens, so
     the [B, T, V] logits never exist; a negative label counts 0, like ``F.cross_entropy``'s ignore index.
@@ -38,7 +45,7 @@ def token_cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     to the one-rank term.
     """
     per_token = model(batch["input_ids"], seq_idx=batch.get("seq_idx"), labels=batch["labels"]).flatten()
-    mask = batch["loss_mask"].flatten().to(per_token.dtype)
+    mask = loss_weights(batch).flatten().to(per_token.dtype)
     loss_sum, num_tokens = (per_token * mask).sum(), mask.sum()
     aux = getattr(getattr(model, "module", model), "aux_loss", lambda: None)()
     if aux is not None:
@@ -107,8 +114,13 @@ class Stage(abc.ABC):
         return token_cross_entropy(model, batch)
 
     def target_tokens(self, batch: dict[str, torch.Tensor]) -> float:
-        """Target tokens in ``batch`` — known before the forward, so the loop can normalise globally."""
+        """Target tokens in ``batch`` (the count logged) — known before the forward."""
         return float(batch["loss_mask"].sum())
+
+    def loss_weight_sum(self, batch: dict[str, torch.Tensor]) -> float:
+        """What the loop divides the step's summed loss by (over all ranks) when a batch weighs its tokens
+        (``loss_weight``): the sum of the weights (without one the loop divides by the target tokens)."""
+        return float(loss_weights(batch).sum())
 
     def eval_batches(self) -> Iterable[dict[str, torch.Tensor]]:
         return ()

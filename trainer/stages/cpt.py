@@ -43,7 +43,7 @@ from .base import LossOutput, check_batch_split, token_cross_entropy
 
 log = logging.getLogger(__name__)
 
-_BATCH_KEYS = ("input_ids", "labels", "loss_mask", "seq_idx", "is_long")
+_BATCH_KEYS = ("input_ids", "labels", "loss_mask", "loss_weight", "seq_idx", "is_long")
 
 
 def _plan(data: DataConfig, entries, seq_len: int, key: str | None):
@@ -128,10 +128,15 @@ class CPTStage(WindowStage):
             long_cfg = SimpleNamespace(seq_length=c.long_length)
         if self.short_plan is None:
             short_cfg = SimpleNamespace(seq_length=c.short_length)
+        marker = None
+        if c.long_loss == "answers":
+            marker = self.tokenizer.encode(c.answer_marker)
+            if not marker:
+                raise DataError(f"stage.cpt.answer_marker={c.answer_marker!r} encodes to no token")
         try:
             self.mixture = build_long_short_mixture(long_cfg, short_cfg, self.tokenizer,
                                                     num_rows=self.stage.steps * self.stage.global_batch,
-                                                    long_fraction=float(c.long_fraction))
+                                                    long_fraction=float(c.long_fraction), answer_marker=marker)
         except (FileNotFoundError, ValueError) as e:
             raise DataError(f"stage.cpt: {e}") from None
         m = self.mixture
@@ -143,11 +148,15 @@ class CPTStage(WindowStage):
         return self.mixture
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        """Token cross-entropy; ``cpt/long_share``: the share of the step's target tokens in long rows."""
+        """Token cross-entropy; ``cpt/long_share``: the share of the step's target tokens in long rows; with
+        ``long_loss=answers`` also ``cpt/answer_share``: the share that are answers of task documents (their
+        tokens weigh more than 1)."""
         out = token_cross_entropy(model, batch)
         if "is_long" in batch:
             mask = batch["loss_mask"]
             out.metrics["cpt/long_share"] = (mask.sum(dim=1) * batch["is_long"].to(mask.dtype)).sum()
+        if "loss_weight" in batch:
+            out.metrics["cpt/answer_share"] = (batch["loss_mask"] * (batch["loss_weight"] != 1)).sum()
         return out
 
     # --- the long-context evaluation ------------------------------------------------------------------
