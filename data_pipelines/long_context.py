@@ -88,7 +88,7 @@ class LongShortMixture:
                    "seq_idx": torch.cumsum(is_eod, 0) - is_eod, "is_long": True}
             if self.answer_marker is not None:
                 row["loss_mask"], row["loss_weight"] = answer_loss_weights(tokens, row["loss_mask"], row["seq_idx"],
-                                                                           self.answer_marker)
+                                                                           self.answer_marker, self.eod)
             return row
         parts = [self.short_ds[j * self.pieces + k] for k in range(self.pieces)]
         tokens = torch.cat([torch.as_tensor(p["tokens"], dtype=torch.long) for p in parts])
@@ -108,14 +108,16 @@ class LongShortMixture:
 
 
 def answer_loss_weights(tokens: torch.Tensor, loss_mask: torch.Tensor, seq_idx: torch.Tensor,
-                        marker: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        marker: torch.Tensor, eod: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Completion-only loss for a long row of task documents → ``(loss_mask, loss_weight)``.
 
     Only targets after the *last* ``marker`` (e.g. the tokens of ``"\nAnswer:"``) of their document (a
     ``seq_idx`` segment) keep their loss: each document's answer and its end, for the documents that begin
     inside the row (after an EOD; the row's first segment may continue a document whose context was in the
-    previous row: its answer would teach guessing). Everything else — the contexts, the questions, a
-    document cut off by the row before its question — gets none. The weight
+    previous row: its answer would teach guessing; so a task document trains only if it fits the row after
+    its start: documents must be shorter than the row). Everything else — the contexts, the questions, a
+    document cut off by the row before its question, the ``eod`` input that ends a document (it predicts
+    the next document's first token) — gets none. The weight
     the row's masked-off tokens carried moves onto its answer tokens (each weighs ``kept before / answer
     tokens``), so the row weighs as much in the step's mean as with the whole loss and the mixture's long
     share stays the long share of the loss; a row without an answer trains on nothing. Why: the language-
@@ -136,6 +138,8 @@ def answer_loss_weights(tokens: torch.Tensor, loss_mask: torch.Tensor, seq_idx: 
     # and only documents that begin inside the row (after an EOD): the row's first segment may be the tail of
     # a document whose context (the needle) was in the previous row, an answer nothing in this row supports
     answer = (start >= 0) & (torch.arange(n, device=tokens.device) >= start) & (seq_idx > 0)
+    if eod is not None:
+        answer &= tokens != eod
     keep = torch.where(answer, loss_mask, none)
     answers = keep.sum()
     if answers == 0:

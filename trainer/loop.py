@@ -125,11 +125,12 @@ class Trainer:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         batches = self.stage.batches_for_step(step)
-        batches = [{k: v.to(self.info.device) for k, v in b.items()} for b in batches]
+        # the counts are read on the host copies, before the move: no device sync for them
         local_targets = sum(float(self.stage.target_tokens(b)) for b in batches)
         local_inputs = sum(float(self.stage.input_tokens(b)) for b in batches)
         local_weight = (sum(float(self.stage.loss_weight_sum(b)) for b in batches)
                         if any("loss_weight" in b for b in batches) else local_targets)
+        batches = [{k: v.to(self.info.device) for k, v in b.items()} for b in batches]
         global_targets, global_inputs, global_weight = engine.all_reduce_sum([local_targets, local_inputs, local_weight])
         if global_targets <= 0 or global_weight <= 0:
             raise TrainingDiverged(f"step {step}: the batch has no target tokens (every loss_mask is 0)")

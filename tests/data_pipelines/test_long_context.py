@@ -158,6 +158,10 @@ def test_answer_loss_weights_keep_only_the_answers_of_whole_documents():
     assert torch.equal(keep, expect)
     # the row's weight (18 target tokens) moves onto its 4 answer targets; the rest weighs 1 but has no loss
     assert torch.allclose(weight[[8, 9, 10, 18]], torch.full((4,), 18 / 4))
+    # given the EOD id, the EOD input (its target is the next document's first token) is not an answer
+    keep_eod, weight_eod = lc.answer_loss_weights(tokens, loss_mask, seq_idx, marker, eod=0)
+    expect[10] = 0
+    assert torch.equal(keep_eod, expect) and torch.allclose(weight_eod[[8, 9, 18]], torch.full((3,), 18 / 3))
     assert (weight[keep == 0] == 1).all() and float((keep * weight).sum()) == pytest.approx(float(loss_mask.sum()))
     # no marker in the row: nothing trains; a row shorter than the marker too
     keep, weight = lc.answer_loss_weights(tokens.clamp(min=3), loss_mask, seq_idx, marker)

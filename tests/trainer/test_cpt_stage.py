@@ -71,6 +71,16 @@ def test_missing_long_source_names_the_key(cpt_data, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_answers_loss_without_answers_is_one_data_error(cpt_data, tmp_path):
+    """long_loss=answers with a marker the long documents do not hold would train nothing on long rows."""
+    cfg = _cfg(cpt_data, tmp_path / "r", "stage.cpt.long_loss=answers", "stage.cpt.answer_marker='Zebra:'",
+               f"stage.cpt.long=[{{path: 'indexed:{cpt_data / 'needles'}', weight: 1.0}}]", "stage.cpt.long_length=128")
+    with pytest.raises(DataError, match=r"stage\.cpt\.long_loss=answers: none of the first \d+ long rows holds an "
+                                        r"answer after stage\.cpt\.answer_marker='Zebra:'"):
+        run(cfg)
+    assert not (tmp_path / "r").exists()
+
+
 def test_cpt_trains_resumes_exactly_and_evaluates(cpt_data, tmp_path):
     init = tmp_path / "init"  # the weights CPT starts from (model.init_from), in the released layout
     HybridLM(HybridConfig.preset("tiny"), init_seed=3).save_pretrained(init)

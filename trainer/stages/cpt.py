@@ -102,6 +102,8 @@ class CPTStage(WindowStage):
             if plan is not None:
                 out[f"stage.cpt.{name}"] = [[p.name, [[s, w] for s, w in p.blend.items()], p.fraction]
                                             for p in plan.config.phases]
+        if c.long_loss != "all":  # (absent for the whole loss, so runs from before the key resume as they were)
+            out["stage.cpt.long_loss"], out["stage.cpt.answer_marker"] = c.long_loss, c.answer_marker
         return out
 
     def state_dict(self) -> dict:
@@ -140,8 +142,25 @@ class CPTStage(WindowStage):
         except (FileNotFoundError, ValueError) as e:
             raise DataError(f"stage.cpt: {e}") from None
         m = self.mixture
+        if marker is not None:
+            self._check_answers(m, c)
         log.info("cpt data: %d rows of %d tokens (%d long, %d short × %d), built in %.1f s", len(m), m.long_length,
                  m.num_long, m.num_short, m.pieces, time.perf_counter() - t0)
+
+    #: long rows read at the start to check that ``long_loss=answers`` finds answers to train
+    ANSWER_CHECK_ROWS = 16
+
+    @classmethod
+    def _check_answers(cls, mixture, c) -> None:
+        """``long_loss=answers``: the first long rows must hold answers (a marker the long documents do not
+        contain as tokens — e.g. a tokenizer that merges it with the text before — would train nothing on
+        long rows, silently). Reads up to :attr:`ANSWER_CHECK_ROWS` long rows."""
+        long_rows = [i for i in range(len(mixture)) if mixture.kind[i] == 0][: cls.ANSWER_CHECK_ROWS]
+        if long_rows and not any(float(mixture[i]["loss_mask"].sum()) > 0 for i in long_rows):
+            raise DataError(f"stage.cpt.long_loss=answers: none of the first {len(long_rows)} long rows holds an "
+                            f"answer after stage.cpt.answer_marker={c.answer_marker!r} (as its tokens) within a "
+                            f"document that fits the row; check the marker against the long documents' text, and "
+                            f"that they are shorter than stage.cpt.long_length={c.long_length}")
 
     # --- batches ----------------------------------------------------------------------------------------
     def train_rows(self):
