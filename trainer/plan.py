@@ -380,8 +380,9 @@ def _engine_state(engine: str, inv: ParamInventory, cluster: Cluster, ep: int, p
     rows = {"weights": 4 * held, "gradients": 4 * held, "optimizer (AdamW moments)": 8 * held}
     buffers = 0.0
     if engine == "ddp":
-        if world > 1:  # gradients flattened into one buffer per group (dense, then experts) to all-reduce
-            buffers = 4 * max(dense, expert)
+        if world > 1:  # gradients flattened into one buffer per group (dense, then experts) to all-reduce;
+            # experts whose expert-data-parallel group is one rank (EP = world) are scaled in place instead
+            buffers = 4 * max(dense, expert if edp > 1 else 0.0)
     elif engine in ("zero1", "zero2", "zero3"):
         rows["optimizer (AdamW moments)"] = 8 * shard
         rows["master weights (fp32)"] = 4 * shard

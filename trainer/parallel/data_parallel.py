@@ -60,6 +60,11 @@ class DataParallelEngine:
     def _all_reduce_mean(self, grads: list[torch.Tensor], group) -> None:
         if not grads:
             return
+        if dist.get_world_size(group) == 1:
+            # nothing to sum over (the experts when EP spans the world: an expert-data-parallel group of one):
+            # scale in place, without the flat copy of every expert gradient
+            torch._foreach_div_(grads, self.info.world_size)
+            return
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         flat /= self.info.world_size
