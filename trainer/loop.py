@@ -24,7 +24,7 @@ from .config import ConfigError, RunConfig
 from .metrics import memory_peak_bytes
 from .optim import lr_at
 from .parallel import DistInfo, Engine
-from .stages.base import Stage
+from .stages.base import Stage, loss_weights
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ class Trainer:
         # the counts are read on the host copies, before the move: no device sync for them
         local_targets = sum(float(self.stage.target_tokens(b)) for b in batches)
         local_inputs = sum(float(self.stage.input_tokens(b)) for b in batches)
-        local_weight = (sum(float(self.stage.loss_weight_sum(b)) for b in batches)
+        # what the summed loss is divided by: the target tokens, or their weights where a batch weighs them
+        local_weight = (sum(float(loss_weights(b).sum()) for b in batches)
                         if any("loss_weight" in b for b in batches) else local_targets)
         batches = [{k: v.to(self.info.device) for k, v in b.items()} for b in batches]
         global_targets, global_inputs, global_weight = engine.all_reduce_sum([local_targets, local_inputs, local_weight])

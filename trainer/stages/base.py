@@ -117,11 +117,6 @@ class Stage(abc.ABC):
         """Target tokens in ``batch`` (the count logged) — known before the forward."""
         return float(batch["loss_mask"].sum())
 
-    def loss_weight_sum(self, batch: dict[str, torch.Tensor]) -> float:
-        """What the loop divides the step's summed loss by (over all ranks) when a batch weighs its tokens
-        (``loss_weight``): the sum of the weights (without one the loop divides by the target tokens)."""
-        return float(loss_weights(batch).sum())
-
     def eval_batches(self) -> Iterable[dict[str, torch.Tensor]]:
         return ()
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from tandem.data_pipelines.blends import sources_of
@@ -155,7 +156,7 @@ class CPTStage(WindowStage):
         """``long_loss=answers``: the first long rows must hold answers (a marker the long documents do not
         contain as tokens — e.g. a tokenizer that merges it with the text before — would train nothing on
         long rows, silently). Reads up to :attr:`ANSWER_CHECK_ROWS` long rows."""
-        long_rows = [i for i in range(len(mixture)) if mixture.kind[i] == 0][: cls.ANSWER_CHECK_ROWS]
+        long_rows = np.flatnonzero(mixture.kind == 0)[: cls.ANSWER_CHECK_ROWS].tolist()
         if long_rows and not any(float(mixture[i]["loss_mask"].sum()) > 0 for i in long_rows):
             raise DataError(f"stage.cpt.long_loss=answers: none of the first {len(long_rows)} long rows holds an "
                             f"answer after stage.cpt.answer_marker={c.answer_marker!r} (as its tokens) within a "
